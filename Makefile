@@ -1,0 +1,21 @@
+# `make test` and `make quickstart` work on a fresh machine: they create (or reuse) .venv with
+# Python 3.11, install torch==2.13.0 first so pip takes the CPU build, then this package.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.logprob_entropy
+
+.PHONY: install test bench

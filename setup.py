@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-archer",
+    version="0.1.0",
+    description="Entropy-aware RLVR (Archer dual-token constraints, forking tokens) on Megatron-core",
+    packages=find_packages(include=["megatron_archer", "megatron_archer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "megatron-core>=0.16,<0.20",
+    ],
+    extras_require={
+        # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.
+        "dev": ["pytest>=8", "pytest-timeout", "triton>=3.0; platform_machine == 'x86_64'"],
+    },
+    entry_points={"console_scripts": ["megatron-archer=megatron_archer.cli:main"]},
+)
