@@ -15,8 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    build_parser().parse_args(argv)
-    build_parser().print_help()
+    parser = build_parser()
+    parser.parse_args(argv)
+    parser.print_help()
     return 0
 
 
