@@ -1,21 +1,22 @@
 """Per-token softmax statistics of a vocabulary slice, and how slices combine exactly (SPEC §1).
 
 A slice of the vocabulary (a tensor-parallel shard, a tile of it, a split inside a kernel) is
-summarised per token by three numbers taken relative to the slice's own max ``m`` of x = z / T:
+summarised per token by three numbers. ``m`` is the slice's max raw logit z (before the
+temperature T), and with x = (z - m) / T:
 
-    s = sum_j exp(x_j - m)            b = sum_j exp(x_j - m) * (x_j - m)
+    s = sum_j exp(x_j)            b = sum_j exp(x_j) * x_j
 
-Slices combine exactly after rescaling to a common max M, with alpha = exp(m - M):
+Slices combine exactly after rescaling to a common max M, with d = (m - M) / T, alpha = exp(d):
 
-    s -> alpha * s                    b -> alpha * (b + (m - M) * s)
+    s -> alpha * s                b -> alpha * (b + d * s)
 
 and the full-vocabulary results follow (``finalize``):
 
-    logZ = M + log s        H = log s - b / s        logp = x_y - logZ
+    logZ = M / T + log s      H = log s - b / s      logp = (z_y - M) / T - log s
 
-Keeping everything relative to the max means ``log s >= 0`` and ``-b / s >= 0``: the entropy is a
-sum of two non-negative terms, free of cancellation even for logits of magnitude 1e4. This is
-the same identity as SPEC's ``H = logZ - b/s`` with b taken about the max instead of about 0.
+This is SPEC's ``H = logZ - b/s`` with b taken about the max. Shifting the raw logits before
+dividing by T keeps z - M exact, so logits of magnitude 1e4 lose nothing to the division, and
+``log s >= 0``, ``-b / s >= 0`` make the entropy a sum of two non-negative terms (no cancellation).
 """
 
 from __future__ import annotations
@@ -29,72 +30,90 @@ from megatron_archer import distributed
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def slice_stats_(x: torch.Tensor) -> Stats:
-    """(m, s, b) per row of ``x`` [n, v] (floating point); ``x`` is overwritten as scratch.
+def slice_stats_(z: torch.Tensor, temperature: float = 1.0) -> Stats:
+    """(m, s, b) per row of raw logits ``z`` [n, v] (floating point), overwritten as scratch.
 
     Rows whose entries are all -inf (or v == 0) give m = -inf, s = 0, b = 0: an empty slice.
     NaN or +inf entries make s NaN, which ``finalize`` reports.
     """
-    if x.shape[-1] == 0:
-        zeros = x.new_zeros(x.shape[:-1])
+    if z.shape[-1] == 0:
+        zeros = z.new_zeros(z.shape[:-1])
         return torch.full_like(zeros, -math.inf), zeros, zeros.clone()
-    m = x.amax(dim=-1)
+    m = z.amax(dim=-1)
     shift = torch.where(m == -math.inf, 0.0, m)  # an all -inf row must not become -inf - -inf
-    x.sub_(shift.unsqueeze(-1)).exp_()
+    x = z.sub_(shift.unsqueeze(-1))
+    if temperature != 1.0:
+        x.div_(temperature)
+    x.exp_()
     s = x.sum(dim=-1)
     # b = sum e * log(e) with e = exp(x - m): 0 * log 0 = 0 for -inf logits and padding.
     b = x.xlogy_(x).sum(dim=-1)
     return m, s, b
 
 
-def rescale(m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, new_m: torch.Tensor) -> Stats:
+def rescale(
+    m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, new_m: torch.Tensor, temperature: float = 1.0
+) -> Stats:
     """The stats (m, s, b) re-expressed relative to ``new_m >= m``."""
     empty = s == 0  # an empty slice contributes nothing, whatever its m
-    delta = torch.where(empty, 0.0, m - new_m)
+    delta = torch.where(empty, 0.0, (m - new_m) / temperature)
     alpha = torch.exp(delta)
     return new_m, alpha * s, alpha * (b + delta * s)
 
 
-def merge(a: Stats, b: Stats) -> Stats:
+def merge(a: Stats, b: Stats, temperature: float = 1.0) -> Stats:
     """Stats of the union of two disjoint slices (an online-softmax step)."""
     new_m = torch.maximum(a[0], b[0])
-    _, sa, ba = rescale(*a, new_m)
-    _, sb, bb = rescale(*b, new_m)
+    _, sa, ba = rescale(*a, new_m, temperature)
+    _, sb, bb = rescale(*b, new_m, temperature)
     return new_m, sa + sb, ba + bb
 
 
-def reduce_over_dim(m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, dim: int) -> Stats:
+def reduce_over_dim(
+    m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, dim: int, temperature: float = 1.0
+) -> Stats:
     """Merge the slices laid out along ``dim`` (e.g. a kernel's vocabulary splits)."""
     new_m = m.amax(dim=dim, keepdim=True)
-    _, s, b = rescale(m, s, b, new_m)
+    _, s, b = rescale(m, s, b, new_m, temperature)
     return new_m.squeeze(dim), s.sum(dim=dim), b.sum(dim=dim)
 
 
 def all_reduce_stats(
-    m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, label_logit: torch.Tensor, group
+    m: torch.Tensor,
+    s: torch.Tensor,
+    b: torch.Tensor,
+    label_logit: torch.Tensor,
+    group,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge every rank's slice stats over ``group`` with two collectives of O(tokens) floats.
 
-    ``label_logit`` holds x_y on the rank that owns the label and 0 elsewhere, so a SUM recovers
-    it. The MAX goes first; s, b and x_y then travel in one packed SUM.
+    ``label_logit`` holds the raw z_y on the rank that owns the label and 0 elsewhere, so a SUM
+    recovers it. The MAX goes first; s, b and z_y then travel in one packed SUM.
     """
     global_m = distributed.all_reduce_(m.clone(), group, op="max")
-    _, s, b = rescale(m, s, b, global_m)
+    _, s, b = rescale(m, s, b, global_m, temperature)
     packed = distributed.all_reduce_(torch.stack([s, b, label_logit]), group, op="sum")
     return global_m, packed[0], packed[1], packed[2]
 
 
 def finalize(
-    m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, label_logit: torch.Tensor
+    m: torch.Tensor,
+    s: torch.Tensor,
+    b: torch.Tensor,
+    label_logit: torch.Tensor,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logZ, entropy, logp) from full-vocabulary stats; raises on a token with no finite logZ.
+
+    ``label_logit`` is the raw z_y. For backward, recompute log-probs as (z - m) / T - log s
+    rather than z / T - logZ, which loses precision for large logits.
 
     Call it with identical inputs on every tensor-parallel rank (after ``all_reduce_stats``) so
     that all ranks raise together instead of leaving the others waiting in a collective.
     """
     log_s = torch.log(s)
-    log_z = m + log_s
-    bad = ~torch.isfinite(log_z)
+    bad = ~torch.isfinite(m + log_s)
     if bad.any():
         where = bad.flatten().nonzero().flatten()[:5].tolist()
         if (s.flatten()[where] == 0).all():
@@ -107,7 +126,8 @@ def finalize(
             f"token(s) at flat index {where}"
         )
     entropy = log_s - b / s
-    return log_z, entropy, label_logit - log_z
+    logp = (label_logit - m) / temperature - log_s
+    return m / temperature + log_s, entropy, logp
 
 
 def log_underflow(dtype: torch.dtype) -> float:
@@ -127,7 +147,7 @@ def logits_grad_(
 ) -> torch.Tensor:
     """d loss / d z for a vocabulary slice, given its log-probs ``logp`` [n, v] (overwritten).
 
-    With p = exp(logp) and x = z / T (``scale`` = 1 / T), SPEC §1:
+    With p = exp(logp), x = z / T and ``scale`` = 1 / T, SPEC §1:
 
         d logp_y / d x_j = 1[j = y] - p_j        d H / d x_j = -p_j (logp_j + H)
 

@@ -31,10 +31,9 @@ def _chunks(n: int, chunk_size: int | None):
     return [(r0, min(r0 + step, n)) for r0 in range(0, n, max(step, 1))]
 
 
-def _scaled_chunk(logits: torch.Tensor, r0: int, r1: int, shard: VocabShard, temperature: float):
-    """A fresh buffer x = z / T in the compute dtype for rows [r0, r1) of the real columns."""
-    x = logits[r0:r1, : shard.valid].to(compute_dtype(logits.dtype), copy=True)
-    return x.div_(temperature) if temperature != 1.0 else x
+def _chunk_copy(logits: torch.Tensor, r0: int, r1: int, shard: VocabShard) -> torch.Tensor:
+    """A fresh compute-dtype buffer of rows [r0, r1) of the real (non-padding) columns."""
+    return logits[r0:r1, : shard.valid].to(compute_dtype(logits.dtype), copy=True)
 
 
 class _LogprobEntropy(torch.autograd.Function):
@@ -45,18 +44,16 @@ class _LogprobEntropy(torch.autograd.Function):
         m, s, b = (torch.empty(n, dtype=dtype, device=logits.device) for _ in range(3))
         for r0, r1 in _chunks(n, chunk_size):
             m[r0:r1], s[r0:r1], b[r0:r1] = softmax_stats.slice_stats_(
-                _scaled_chunk(logits, r0, r1, shard, temperature)
+                _chunk_copy(logits, r0, r1, shard), temperature
             )
         rows, cols = shard.locate(labels)
         label_logit = torch.zeros(n, dtype=dtype, device=logits.device)
         label_logit[rows] = logits[rows, cols].to(dtype)
-        if temperature != 1.0:
-            label_logit.div_(temperature)  # the same rounding as x = z / T above
 
-        m, s, b, label_logit = softmax_stats.all_reduce_stats(m, s, b, label_logit, group)
-        log_z, entropy, logp = softmax_stats.finalize(m, s, b, label_logit)
+        m, s, b, label_logit = softmax_stats.all_reduce_stats(m, s, b, label_logit, group, temperature)
+        _, entropy, logp = softmax_stats.finalize(m, s, b, label_logit, temperature)
 
-        ctx.save_for_backward(logits, labels, log_z, entropy)
+        ctx.save_for_backward(logits, labels, m, s.log(), entropy)
         ctx.temperature, ctx.shard, ctx.chunk_size = temperature, shard, chunk_size
         ctx.entropy_grad = entropy_grad
         if not entropy_grad:
@@ -65,7 +62,7 @@ class _LogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, log_z, entropy = ctx.saved_tensors
+        logits, labels, m, log_s, entropy = ctx.saved_tensors
         shard, temperature = ctx.shard, ctx.temperature
         grad = torch.empty_like(logits)
         grad[:, shard.valid :] = 0  # padding columns take no part in the softmax
@@ -73,8 +70,10 @@ class _LogprobEntropy(torch.autograd.Function):
             grad_entropy = None
         rows, cols = shard.locate(labels)
         for r0, r1 in _chunks(logits.shape[0], ctx.chunk_size):
-            logp = _scaled_chunk(logits, r0, r1, shard, temperature)
-            logp.sub_(log_z[r0:r1].unsqueeze(-1))
+            logp = _chunk_copy(logits, r0, r1, shard).sub_(m[r0:r1].unsqueeze(-1))
+            if temperature != 1.0:
+                logp.div_(temperature)
+            logp.sub_(log_s[r0:r1].unsqueeze(-1))  # (z - m) / T - log s, exact shift first
             in_chunk = (rows >= r0) & (rows < r1)
             grad[r0:r1, : shard.valid] = softmax_stats.logits_grad_(
                 logp,
