@@ -1,0 +1,52 @@
+"""RLVR objectives: advantages, entropy-based token selection (forking tokens, Archer), the clipped
+policy loss normalised over the whole optimiser step, and its metrics (SPEC.md sections 2 to 5, 7).
+
+Per optimiser step a trainer calls, on every data-parallel rank:
+
+1. ``build_step_context(micro_batches, config.selection, group)`` once (global counts, threshold);
+2. per micro-batch: ``select_tokens(...)``, ``policy_loss(...)``, ``loss_metric_sums(...)``;
+   hand ``output.loss * ctx.loss_scale`` to Megatron;
+3. ``reduce_loss_metrics(sums, group)`` and ``entropy_summary(...)`` for logging.
+"""
+
+from megatron_archer.algorithms.advantages import (
+    DynamicSamplingResult,
+    dynamic_sampling_filter,
+    group_advantages,
+    groups_with_signal,
+    overlong_penalty,
+)
+from megatron_archer.algorithms.config import (
+    AdvantageConfig,
+    AlgorithmConfig,
+    ArcherConfig,
+    Constraints,
+    DynamicSamplingConfig,
+    ForkingConfig,
+    LossConfig,
+    OverlongConfig,
+    SelectionConfig,
+    config_from_dict,
+    preset,
+)
+from megatron_archer.algorithms.metrics import entropy_summary, loss_metric_sums, reduce_loss_metrics
+from megatron_archer.algorithms.order_stats import kth_largest, top_count
+from megatron_archer.algorithms.policy_loss import (
+    LossTerms,
+    PolicyLossOutput,
+    clipped_pg_loss,
+    kl_penalty,
+    policy_loss,
+)
+from megatron_archer.algorithms.step_context import StepContext, build_step_context
+from megatron_archer.algorithms.token_selection import TokenSelection, classify_tokens, select_tokens
+
+__all__ = [
+    "AdvantageConfig", "AlgorithmConfig", "ArcherConfig", "Constraints", "DynamicSamplingConfig",
+    "DynamicSamplingResult", "ForkingConfig", "LossConfig", "LossTerms", "OverlongConfig",
+    "PolicyLossOutput", "SelectionConfig", "StepContext", "TokenSelection", "build_step_context",
+    "classify_tokens", "clipped_pg_loss", "config_from_dict", "dynamic_sampling_filter",
+    "entropy_summary", "group_advantages", "groups_with_signal", "kl_penalty", "kth_largest",
+    "loss_metric_sums", "overlong_penalty", "policy_loss", "preset", "reduce_loss_metrics",
+    "select_tokens", "top_count",
+]

@@ -1,0 +1,330 @@
+"""Typed configuration of the RLVR objectives and the papers' presets (SPEC.md sections 2 to 5).
+
+Every config is a frozen dataclass validated at construction; a bad value raises ValueError naming
+the field and, for choices, the allowed values. ``config_from_dict`` builds an ``AlgorithmConfig``
+from plain (YAML-loaded) dicts, optionally on top of a preset, and names nested fields by their
+path, e.g. ``selection.forking.rho``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+SELECTION_METHODS = ("none", "forking", "archer", "archer_soft")
+ENTROPY_SOURCES = ("current", "old")
+FORKING_SCOPES = ("global", "micro_batch")
+FORKING_NORMALIZERS = ("all", "selected")
+FORKING_KEEP = ("top", "bottom")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_AGGREGATIONS = ("token", "class_mean")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _number(name: str, value: Any, *, low: float, high: float = float("inf"),
+            low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` is a real number in the interval low..high (open or closed at each end)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number; got {value!r}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}; got {value!r}")
+
+
+def _integer(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {value!r}")
+
+
+def _instance(name: str, value: Any, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Clip range ``clip(r, 1 - eps_low, 1 + eps_high)`` and KL coefficient for one token class (SPEC 3, 5)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        _number("eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
+        _number("eps_high", self.eps_high, low=0.0)
+        _number("kl_coef", self.kl_coef, low=0.0)
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Group-relative advantage estimator (SPEC 2); ``std_eps`` guards GRPO's division by the std."""
+
+    estimator: str = "grpo"
+    std_eps: float = 1e-6
+
+    def __post_init__(self):
+        _choice("estimator", self.estimator, ADVANTAGE_ESTIMATORS)
+        _number("std_eps", self.std_eps, low=0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """DAPO dynamic sampling: drop all-equal-reward groups, regenerate at most ``max_gen_rounds`` times."""
+
+    enabled: bool = False
+    max_gen_rounds: int = 10
+
+    def __post_init__(self):
+        _boolean("enabled", self.enabled)
+        _integer("max_gen_rounds", self.max_gen_rounds, low=1)
+
+
+@dataclass(frozen=True)
+class OverlongConfig:
+    """DAPO overlong reward shaping with L_max = ``max_length`` and L_c = ``cache_length`` (SPEC 2)."""
+
+    enabled: bool = False
+    max_length: int = 20480
+    cache_length: int = 4096
+
+    def __post_init__(self):
+        _boolean("enabled", self.enabled)
+        _integer("max_length", self.max_length, low=1)
+        _integer("cache_length", self.cache_length, low=1)
+        if self.cache_length > self.max_length:
+            raise ValueError(
+                f"cache_length must be <= max_length ({self.max_length}); got {self.cache_length}"
+            )
+
+
+@dataclass(frozen=True)
+class ForkingConfig:
+    """Forking tokens (SPEC 4): only the top-``rho`` entropy tokens carry policy gradient.
+
+    ``scope``: ``global`` = threshold over the whole optimiser step on all data-parallel ranks (the
+    paper's formula); ``micro_batch`` = top-k per micro-batch, k = ceil(rho n) (the authors' code).
+    ``normalizer``: divide the policy-gradient sum by ``all`` valid tokens (the paper) or by the
+    ``selected`` tokens (the authors' code). ``keep="bottom"`` is the paper's "bottom 1 - rho only"
+    ablation: the complement of the top-rho tokens carries the gradient instead.
+    """
+
+    rho: float = 0.2
+    scope: str = "global"
+    normalizer: str = "all"
+    keep: str = "top"
+
+    def __post_init__(self):
+        _number("rho", self.rho, low=0.0, high=1.0, low_open=True)
+        _choice("scope", self.scope, FORKING_SCOPES)
+        _choice("normalizer", self.normalizer, FORKING_NORMALIZERS)
+        _choice("keep", self.keep, FORKING_KEEP)
+
+
+@dataclass(frozen=True)
+class ArcherConfig:
+    """Archer dual-token constraints (SPEC 5).
+
+    Tokens above the per-response ``quantile`` of entropy are "reasoning" tokens, the rest
+    "knowledge" tokens; each class gets its own clip range and KL coefficient. ``soft_width`` is
+    used by ``archer_soft`` only: the width, in response-level entropy rank, of the linear ramp
+    centred on ``quantile`` that moves a token from the knowledge to the reasoning constraints.
+    """
+
+    quantile: float = 0.8
+    reasoning: Constraints = field(default_factory=lambda: Constraints(0.5, 0.5, 0.0))
+    knowledge: Constraints = field(default_factory=lambda: Constraints(0.2, 0.2, 0.001))
+    soft_width: float = 0.2
+
+    def __post_init__(self):
+        _number("quantile", self.quantile, low=0.0, high=1.0)
+        _instance("reasoning", self.reasoning, Constraints)
+        _instance("knowledge", self.knowledge, Constraints)
+        _number("soft_width", self.soft_width, low=0.0, high=1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which tokens carry policy gradient and under which constraints (SPEC 4, 5).
+
+    ``method``: ``none`` (every token, ``LossConfig.clip``), ``forking`` (see ForkingConfig),
+    ``archer`` and ``archer_soft`` (see ArcherConfig; their per-class constraints replace
+    ``LossConfig.clip``). ``entropy_source`` tells the trainer which detached entropy to select
+    with: the ``current`` policy's from the training forward (both papers' code) or the ``old``
+    policy's, computed once per batch.
+    """
+
+    method: str = "none"
+    entropy_source: str = "current"
+    forking: ForkingConfig = field(default_factory=ForkingConfig)
+    archer: ArcherConfig = field(default_factory=ArcherConfig)
+
+    def __post_init__(self):
+        _choice("method", self.method, SELECTION_METHODS)
+        _choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
+        _instance("forking", self.forking, ForkingConfig)
+        _instance("archer", self.archer, ArcherConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Clipped policy loss, KL, entropy bonus and aggregation (SPEC 3).
+
+    ``clip`` holds the clip range and KL coefficient of every token when the selection method has
+    no token classes of its own (``none``, ``forking``). ``dual_clip`` is c > 1 or None.
+    ``kl_aggregation``: ``token`` puts beta_t * KL_t in the same aggregation as the policy loss;
+    ``class_mean`` (Archer's code) averages KL within each token class over that class's token
+    count in the step, then weights by the class coefficient. ``norm_length`` is the constant
+    divisor of ``seq-mean-token-sum-norm`` (Dr.GRPO), usually the maximum response length.
+    """
+
+    clip: Constraints = field(default_factory=Constraints)
+    dual_clip: float | None = None
+    kl_estimator: str = "k3"
+    kl_aggregation: str = "token"
+    entropy_coef: float = 0.0
+    aggregation: str = "token-mean"
+    norm_length: int | None = None
+
+    def __post_init__(self):
+        _instance("clip", self.clip, Constraints)
+        if self.dual_clip is not None:
+            _number("dual_clip", self.dual_clip, low=1.0, low_open=True)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("kl_aggregation", self.kl_aggregation, KL_AGGREGATIONS)
+        _number("entropy_coef", self.entropy_coef, low=0.0)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        if self.aggregation == "seq-mean-token-sum-norm":
+            _integer("norm_length", self.norm_length, low=1)
+        elif self.norm_length is not None:
+            raise ValueError("norm_length is only used by aggregation 'seq-mean-token-sum-norm'")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Everything the objective needs: advantages, DAPO machinery, token selection, loss."""
+
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _instance(f.name, getattr(self, f.name), get_type_hints(type(self))[f.name])
+        forking = self.selection.method == "forking"
+        if (forking and self.selection.forking.normalizer == "selected"
+                and self.loss.aggregation == "seq-mean-token-sum-norm"):
+            raise ValueError(
+                "selection.forking.normalizer 'selected' has no effect with loss.aggregation "
+                "'seq-mean-token-sum-norm' (it divides by a constant); use 'all'"
+            )
+
+
+def _dapo() -> AlgorithmConfig:
+    """DAPO as run by the forking-token paper (SPEC 4): clip-higher, no KL, token-mean."""
+    return AlgorithmConfig(
+        advantage=AdvantageConfig("grpo"),
+        dynamic_sampling=DynamicSamplingConfig(enabled=True),
+        overlong=OverlongConfig(enabled=True, max_length=20480, cache_length=4096),
+        selection=SelectionConfig("none"),
+        loss=LossConfig(clip=Constraints(0.2, 0.28, 0.0), aggregation="token-mean"),
+    )
+
+
+def _grpo() -> AlgorithmConfig:
+    """GRPO (DeepSeekMath): eps 0.2, k3 KL with beta 0.04, per-sequence mean of token means."""
+    return AlgorithmConfig(
+        advantage=AdvantageConfig("grpo"),
+        loss=LossConfig(clip=Constraints(0.2, 0.2, 0.04), kl_estimator="k3",
+                        aggregation="seq-mean-token-mean"),
+    )
+
+
+def _forking_80_20() -> AlgorithmConfig:
+    """DAPO with policy gradient on the top 20% entropy tokens of the step (SPEC 4, paper eq. 6)."""
+    dapo = _dapo()
+    return dataclasses.replace(dapo, selection=SelectionConfig(
+        "forking", entropy_source="current",
+        forking=ForkingConfig(rho=0.2, scope="global", normalizer="all", keep="top"),
+    ))
+
+
+def _archer() -> AlgorithmConfig:
+    """Archer (SPEC 5): per-response 0.8 quantile split, dual clip 10, class-mean k3 KL."""
+    return AlgorithmConfig(
+        advantage=AdvantageConfig("grpo"),
+        dynamic_sampling=DynamicSamplingConfig(enabled=True),
+        selection=SelectionConfig("archer", entropy_source="current", archer=ArcherConfig()),
+        loss=LossConfig(dual_clip=10.0, kl_estimator="k3", kl_aggregation="class_mean",
+                        aggregation="token-mean"),
+    )
+
+
+PRESETS = {"grpo": _grpo, "dapo": _dapo, "forking_80_20": _forking_80_20, "archer": _archer}
+
+
+def preset(name: str) -> AlgorithmConfig:
+    """The named preset (``grpo``, ``dapo``, ``forking_80_20``, ``archer``) with the papers' defaults."""
+    _choice("preset", name, tuple(PRESETS))
+    return PRESETS[name]()
+
+
+def _build(cls: type, data: Any, path: str):
+    """Construct dataclass ``cls`` from a mapping, recursing into nested dataclass fields."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path.rstrip('.') or 'config'} must be a mapping; got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{path}{unknown[0]} is not a field; allowed: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        nested = hints[name]
+        if dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
+            value = _build(nested, value, f"{path}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"{path}{error}") from None
+
+
+def _to_plain(config) -> dict:
+    return {f.name: (_to_plain(v) if dataclasses.is_dataclass(v) else v)
+            for f in dataclasses.fields(config) for v in [getattr(config, f.name)]}
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(data: Mapping) -> AlgorithmConfig:
+    """An AlgorithmConfig from plain dicts; an optional ``preset`` key names the base it overrides."""
+    data = dict(data)
+    name = data.pop("preset", None)
+    if name is not None:
+        data = _merge(_to_plain(preset(name)), data)
+    return _build(AlgorithmConfig, data, "")

@@ -1,0 +1,109 @@
+"""Quantities of the whole optimiser step, computed once at its start over all data-parallel ranks.
+
+The token-mean loss of SPEC 3 divides by the number of valid tokens of the *step* (all
+micro-batches, all data-parallel ranks), and global forking selection (SPEC 4) needs the step's
+top-rho entropy threshold. Neither is known inside one micro-batch, so the trainer calls
+``build_step_context`` once per optimiser step with every micro-batch this rank will train on, and
+passes the result to ``select_tokens`` and ``policy_loss``. Each micro-batch's loss is then its
+exact share of the step loss: the per-micro-batch losses summed over micro-batches and ranks give
+the step loss, whatever the split.
+
+Which entropy: the step context sees the entropy available at step start, the old policy's
+(computed once per batch with the old log-probs; it equals the current policy's at the first
+update of a batch). With ``entropy_source="old"`` the training forward selects with that same
+entropy and everything is exact. With ``entropy_source="current"`` the forward compares the
+current entropy against the step-start threshold, while the normalisers (selected-token count,
+per-class token counts) stay the step-start ones: a loss normaliser must be a constant of the
+step, or the gradient would depend on how the step is split. With micro-batch scope the selected
+count, k = ceil(rho n) per micro-batch, does not depend on entropy and is always exact.
+
+Megatron divides each micro-batch loss by the number of micro-batches and DDP averages gradients
+over data-parallel ranks; multiply the loss by ``StepContext.loss_scale`` before handing it over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_archer.algorithms.config import SelectionConfig
+from megatron_archer.algorithms.order_stats import kth_largest, top_count
+from megatron_archer.algorithms.token_selection import classify_tokens
+from megatron_archer.algorithms.validation import require_response_mask
+from megatron_archer.distributed import all_reduce_, rank_and_size
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Global counts of one optimiser step (sums over all micro-batches on all ranks).
+
+    ``num_selected`` is the summed policy-gradient weight; ``class_tokens`` the token count of the
+    (low, high) entropy classes (fractional under ``archer_soft``); ``forking_threshold`` the
+    global forking tau (None unless forking with global scope).
+    """
+
+    num_tokens: float
+    num_sequences: float
+    num_selected: float
+    class_tokens: tuple[float, float]
+    forking_threshold: float | None
+    num_microbatches: int
+    dp_size: int
+
+    @property
+    def loss_scale(self) -> int:
+        """num_microbatches * dp_size: undoes Megatron's 1/num_microbatches and DDP's 1/dp_size."""
+        return self.num_microbatches * self.dp_size
+
+
+def build_step_context(
+    micro_batches: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    selection: SelectionConfig,
+    group=None,
+) -> StepContext:
+    """The StepContext of one optimiser step from this rank's ``(entropy, response_mask)`` pairs.
+
+    ``entropy`` is the detached [B, T] entropy available at step start (see the module docstring);
+    it may be None when the selection method is ``none``. ``group`` is the data-parallel group
+    (None: one process). Every rank must call this with the same number of micro-batches; costs a
+    few small all-reduces, plus 32 for a global forking threshold.
+    """
+    if not micro_batches:
+        raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
+    for _, mask in micro_batches:
+        require_response_mask(mask)
+    _, dp_size = rank_and_size(group)
+    count = len(micro_batches)
+    spread = all_reduce_(torch.tensor([count, -count], dtype=torch.int64), group, op="max")
+    if spread[0] != -spread[1]:
+        raise ValueError(f"ranks disagree on the number of micro-batches "
+                         f"({-int(spread[1])} to {int(spread[0])}); Megatron needs the same count")
+
+    sizes = torch.zeros(2, dtype=torch.float64)
+    for _, mask in micro_batches:
+        sizes += torch.tensor([mask.sum().item(), mask.any(dim=-1).sum().item()], dtype=torch.float64)
+    num_tokens, num_sequences = all_reduce_(sizes, group).tolist()
+
+    threshold = None
+    if selection.method == "forking" and selection.forking.scope == "global":
+        if any(entropy is None for entropy, _ in micro_batches):
+            raise ValueError("forking with scope 'global' needs every micro-batch's entropy")
+        k = top_count(selection.forking.rho, int(num_tokens))
+        threshold = kth_largest([entropy[mask] for entropy, mask in micro_batches], [k], group)[0]
+
+    masses = torch.zeros(3, dtype=torch.float64)
+    for entropy, mask in micro_batches:
+        pg_weight, high = classify_tokens(entropy, mask, selection, threshold)
+        masses += torch.stack([pg_weight.sum(), (mask.to(high.dtype) - high).sum(), high.sum()]).double()
+    num_selected, low_tokens, high_tokens = all_reduce_(masses, group).tolist()
+    return StepContext(
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        num_selected=num_selected,
+        class_tokens=(low_tokens, high_tokens),
+        forking_threshold=threshold,
+        num_microbatches=count,
+        dp_size=dp_size,
+    )

@@ -1,0 +1,134 @@
+"""Which tokens carry policy gradient, and under which clip range and KL coefficient (SPEC 4, 5).
+
+Inputs are [B, T] tensors: a detached per-token entropy (the one ``SelectionConfig.entropy_source``
+names) and the bool response mask. Every method maps entropy to two per-token quantities:
+
+- ``pg_weight``: how much of the token's policy-gradient term enters the loss;
+- ``high_share``: membership in the high-entropy class (1: reasoning / forking, 0: knowledge /
+  other), which interpolates the per-class constraints ``low + high_share * (high - low)``.
+
+Methods:
+
+- ``none``: every valid token, weight 1, class "low", constraints ``LossConfig.clip``.
+- ``forking``, scope ``global``: the class is ``H >= tau`` in float32 with tau the step's global
+  k-th largest entropy, k = ceil(rho N) (``StepContext.forking_threshold``); tokens tied with tau
+  are all selected (the paper's indicator 1[H >= tau]).
+- ``forking``, scope ``micro_batch``: exactly k = ceil(rho n) tokens of the micro-batch's n valid
+  tokens, as torch.topk in the authors' code; ties at the cut go to the earlier position.
+  ``keep="bottom"`` gives the gradient to the other tokens instead (the paper's ablation).
+- ``archer``: H > q_i, q_i the per-response ``quantile`` (linear interpolation); all tokens weight 1.
+- ``archer_soft``: high_share = clamp((u - quantile) / soft_width + 1/2, 0, 1), u the token's
+  mid-rank fraction of entropy within its response; all tokens weight 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_archer.algorithms.config import Constraints, LossConfig, SelectionConfig
+from megatron_archer.algorithms.order_stats import row_quantile, row_rank_fraction, top_count
+from megatron_archer.algorithms.validation import require_response_mask, require_token_tensor
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Per-token [B, T] outputs of the selection; every tensor is 0 outside the response mask.
+
+    ``token_class`` is 1 (high entropy), 0 (low) or -1 (not a response token), for metrics.
+    ``class_kl_coef`` is (low, high), for the class-mean KL. ``normalize_by_selected`` divides the
+    policy-gradient sum by the selected rather than all tokens (forking's ``normalizer``).
+    """
+
+    pg_weight: torch.Tensor
+    high_share: torch.Tensor
+    token_class: torch.Tensor
+    eps_low: torch.Tensor
+    eps_high: torch.Tensor
+    kl_coef: torch.Tensor
+    class_kl_coef: tuple[float, float]
+    normalize_by_selected: bool
+
+
+def _top_micro_batch(entropy: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
+    """Bool [B, T]: the k = ceil(rho n) highest-entropy valid tokens, earlier position first on ties."""
+    valid = entropy[mask]
+    k = top_count(rho, valid.numel())
+    chosen = torch.zeros_like(valid, dtype=torch.bool)
+    chosen[torch.sort(valid, descending=True, stable=True).indices[:k]] = True
+    top = torch.zeros_like(mask)
+    top[mask] = chosen
+    return top
+
+
+def classify_tokens(
+    entropy: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    selection: SelectionConfig,
+    forking_threshold: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pg_weight, high_share), float [B, T], from the detached entropy (None allowed for ``none``)."""
+    require_response_mask(response_mask)
+    valid = response_mask.float() if entropy is None else response_mask.to(
+        torch.promote_types(entropy.dtype, torch.float32))
+    if selection.method == "none":
+        return valid, torch.zeros_like(valid)
+    if entropy is None:
+        raise ValueError(f"entropy is required by selection method {selection.method!r}")
+    require_token_tensor("entropy", entropy, response_mask)
+    entropy = entropy.detach().to(valid.dtype)
+    if selection.method == "forking":
+        forking = selection.forking
+        if forking.scope == "global":
+            if forking_threshold is None:
+                raise ValueError("forking with scope 'global' needs the step's forking_threshold "
+                                 "(StepContext.forking_threshold)")
+            top = response_mask & (entropy.to(torch.float32) >= forking_threshold)
+        else:
+            top = _top_micro_batch(entropy, response_mask, forking.rho)
+        high = top.to(valid.dtype)
+        return (high if forking.keep == "top" else valid - high), high
+    archer = selection.archer
+    if selection.method == "archer":
+        quantile = row_quantile(entropy, response_mask, archer.quantile)
+        return valid, (response_mask & (entropy > quantile[:, None])).to(valid.dtype)
+    rank = row_rank_fraction(entropy, response_mask)
+    ramp = ((rank - archer.quantile) / archer.soft_width + 0.5).clamp(0.0, 1.0)
+    return valid, ramp * valid
+
+
+def class_constraints(selection: SelectionConfig, loss: LossConfig) -> tuple[Constraints, Constraints]:
+    """(low, high) class constraints: Archer's knowledge / reasoning, else ``loss.clip`` for both."""
+    if selection.method in ("archer", "archer_soft"):
+        return selection.archer.knowledge, selection.archer.reasoning
+    return loss.clip, loss.clip
+
+
+def select_tokens(
+    entropy: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    selection: SelectionConfig,
+    loss: LossConfig,
+    forking_threshold: float | None = None,
+) -> TokenSelection:
+    """Per-token policy-gradient weight, class, clip range and KL coefficient for one micro-batch."""
+    pg_weight, high_share = classify_tokens(entropy, response_mask, selection, forking_threshold)
+    low, high = class_constraints(selection, loss)
+
+    def per_token(low_value: float, high_value: float) -> torch.Tensor:
+        # exact at high_share 0 and 1, so hard classes get exactly their class's constants
+        return (low_value * (1.0 - high_share) + high_value * high_share) * response_mask
+
+    token_class = torch.where(response_mask, (high_share >= 0.5).long(), -1)
+    return TokenSelection(
+        pg_weight=pg_weight,
+        high_share=high_share,
+        token_class=token_class,
+        eps_low=per_token(low.eps_low, high.eps_low),
+        eps_high=per_token(low.eps_high, high.eps_high),
+        kl_coef=per_token(low.kl_coef, high.kl_coef),
+        class_kl_coef=(low.kl_coef, high.kl_coef),
+        normalize_by_selected=(selection.method == "forking"
+                               and selection.forking.normalizer == "selected"),
+    )
