@@ -75,7 +75,7 @@ class _LogprobEntropy(torch.autograd.Function):
                 logp.div_(temperature)
             logp.sub_(log_s[r0:r1].unsqueeze(-1))  # (z - m) / T - log s, exact shift first
             in_chunk = (rows >= r0) & (rows < r1)
-            grad[r0:r1, : shard.valid] = softmax_stats.logits_grad_(
+            grad[r0:r1, : shard.valid].copy_(softmax_stats.logits_grad_(
                 logp,
                 entropy[r0:r1],
                 grad_logp[r0:r1],
@@ -83,7 +83,7 @@ class _LogprobEntropy(torch.autograd.Function):
                 rows[in_chunk] - r0,
                 cols[in_chunk],
                 1.0 / temperature,
-            )
+            ))
         return grad, None, None, None, None, None, None
 
 
