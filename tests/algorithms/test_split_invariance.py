@@ -1,0 +1,145 @@
+"""Split invariance with real gloo processes (SPEC 3): one rank with one micro-batch and 2 ranks x 3
+micro-batches of unequal sizes and lengths give the same step loss, the same gradient with respect
+to every token's log-prob, and the same metrics, for every aggregation and selection method."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_archer.algorithms import (
+    ArcherConfig,
+    Constraints,
+    ForkingConfig,
+    LossConfig,
+    SelectionConfig,
+    build_step_context,
+    entropy_summary,
+    loss_metric_sums,
+    policy_loss,
+    reduce_loss_metrics,
+    select_tokens,
+)
+from tests.distributed import run_distributed
+
+WORLD_SIZE = 2
+# responses per micro-batch, rank by rank: unequal sizes (and so unequal padded lengths)
+SPLIT = [[3, 5, 2], [4, 1, 5]]
+NUM_RESPONSES = sum(map(sum, SPLIT))
+MAX_LEN = 13
+
+SELECTIONS = {
+    "none": SelectionConfig("none"),
+    "forking_global_all": SelectionConfig("forking", forking=ForkingConfig(rho=0.2)),
+    "forking_global_selected": SelectionConfig("forking", forking=ForkingConfig(rho=0.2, normalizer="selected")),
+    "forking_global_bottom": SelectionConfig("forking", forking=ForkingConfig(rho=0.3, keep="bottom")),
+    "archer": SelectionConfig("archer"),
+    "archer_soft": SelectionConfig("archer_soft", archer=ArcherConfig(
+        reasoning=Constraints(0.4, 0.5, 0.0), knowledge=Constraints(0.2, 0.2, 0.002))),
+}
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def _responses(seed):
+    """The whole step as a list of per-response float64 tensors, identical on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, MAX_LEN + 1, (NUM_RESPONSES,), generator=gen).tolist()
+    lengths[0], lengths[7], lengths[15] = 1, 0, MAX_LEN
+    out = []
+    for length in lengths:
+        logp = -3 * torch.rand(length, generator=gen, dtype=torch.float64)
+        entropy = torch.rand(length, generator=gen)
+        entropy[torch.rand(length, generator=gen) < 0.3] = 0.5  # ties across ranks and micro-batches
+        entropy[torch.rand(length, generator=gen) < 0.2] = 0.0
+        out.append(dict(
+            logp=logp,
+            old=logp + 0.4 * torch.randn(length, generator=gen, dtype=torch.float64),
+            ref=logp + 0.3 * torch.randn(length, generator=gen, dtype=torch.float64),
+            entropy=entropy.double(),
+            adv=torch.randn((), generator=gen, dtype=torch.float64),
+        ))
+    return out
+
+
+def _pad(responses):
+    """One micro-batch: [B, T] tensors right-padded to its own longest response."""
+    width = max([len(r["logp"]) for r in responses] + [1])
+    mask = torch.zeros(len(responses), width, dtype=torch.bool)
+    batch = {key: torch.full((len(responses), width), float("nan"), dtype=torch.float64)
+             for key in ("logp", "old", "ref", "entropy")}
+    for i, r in enumerate(responses):
+        n = len(r["logp"])
+        mask[i, :n] = True
+        for key in batch:
+            batch[key][i, :n] = r[key]
+    batch["mask"] = mask
+    batch["adv"] = torch.stack([r["adv"] for r in responses])
+    return batch
+
+
+def _step(micro_batches, selection, loss_cfg, group):
+    """Summed loss of this rank's micro-batches, per-response log-prob gradients, metric sums."""
+    ctx = build_step_context([(mb["entropy"], mb["mask"]) for mb in micro_batches], selection, group)
+    total, grads, sums = 0.0, [], []
+    for mb in micro_batches:
+        sel = select_tokens(mb["entropy"], mb["mask"], selection, loss_cfg, ctx.forking_threshold)
+        logp = mb["logp"].clone().requires_grad_(True)
+        out = policy_loss(logp, mb["old"], mb["adv"], mb["mask"], sel, ctx, loss_cfg,
+                          ref_logp=mb["ref"], entropy=mb["entropy"])
+        (grad,) = torch.autograd.grad(out.loss, [logp])
+        total += out.loss.item()
+        grads += [g[m] for g, m in zip(grad, mb["mask"])]
+        sums.append(loss_metric_sums(out.terms, sel))
+    return total, grads, reduce_loss_metrics(sums, group), ctx
+
+
+def _close(a, b, what):
+    assert abs(a - b) <= 1e-9 * max(1.0, abs(b)), f"{what}: {a} != {b}"
+
+
+def _worker(rank, world_size, seed):
+    group = dist.group.WORLD
+    responses = _responses(seed)
+    single = [_pad(responses)]
+    start = sum(map(sum, SPLIT[:rank]))
+    mine = []
+    for size in SPLIT[rank]:
+        mine.append(_pad(responses[start:start + size]))
+        start += size
+    first = sum(map(sum, SPLIT[:rank]))
+
+    for name, selection in SELECTIONS.items():
+        for aggregation in AGGREGATIONS:
+            for kl_aggregation in ("token", "class_mean"):
+                what = f"{name} / {aggregation} / {kl_aggregation}"
+                cfg = LossConfig(clip=Constraints(0.2, 0.28, 0.01), dual_clip=3.0,
+                                 kl_aggregation=kl_aggregation, entropy_coef=0.003,
+                                 aggregation=aggregation,
+                                 norm_length=MAX_LEN if aggregation == "seq-mean-token-sum-norm" else None)
+                want_loss, want_grads, want_metrics, want_ctx = _step(single, selection, cfg, None)
+                loss, grads, metrics, ctx = _step(mine, selection, cfg, group)
+                summed = torch.tensor([loss], dtype=torch.float64)
+                dist.all_reduce(summed, group=group)
+                _close(summed.item(), want_loss, what)
+                for i, grad in enumerate(grads):
+                    torch.testing.assert_close(grad, want_grads[first + i], rtol=1e-9, atol=1e-12,
+                                               msg=lambda m: f"{what}: {m}")
+                assert metrics.keys() == want_metrics.keys(), what
+                for key in metrics:
+                    _close(metrics[key], want_metrics[key], f"{what}: {key}")
+                assert ctx.forking_threshold == want_ctx.forking_threshold, what
+                assert ctx.num_selected == want_ctx.num_selected, what
+                assert ctx.loss_scale == 3 * WORLD_SIZE and want_ctx.loss_scale == 1
+
+    entropies = [(mb["entropy"], mb["mask"]) for mb in mine]
+    got = entropy_summary(entropies, group)
+    want = entropy_summary([(single[0]["entropy"], single[0]["mask"])])
+    assert got == want
+    flat = torch.cat([r["entropy"] for r in responses]).sort().values
+    n = flat.numel()
+    assert want["entropy/p80"] == flat[math.ceil(0.8 * n) - 1].item()
+    assert want["entropy/share_above_p80"] == (flat > want["entropy/p80"]).double().mean().item()
+
+
+def test_step_is_split_invariant_across_ranks_and_micro_batches():
+    run_distributed(_worker, WORLD_SIZE, 1234)
