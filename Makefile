@@ -1,4 +1,4 @@
-# `make test` and `make quickstart` work on a fresh machine: they create (or reuse) .venv with
+# `make test` and `make example` work on a fresh machine: they create (or reuse) .venv with
 # Python 3.11, install torch==2.13.0 first so pip takes the CPU build, then this package.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -15,7 +15,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+example: $(VENV)/.installed
+	$(VENV)/bin/torchrun --nproc-per-node 2 examples/vocab_parallel_logprobs.py
+
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.logprob_entropy
 
-.PHONY: install test bench
+.PHONY: install test example bench
