@@ -248,4 +248,5 @@ def test_clamps_keep_float32_finite_for_extreme_log_ratios():
     (grad,) = torch.autograd.grad(out.loss, [logp])
     assert torch.isfinite(out.loss) and torch.all(torch.isfinite(grad))
     assert torch.all(out.terms.kl[0, 2:] == 10.0)
-    assert grad[0, 1] == 0 and grad[0, 2] == 0 and grad[0, 3] == 0  # clamped: no gradient
+    assert grad[0, 0] == 0 and grad[0, 1] == 0  # clipped / clamped policy term: no gradient
+    assert grad[0, 2] == 0.25 and grad[0, 3] == 0.25  # r = 1 policy term only: clamped KL adds nothing
