@@ -10,6 +10,9 @@ setup(
         "torch>=2.4",
         "numpy",
         "megatron-core>=0.16,<0.20",
+        "transformers>=4.51,<6",
+        "safetensors>=0.4",
+        "math-verify[antlr4_13_2]>=0.7",
     ],
     extras_require={
         # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.
