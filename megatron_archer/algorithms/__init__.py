@@ -4,7 +4,7 @@ policy loss normalised over the whole optimiser step, and its metrics (SPEC.md s
 Per optimiser step a trainer calls, on every data-parallel rank:
 
 1. ``build_step_context(micro_batches, config.selection, group)`` once (global counts, threshold);
-2. per micro-batch: ``select_tokens(...)``, ``policy_loss(...)``, ``loss_metric_sums(...)``;
+2. per micro-batch: ``select_tokens(selection_entropy(...), ...)``, ``policy_loss(...)``, ``loss_metric_sums(...)``;
    hand ``output.loss * ctx.loss_scale`` to Megatron;
 3. ``reduce_loss_metrics(sums, group)`` and ``entropy_summary(...)`` for logging.
 """
@@ -39,7 +39,12 @@ from megatron_archer.algorithms.policy_loss import (
     policy_loss,
 )
 from megatron_archer.algorithms.step_context import StepContext, build_step_context
-from megatron_archer.algorithms.token_selection import TokenSelection, classify_tokens, select_tokens
+from megatron_archer.algorithms.token_selection import (
+    TokenSelection,
+    classify_tokens,
+    select_tokens,
+    selection_entropy,
+)
 
 __all__ = [
     "AdvantageConfig", "AlgorithmConfig", "ArcherConfig", "Constraints", "DynamicSamplingConfig",
@@ -48,5 +53,5 @@ __all__ = [
     "classify_tokens", "clipped_pg_loss", "config_from_dict", "dynamic_sampling_filter",
     "entropy_summary", "group_advantages", "groups_with_signal", "kl_penalty", "kth_largest",
     "loss_metric_sums", "overlong_penalty", "policy_loss", "preset", "reduce_loss_metrics",
-    "select_tokens", "top_count",
+    "select_tokens", "selection_entropy", "top_count",
 ]

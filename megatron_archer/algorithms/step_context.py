@@ -31,7 +31,7 @@ import torch
 from megatron_archer.algorithms.config import SelectionConfig
 from megatron_archer.algorithms.order_stats import kth_largest, top_count
 from megatron_archer.algorithms.token_selection import classify_tokens
-from megatron_archer.algorithms.validation import require_response_mask
+from megatron_archer.algorithms.validation import require_response_mask, require_token_tensor
 from megatron_archer.distributed import all_reduce_, rank_and_size
 
 
@@ -58,6 +58,22 @@ class StepContext:
         return self.num_microbatches * self.dp_size
 
 
+def _input_problem(micro_batches, selection: SelectionConfig) -> str | None:
+    """Why this rank's step inputs are invalid (bad mask, missing or non-finite entropy), or None."""
+    if not micro_batches:
+        return "micro_batches is empty: a step needs at least one micro-batch"
+    try:
+        for index, (entropy, mask) in enumerate(micro_batches):
+            require_response_mask(mask)
+            if entropy is None and selection.method != "none":
+                raise ValueError(f"entropy is required by selection method {selection.method!r}")
+            if entropy is not None:
+                require_token_tensor(f"entropy (micro-batch {index})", entropy, mask)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def build_step_context(
     micro_batches: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
     selection: SelectionConfig,
@@ -70,16 +86,18 @@ def build_step_context(
     (None: one process). Every rank must call this with the same number of micro-batches; costs a
     few small all-reduces, plus 32 for a global forking threshold.
     """
-    if not micro_batches:
-        raise ValueError("micro_batches is empty: a step needs at least one micro-batch")
-    for _, mask in micro_batches:
-        require_response_mask(mask)
     _, dp_size = rank_and_size(group)
     count = len(micro_batches)
-    spread = all_reduce_(torch.tensor([count, -count], dtype=torch.int64), group, op="max")
-    if spread[0] != -spread[1]:
+    problem = _input_problem(micro_batches, selection)
+    # one max-reduce: equal micro-batch counts, and every rank raises when any rank's input is bad
+    # (a rank that raised alone would leave the others waiting in the next collective)
+    flags = all_reduce_(torch.tensor([count, -count, problem is not None], dtype=torch.int64), group,
+                        op="max")
+    if flags[2]:
+        raise ValueError(problem or "another data-parallel rank passed invalid step inputs")
+    if flags[0] != -flags[1]:
         raise ValueError(f"ranks disagree on the number of micro-batches "
-                         f"({-int(spread[1])} to {int(spread[0])}); Megatron needs the same count")
+                         f"({-int(flags[1])} to {int(flags[0])}); Megatron needs the same count")
 
     sizes = torch.zeros(2, dtype=torch.float64)
     for _, mask in micro_batches:
@@ -88,8 +106,6 @@ def build_step_context(
 
     threshold = None
     if selection.method == "forking" and selection.forking.scope == "global":
-        if any(entropy is None for entropy, _ in micro_batches):
-            raise ValueError("forking with scope 'global' needs every micro-batch's entropy")
         k = top_count(selection.forking.rho, int(num_tokens))
         threshold = kth_largest([entropy[mask] for entropy, mask in micro_batches], [k], group)[0]
 

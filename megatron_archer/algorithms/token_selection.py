@@ -98,6 +98,18 @@ def classify_tokens(
     return valid, ramp * valid
 
 
+def selection_entropy(
+    selection: SelectionConfig, current: torch.Tensor | None, old: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The detached entropy to select with, per ``entropy_source``: the current policy's from the
+    training forward, or the old policy's computed once per batch. None only for method ``none``."""
+    chosen = current if selection.entropy_source == "current" else old
+    if chosen is None and selection.method != "none":
+        raise ValueError(f"entropy_source {selection.entropy_source!r} needs the "
+                         f"{selection.entropy_source} policy's entropy")
+    return None if chosen is None else chosen.detach()
+
+
 def class_constraints(selection: SelectionConfig, loss: LossConfig) -> tuple[Constraints, Constraints]:
     """(low, high) class constraints: Archer's knowledge / reasoning, else ``loss.clip`` for both."""
     if selection.method in ("archer", "archer_soft"):

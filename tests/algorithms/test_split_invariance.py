@@ -141,5 +141,35 @@ def _worker(rank, world_size, seed):
     assert want["entropy/share_above_p80"] == (flat > want["entropy/p80"]).double().mean().item()
 
 
+def _expect_error(fn, match):
+    try:
+        fn()
+    except ValueError as error:
+        assert match in str(error), str(error)
+    else:
+        raise AssertionError(f"no ValueError matching {match!r}")
+
+
+def _bad_inputs_worker(rank, world_size):
+    """Invalid inputs on one rank make every rank raise, instead of leaving the others hanging."""
+    group = dist.group.WORLD
+    batch = _pad(_responses(5)[:4])
+    entropy = batch["entropy"].clone()
+    if rank == 1:
+        entropy[0, 0] = float("nan")
+    fork = SELECTIONS["forking_global_all"]
+    message = "entropy (micro-batch 1) has 1 non-finite" if rank == 1 else "another data-parallel rank"
+    _expect_error(lambda: build_step_context([(batch["entropy"], batch["mask"]), (entropy, batch["mask"])],
+                                             fork, group), message)
+    micro_batches = [(batch["entropy"], batch["mask"])] * (rank + 1)
+    _expect_error(lambda: build_step_context(micro_batches, fork, group), "disagree on the number")
+    context = build_step_context([(batch["entropy"], batch["mask"])], fork, group)  # still in step
+    assert context.loss_scale == world_size
+
+
 def test_step_is_split_invariant_across_ranks_and_micro_batches():
     run_distributed(_worker, WORLD_SIZE, 1234)
+
+
+def test_invalid_inputs_on_one_rank_raise_on_every_rank():
+    run_distributed(_bad_inputs_worker, WORLD_SIZE)

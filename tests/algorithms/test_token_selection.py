@@ -14,6 +14,7 @@ from megatron_archer.algorithms import (
     SelectionConfig,
     build_step_context,
     select_tokens,
+    selection_entropy,
 )
 
 LOSS = LossConfig(clip=Constraints(0.2, 0.28, 0.003))
@@ -151,3 +152,14 @@ def test_bad_inputs_raise():
         select_tokens(entropy, mask.long(), SelectionConfig("archer"), LOSS)
     with pytest.raises(ValueError, match="entropy is required"):
         select_tokens(None, mask, SelectionConfig("archer"), LOSS)
+
+
+def test_selection_entropy_follows_entropy_source():
+    current = torch.rand(2, 3, requires_grad=True)
+    old = torch.rand(2, 3)
+    chosen = selection_entropy(SelectionConfig("archer", entropy_source="current"), current, old)
+    assert torch.equal(chosen, current.detach()) and not chosen.requires_grad
+    assert torch.equal(selection_entropy(SelectionConfig("archer", entropy_source="old"), current, old), old)
+    assert selection_entropy(SelectionConfig("none", entropy_source="old"), current, None) is None
+    with pytest.raises(ValueError, match="entropy_source 'old' needs the old policy's entropy"):
+        selection_entropy(SelectionConfig("forking", entropy_source="old"), current, None)
