@@ -150,8 +150,8 @@ class _FusedLMHead(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[:2]
         dtype = compute_dtype(hidden.dtype)
         tile_grad = _triton_backend().logits_grad if ctx.triton else _torch_tile_grad
-        grad_logp = grad_logp.to(dtype)
-        grad_entropy = grad_entropy.to(dtype) if ctx.entropy_grad else None
+        grad_logp = grad_logp.to(dtype).contiguous()  # may arrive expanded (stride 0)
+        grad_entropy = grad_entropy.to(dtype).contiguous() if ctx.entropy_grad else None
         d_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if want_h else None
         d_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
         n = hidden.shape[0]
@@ -211,8 +211,8 @@ def fused_lm_head_logprobs_and_entropy(
         vocab_size: the true vocabulary; weight rows past it are Megatron padding and excluded.
             None means no padding.
         chunk_size: tokens per tile (default 1024).
-        vocab_chunk_size: vocabulary columns per tile (default 4096); on the Triton path the
-            forward kernel's vocabulary split.
+        vocab_chunk_size: vocabulary columns per tile (default 4096); on the Triton path also
+            the forward kernel's vocabulary split (rounded up to its column block).
         entropy_grad: make entropy differentiable (entropy bonus); otherwise it is detached.
         implementation: "auto" (Triton for CUDA tensors when triton is installed, else torch),
             "torch", or "triton" (an error, never a silent fallback, if it cannot run).

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_archer.ops import fused_lm_head_logprobs_and_entropy as op
+from megatron_archer.distributed import rank_and_size
 from tests.distributed import run_distributed
 from tests.ops.reference import reference_logprobs_entropy, rel_err
 
@@ -55,16 +56,6 @@ def _upstream(shape, seed=7):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
 
 
-def _run(hidden, weight, labels, **kwargs):
-    """(logp, entropy, d_hidden, d_weight) for loss = sum(logp * g1 + entropy * g2)."""
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    logp, entropy = op(h, w, labels, entropy_grad=True, **kwargs)
-    g_lp, g_h = _upstream(labels.shape)
-    (logp * g_lp.to(logp.dtype) + entropy * g_h.to(logp.dtype)).sum().backward()
-    return logp, entropy, h.grad, w.grad
-
-
 def _tolerances(dtype):
     """(values, gradients): values are fp32 (fp64) whatever the inputs; gradients come back in
     the inputs' dtype, so half-precision ones are within its unit roundoff eps / 2 per entry."""
@@ -75,62 +66,91 @@ def _tolerances(dtype):
     return FP32_TOL, FP32_TOL
 
 
-def _check_local(hidden, weight, labels, *, temperature=1.0, vocab_size=None, **kwargs):
-    """One process, no tensor parallelism: values and gradients vs float64."""
-    logp, entropy, d_h, d_w = _run(
-        hidden, weight, labels, temperature=temperature, vocab_size=vocab_size, **kwargs
-    )
-    logp_ref, entropy_ref, h_ref, w_ref = _reference(hidden, weight, labels, temperature, vocab_size)
+LOCAL_VOCAB = 11
+CASES = [  # (dtype, temperature, padding, chunk_size, vocab_chunk_size, offset, entropy_grad)
+    (torch.float32, 1.0, 0, None, None, 0.0, True),
+    (torch.float32, 0.6, 5, 3, 4, 0.0, True),
+    (torch.float32, 1.3, 5, 4, 3, 0.0, False),
+    (torch.float32, 0.7, 0, 4, 5, 1e4, True),
+    (torch.float32, 1.0, 3, None, 8, -1e4, True),  # a running max started at 0 fails this one
+    (torch.bfloat16, 1.3, 5, 3, 4, 0.0, True),
+    (torch.float16, 0.8, 2, 4, 3, 0.0, True),
+    (torch.float64, 0.9, 2, 2, 3, 0.0, True),
+]
+
+
+def _check(group, case, seed, *, local_vocab=LOCAL_VOCAB, lead=(3, 6), hidden_size=16,
+           implementation="auto", label_stride=None):
+    """One case on one tensor-parallel group (None: one process): this rank's outputs and
+    gradients vs float64. Returns (logp, entropy, d_hidden, d_weight).
+
+    The weight's padding rows are NaN (they must take no part); labels are placed at the first
+    column of every vocabulary tile (or every ``label_stride`` columns) of every rank that holds
+    real tokens, as far as there are tokens.
+    """
+    dtype, temperature, padding, chunk, vchunk, offset, entropy_grad = case
+    rank, world = rank_and_size(group)
+    vocab = local_vocab * world - padding
+    hidden, weight = _make_case(seed, lead, hidden_size, local_vocab * world, dtype=dtype,
+                                offset=offset)
+    weight[vocab:] = math.nan
+    labels = torch.randint(0, vocab, lead, generator=torch.Generator().manual_seed(seed))
+    tile_starts = torch.arange(0, local_vocab, label_stride or vchunk or local_vocab)
+    owned = (torch.arange(world)[:, None] * local_vocab + tile_starts).flatten()
+    owned = owned[owned < vocab][: labels.numel()]
+    labels.view(-1)[: len(owned)] = owned
+    start = rank * local_vocab
+    if start < vocab:
+        assert ((labels >= start) & (labels < start + local_vocab)).any()
+
+    h = hidden.clone().requires_grad_()
+    w = weight[start : start + local_vocab].clone().requires_grad_()
+    logp, entropy = op(h, w, labels, temperature=temperature, tp_group=group, vocab_size=vocab,
+                       chunk_size=chunk, vocab_chunk_size=vchunk, entropy_grad=entropy_grad,
+                       implementation=implementation)
+    logp_ref, entropy_ref, h_ref, w_ref = _reference(hidden, weight, labels, temperature, vocab)
     g_lp, g_h = _upstream(labels.shape)
-    (logp_ref * g_lp + entropy_ref * g_h).sum().backward()
-    val_tol, grad_tol = _tolerances(hidden.dtype)
-    assert logp.shape == labels.shape
-    assert logp.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    loss = (logp * g_lp.to(logp.dtype)).sum()
+    loss_ref = (logp_ref * g_lp).sum()
+    if entropy_grad:
+        loss, loss_ref = loss + (entropy * g_h.to(logp.dtype)).sum(), loss_ref + (entropy_ref * g_h).sum()
+    else:
+        assert not entropy.requires_grad
+    loss.backward()
+    loss_ref.backward()
+
+    val_tol, grad_tol = _tolerances(dtype)
+    assert logp.shape == entropy.shape == labels.shape
+    assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert h.grad.dtype == w.grad.dtype == dtype
     assert rel_err(logp, logp_ref) < val_tol and rel_err(entropy, entropy_ref) < val_tol
-    assert d_h.dtype == hidden.dtype and d_w.dtype == weight.dtype
-    assert rel_err(d_h, h_ref.grad) < grad_tol and rel_err(d_w, w_ref.grad) < grad_tol
-    return d_w
+    assert rel_err(h.grad, h_ref.grad) < grad_tol  # d_hidden: all-reduced over the group
+    w_ref_grad = w_ref.grad[start : start + local_vocab]
+    if w_ref_grad.norm() == 0:  # a rank of pure padding
+        assert torch.all(w.grad == 0)
+    else:
+        assert rel_err(w.grad, w_ref_grad) < grad_tol
+    assert torch.all(w.grad[max(vocab - start, 0) :] == 0)
+    return logp, entropy, h.grad, w.grad
 
 
-@pytest.mark.parametrize(
-    "dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.6), (torch.bfloat16, 1.7), (torch.float16, 0.8)]
-)
-def test_values_and_grads(dtype, temperature):
-    """Padded vocab, tiles that divide neither the tokens nor the vocabulary."""
-    hidden, weight = _make_case(0, (3, 5), 24, 37, dtype=dtype)
-    labels = torch.randint(0, 33, (3, 5), generator=torch.Generator().manual_seed(1))
-    d_w = _check_local(hidden, weight, labels, temperature=temperature, vocab_size=33,
-                       chunk_size=4, vocab_chunk_size=7)
-    assert torch.all(d_w[33:] == 0)
-
-
-@pytest.mark.parametrize("offset", [1e4, -1e4])
-def test_logits_of_magnitude_1e4(offset):
-    """All logits near +1e4 or near -1e4 (a running max started at 0 fails the latter)."""
-    hidden, weight = _make_case(2, (11,), 16, 40, offset=offset)
-    labels = torch.randint(0, 40, (11,), generator=torch.Generator().manual_seed(3))
-    _check_local(hidden, weight, labels, temperature=0.7, chunk_size=4, vocab_chunk_size=16)
-
-
-def test_padding_rows_take_no_part():
-    """Garbage (even NaN) in the weight's padding rows changes nothing; their gradient is 0."""
-    hidden, weight = _make_case(4, (6,), 8, 20)
-    weight[13:] = math.nan
-    labels = torch.arange(6) * 2
-    d_w = _check_local(hidden, weight, labels, vocab_size=13, temperature=1.3, vocab_chunk_size=5)
-    assert torch.all(d_w[13:] == 0)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_values_and_grads(case):
+    """One process: T != 1, padded vocab (NaN padding rows), |z| ~ 1e4, half precision, tiles
+    that divide neither the tokens nor the vocabulary."""
+    _check(None, case, seed=3)
 
 
 def test_chunked_equals_unchunked():
-    hidden, weight = _make_case(5, (13,), 12, 30, dtype=torch.bfloat16)
-    labels = torch.randint(0, 30, (13,), generator=torch.Generator().manual_seed(6))
     results = [
-        _run(hidden, weight, labels, temperature=0.7, chunk_size=c, vocab_chunk_size=v)
+        _check(None, (torch.bfloat16, 0.7, 4, c, v, 0.0, True), seed=5, local_vocab=30, lead=(13,),
+               label_stride=3)
         for c, v in [(None, None), (1, 1), (4, 7), (13, 30), (100, 1000)]
     ]
     for result in results[1:]:
         for got, expected in zip(result, results[0]):
-            assert rel_err(got, expected) < (2e-6 if got.dtype == torch.float32 else _tolerances(torch.bfloat16)[1])
+            tol = 2e-6 if got.dtype == torch.float32 else _tolerances(torch.bfloat16)[1]
+            assert rel_err(got, expected) < tol
 
 
 def test_float64_gradcheck():
@@ -190,73 +210,15 @@ def test_bad_input_errors(args, kwargs, error, match):
 
 # --- real tensor parallelism: gloo processes, each holding one vocabulary slice of the weight ---
 
-TP_CASES = [  # (dtype, temperature, padding, chunk_size, vocab_chunk_size, offset, entropy_grad)
-    (torch.float32, 1.0, 0, None, None, 0.0, True),
-    (torch.float32, 0.6, 5, 3, 4, 0.0, True),
-    (torch.float32, 1.3, 5, 4, 3, 0.0, False),
-    (torch.float32, 0.7, 0, 4, 5, 1e4, True),
-    (torch.float32, 1.0, 3, None, 8, -1e4, True),
-    (torch.bfloat16, 1.3, 5, 3, 4, 0.0, True),
-    (torch.float64, 0.9, 2, 2, 3, 0.0, True),
-]
-LOCAL_VOCAB = 11
-
-
-def _tp_cases(world):
-    cases = list(TP_CASES)
-    if world > 1:  # the last rank holds only padding
-        cases.append((torch.float32, 0.8, LOCAL_VOCAB + 2, 4, 5, 0.0, True))
-    return cases
-
-
-def _tp_check(group, case, seed):
-    """One case on one tensor-parallel group: this rank's outputs and gradients vs float64."""
-    dtype, temperature, padding, chunk, vchunk, offset, entropy_grad = case
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    vocab = LOCAL_VOCAB * world - padding
-    hidden, weight = _make_case(seed, (2, 5), 16, LOCAL_VOCAB * world, dtype=dtype, offset=offset)
-    weight[vocab:] = math.nan  # padding must take no part
-    labels = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(seed))
-    starts = torch.arange(world) * LOCAL_VOCAB
-    real = starts < vocab
-    labels.view(-1)[: int(real.sum())] = starts[real]  # every rank with real tokens owns a label
-    start = rank * LOCAL_VOCAB
-    if start < vocab:
-        assert ((labels >= start) & (labels < start + LOCAL_VOCAB)).any()
-
-    h = hidden.clone().requires_grad_()
-    w = weight[start : start + LOCAL_VOCAB].clone().requires_grad_()
-    logp, entropy = op(h, w, labels, temperature=temperature, tp_group=group, vocab_size=vocab,
-                       chunk_size=chunk, vocab_chunk_size=vchunk, entropy_grad=entropy_grad)
-    logp_ref, entropy_ref, h_ref, w_ref = _reference(hidden, weight, labels, temperature, vocab)
-    g_lp, g_h = _upstream(labels.shape)
-    loss = (logp * g_lp.to(logp.dtype)).sum()
-    loss_ref = (logp_ref * g_lp).sum()
-    if entropy_grad:
-        loss, loss_ref = loss + (entropy * g_h.to(logp.dtype)).sum(), loss_ref + (entropy_ref * g_h).sum()
-    else:
-        assert not entropy.requires_grad
-    loss.backward()
-    loss_ref.backward()
-
-    val_tol, grad_tol = _tolerances(dtype)
-    assert rel_err(logp, logp_ref) < val_tol and rel_err(entropy, entropy_ref) < val_tol
-    assert rel_err(h.grad, h_ref.grad) < grad_tol  # d_hidden: all-reduced over the group
-    w_ref_grad = w_ref.grad[start : start + LOCAL_VOCAB]
-    if w_ref_grad.norm() == 0:  # a rank of pure padding
-        assert torch.all(w.grad == 0)
-    else:
-        assert rel_err(w.grad, w_ref_grad) < grad_tol
-    assert torch.all(w.grad[max(vocab - start, 0) :] == 0)
-
 
 def _tp_worker(rank, world_size):
     """TP 1, 2 and 4 in one spawn: the 4 ranks form 4 groups of 1, 2 groups of 2, 1 group of 4."""
     for tp in (1, 2, 4):
         group, _ = dist.new_subgroups(group_size=tp)
-        for seed, case in enumerate(_tp_cases(tp)):
+        cases = CASES + [(torch.float32, 0.8, LOCAL_VOCAB + 2, 4, 5, 0.0, True)] * (tp > 1)
+        for seed, case in enumerate(cases):  # the last one: the last rank holds only padding
             try:
-                _tp_check(group, case, seed)
+                _check(group, case, seed)
             except AssertionError as error:
                 raise AssertionError(f"tp={tp} case={case}") from error
     # A NaN in one rank's slice: every rank raises, none is left waiting in a collective.
@@ -270,3 +232,71 @@ def _tp_worker(rank, world_size):
 
 def test_tensor_parallel_1_2_4():
     run_distributed(_tp_worker, 4)
+
+
+# --- the Triton kernels, run on CPU by Triton's interpreter in a fresh process ---------------
+
+TRITON_CASES = [  # as CASES; blocks of 16 divide neither 21 tokens, 37 columns nor H = 40.
+    # The kernel's vocabulary splits are vocab_chunk_size rounded up to 16 columns: 32 gives
+    # splits of two tiles (the online rescaling inside a program), 16 three splits of one.
+    (torch.float32, 0.7, 5, 8, 32, 0.0, True),
+    (torch.float32, 1.0, 0, None, 16, -1e4, True),  # all logits very negative
+    (torch.float32, 1.6, 2, 5, 20, 1e4, False),
+    (torch.float16, 1.3, 5, 8, 16, 0.0, True),  # (the 3.9 interpreter's bf16 tl.dot is broken)
+]
+
+
+class _CountingKernel:
+    """Stands in for a Triton kernel and counts its launches: proof the forced path ran."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _triton_worker(rank, world_size):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from megatron_archer.ops import triton_lm_head
+
+    triton_lm_head.BLOCK_N = triton_lm_head.BLOCK_V = triton_lm_head.BLOCK_K = 16
+    kernels = {name: _CountingKernel(getattr(triton_lm_head, name)) for name in ("_stats_kernel", "_grad_kernel")}
+    for name, kernel in kernels.items():
+        setattr(triton_lm_head, name, kernel)
+    shape = dict(local_vocab=37, lead=(3, 7), hidden_size=40)
+    for tp in (1, 2):
+        group, _ = dist.new_subgroups(group_size=tp)
+        for seed, case in enumerate(TRITON_CASES):
+            try:
+                fused = _check(group, case, seed, implementation="triton", **shape)
+                tiled = _check(group, case, seed, implementation="torch", **shape)
+            except AssertionError as error:
+                raise AssertionError(f"tp={tp} case={case}") from error
+            tol = _tolerances(case[0])[1]
+            for got, expected in zip(fused, tiled):
+                assert rel_err(got, expected) < tol, (tp, case)
+    assert all(kernel.launches > 0 for kernel in kernels.values()), kernels
+
+
+def _triton_interpreter_main():
+    run_distributed(_triton_worker, 2)
+
+
+def test_triton_kernels_under_interpreter():
+    """TP 1 and 2 with implementation="triton" on CPU tensors, vs float64 and the torch path."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    code = "from tests.ops.test_fused_lm_head import _triton_interpreter_main as m; m()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs it")
+def test_forced_triton_never_falls_back():
+    hidden, weight, labels = torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 4, 1])
+    with pytest.raises(RuntimeError, match="triton"):
+        op(hidden, weight, labels, implementation="triton")
