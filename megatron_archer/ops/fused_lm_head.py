@@ -14,9 +14,12 @@ Each rank only sees its slice, so d_hidden is all-reduced over ``tp_group`` here
 states themselves, not Megatron's ``copy_to_tensor_model_parallel_region`` of them, whose
 backward would all-reduce a second time.
 
-Memory: one fp32 tile of ``chunk_size x vocab_chunk_size`` (two in backward with an entropy
-gradient), plus fp32 gradient accumulators of hidden's and weight's sizes; nothing of size
-tokens x V. Defaults: 1024 tokens x 4096 columns (16 MiB fp32 per tile).
+Memory: one fp32 logits tile of ``chunk_size x vocab_chunk_size`` (two in backward with an
+entropy gradient), the fp32 copies of the hidden and weight tiles it is computed from
+(chunk_size x H, vocab_chunk_size x H; none for fp32 inputs), and fp32 gradient accumulators of
+hidden's and weight's sizes; nothing of size tokens x V. Defaults: 1024 tokens x 4096 columns
+(16 MiB per fp32 logits tile). The Triton forward needs no tile buffer at all, only 4 floats per
+(token, vocabulary split).
 
 On CUDA with Triton installed the tiles are computed by the kernels in ``triton_lm_head`` (same
 statistics, same gradient formula); elsewhere by torch matmuls. -inf logits cannot arise from
@@ -96,12 +99,15 @@ def _torch_local_stats(hidden, weight, labels, shard: VocabShard, temperature, c
             label_logit[r0 + rows[here]] = z[rows[here], cols[here] - c0]
             finite = torch.isfinite(z.amin(dim=-1))  # a -inf logit means a non-finite input
             tm, ts, tb = softmax_stats.slice_stats_(z, temperature)
-            stats = softmax_stats.merge(stats, (tm, ts.masked_fill(~finite, math.nan), tb), temperature)
+            ts = ts.masked_fill(~finite, math.nan)
+            stats = softmax_stats.merge(stats, (tm, ts, tb), temperature)
         m[r0:r1], s[r0:r1], b[r0:r1] = stats
     return m, s, b, label_logit
 
 
-def _torch_tile_grad(h, weight, c0, c1, rows, cols, m, log_s, entropy, grad_logp, grad_entropy, temperature):
+def _torch_tile_grad(
+    h, weight, c0, c1, rows, cols, m, log_s, entropy, grad_logp, grad_entropy, temperature
+):
     """G = dL/dz [n, c1 - c0] of one recomputed tile, via ``softmax_stats.logits_grad_``."""
     logp = _logits_tile(h, weight, c0, c1).sub_(m.unsqueeze(-1))
     if temperature != 1.0:
@@ -126,10 +132,13 @@ def _check_finite_logits(s: torch.Tensor, dtype: torch.dtype) -> None:
 
 class _FusedLMHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, group, shard, tiles, entropy_grad, triton):
+    def forward(
+        ctx, hidden, weight, labels, temperature, group, shard, tiles, entropy_grad, triton
+    ):
         chunk, vchunk = tiles
         if triton:
-            local = _triton_backend().local_stats(hidden, weight, labels, shard, temperature, vchunk)
+            backend = _triton_backend()
+            local = backend.local_stats(hidden, weight, labels, shard, temperature, vchunk)
         else:
             local = _torch_local_stats(hidden, weight, labels, shard, temperature, chunk, vchunk)
         m, s, b, label_logit = softmax_stats.all_reduce_stats(*local, group, temperature)

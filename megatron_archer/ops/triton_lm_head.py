@@ -29,7 +29,7 @@ import triton.language as tl
 from megatron_archer.ops import softmax_stats
 from megatron_archer.ops.vocab_shard import VocabShard
 
-# Tile shapes (tl.dot needs each >= 16). Module-level so tests can shrink them under the interpreter.
+# Tile shapes (tl.dot needs each >= 16); module-level so that tests can shrink them.
 BLOCK_N = 64
 BLOCK_V = 64
 BLOCK_K = 32
@@ -59,7 +59,7 @@ def _stats_kernel(h_ptr, w_ptr, label_ptr, out_ptr, n, k, valid, split, temperat
                   stride_hn, stride_hk, stride_wv, stride_wk,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """Partial (m, s, b, z_y) of one token block over one vocabulary split, into out[4, n, splits]."""
+    """Partial (m, s, b, z_y) of a token block over a vocabulary split, into out[4, n, splits]."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)

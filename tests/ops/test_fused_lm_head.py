@@ -47,7 +47,8 @@ def _reference(hidden, weight, labels, temperature, vocab_size):
     """float64 (logp, entropy) and their leaf inputs, from the materialised real-vocab logits."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
-    logp, entropy = reference_logprobs_entropy(h @ w[:vocab_size].T, labels, temperature=temperature)
+    z = h @ w[:vocab_size].T
+    logp, entropy = reference_logprobs_entropy(z, labels, temperature=temperature)
     return logp, entropy, h, w
 
 
@@ -113,7 +114,8 @@ def _check(group, case, seed, *, local_vocab=LOCAL_VOCAB, lead=(3, 6), hidden_si
     loss = (logp * g_lp.to(logp.dtype)).sum()
     loss_ref = (logp_ref * g_lp).sum()
     if entropy_grad:
-        loss, loss_ref = loss + (entropy * g_h.to(logp.dtype)).sum(), loss_ref + (entropy_ref * g_h).sum()
+        loss = loss + (entropy * g_h.to(logp.dtype)).sum()
+        loss_ref = loss_ref + (entropy_ref * g_h).sum()
     else:
         assert not entropy.requires_grad
     loss.backward()
@@ -262,7 +264,10 @@ def _triton_worker(rank, world_size):
     from megatron_archer.ops import triton_lm_head
 
     triton_lm_head.BLOCK_N = triton_lm_head.BLOCK_V = triton_lm_head.BLOCK_K = 16
-    kernels = {name: _CountingKernel(getattr(triton_lm_head, name)) for name in ("_stats_kernel", "_grad_kernel")}
+    kernels = {
+        name: _CountingKernel(getattr(triton_lm_head, name))
+        for name in ("_stats_kernel", "_grad_kernel")
+    }
     for name, kernel in kernels.items():
         setattr(triton_lm_head, name, kernel)
     shape = dict(local_vocab=37, lead=(3, 7), hidden_size=40)
