@@ -252,12 +252,7 @@ def fused_lm_head_logprobs_and_entropy(
             f"must be on one device"
         )
     shard = vocab_shard(weight.shape[0], tp_group, vocab_size)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match hidden's leading shape "
-            f"{tuple(hidden.shape[:-1])}"
-        )
-    check_labels(labels, hidden.shape[:-1], shard.vocab_size)
+    check_labels(labels, hidden.shape[:-1], shard.vocab_size, like="hidden")
     triton = _use_triton(implementation, hidden)
 
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])

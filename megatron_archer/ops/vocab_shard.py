@@ -59,13 +59,15 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name} must be bf16, fp16, fp32 or fp64, got {tensor.dtype}")
 
 
-def check_labels(labels: torch.Tensor, expected_shape: torch.Size, vocab_size: int) -> None:
-    """Integer dtype, the expected shape, every id inside [0, vocab_size)."""
+def check_labels(
+    labels: torch.Tensor, expected_shape: torch.Size, vocab_size: int, like: str = "logits"
+) -> None:
+    """Integer dtype, the leading shape of the tensor named ``like``, ids inside [0, vocab_size)."""
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
     if labels.shape != expected_shape:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match the logits' leading shape "
+            f"labels shape {tuple(labels.shape)} does not match {like}'s leading shape "
             f"{tuple(expected_shape)}"
         )
     bad = (labels < 0) | (labels >= vocab_size)
