@@ -1,0 +1,107 @@
+"""Export a megatron GPTModel as full Hugging Face tensors, in buckets of bounded size.
+
+Every rank of the model-parallel group must iterate together: each parameter is all-gathered
+over the tensor-parallel group and, with pipeline parallelism, broadcast from the stage that
+holds it, so every rank receives every ``(hf_name, tensor)``. Only the current bucket is held, which
+bounds the extra memory. Checkpoint export and rollout weight sync consume the same iterator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
+
+from megatron_archer.models.layer_spec import Backend
+from megatron_archer.models.spec import ModelSpec
+from megatron_archer.models.weight_map import (
+    Layout,
+    WeightMapping,
+    from_shards,
+    global_named_parameters,
+    weight_mappings,
+)
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def hf_weight_buckets(
+    model: nn.Module, spec: ModelSpec, backend: Backend, bucket_bytes: int = 512 << 20
+) -> Iterator[Bucket]:
+    """Yield lists of ``(hf_name, full_tensor)`` in checkpoint order, each at most
+    ``bucket_bytes`` in total; a single tensor larger than that is a bucket of its own.
+
+    Tensors have the parameters' dtype and device; HF tensors tied to others (a tied
+    ``lm_head``) are not emitted, as ``save_pretrained`` does not write them.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
+    local = global_named_parameters(model)
+    owners = _stage_owners(set(local))
+    some_param = next(iter(local.values()))
+    bucket: Bucket = []
+    size = 0
+    for mapping in weight_mappings(spec, backend):
+        param = local.get(mapping.megatron_name)
+        tensors = _full_tensors(mapping, param, spec) if param is not None else None
+        tensors = _broadcast_from_stage(
+            tensors, owners[mapping.megatron_name], mapping, some_param
+        )
+        for name, tensor in zip(mapping.hf_names, tensors):
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _full_tensors(
+    mapping: WeightMapping, param: torch.Tensor, spec: ModelSpec
+) -> list[torch.Tensor]:
+    """The HF tensors of one parameter, gathered over the tensor-parallel group."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if mapping.layout is Layout.REPLICATED or tp_size == 1:
+        shards = [param.detach()]
+    else:
+        shards = [torch.empty_like(param) for _ in range(tp_size)]
+        dist.all_gather(shards, param.detach().contiguous(), group=group)
+    return from_shards(mapping, shards, spec)
+
+
+def _stage_owners(local_names: set[str]) -> dict[str, int]:
+    """Pipeline stage holding each megatron parameter (the first, for a tied embedding)."""
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        return dict.fromkeys(local_names, 0)
+    per_stage: list[set[str]] = [set() for _ in range(pp_size)]
+    dist.all_gather_object(
+        per_stage, local_names, group=parallel_state.get_pipeline_model_parallel_group()
+    )
+    owners: dict[str, int] = {}
+    for stage, names in enumerate(per_stage):
+        for name in names:
+            owners.setdefault(name, stage)
+    return owners
+
+
+def _broadcast_from_stage(
+    tensors: list[torch.Tensor] | None, owner: int, mapping: WeightMapping, like: torch.Tensor
+) -> list[torch.Tensor]:
+    """With pipeline parallelism, every stage receives the owner stage's tensors."""
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensors
+    if tensors is None:
+        tensors = [like.new_empty(shape) for shape in mapping.hf_shapes]
+    src = dist.get_global_rank(group, owner)
+    for tensor in tensors:
+        dist.broadcast(tensor, src=src, group=group)
+    return tensors

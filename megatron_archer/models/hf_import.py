@@ -1,0 +1,147 @@
+"""Load a Hugging Face safetensors checkpoint into this rank's shard of a megatron GPTModel.
+
+Every rank reads only the tensors of its own pipeline stage (memory-mapped) and keeps its
+tensor-parallel shard. The checkpoint is checked as a whole before anything is written: a
+missing, unexpected or wrongly shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from megatron.core import parallel_state
+from safetensors import safe_open
+from torch import nn
+
+from megatron_archer.models.builder import build_gpt_model
+from megatron_archer.models.layer_spec import Backend, select_backend
+from megatron_archer.models.spec import ModelSpec
+from megatron_archer.models.weight_map import (
+    global_named_parameters,
+    tied_output_mapping,
+    to_shard,
+    weight_mappings,
+)
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+# Buffers some exporters wrote into checkpoints; megatron recomputes them.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not hold the tensors the config describes."""
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a checkpoint directory: one ``model.safetensors`` or an index of shards."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        root = Path(checkpoint_dir)
+        if (root / _INDEX).is_file():
+            weight_map = json.loads((root / _INDEX).read_text())["weight_map"]
+            self._files = {name: root / file for name, file in weight_map.items()}
+        elif (root / _SINGLE).is_file():
+            with safe_open(root / _SINGLE, framework="pt") as f:
+                self._files = {name: root / _SINGLE for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{root}: neither {_INDEX} nor {_SINGLE} found")
+
+    def names(self) -> set[str]:
+        return set(self._files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def check_checkpoint(checkpoint: SafetensorsCheckpoint, spec: ModelSpec, backend: Backend) -> None:
+    """Every tensor the spec needs is present with its shape, and nothing else is there."""
+    mappings = weight_mappings(spec, backend)
+    expected = {n: s for m in mappings for n, s in zip(m.hf_names, m.hf_shapes)}
+    present = checkpoint.names()
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(f"missing from the checkpoint: {', '.join(missing)}")
+    tolerated = {"lm_head.weight"} if spec.tie_word_embeddings else set()
+    unexpected = sorted(
+        n for n in present - set(expected) - tolerated if not n.endswith(_IGNORED_SUFFIXES)
+    )
+    if unexpected:
+        raise CheckpointError(f"not used by {spec.architecture}: {', '.join(unexpected)}")
+    for name, shape in expected.items():
+        found = checkpoint.shape(name)
+        if found != tuple(shape):
+            raise CheckpointError(
+                f"{name}: checkpoint has shape {list(found)}, the config implies {list(shape)}"
+            )
+
+
+@torch.no_grad()
+def load_hf_weights(
+    model: nn.Module, spec: ModelSpec, backend: Backend, checkpoint_dir: str | Path
+) -> None:
+    """Copy the checkpoint into ``model`` (this rank's stage and shard), every parameter."""
+    checkpoint = SafetensorsCheckpoint(checkpoint_dir)
+    check_checkpoint(checkpoint, spec, backend)
+    by_name = {m.megatron_name: m for m in weight_mappings(spec, backend)}
+    if spec.tie_word_embeddings:
+        by_name.setdefault("output_layer.weight", tied_output_mapping(spec))
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in global_named_parameters(model).items():
+        mapping = by_name.get(name)
+        if mapping is None:
+            raise CheckpointError(f"megatron parameter {name} has no Hugging Face mapping")
+        hf = [checkpoint.get(n) for n in mapping.hf_names]
+        shard = to_shard(mapping, hf, spec, tp_rank, tp_size)
+        if shard.shape != param.shape:
+            raise CheckpointError(
+                f"{name}: shard from {', '.join(mapping.hf_names)} has shape "
+                f"{list(shard.shape)}, the model parameter {list(param.shape)}"
+            )
+        param.copy_(shard)
+
+
+@dataclass
+class LoadedModel:
+    """A megatron model built from a checkpoint, with what its import and export need."""
+
+    model: nn.Module
+    spec: ModelSpec
+    backend: Backend
+
+
+def load_hf_model(
+    checkpoint_dir: str | Path,
+    *,
+    backend: Literal["auto", "te", "local"] = "auto",
+    params_dtype: torch.dtype | None = None,
+    fp8: Literal["e4m3", "hybrid"] | None = None,
+    make_vocab_size_divisible_by: int = 128,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Spec from config.json, this rank's GPTModel, weights from the safetensors."""
+    spec = ModelSpec.from_pretrained(
+        checkpoint_dir, make_vocab_size_divisible_by=make_vocab_size_divisible_by
+    )
+    chosen = select_backend(backend)
+    model = build_gpt_model(
+        spec,
+        backend=chosen,
+        params_dtype=params_dtype,
+        fp8=fp8,
+        perform_initialization=False,
+        config_overrides=config_overrides,
+    )
+    load_hf_weights(model, spec, chosen, checkpoint_dir)
+    return LoadedModel(model=model, spec=spec, backend=chosen)

@@ -1,0 +1,60 @@
+"""Which megatron layer implementation a model uses: Transformer Engine or the portable spec.
+
+- ``"te"``: megatron's Transformer Engine spec (fused layernorm + linear, TE attention, fp8
+  capable). Chosen automatically on CUDA when ``transformer_engine`` imports.
+- ``"local"``: megatron's local spec (its own parallel linears, torch RMSNorm) with
+  ``core_attention`` replaced by ``SDPACoreAttention``; runs on CPU and on CUDA without TE.
+
+The two differ in where the pre-attention and pre-MLP norms live (``NORM_PARAMS``), which the
+Hugging Face weight mapping reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_archer.models.sdpa_attention import SDPACoreAttention
+from megatron_archer.models.spec import ModelSpec
+
+Backend = Literal["te", "local"]
+
+# backend -> parameter names (inside a layer) of the input norm and the pre-MLP norm
+NORM_PARAMS: dict[str, tuple[str, str]] = {
+    "te": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
+    "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
+}
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def select_backend(requested: Literal["auto", "te", "local"] = "auto") -> Backend:
+    """``auto``: TE on CUDA when installed, else local. ``te`` without CUDA and TE is an error."""
+    te_usable = torch.cuda.is_available() and transformer_engine_available()
+    if requested == "auto":
+        return "te" if te_usable else "local"
+    if requested == "te" and not te_usable:
+        raise RuntimeError("backend='te' needs CUDA and transformer_engine installed")
+    if requested not in ("te", "local"):
+        raise ValueError(f"backend={requested!r}: expected 'auto', 'te' or 'local'")
+    return requested
+
+
+def transformer_layer_spec(spec: ModelSpec, backend: Backend) -> ModuleSpec:
+    """The megatron ``ModuleSpec`` of one decoder layer of ``spec`` for ``backend``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=spec.qk_layernorm
+        )
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
+    )
+    layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return layer

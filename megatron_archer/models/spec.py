@@ -1,0 +1,197 @@
+"""What a Hugging Face decoder checkpoint is, as Megatron needs it: a typed, validated ModelSpec.
+
+The supported families are dense RoPE decoders with RMSNorm and SwiGLU that differ only in a few
+switches: Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen (bias on q, k, v), Qwen3 (RMSNorm on each
+query and key head), Llama 3 (optionally "llama3" RoPE scaling). Anything the Megatron model would
+compute differently from transformers is rejected here, with the config field that causes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# architectures[0] of config.json -> (qkv bias, q/k RMSNorm)
+_FAMILIES: dict[str, tuple[bool, bool]] = {
+    "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, True),
+    "LlamaForCausalLM": (False, False),
+}
+
+# Megatron's RotaryEmbedding hard-codes these llama3 scaling constants (only `factor` is a
+# parameter), so a checkpoint with other values would get different frequencies.
+_MEGATRON_LLAMA3_CONSTANTS = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's config asks for something this Megatron model does not compute."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a supported checkpoint, in Megatron's terms.
+
+    ``vocab_size`` is the true vocabulary; the model's embedding and output layer hold
+    ``padded_vocab_size(tp)`` rows, the extra rows being padding that is never a token.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    llama3_rope_factor: float | None
+    qkv_bias: bool
+    qk_layernorm: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    dtype: torch.dtype
+    make_vocab_size_divisible_by: int = 128
+
+    @classmethod
+    def from_hf_config(cls, config, make_vocab_size_divisible_by: int = 128) -> ModelSpec:
+        """Derive and validate a spec from a transformers ``PretrainedConfig``."""
+        architectures = getattr(config, "architectures", None) or []
+        arch = architectures[0] if architectures else None
+        if arch not in _FAMILIES:
+            raise UnsupportedModelError(
+                f"architectures={architectures!r}: supported are {sorted(_FAMILIES)}"
+            )
+        qkv_bias, qk_layernorm = _FAMILIES[arch]
+        _require(config, "hidden_act", "silu")
+        _require(config, "attention_bias", False)
+        _require(config, "mlp_bias", False)
+        _require(config, "use_sliding_window", False)
+        _require(config, "attention_dropout", 0.0)
+        if getattr(config, "num_key_value_heads", None) is None:
+            raise UnsupportedModelError("num_key_value_heads: missing from the config")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        theta, llama3_factor = _rope(config)
+        # transformers 5 names it dtype; 4.x torch_dtype (deprecated, with a warning, in 5)
+        dtype = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+        spec = cls(
+            architecture=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_query_groups=config.num_key_value_heads,
+            head_dim=head_dim,
+            norm_eps=config.rms_norm_eps,
+            rope_theta=theta,
+            llama3_rope_factor=llama3_factor,
+            qkv_bias=qkv_bias,
+            qk_layernorm=qk_layernorm,
+            tie_word_embeddings=bool(config.tie_word_embeddings),
+            max_position_embeddings=config.max_position_embeddings,
+            dtype=_as_dtype(dtype),
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        )
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, **kwargs) -> ModelSpec:
+        """Read ``config.json`` of a checkpoint directory (no network)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        return cls.from_hf_config(config, **kwargs)
+
+    def validate(self) -> None:
+        """Checks that need no parallel layout."""
+        positive = (
+            "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+            "num_query_groups", "head_dim", "make_vocab_size_divisible_by",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UnsupportedModelError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_attention_heads % self.num_query_groups:
+            raise UnsupportedModelError(
+                f"num_key_value_heads={self.num_query_groups} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+
+    def validate_parallelism(self, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
+        """Megatron's sharding rules for this model at the given sizes, naming the field."""
+        if tensor_parallel < 1 or pipeline_parallel < 1:
+            raise ValueError("tensor and pipeline parallel sizes must be >= 1")
+        per_rank = {
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            "intermediate_size": self.ffn_hidden_size,
+        }
+        for field_name, value in per_rank.items():
+            if value % tensor_parallel:
+                raise UnsupportedModelError(
+                    f"{field_name}={value} is not divisible by tensor-parallel size "
+                    f"{tensor_parallel}"
+                )
+        if self.num_layers % pipeline_parallel:
+            raise UnsupportedModelError(
+                f"num_hidden_layers={self.num_layers} is not divisible by pipeline-parallel "
+                f"size {pipeline_parallel}"
+            )
+
+    def padded_vocab_size(self, tensor_parallel: int) -> int:
+        """Rows of the embedding / output layer: Megatron's multiple of divisible_by x tp."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+
+def _require(config, field_name: str, supported) -> None:
+    value = getattr(config, field_name, supported)
+    if value != supported:
+        raise UnsupportedModelError(f"{field_name}={value!r}: only {supported!r} is supported")
+
+
+def _rope(config) -> tuple[float, float | None]:
+    """(theta, llama3 factor or None) from transformers 5 ``rope_parameters`` or 4.x fields."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # transformers 4.x: rope_theta and rope_scaling at the top level
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(
+            f"rope_parameters.partial_rotary_factor={params['partial_rotary_factor']}: "
+            "only 1.0 is supported"
+        )
+    theta = float(params["rope_theta"])
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        for key, value in _MEGATRON_LLAMA3_CONSTANTS.items():
+            if params.get(key) != value:
+                raise UnsupportedModelError(
+                    f"rope_parameters.{key}={params.get(key)!r}: Megatron's llama3 RoPE "
+                    f"scaling fixes it at {value}"
+                )
+        return theta, float(params["factor"])
+    raise UnsupportedModelError(
+        f"rope_parameters.rope_type={rope_type!r}: supported are 'default' and 'llama3'"
+    )
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, str(dtype).removeprefix("torch."))
+

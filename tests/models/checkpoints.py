@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face checkpoints of each supported family, written with save_pretrained.
+
+Every parameter is redrawn after transformers' init (which zeroes biases and sets norms to one),
+so a mapping that swaps, drops or misplaces any tensor changes the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+_COMMON = dict(
+    vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2, rms_norm_eps=1e-5
+)
+
+CASES: dict[str, tuple[type, dict]] = {
+    # Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen: qkv bias, GQA 4:2
+    "qwen2": (
+        transformers.Qwen2Config,
+        dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters={
+            "rope_type": "default", "rope_theta": 1e6}),
+    ),
+    # Qwen2.5 small sizes tie the LM head to the embedding
+    "qwen2_tied": (
+        transformers.Qwen2Config,
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    # Qwen3: q/k RMSNorm, head_dim * heads != hidden, GQA 8:2
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32),
+    ),
+    # Llama 3.1: llama3 RoPE scaling (head_dim 16 puts frequencies in all three bands)
+    "llama3": (
+        transformers.LlamaConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}),
+    ),
+}  # fmt: skip
+
+
+def hf_config(case: str, **overrides) -> transformers.PretrainedConfig:
+    config_cls, fields = CASES[case]
+    return config_cls(**{**_COMMON, **fields, **overrides})
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Norms ~ 1 + N(0, 0.2), biases ~ N(0, 0.2), matrices ~ N(0, 1/fan_in), embeddings N(0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.2 * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            else:
+                param.copy_(noise / param.shape[1] ** 0.5)
+
+
+def write_checkpoint(
+    directory: Path, case: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
+) -> Path:
+    """Save a random ``case`` model (config.json + model.safetensors) into ``directory``."""
+    config = hf_config(case, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(model, seed)
+    model.to(dtype).save_pretrained(directory)
+    return directory
+
+
+def hf_logits(checkpoint: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' own forward of the checkpoint, fp32: [b, s, vocab]."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
