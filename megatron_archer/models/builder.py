@@ -83,7 +83,7 @@ def build_gpt_model(
 ) -> GPTModel:
     """This rank's GPTModel: vocab-sharded logits [b, s, padded_vocab / tp] on the last stage.
 
-    ``params_dtype`` defaults to the checkpoint's dtype. With ``perform_initialization=False``
+    ``params_dtype`` (every parameter's dtype) defaults to the checkpoint's. With ``perform_initialization=False``
     parameters are left uninitialised (for a loader that then writes every one of them).
     """
     compat.apply_cpu_patches()
@@ -95,7 +95,7 @@ def build_gpt_model(
         perform_initialization=perform_initialization,
         overrides=config_overrides,
     )
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=transformer_layer_spec(spec, backend),
         vocab_size=spec.padded_vocab_size(config.tensor_model_parallel_size),
@@ -109,3 +109,7 @@ def build_gpt_model(
         rope_scaling=spec.llama3_rope_factor is not None,
         rope_scaling_factor=spec.llama3_rope_factor or 8.0,
     )
+    # megatron's local norms are created in fp32 whatever params_dtype is; megatron casts the
+    # whole module in its Float16Module wrapper, here it is done once so that every parameter,
+    # and so every exported tensor, has params_dtype.
+    return model.to(dtype=config.params_dtype)
