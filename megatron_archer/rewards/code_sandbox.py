@@ -44,7 +44,10 @@ from pathlib import Path
 
 LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
 
-OK, ERROR, TIMEOUT, CPU_LIMIT, OUTPUT_LIMIT, SIGNALED = "ok", "error", "timeout", "cpu_limit", "output_limit", "signaled"
+# SandboxResult.status values.
+OK, ERROR, TIMEOUT, CPU_LIMIT, OUTPUT_LIMIT, SIGNALED = (
+    "ok", "error", "timeout", "cpu_limit", "output_limit", "signaled"
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class SandboxLimits:
             if value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be positive, got {value}")
         if not isinstance(self.cpu_seconds, int):
-            raise TypeError(f"SandboxLimits.cpu_seconds must be an int (RLIMIT_CPU is whole seconds), got {self.cpu_seconds!r}")
+            raise TypeError(f"SandboxLimits.cpu_seconds must be whole seconds (RLIMIT_CPU), got {self.cpu_seconds!r}")
 
 
 @dataclass(frozen=True)

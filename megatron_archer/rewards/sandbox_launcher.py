@@ -121,6 +121,8 @@ def install_guard(workdir: str, stdlib: tuple[str, ...]) -> None:
             raise PermissionError(f"sandbox: writing {real} (outside the sandbox directory) is not allowed")
         if real.startswith("/proc/") and real.split(sep)[2].isdigit() and not inside(real, (own_proc,)):
             raise PermissionError(f"sandbox: reading {real} (another process) is not allowed")
+        if event == "open" and isdir(real):  # a directory descriptor would anchor dir_fd writes
+            raise PermissionError(f"sandbox: opening the directory {real} is not allowed")
 
     def hook(event: str, args: tuple) -> None:
         if event in BLOCKED_EVENTS or event.startswith(BLOCKED_PREFIXES):
@@ -132,12 +134,7 @@ def install_guard(workdir: str, stdlib: tuple[str, ...]) -> None:
                 raise PermissionError(f"sandbox: loading {args[1]} (outside the standard library) is not allowed")
         elif event == "open":
             path, _, flags = args
-            write = bool((flags or 0) & WRITE_FLAGS)
-            check_path(event, path, write)
-            if not isinstance(path, int) and not write:
-                real = realpath(os.fsdecode(fspath(path)))
-                if isdir(real) and not inside(real, (workdir,)):
-                    raise PermissionError(f"sandbox: opening the directory {real} is not allowed")
+            check_path(event, path, write=bool((flags or 0) & WRITE_FLAGS))
         elif event in PATH_EVENTS:
             paths, dir_fds = PATH_EVENTS[event]
             if any(args[i] not in (None, -1) for i in dir_fds if i < len(args)):  # -1: no dir_fd

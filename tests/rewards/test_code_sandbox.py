@@ -48,7 +48,8 @@ def test_sleeping_loop_is_stopped_by_the_wall_clock_limit():
     "program, blocked",
     [
         (
-            "import os, time\nfor _ in range(64):\n    if os.fork() == 0:\n        time.sleep(30)\n        os._exit(0)\nprint('ok')",
+            "import os, time\nfor _ in range(64):\n"
+            "    if os.fork() == 0:\n        time.sleep(30)\n        os._exit(0)\nprint('ok')",
             "os.fork is not allowed",
         ),
         ("import subprocess\nsubprocess.run(['true'])\nprint('ok')", "importing subprocess is not allowed"),
@@ -64,6 +65,14 @@ def test_fork_bomb_and_new_processes_are_refused(program, blocked):
     reward, elapsed = attack(program)
     assert reward.value == 0 and blocked in reward.reason, reward
     assert elapsed < LIMITS.wall_seconds + SLACK_S
+
+
+def test_native_extensions_from_outside_the_standard_library_are_refused():
+    import numpy
+
+    site = str(Path(numpy.__file__).parents[1])
+    reward, _ = attack(f"import sys\nsys.path.insert(0, {site!r})\nimport numpy\nprint('ok')")
+    assert reward.value == 0 and "(outside the standard library) is not allowed" in reward.reason, reward
 
 
 def test_ten_gigabyte_allocation_is_stopped_by_the_address_space_limit():
@@ -129,15 +138,17 @@ def test_network_is_unreachable_even_on_loopback():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/net/dev"), reason="needs Linux /proc")
 def test_kernel_layers_are_in_place():
-    """Under the audit hook: the network namespace has no interface up, and the rlimits are set."""
+    """Under the audit hook: a network namespace of its own (only lo, never brought up), rlimits set."""
     probe = """
 import resource
 interfaces = [line.split(":")[0].strip() for line in open("/proc/self/net/dev").read().splitlines()[2:]]
-limits = {name: resource.getrlimit(getattr(resource, name))[0] for name in ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE")}
+names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE")
+limits = {name: resource.getrlimit(getattr(resource, name))[0] for name in names}
 print(interfaces, limits)
 """
     result = run_python(probe, "", LIMITS)
-    host_interfaces = [line.split(":")[0].strip() for line in Path("/proc/self/net/dev").read_text().splitlines()[2:]]
+    host_lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    host_interfaces = [line.split(":")[0].strip() for line in host_lines]
     assert result.status == "ok", result
     interfaces, limits = result.stdout.split(" ", 1)
     if os.geteuid() == 0:  # root can always unshare; elsewhere it depends on user namespaces
@@ -170,20 +181,24 @@ def test_parent_environment_secrets_do_not_reach_the_program():
     assert "ok" not in stdout.splitlines()
 
 
+GIGABYTE = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\nprint('ok')"
+
+
 def test_printing_a_gigabyte_is_cut_at_the_output_cap():
     start = time.monotonic()
-    result = run_python("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\nprint('ok')", "", LIMITS)
+    result = run_python(GIGABYTE, "", LIMITS)
     elapsed = time.monotonic() - start
     assert result.status == "output_limit", result.describe()
     assert len(result.stdout) + len(result.stderr) <= LIMITS.output_bytes
     assert elapsed < LIMITS.wall_seconds + SLACK_S
-    reward, _ = attack("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\nprint('ok')")
+    reward, _ = attack(GIGABYTE)
     assert reward.value == 0 and "output limit of 65536 bytes exceeded" in reward.reason
 
 
 def test_sandbox_directories_are_removed():
     before = set(Path(tempfile.gettempdir()).glob("archer-sandbox-*"))
-    result = run_python("open('scratch.txt', 'w').write('x' * 1000)\nprint(open('scratch.txt').read()[:2])", "", LIMITS)
+    program = "open('scratch.txt', 'w').write('x' * 1000)\nprint(open('scratch.txt').read()[:2])"
+    result = run_python(program, "", LIMITS)
     assert result.status == "ok" and result.stdout == "xx\n", result
     assert set(Path(tempfile.gettempdir()).glob("archer-sandbox-*")) == before
 
@@ -207,7 +222,8 @@ def test_assert_cases_need_the_test_code_to_finish():
 
 
 def test_responses_and_test_specs_are_checked():
-    assert code_reward("no code here", {"asserts": ["assert True"]}, LIMITS).reason == "no fenced code block in the response"
+    no_code = code_reward("no code here", {"asserts": ["assert True"]}, LIMITS)
+    assert no_code.reason == "no fenced code block in the response"
     with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
         parse_cases({"inputs": ["1", "2"], "outputs": ["1"]})
     with pytest.raises(ValueError, match="unknown keys"):
