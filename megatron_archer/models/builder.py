@@ -35,13 +35,13 @@ def transformer_config(
     ``fp8`` ("e4m3" or "hybrid") is passed to megatron and needs the TE backend; ``overrides``
     are further TransformerConfig fields (recompute, sequence parallel, ...), applied last.
     """
+    if fp8 is not None and backend != "te":
+        raise ValueError(f"fp8={fp8!r} needs the Transformer Engine backend, got {backend!r}")
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("call megatron.core.parallel_state.initialize_model_parallel first")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     spec.validate_parallelism(tp, pp)
-    if fp8 is not None and backend != "te":
-        raise ValueError(f"fp8={fp8!r} needs the Transformer Engine backend, got {backend!r}")
     fields: dict[str, Any] = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,

@@ -1,12 +1,19 @@
 """Export of a loaded model reproduces the checkpoint bit for bit, in bounded buckets,
-at tensor parallel 2 and pipeline parallel 2 (gathered and broadcast to every rank)."""
+at tensor parallel 2 and pipeline parallel 2 (gathered and broadcast to every rank); a model
+that cannot be sharded or a mismatched checkpoint is refused by load_hf_model on every rank."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from megatron_archer.models import hf_weight_buckets, load_hf_model
+from megatron_archer.models import (
+    CheckpointError,
+    UnsupportedModelError,
+    hf_weight_buckets,
+    load_hf_model,
+)
 from tests.distributed import run_distributed
 from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
@@ -30,19 +37,33 @@ def _check_export(checkpoint, loaded, layout: str) -> None:
         assert torch.equal(tensor, expected), f"{layout} {name}: values differ"
 
 
-def _export_worker(rank: int, world_size: int, checkpoints: list) -> None:
+def _export_worker(rank: int, world_size: int, checkpoints: list, refused: dict) -> None:
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         with model_parallel(tp, pp):
             for checkpoint in checkpoints:
                 loaded = load_hf_model(checkpoint)
                 _check_export(checkpoint, loaded, f"{checkpoint.name} tp={tp} pp={pp}")
+    # the errors reach the caller of load_hf_model on every rank, before any weight is written
+    with model_parallel(2):
+        with pytest.raises(UnsupportedModelError, match="num_key_value_heads=1 is not divisible"):
+            load_hf_model(refused["one_kv_head"])
+        with pytest.raises(CheckpointError, match=r"model\.norm\.weight: checkpoint has shape"):
+            load_hf_model(refused["wrong_norm"])
 
 
-def test_export_reproduces_checkpoint_bitwise(tmp_path):
+def test_export_round_trip_and_load_refusals(tmp_path):
     checkpoints = [
         write_checkpoint(tmp_path / "qwen2", "qwen2"),
         write_checkpoint(tmp_path / "qwen2_tied_bf16", "qwen2_tied", dtype=torch.bfloat16),
         write_checkpoint(tmp_path / "qwen3", "qwen3"),
         write_checkpoint(tmp_path / "llama3", "llama3"),
     ]
-    run_distributed(_export_worker, 2, checkpoints)
+    wrong_norm = write_checkpoint(tmp_path / "wrong_norm", "llama3")
+    tensors = load_file(wrong_norm / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(63)
+    save_file(tensors, wrong_norm / "model.safetensors", metadata={"format": "pt"})
+    refused = {
+        "one_kv_head": write_checkpoint(tmp_path / "kv1", "llama3", num_key_value_heads=1),
+        "wrong_norm": wrong_norm,
+    }
+    run_distributed(_export_worker, 2, checkpoints, refused)
