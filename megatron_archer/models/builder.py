@@ -83,8 +83,9 @@ def build_gpt_model(
 ) -> GPTModel:
     """This rank's GPTModel: vocab-sharded logits [b, s, padded_vocab / tp] on the last stage.
 
-    ``params_dtype`` (every parameter's dtype) defaults to the checkpoint's. With ``perform_initialization=False``
-    parameters are left uninitialised (for a loader that then writes every one of them).
+    ``params_dtype`` (every parameter's dtype) defaults to the checkpoint's. With
+    ``perform_initialization=False`` parameters are left uninitialised (for a loader that then
+    writes every one of them); otherwise seed first with ``compat.model_parallel_seed``.
     """
     compat.apply_cpu_patches()
     config = transformer_config(

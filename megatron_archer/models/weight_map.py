@@ -64,7 +64,8 @@ def weight_mappings(spec: ModelSpec, backend: Backend) -> list[WeightMapping]:
         qkv = tuple(attn + f"{p}_proj." for p in "qkv")
         out.append(WeightMapping(mg + "self_attention.linear_qkv.weight",
                                  tuple(n + "weight" for n in qkv),
-                                 ((q_rows, h), (kv_rows, h), (kv_rows, h)), Layout.QKV))  # fmt: skip
+                                 ((q_rows, h), (kv_rows, h), (kv_rows, h)),
+                                 Layout.QKV))  # fmt: skip
         if spec.qkv_bias:
             out.append(WeightMapping(mg + "self_attention.linear_qkv.bias",
                                      tuple(n + "bias" for n in qkv),

@@ -48,4 +48,5 @@ def test_llama3_rope_scaling_is_visible_in_the_parity_inputs(tmp_path):
         tmp_path / "plain", "llama3", rope_parameters={"rope_type": "default", "rope_theta": 5e5}
     )
     input_ids = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(1))
-    assert (hf_logits(scaled, input_ids) - hf_logits(plain, input_ids)).abs().max() > 100 * TOLERANCE
+    difference = (hf_logits(scaled, input_ids) - hf_logits(plain, input_ids)).abs().max()
+    assert difference > 10 * TOLERANCE

@@ -33,8 +33,10 @@ def test_transformers_4_rope_fields_are_read():
     config = hf_config("llama3", architectures=["LlamaForCausalLM"])
     config.rope_parameters = None
     config.rope_theta = 5e5
-    config.rope_scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    config.rope_scaling = {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }  # fmt: skip
     spec = ModelSpec.from_hf_config(config)
     assert (spec.rope_theta, spec.llama3_rope_factor) == (5e5, 32.0)
 

@@ -1,5 +1,6 @@
-"""The Transformer Engine path: fp8 reaches megatron's config (any machine); TE-spec logits and
-export match transformers / the checkpoint (CUDA with transformer_engine only, skipped elsewhere)."""
+"""The Transformer Engine path: fp8 reaches megatron's config (any machine); TE-spec logits
+and export match transformers / the checkpoint (CUDA with transformer_engine only, skipped
+elsewhere)."""
 
 from __future__ import annotations
 
