@@ -1,10 +1,20 @@
-"""Logits of the megatron model equal transformers' own forward, at tensor parallel 1 and 2."""
+"""Logits of the megatron model equal transformers' own forward, at tensor parallel 1 and 2;
+so do the gradients of a loss on them (every parameter, mapped back to its HF tensor)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import transformers
+from megatron.core import parallel_state
 
 from megatron_archer.models import load_hf_model
+from megatron_archer.models.weight_map import (
+    Layout,
+    from_shards,
+    global_named_parameters,
+    weight_mappings,
+)
 from tests.distributed import run_distributed
 from tests.models.checkpoints import CASES, hf_logits, write_checkpoint
 from tests.models.parallel import gather_vocab, model_parallel
@@ -33,6 +43,54 @@ def _parity_worker(rank: int, world_size: int, checkpoints: dict) -> None:
                     failures.append(f"{case} tp={tp}: max |diff| {diff:.3g}")
                 assert torch.all(logits[..., vocab:] == 0), "padding rows must stay zero"
     assert not failures, "; ".join(failures)
+
+
+def _hf_grads(loaded) -> dict[str, torch.Tensor]:
+    """The megatron gradients, gathered over tensor parallelism and named as HF tensors.
+
+    q/k layernorm weights are replicated but each rank only sees its own heads: megatron sums
+    their gradients over the tensor-parallel group in ``finalize_model_grads`` after backward
+    (the training step's job, not the model's), so the comparison does the same.
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    local = global_named_parameters(loaded.model)
+    grads = {}
+    for mapping in weight_mappings(loaded.spec, loaded.backend):
+        grad = local[mapping.megatron_name].grad
+        if "q_layernorm" in mapping.megatron_name or "k_layernorm" in mapping.megatron_name:
+            dist.all_reduce(grad, group=group)
+        shards = [grad]
+        if mapping.layout is not Layout.REPLICATED:
+            shards = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(shards, grad, group=group)
+        grads.update(zip(mapping.hf_names, from_shards(mapping, shards, loaded.spec)))
+    return grads
+
+
+def _gradient_worker(rank: int, world_size: int, checkpoints: dict) -> None:
+    input_ids = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(2, 16, 250, generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(weights, (0, 6))  # zero weight on the 6 padding columns
+    failures = []
+    with model_parallel(2):
+        for case, path in checkpoints.items():
+            reference = transformers.AutoModelForCausalLM.from_pretrained(path)
+            (reference(input_ids=input_ids).logits * weights).sum().backward()
+            loaded = load_hf_model(path, params_dtype=torch.float32)
+            local = loaded.model(input_ids, torch.arange(16).expand(2, 16), None)
+            # each rank's loss term on its vocab shard; megatron's backward sums over ranks
+            (local * padded.chunk(2, dim=-1)[rank]).sum().backward()
+            for name, grad in _hf_grads(loaded).items():
+                expected = reference.get_parameter(name).grad
+                scale = expected.abs().max().item()
+                if (grad - expected).abs().max().item() > 1e-4 * max(1.0, scale):
+                    failures.append(f"{case} {name}")
+    assert not failures, ", ".join(failures)
+
+
+def test_gradients_match_transformers_tp2(tmp_path):
+    checkpoints = {case: write_checkpoint(tmp_path / case, case) for case in CASES}
+    run_distributed(_gradient_worker, 2, checkpoints)
 
 
 def test_logits_match_transformers_tp1_tp2(tmp_path):
