@@ -7,8 +7,9 @@ give every rank the exact full-vocabulary log-probs and entropies.
 
 Memory: rows are processed ``chunk_size`` at a time, so the fp32 working set is one chunk x
 V_local (one fp32 copy of the shard when ``chunk_size`` is None). Backward recomputes each
-chunk's softmax from the saved logits instead of keeping fp32 probabilities; with an entropy
-gradient it needs a second chunk-sized buffer. The caller's logits are never written to.
+chunk's softmax from the saved logits instead of keeping fp32 probabilities; an entropy
+gradient needs two buffers, so backward then works on half-chunks. The caller's logits are
+never written to.
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ class _LogprobEntropy(torch.autograd.Function):
         shard, temperature = ctx.shard, ctx.temperature
         grad = torch.empty_like(logits)
         grad[:, shard.valid :] = 0  # padding columns take no part in the softmax
-        if not ctx.entropy_grad:
+        n = logits.shape[0]
+        chunk = ctx.chunk_size or n
+        if ctx.entropy_grad:
+            chunk = (chunk + 1) // 2  # two buffers per half-chunk: still one chunk of fp32
+        else:
             grad_entropy = None
         rows, cols = shard.locate(labels)
-        for r0, r1 in _chunks(logits.shape[0], ctx.chunk_size):
+        for r0, r1 in _chunks(n, chunk):
             logp = _chunk_copy(logits, r0, r1, shard).sub_(m[r0:r1].unsqueeze(-1))
             if temperature != 1.0:
                 logp.div_(temperature)
