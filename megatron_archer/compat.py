@@ -9,7 +9,12 @@ they live in ``megatron_archer.models.layer_spec``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+
 import torch
+import torch.distributed as dist
 
 _applied = False
 
@@ -26,6 +31,7 @@ def apply_cpu_patches() -> None:
         return
     _patch_rotary_embedding_device()
     _patch_shared_embedding_sync()
+    _patch_pipeline_schedules_device()
     _applied = True
 
 
@@ -76,6 +82,147 @@ def _patch_shared_embedding_sync() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+@contextlib.contextmanager
+def _cuda_requests_served_on_cpu():
+    """During the call: ``torch.zeros(..., device="cuda")`` -> CPU, ``torch.cuda.current_device()``
+    -> the CPU device, ``torch.cuda.synchronize()`` -> nothing. Only reached without CUDA, where
+    each of them would raise."""
+    zeros, current_device, synchronize = torch.zeros, torch.cuda.current_device, torch.cuda.synchronize
+
+    def cpu_zeros(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return zeros(*args, **kwargs)
+
+    torch.zeros = cpu_zeros
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        torch.zeros, torch.cuda.current_device, torch.cuda.synchronize = (
+            zeros, current_device, synchronize)
+
+
+def _patch_pipeline_schedules_device() -> None:
+    """megatron's forward-backward schedules run on CPU tensors and gloo.
+
+    ``forward_backward_no_pipelining`` and both pipelined schedules
+    (megatron/core/pipeline_parallel/schedules.py) create their token counter with
+    ``torch.zeros([], device="cuda")``, and the pipeline p2p layer (p2p_communication.py) allocates
+    its receive buffers and shape messages on ``torch.cuda.current_device()`` and calls
+    ``torch.cuda.synchronize()``: all raise without CUDA. The schedule functions are wrapped so
+    that, for the duration of a call, those three requests are served on CPU
+    (``_cuda_requests_served_on_cpu``). The schedules themselves (micro-batch order, 1F1B, loss
+    division by the number of micro-batches, p2p over gloo, ``finalize_model_grads_func``) are
+    megatron's. ``get_forward_backward_func`` looks the functions up by module global, so it
+    returns the wrapped ones.
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    def on_cpu(schedule):
+        @functools.wraps(schedule)
+        def wrapped(*args, **kwargs):
+            with _cuda_requests_served_on_cpu():
+                return schedule(*args, **kwargs)
+
+        return wrapped
+
+    for name in (
+        "forward_backward_no_pipelining",
+        "forward_backward_pipelining_without_interleaving",
+        "forward_backward_pipelining_with_interleaving",
+    ):
+        setattr(schedules, name, on_cpu(getattr(schedules, name)))
+
+
+def _qk_or_sequence_parallel_partial(name: str, param: torch.nn.Parameter, config) -> bool:
+    """Replicated over TP but with a per-rank partial gradient (summed in finalize_model_grads)."""
+    return (config.sequence_parallel and getattr(param, "sequence_parallel", False)) or (
+        config.qk_layernorm and ("q_layernorm" in name or "k_layernorm" in name)
+    )
+
+
+def finalize_model_grads_cpu(model_chunks, num_tokens=None, pg_collection=None,
+                             force_all_reduce=False) -> None:
+    """Replacement for megatron's DistributedDataParallel gradient sync + ``finalize_model_grads``.
+
+    On CUDA, megatron's DDP all-reduces (or reduce-scatters) gradients over the data-parallel
+    group, averaged (x 1/dp), and ``finalize_model_grads`` (megatron/core/distributed/
+    finalize_model_grads.py) then sums over the tensor-parallel group the gradients of replicated
+    parameters that each rank only sees partially (q/k layernorm weights act on the rank's own
+    heads; sequence-parallel norms on its own tokens) and all-reduces the tied word-embedding
+    gradient between the first and last pipeline stages. Megatron's DDP allocates its gradient
+    buffers on CUDA, so on CPU the model is not wrapped and this function, installed as
+    ``config.finalize_model_grads_func``, does the same on ``param.grad``: the schedule calls it
+    after the last backward. ``num_tokens`` (per-token loss mode) is not supported.
+    """
+    from megatron.core import parallel_state
+
+    if num_tokens is not None:
+        raise NotImplementedError("calculate_per_token_loss is not supported on CPU")
+    params = [(n, p) for chunk in model_chunks for n, p in chunk.named_parameters() if p.requires_grad]
+    for _, p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    config = model_chunks[0].config
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    partial = [p.grad for n, p in params if _qk_or_sequence_parallel_partial(n, p, config)]
+    if partial and dist.get_world_size(tp_group) > 1:
+        _all_reduce_coalesced(partial, tp_group)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        shared = []
+        for chunk in model_chunks:
+            if getattr(chunk, "share_embeddings_and_output_weights", False) and (
+                chunk.pre_process or chunk.post_process
+            ):
+                shared.append(chunk.shared_embedding_or_output_weight().grad)
+        if shared and parallel_state.is_rank_in_embedding_group():
+            _all_reduce_coalesced(shared, parallel_state.get_embedding_group())
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_size = dist.get_world_size(dp_group)
+    if dp_size > 1:
+        grads = [p.grad for _, p in params]
+        _all_reduce_coalesced(grads, dp_group)
+        for grad in grads:
+            grad.div_(dp_size)  # DDP's average; the actor's loss scale undoes it
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def grad_norm_cpu(model_chunks) -> float:
+    """Replacement for megatron's ``get_grad_norm_fp32`` (megatron/core/optimizer/clip_grads.py),
+    which all-reduces the norm through a tensor created on ``device="cuda"``.
+
+    Global L2 norm of ``param.grad`` over the model-parallel (tensor x pipeline) group, counting
+    each parameter once: tensor-parallel duplicates only on TP rank 0 and the pipeline copy of a
+    tied embedding only once, as megatron's ``param_is_not_tensor_parallel_duplicate`` and
+    ``param_is_not_shared`` decide. Call after ``finalize_model_grads_cpu`` (every data-parallel
+    rank then holds the same gradients).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    total = torch.zeros((), dtype=torch.float64)
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            if p.grad is not None and param_is_not_shared(p) and (
+                param_is_not_tensor_parallel_duplicate(p)
+            ):
+                total += p.grad.double().square().sum()
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return math.sqrt(total.item()) if math.isfinite(total.item()) else float("nan")
+
+
 def model_parallel_seed(seed: int) -> None:
     """Seed weight initialisation and dropout consistently across model-parallel ranks.
 
@@ -92,3 +239,22 @@ def model_parallel_seed(seed: int) -> None:
 
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def dist_checkpoint_save_on_cpu():
+    """Around ``megatron.core.dist_checkpointing.save``: CPU tensors are saved over gloo.
+
+    The ``torch_dist`` save strategy (megatron/core/dist_checkpointing/strategies/torch.py) goes
+    through ``FileSystemWriterAsync`` even for a synchronous save: its ``preload_tensors`` calls
+    ``torch.cuda.synchronize()`` and ``save_state_dict_async_finalize`` (state_dict_saver.py)
+    broadcasts its failure flag in a tensor on ``torch.cuda.current_device()``; both raise without
+    CUDA. During the call they are served on CPU (``_cuda_requests_served_on_cpu``); the planning,
+    the files and the metadata are megatron's. A no-op when CUDA is available. Loading needs no
+    patch.
+    """
+    if not cpu_patches_needed():
+        yield
+        return
+    with _cuda_requests_served_on_cpu():
+        yield

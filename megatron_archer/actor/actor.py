@@ -1,0 +1,345 @@
+"""The actor: per-token log-probs / entropy and optimiser steps over megatron model chunks.
+
+One code path on both homes. Micro-batches are packed by a token budget (``packing``) and run
+through megatron's ``get_forward_backward_func`` schedules (no pipelining, or 1F1B / interleaved
+with pipeline parallelism). On CUDA the model is wrapped in megatron's DistributedDataParallel
+and optimised by ``get_megatron_optimizer`` (distributed optimizer, bf16 with fp32 main params
+when ``params_dtype="bfloat16"``). On CPU ``megatron_archer.compat`` makes the same schedules run
+and replaces what needs CUDA: DDP's gradient sync and ``finalize_model_grads``
+(``compat.finalize_model_grads_cpu``) and the gradient norm (``compat.grad_norm_cpu``); the
+optimiser is torch's AdamW with megatron's weight-decay grouping and clipping rule.
+
+Loss contract of ``train_step(batch, loss_fn)``: ``loss_fn(micro_batch, logp, entropy)`` returns
+the micro-batch's share of the step loss (``megatron_archer.algorithms.policy_loss(...).loss``),
+optionally with a dict of metrics. The actor multiplies it by num_micro_batches x dp_size before
+handing it to the schedule, which undoes megatron's 1/num_micro_batches and DDP's 1/dp averaging:
+the gradient is d(step loss)/d(params) however the step is split over micro-batches and ranks.
+
+Where results live: the logits, hence log-probs and the loss, exist on the last pipeline stage.
+``compute_logprobs_and_entropy`` broadcasts its [B, R] results from the last stage to every
+pipeline stage, so every rank holds the results for its own data-parallel share of the batch.
+``train_step``'s step loss and gradient norm are the same on every rank; per-micro-batch metrics
+are on the last stage only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
+
+from megatron_archer import compat
+from megatron_archer.actor.config import ActorConfig
+from megatron_archer.actor.packing import (
+    MicroBatch,
+    SequenceBatch,
+    pack,
+    plan_micro_batches,
+    scatter_to_batch,
+)
+from megatron_archer.ops import vocab_parallel_logprobs_and_entropy
+
+LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class LogprobResult:
+    """Per-token results of a batch in the response layout [B, R] (zeros outside ``mask``)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class StepResult:
+    """What one ``train_step`` did. ``loss`` is the step loss (sum of every micro-batch share on
+    every data-parallel rank); ``grad_norm`` the global norm before clipping; ``skipped`` True when
+    the loss or the norm was non-finite on some rank: nothing was changed then."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    num_micro_batches: int
+    step: int
+    micro_batch_metrics: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"actor/loss": self.loss, "actor/grad_norm": self.grad_norm, "actor/lr": self.lr,
+                "actor/skipped": float(self.skipped),
+                "actor/num_micro_batches": float(self.num_micro_batches)}
+
+
+def _unwrap(chunk: nn.Module) -> nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class ModelRunner:
+    """Forward-only log-probs and entropy of model chunks (shared by Actor and ReferenceModel)."""
+
+    def __init__(self, model: nn.Module | Sequence[nn.Module], spec, config: ActorConfig,
+                 backend: str):
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.spec = spec
+        self.config = config
+        self.backend = backend
+        self.on_cuda = not compat.cpu_patches_needed()
+        compat.apply_cpu_patches()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else None
+        for chunk in self.chunks:
+            model_config = _unwrap(chunk).config
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                model_config.variable_seq_lengths = True  # packed rows differ in length
+            if not self.on_cuda:
+                model_config.finalize_model_grads_func = compat.finalize_model_grads_cpu
+
+    # ---------------------------------------------------------------- micro-batches
+    def micro_batches(self, batch: SequenceBatch) -> list[MicroBatch]:
+        """This rank's packed micro-batches of ``batch`` (its data-parallel share).
+
+        Every data-parallel rank gets the same number (the largest any rank needs; one
+        all-reduce), as megatron's schedules and ``build_step_context`` require. Deterministic,
+        so a trainer calling it before ``train_step`` sees the micro-batches ``loss_fn`` gets.
+        """
+        lengths = batch.lengths
+        plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch)
+        count = torch.tensor([len(plan)], dtype=torch.int64)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+        plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch, int(count))
+        return [pack(batch, indices, device=self.device) for indices in plan]
+
+    def _model_inputs(self, mb: MicroBatch) -> dict:
+        if self.backend == "te":
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = mb.cu_seqlens
+            return dict(attention_mask=None, packed_seq_params=PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen))
+        # portable SDPA attention: block-diagonal causal mask. megatron's RoPE takes positions
+        # 0..n-1 along the row; attention scores depend only on the offset between positions,
+        # so within a sequence this equals restarting at 0 (tested against transformers).
+        return dict(attention_mask=mb.block_causal_mask(self.device))
+
+    def _logprobs(self, mb: MicroBatch, logits: torch.Tensor, entropy_grad: bool):
+        """[b, R_mb] log-probs and entropies of ``mb``'s response tokens from [1, n, V/tp] logits."""
+        selected = logits[0, mb.label_positions]
+        logp, entropy = vocab_parallel_logprobs_and_entropy(
+            selected, mb.labels,
+            temperature=self.config.temperature,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            vocab_size=self.spec.vocab_size,
+            chunk_size=self.config.logprob_chunk_size,
+            entropy_grad=entropy_grad,
+        )
+        return mb.to_layout(logp), mb.to_layout(entropy)
+
+    def _forward_step(self, loss_func_factory, data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb.input_ids, mb.position_ids, **self._model_inputs(mb))
+        return output, partial(loss_func_factory, mb)
+
+    def _run_schedule(self, micro_batches: list[MicroBatch], loss_func_factory, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        data = (iter(micro_batches) if len(self.chunks) == 1
+                else [iter(micro_batches) for _ in self.chunks])
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_func_factory),
+            data_iterator=data,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.num_tokens for mb in micro_batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    def _broadcast_from_last_stage(self, tensors: list[torch.Tensor]) -> None:
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+
+    @torch.no_grad()
+    def compute_logprobs_and_entropy(self, batch: SequenceBatch) -> LogprobResult:
+        """Log-prob and entropy of every response token of ``batch``, forward only, packed.
+
+        Returns [B, R] tensors (response layout, see ``packing``) on every rank of the pipeline.
+        """
+        for chunk in self.chunks:
+            chunk.eval()
+        micro_batches = self.micro_batches(batch)
+
+        def loss_func(mb, output):
+            logp, entropy = self._logprobs(mb, output, entropy_grad=False)
+            return output.new_zeros(()), {"logp": logp, "entropy": entropy}
+
+        outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
+        mask = batch.response_layout_mask().to(self.device)
+        width = mask.shape[1]
+        if parallel_state.is_pipeline_last_stage():
+            logp = scatter_to_batch(len(batch), micro_batches, [o["logp"] for o in outputs], width)
+            entropy = scatter_to_batch(
+                len(batch), micro_batches, [o["entropy"] for o in outputs], width)
+        else:
+            logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+            entropy = torch.zeros_like(logp)
+        self._broadcast_from_last_stage([logp, entropy])
+        return LogprobResult(logp=logp, entropy=entropy, mask=mask)
+
+
+class Actor(ModelRunner):
+    """The trained policy: ``compute_logprobs_and_entropy`` and ``train_step``.
+
+    ``model``: this rank's model chunk(s) (``load_hf_model(...).model``), built with
+    ``params_dtype = config.params_dtype``; ``spec``: its ModelSpec (the true vocabulary);
+    ``backend``: "te" (packed with cu_seqlens) or "local" (block-diagonal mask).
+    """
+
+    def __init__(self, model, spec, config: ActorConfig, backend: str):
+        if not isinstance(config, ActorConfig):
+            raise TypeError(f"config must be an ActorConfig, got {type(config).__name__}")
+        super().__init__(model, spec, config, backend)
+        self.steps_taken = 0
+        if self.on_cuda:
+            self._setup_cuda()
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self._param_groups(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_eps, weight_decay=config.weight_decay)
+
+    # ---------------------------------------------------------------- optimiser setup
+    def _param_groups(self) -> list[dict]:
+        """megatron's default grouping: no weight decay on biases and 1-D (norm) parameters."""
+        decay, no_decay = [], []
+        for chunk in self.chunks:
+            for name, param in chunk.named_parameters():
+                if param.requires_grad:
+                    (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _setup_cuda(self) -> None:
+        """megatron's DDP (fp32 grad reduce, distributed optimizer) and get_megatron_optimizer."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        cfg = self.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+        wrapped = []
+        for index, chunk in enumerate(self.chunks):
+            chunk.cuda()
+            wrapped.append(DistributedDataParallel(
+                config=chunk.config, ddp_config=ddp_config, module=chunk,
+                disable_bucketing=index > 0))
+        self.chunks = wrapped
+        for chunk in self.chunks:
+            chunk.config.finalize_model_grads_func = finalize_model_grads
+            chunk.config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 \
+                else self.chunks[0].no_sync
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                clip_grad=cfg.clip_grad, bf16=cfg.params_dtype == "bfloat16",
+                params_dtype=cfg.torch_params_dtype, use_distributed_optimizer=True),
+            self.chunks)
+
+    # ---------------------------------------------------------------- training
+    def _zero_grads(self) -> None:
+        if self.on_cuda:
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if not self.on_cuda:
+            for chunk in self.chunks:
+                for p in chunk.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+
+    def _grad_norm(self) -> float:
+        if self.on_cuda:
+            self.optimizer.prepare_grads()
+            return float(self.optimizer.get_grad_norm())
+        return compat.grad_norm_cpu(self.chunks)
+
+    def _apply_update(self, lr: float, grad_norm: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.on_cuda:
+            self.optimizer.step()  # megatron clips by the same global norm, then steps
+            return
+        if self.config.clip_grad > 0:
+            coef = self.config.clip_grad / (grad_norm + 1e-6)  # megatron's clip rule
+            if coef < 1.0:
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad.mul_(coef)
+        self.optimizer.step()
+
+    def train_step(self, batch: SequenceBatch, loss_fn: LossFn) -> StepResult:
+        """One optimiser step on this rank's share of the step's sequences.
+
+        ``loss_fn(micro_batch, logp, entropy)`` -> loss or (loss, metrics): ``logp`` and
+        ``entropy`` are [b, R_mb] in the micro-batch's response layout (``micro_batch.
+        response_mask``; ``micro_batch.gather(x)`` selects its rows of a batch-level [B, R]
+        tensor such as old log-probs or advantages), the loss is the micro-batch's share of the
+        step loss. Gradients of all micro-batches accumulate; the global norm is clipped to
+        ``clip_grad``; AdamW steps at the scheduled learning rate. A non-finite loss or gradient
+        norm on any rank skips the step on all ranks: weights, optimiser state and the schedule
+        position stay unchanged, and ``StepResult.skipped`` is True.
+        """
+        micro_batches = self.micro_batches(batch)
+        scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+        for chunk in self.chunks:
+            chunk.train()
+        self._zero_grads()
+
+        def loss_func(mb, output):
+            logp, entropy = self._logprobs(mb, output, entropy_grad=self.config.entropy_grad)
+            result = loss_fn(mb, logp, entropy)
+            loss, metrics = result if isinstance(result, tuple) else (result, {})
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise TypeError("loss_fn must return a scalar tensor (or (scalar, metrics))")
+            if mb.labels.numel() == 0:  # nothing scored: keep the graph for the schedule
+                loss = loss + output.sum() * 0.0
+            return loss * scale, {"loss": loss.detach().float(), **metrics}
+
+        outputs = self._run_schedule(micro_batches, loss_func, forward_only=False)
+        device = self.device or torch.device("cpu")
+        local = torch.zeros((), dtype=torch.float64, device=device)
+        if parallel_state.is_pipeline_last_stage():
+            for out in outputs:
+                local += out["loss"].double()
+        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+        self._broadcast_from_last_stage([local])
+        loss = local.item()
+        grad_norm = self._grad_norm()
+        bad = torch.tensor([0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1],
+                           device=device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank of the job skips together
+        lr = self.config.lr_at(self.steps_taken)
+        skipped = bool(bad.item())
+        if skipped:
+            self._zero_grads()
+        else:
+            self._apply_update(lr, grad_norm)
+            self.steps_taken += 1
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped,
+                          num_micro_batches=len(micro_batches), step=self.steps_taken,
+                          micro_batch_metrics=list(outputs) if outputs else [])
