@@ -1,0 +1,9 @@
+"""Data tests run offline: `datasets` and the hub client must never reach the network."""
+
+import os
+
+import pytest
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
