@@ -7,3 +7,9 @@ import pytest
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from megatron_archer.data import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
