@@ -5,6 +5,7 @@ from megatron_archer.data.config import DataConfig
 from megatron_archer.data.prompt_set import Prompt, PromptSet, PromptSetReport, load_prompt_set
 from megatron_archer.data.reader import MalformedDataError, MalformedRow, RecordSet, read_records
 from megatron_archer.data.records import Message, PromptRecord, RowError, parse_row
+from megatron_archer.data.sampler import PromptSampler
 from megatron_archer.data.templates import PAPER_TEMPLATE, format_prompt
 from megatron_archer.data.tiny_tokenizer import build_tiny_tokenizer
 
@@ -16,6 +17,7 @@ __all__ = [
     "PAPER_TEMPLATE",
     "Prompt",
     "PromptRecord",
+    "PromptSampler",
     "PromptSet",
     "PromptSetReport",
     "RecordSet",
