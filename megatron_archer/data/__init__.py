@@ -6,6 +6,7 @@ from megatron_archer.data.prompt_set import Prompt, PromptSet, PromptSetReport, 
 from megatron_archer.data.reader import MalformedDataError, MalformedRow, RecordSet, read_records
 from megatron_archer.data.records import Message, PromptRecord, RowError, parse_row
 from megatron_archer.data.sampler import PromptSampler
+from megatron_archer.data.synthetic_export import write_arithmetic_jsonl
 from megatron_archer.data.templates import PAPER_TEMPLATE, format_prompt
 from megatron_archer.data.tiny_tokenizer import build_tiny_tokenizer
 
@@ -27,4 +28,5 @@ __all__ = [
     "load_prompt_set",
     "parse_row",
     "read_records",
+    "write_arithmetic_jsonl",
 ]

@@ -3,8 +3,9 @@
 from transformers import AutoTokenizer
 
 from megatron_archer.data import (
-    Message, PromptRecord, build_tiny_tokenizer, format_prompt)
-from megatron_archer.rewards.synthetic import arithmetic_problems
+    DataConfig, Message, PromptRecord, build_tiny_tokenizer, format_prompt, load_prompt_set,
+    write_arithmetic_jsonl)
+from megatron_archer.rewards.synthetic import arithmetic_problems, arithmetic_reward
 
 DIFFICULTIES = [(1, 9), (2, 9), (3, 20), (5, 99), (8, 1000)]
 
@@ -64,3 +65,15 @@ def test_built_identically_and_saved_and_loaded(tmp_path, tiny_tokenizer):
     assert text == format_prompt(record, "chat", tiny_tokenizer)
     assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == text
+
+
+def test_synthetic_task_through_the_loader(tmp_path, tiny_tokenizer):
+    path = write_arithmetic_jsonl(tmp_path / "arith" / "train.jsonl", 50, seed=2, num_operations=3)
+    prompt_set = load_prompt_set(DataConfig(path, template="chat"), tiny_tokenizer)
+    problems = arithmetic_problems(50, seed=2, num_operations=3)
+    assert prompt_set.report.schema == "generic" and len(prompt_set) == 50
+    for prompt, problem in zip(prompt_set.prompts, problems):
+        assert (prompt.record.question, prompt.record.answer) == (problem.prompt, problem.answer)
+        assert prompt.record.data_source == "arithmetic"
+        assert arithmetic_reward(f"\\boxed{{{prompt.record.answer}}}", prompt.record.answer).value == 1.0
+        assert tiny_tokenizer.unk_token_id not in prompt.input_ids
