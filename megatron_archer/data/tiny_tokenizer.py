@@ -35,7 +35,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_CHARACTERS = tuple(dict.fromkeys(string.printable))  # digits, letters, punctuation, whitespace
+_CHARACTERS = tuple(string.printable)  # digits, letters, punctuation, whitespace
 _ROLES = ("system", "user", "assistant")
 
 
@@ -64,5 +64,4 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         additional_special_tokens=list(CHAT_TOKENS),
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
-        model_max_length=1 << 20,
     )
