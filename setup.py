@@ -13,6 +13,7 @@ setup(
         "transformers>=4.51,<6",
         "safetensors>=0.4",
         "math-verify[antlr4_13_2]>=0.7",
+        "datasets>=3",
     ],
     extras_require={
         # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.
