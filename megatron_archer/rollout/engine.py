@@ -1,0 +1,147 @@
+"""The rollout engine interface and its request/result types.
+
+Log-prob convention (every engine): ``logprob`` of a sampled token y at step t is
+``log softmax(z_t / T_t)[y]`` over the full vocabulary, where z_t are the model's raw logits and
+T_t the temperature used at that step, taken *before* top-k / top-p truncation. This is the
+quantity ``megatron_archer.ops.vocab_parallel_logprobs_and_entropy(..., temperature=T_t)``
+computes in training, and the one SGLang returns by default. Greedy decoding
+(``temperature=0``) reports log-probs at T = 1, as SGLang does.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+Bucket = Sequence[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class EntropyAwareDecoding:
+    """SPEC §6: temperature ``t_high`` where the token entropy H_t (of softmax(z_t), T = 1)
+    exceeds ``threshold`` nats, ``t_low`` otherwise."""
+
+    threshold: float
+    t_high: float
+    t_low: float
+
+    def __post_init__(self):
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold={self.threshold} must be finite and >= 0")
+        for name in ("t_high", "t_low"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value} must be finite and > 0")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: ``n`` responses per prompt, at most ``max_new_tokens`` each.
+
+    ``top_k=-1`` and ``top_p=1`` disable truncation; ``temperature=0`` is greedy. A sampled
+    token in ``stop_token_ids`` ends its response (and is kept in it). ``seed`` makes sampling
+    reproducible; None draws fresh randomness. ``entropy_aware`` replaces ``temperature``.
+    """
+
+    max_new_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    entropy_aware: EntropyAwareDecoding | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.n < 1:
+            raise ValueError(f"n={self.n} must be >= 1")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be finite and >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k} must be -1 (off) or >= 1")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids} must be non-negative")
+        if self.entropy_aware is not None and self.temperature == 0:
+            raise ValueError("entropy_aware needs sampling: temperature=0 (greedy) conflicts")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.entropy_aware is None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One response: its tokens, the engine's log-prob of each (see the module docstring), the
+    temperature each was sampled at, and why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    temperatures: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.logprobs) != len(self.token_ids):
+            raise ValueError(
+                f"logprobs has {len(self.logprobs)} entries for {len(self.token_ids)} token_ids"
+            )
+        if self.temperatures and len(self.temperatures) != len(self.token_ids):
+            raise ValueError(
+                f"temperatures has {len(self.temperatures)} entries for "
+                f"{len(self.token_ids)} token_ids"
+            )
+        if self.finish_reason not in ("stop", "length"):
+            raise ValueError(f"finish_reason={self.finish_reason!r} must be 'stop' or 'length'")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    """Every prompt is a non-empty list of non-negative token ids."""
+    if not prompts:
+        raise ValueError("prompts is empty")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompts[{i}] is empty")
+        if min(prompt) < 0:
+            raise ValueError(f"prompts[{i}] holds a negative token id")
+
+
+class RolloutEngine(abc.ABC):
+    """Generates responses with the policy's current weights, which the trainer pushes in."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Sample]]:
+        """``params.n`` samples for each prompt (token ids), in prompt order."""
+
+    @abc.abstractmethod
+    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Load ``(hf_name, full_tensor)`` buckets (``models.hf_weight_buckets``); on success the
+        engine's ``weight_version`` becomes ``version``."""
+
+    @property
+    @abc.abstractmethod
+    def weight_version(self) -> int | None:
+        """Version of the last successful update; None before the first."""
+
+    @abc.abstractmethod
+    def release_memory(self) -> None:
+        """Free accelerator memory (weights and cache) for a colocated training phase."""
+
+    @abc.abstractmethod
+    def resume_memory(self) -> None:
+        """Take the memory back after ``release_memory``."""
+
+    @abc.abstractmethod
+    def health(self) -> bool:
+        """True when the engine can serve ``generate`` now."""

@@ -1,0 +1,140 @@
+"""The embedded rollout engine: a transformers causal LM, batched sampling with a KV cache.
+
+All prompts x ``n`` samples decode as one left-padded batch. The weights come from a Hugging Face
+checkpoint at start and from the actor's exported buckets afterwards (``update_weights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+from megatron_archer.rollout.engine import (
+    Bucket,
+    RolloutEngine,
+    Sample,
+    SamplingParams,
+    check_prompts,
+)
+from megatron_archer.rollout.sampling import sample_step
+
+
+class LocalEngine(RolloutEngine):
+    """A transformers model on ``device`` in ``dtype`` (float32 for exact log-probs on CPU)."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.device = torch.device(device)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            checkpoint_dir, dtype=dtype
+        ).to(self.device)
+        self.model.eval()
+        self._version: int | None = None
+        self._released = False
+
+    @property
+    def weight_version(self) -> int | None:
+        return self._version
+
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Copy each bucket into the model; every tensor of a bucket is checked (name known,
+        shape equal) before any is copied. A tied ``lm_head`` follows its embedding."""
+        self._check_usable()
+        params = dict(self.model.named_parameters())
+        for bucket in buckets:
+            for name, tensor in bucket:
+                if name not in params:
+                    raise KeyError(f"update_weights: {name} is not a parameter of the model")
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(
+                        f"update_weights: {name} has shape {list(tensor.shape)}, the model "
+                        f"parameter {list(params[name].shape)}"
+                    )
+            for name, tensor in bucket:
+                params[name].copy_(tensor)
+        self._version = version
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Sample]]:
+        self._check_usable()
+        check_prompts(prompts)
+        vocab = self.model.config.vocab_size
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        if max(max(r) for r in rows) >= vocab:
+            raise ValueError(f"a prompt holds a token id >= vocab_size {vocab}")
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):  # left padding: every row's next token is at the end
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        stop = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        out_tokens, out_logp, out_temp, out_stopped = [], [], [], []
+        cache, step_ids = None, ids
+        for _ in range(params.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+            out = self.model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            )  # fmt: skip
+            cache = out.past_key_values
+            tokens, logp, temps = sample_step(out.logits[:, -1, :vocab], params, generator)
+            stopped = torch.isin(tokens, stop) & ~done
+            out_tokens.append(tokens), out_logp.append(logp), out_temp.append(temps)
+            out_stopped.append(stopped)
+            done |= stopped
+            if done.all():
+                break
+            step_ids = tokens[:, None]
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
+        return self._samples(rows, params.n, out_tokens, out_logp, out_temp, out_stopped)
+
+    @staticmethod
+    def _samples(rows, n, tokens, logps, temps, stops) -> list[list[Sample]]:
+        tokens, logps = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+        temps, stops = torch.stack(temps, 1).tolist(), torch.stack(stops, 1)
+        samples = []
+        for i in range(len(rows)):
+            hit = stops[i].nonzero()
+            end = int(hit[0]) + 1 if len(hit) else len(tokens[i])
+            samples.append(Sample(
+                token_ids=tokens[i][:end], logprobs=logps[i][:end], temperatures=temps[i][:end],
+                finish_reason="stop" if len(hit) else "length",
+            ))  # fmt: skip
+        return [samples[i : i + n] for i in range(0, len(samples), n)]
+
+    def release_memory(self) -> None:
+        """Move the weights to host memory (a no-op move on CPU); ``generate`` then refuses."""
+        self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._released = True
+
+    def resume_memory(self) -> None:
+        self.model.to(self.device)
+        self._released = False
+
+    def health(self) -> bool:
+        return not self._released
+
+    def _check_usable(self) -> None:
+        if self._released:
+            raise RuntimeError("the engine's memory is released: call resume_memory() first")

@@ -1,0 +1,177 @@
+"""LocalEngine: seeded reproducibility, finish reasons, n samples, greedy, entropy-aware
+temperatures, update_weights checks, and log-probs equal to the megatron actor's after a weight
+update from its exported buckets (fp32, 1 gloo rank)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from megatron_archer.rollout.engine import EntropyAwareDecoding, SamplingParams
+from megatron_archer.rollout.local_engine import LocalEngine
+from megatron_archer.rollout.metrics import logprob_gap
+from megatron_archer.rollout.sampling import token_entropy
+from tests.distributed import run_distributed
+from tests.models.checkpoints import write_checkpoint
+from tests.models.parallel import model_parallel
+
+PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11, 12], [42]]
+# fp32 on CPU: a left-padded, KV-cached batch against one unpadded full forward (megatron or HF)
+# differs by summation order only, ~1e-6 here
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("rollout") / "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return LocalEngine(checkpoint)
+
+
+def _tokens(samples):
+    return [[s.token_ids for s in group] for group in samples]
+
+
+def test_seed_reproduces_samples_and_another_seed_differs(engine):
+    params = SamplingParams(max_new_tokens=6, n=2, temperature=1.0, top_p=0.95, seed=11)
+    first = engine.generate(PROMPTS, params)
+    again = engine.generate(PROMPTS, params)
+    assert _tokens(first) == _tokens(again)
+    assert [[s.logprobs for s in g] for g in first] == [[s.logprobs for s in g] for g in again]
+    other = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2, top_p=0.95, seed=12))
+    assert _tokens(first) != _tokens(other)
+    assert [len(g) for g in first] == [2, 2, 2], "n samples per prompt, in prompt order"
+    assert first[0][0].token_ids != first[0][1].token_ids, "the n samples are distinct draws"
+
+
+def test_stop_token_ids_and_max_new_tokens_give_finish_reasons(engine):
+    base = SamplingParams(max_new_tokens=8, n=2, seed=5)
+    original = engine.generate(PROMPTS, base)
+    for group in original:
+        for s in group:
+            assert len(s.token_ids) == 8 and s.finish_reason == "length"
+    stop_id = original[0][0].token_ids[2]
+    stopped = engine.generate(PROMPTS, SamplingParams(**{**base.__dict__, "stop_token_ids": (stop_id,)}))
+    reasons = []
+    for group, ref_group in zip(stopped, original):
+        for s, ref in zip(group, ref_group):
+            expected_end = ref.token_ids.index(stop_id) + 1 if stop_id in ref.token_ids else 8
+            assert s.token_ids == ref.token_ids[:expected_end]
+            assert s.finish_reason == ("stop" if stop_id in ref.token_ids else "length")
+            assert s.logprobs == pytest.approx(ref.logprobs[:expected_end], abs=TOLERANCE)
+            reasons.append(s.finish_reason)
+    assert stopped[0][0].finish_reason == "stop" and len(stopped[0][0].token_ids) <= 3
+    assert "length" in reasons, "rows without the stop token run to max_new_tokens"
+
+
+def test_top_k_one_equals_greedy(engine):
+    greedy = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0))
+    for seed in (1, 2):
+        top1 = engine.generate(
+            PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.3, top_k=1, seed=seed)
+        )
+        assert _tokens(top1) == _tokens(greedy)
+    sampled = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=1.3, seed=1))
+    assert _tokens(sampled) != _tokens(greedy), "guard: sampling at T=1.3 is not greedy here"
+
+
+def _reference(checkpoint, prompt, tokens):
+    """Full-vocabulary logits at each response position, from one unpadded HF forward."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0]
+    return logits[len(prompt) - 1 : -1]
+
+
+def test_entropy_aware_decoding_uses_t_high_above_threshold(engine, checkpoint):
+    probe = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=3))
+    entropies = torch.cat([
+        token_entropy(_reference(checkpoint, p, g[0].token_ids)) for p, g in zip(PROMPTS, probe)
+    ]).sort().values  # fmt: skip
+    k = len(entropies) // 2
+    threshold = (entropies[k - 1] + entropies[k]).item() / 2
+    rule = EntropyAwareDecoding(threshold=threshold, t_high=1.7, t_low=0.4)
+    samples = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, seed=4, entropy_aware=rule))
+    used = set()
+    for prompt, group in zip(PROMPTS, samples):
+        s = group[0]
+        logits = _reference(checkpoint, prompt, s.token_ids)
+        entropy = token_entropy(logits)
+        expected_t = torch.where(entropy > threshold, 1.7, 0.4)
+        clear = (entropy - threshold).abs() > 1e-4
+        assert torch.equal(torch.tensor(s.temperatures)[clear], expected_t[clear])
+        logp = torch.log_softmax(logits / torch.tensor(s.temperatures)[:, None], -1)
+        expected = logp.gather(-1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(s.logprobs), expected, atol=TOLERANCE)
+        used.update(round(t, 5) for t in s.temperatures)
+    assert used == {1.7, 0.4}, f"the threshold should split the tokens, saw {used}"
+
+
+def test_update_weights_checks_names_shapes_and_tracks_version(checkpoint):
+    engine = LocalEngine(checkpoint)
+    assert engine.weight_version is None and engine.health()
+    norm = engine.model.get_parameter("model.norm.weight")
+    with pytest.raises(KeyError, match="model.nrom.weight"):
+        engine.update_weights([[("model.nrom.weight", torch.ones(64))]], version=1)
+    with pytest.raises(ValueError, match=r"model\.norm\.weight has shape \[63\]"):
+        engine.update_weights([[("model.norm.weight", torch.ones(63))]], version=1)
+    assert engine.weight_version is None
+    engine.update_weights([[("model.norm.weight", torch.full((64,), 2.0))]], version=3)
+    assert engine.weight_version == 3 and torch.equal(norm, torch.full((64,), 2.0))
+    engine.release_memory()
+    assert not engine.health()
+    with pytest.raises(RuntimeError, match="resume_memory"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    engine.resume_memory()
+    assert engine.health() and engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+
+
+def _actor_logprobs(loaded, prompt, sample, temperature):
+    from megatron_archer.ops import vocab_parallel_logprobs_and_entropy
+
+    ids = torch.tensor([prompt + sample.token_ids])
+    with torch.no_grad():
+        logits = loaded.model(ids, torch.arange(ids.shape[1])[None], None)[0]
+    logp, _ = vocab_parallel_logprobs_and_entropy(
+        logits[len(prompt) - 1 : -1], torch.tensor(sample.token_ids),
+        temperature=temperature, vocab_size=loaded.spec.vocab_size,
+    )  # fmt: skip
+    return logp
+
+
+def _gap(engine, loaded, params):
+    samples = engine.generate(PROMPTS, params)
+    rollout, train = [], []
+    for prompt, group in zip(PROMPTS, samples):
+        for s in group:
+            rollout.append(torch.tensor(s.logprobs))
+            train.append(_actor_logprobs(loaded, prompt, s, params.temperature))
+    rollout, train = torch.cat(rollout), torch.cat(train)
+    return logprob_gap(rollout, train, torch.ones_like(rollout, dtype=torch.bool))
+
+
+def _gap_worker(rank: int, world_size: int, engine_checkpoint, actor_checkpoint) -> None:
+    from megatron_archer.models import hf_weight_buckets, load_hf_model
+
+    with model_parallel(1):
+        loaded = load_hf_model(actor_checkpoint, params_dtype=torch.float32)
+        loaded.model.eval()
+        engine = LocalEngine(engine_checkpoint)
+        params = SamplingParams(max_new_tokens=10, n=2, temperature=0.7, top_p=0.9, top_k=50, seed=0)
+        before = _gap(engine, loaded, params)
+        assert before["rollout/logprob_abs_diff_max"] > 0.1, f"guard: different weights {before}"
+        buckets = hf_weight_buckets(loaded.model, loaded.spec, loaded.backend, 40_000)
+        engine.update_weights(buckets, version=1)
+        after = _gap(engine, loaded, params)
+        assert engine.weight_version == 1
+        assert after["rollout/logprob_abs_diff_max"] < TOLERANCE, after
+
+
+def test_logprobs_match_the_actor_after_a_weight_update(tmp_path):
+    engine_checkpoint = write_checkpoint(tmp_path / "engine", "qwen2_tied", seed=1)
+    actor_checkpoint = write_checkpoint(tmp_path / "actor", "qwen2_tied", seed=2)
+    run_distributed(_gap_worker, 1, engine_checkpoint, actor_checkpoint)
