@@ -1,0 +1,121 @@
+"""Optimiser steps: the actor at TP 2, DP 2 and PP 2 ends with the parameters that an independent
+transformers + torch AdamW loop reaches on the same global batch and loss (so TP 2 == TP 1 and
+DP 2 == DP 1 through a common reference); a non-finite step is skipped on every rank."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers
+
+from megatron_archer.actor import Actor, ActorConfig, SequenceBatch
+from megatron_archer.models import hf_weight_buckets, load_hf_model
+from tests.actor.common import make_batch
+from tests.distributed import run_distributed
+from tests.models.checkpoints import write_checkpoint
+from tests.models.parallel import model_parallel
+
+STEPS = 3
+# lr 1e-2 moves weights by ~3e-2 in 3 steps; fp32 megatron vs transformers differ by summation
+# order only: observed parameter differences ~1e-6 (adam_eps 1e-4 keeps near-zero gradients,
+# whose sign is rounding noise, from being normalised up to a full lr-sized update)
+TOLERANCE = 2e-5
+CONFIG = dict(max_tokens_per_micro_batch=40, lr=1e-2, weight_decay=0.1, adam_eps=1e-4,
+              clip_grad=0.5, lr_warmup_steps=1)
+
+
+def _advantages(batch: SequenceBatch) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, len(batch))
+
+
+def _token_loss(logp, advantage):
+    """Per-token terms of the test loss: a policy-gradient term and a non-linear one."""
+    return -advantage * logp + 0.05 * logp.square()
+
+
+def _reference(path, batch: SequenceBatch, config: ActorConfig):
+    """transformers + torch AdamW, one process, no megatron: the step loss over all tokens."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    named = dict(model.named_parameters())
+    no_decay = [p for n, p in named.items() if n.endswith(".bias") or p.dim() == 1]
+    decay = [p for n, p in named.items() if not (n.endswith(".bias") or p.dim() == 1)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        weight_decay=config.weight_decay)
+    advantages = _advantages(batch)
+    total_tokens = sum(batch.response_counts)
+    norms, losses = [], []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = 0.0
+        for i, (ids, mask) in enumerate(zip(batch.input_ids, batch.response_mask)):
+            logits = model(input_ids=ids[None]).logits[0, :-1] / config.temperature
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0][mask[1:]]
+            loss = loss + _token_loss(logp, advantages[i]).sum() / total_tokens
+        loss.backward()
+        norm = math.sqrt(sum(p.grad.square().sum().item() for p in model.parameters()))
+        coef = config.clip_grad / (norm + 1e-6)
+        if coef < 1:
+            for p in model.parameters():
+                p.grad.mul_(coef)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step)
+        optimizer.step()
+        norms.append(norm)
+        losses.append(loss.item())
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}, norms, losses
+
+
+def _loss_fn(total_tokens, advantages):
+    def loss_fn(mb, logp, entropy):
+        adv = mb.gather(advantages)[:, None]
+        terms = torch.where(mb.response_mask, _token_loss(logp, adv), 0.0)
+        return terms.sum() / total_tokens, {"tokens": int(mb.response_mask.sum())}
+    return loss_fn
+
+
+def _dp_share(batch: SequenceBatch, advantages, rank: int, dp: int):
+    keep = list(range(rank, len(batch), dp))
+    share = SequenceBatch([batch.input_ids[i] for i in keep], [batch.response_mask[i] for i in keep])
+    return share, advantages[keep]
+
+
+def _train_worker(rank, world_size, path):
+    batch = make_batch(9, seed=5)
+    config = ActorConfig(**CONFIG)
+    expected, norms, losses = _reference(path, batch, config)
+    advantages = _advantages(batch)
+    failures = []
+    for tp, pp in ((2, 1), (1, 1), (1, 2)):
+        dp = world_size // (tp * pp)
+        with model_parallel(tp, pp):
+            loaded = load_hf_model(path, params_dtype=torch.float32)
+            actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
+            share, adv = _dp_share(batch, advantages, rank // (tp * pp) if dp > 1 else 0, dp)
+            loss_fn = _loss_fn(sum(batch.response_counts), adv)
+            for step in range(STEPS):
+                result = actor.train_step(share, loss_fn)
+                assert not result.skipped and result.num_micro_batches > 1
+                assert abs(result.grad_norm - norms[step]) <= 1e-4 * norms[step], (
+                    tp, pp, step, result.grad_norm, norms[step])
+                assert abs(result.loss - losses[step]) <= 1e-5 * max(1, abs(losses[step]))
+                assert result.lr == config.lr_at(step)
+            got = dict(pair for bucket in hf_weight_buckets(loaded.model, loaded.spec,
+                                                            loaded.backend) for pair in bucket)
+            for name, tensor in got.items():
+                diff = (tensor - expected[name]).abs().max().item()
+                if diff > TOLERANCE:
+                    failures.append(f"tp={tp} pp={pp} dp={dp} {name}: {diff:.3g}")
+    assert not failures, "; ".join(failures)
+    # not vacuous: clipping was active and the weights moved far beyond the tolerance
+    assert max(norms) > config.clip_grad
+    start = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    moved = max((expected[n] - start[n]).abs().max().item() for n in expected)
+    assert moved > 1000 * TOLERANCE
+
+
+def test_tp2_dp2_pp2_steps_equal_single_process_transformers(tmp_path):
+    path = write_checkpoint(tmp_path / "qwen3", "qwen3")
+    run_distributed(_train_worker, 2, path)
