@@ -1,0 +1,108 @@
+"""JSON bodies of the SGLang HTTP requests the adapter sends, and the parsing of ``/generate``
+results. Field names follow ``sglang.srt.managers.io_struct`` (checked by tests/rollout against
+the installed SGLang's request types)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from megatron_archer.rollout.engine import Sample, SamplingParams
+
+
+def sampling_params_payload(params: SamplingParams, sample_seed: int | None) -> dict[str, Any]:
+    """One sample's SGLang ``sampling_params``; ``sample_seed`` is SGLang's ``sampling_seed``
+    (used only by servers started with ``--enable-deterministic-inference``)."""
+    if params.entropy_aware is not None:
+        raise ValueError("entropy_aware: SGLang has no per-token temperature rule; use LocalEngine")
+    payload = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "stop_token_ids": list(params.stop_token_ids),
+        "n": 1,
+    }
+    if sample_seed is not None:
+        payload["sampling_seed"] = sample_seed
+    return payload
+
+
+def generate_payload(
+    rows: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int | None]
+) -> dict[str, Any]:
+    """A batched ``/generate`` body: one row per sample, each with its own seed."""
+    return {
+        "input_ids": [list(r) for r in rows],
+        "sampling_params": [sampling_params_payload(params, s) for s in seeds],
+        "return_logprob": True,
+        "logprob_start_len": -1,  # output tokens only
+    }
+
+
+def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: str) -> Sample:
+    """A ``Sample`` from one element of a ``/generate`` answer (``output_ids``, and
+    ``meta_info.output_token_logprobs`` as ``[logprob, token_id, text]`` triples)."""
+    meta = result["meta_info"]
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in ("stop", "length"):
+        raise RuntimeError(f"{url}: generation ended with finish_reason {reason!r}")
+    triples = meta["output_token_logprobs"]
+    token_ids = [int(t[1]) for t in triples]
+    if list(result.get("output_ids", token_ids)) != token_ids:
+        raise RuntimeError(f"{url}: output_ids and output_token_logprobs disagree")
+    temperature = 1.0 if params.greedy else params.temperature
+    return Sample(
+        token_ids=token_ids,
+        logprobs=[float(t[0]) for t in triples],
+        finish_reason=kind,
+        temperatures=[temperature] * len(token_ids),
+    )
+
+
+def update_from_tensor_payload(serialized: str, tp_size: int, version: int) -> dict[str, Any]:
+    """``/update_weights_from_tensor``: the same serialised bucket for each tensor-parallel rank."""
+    return {
+        "serialized_named_tensors": [serialized] * tp_size,
+        "flush_cache": False,  # flushed once after the last bucket
+        "weight_version": str(version),
+    }
+
+
+def init_group_payload(
+    master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str
+) -> dict[str, Any]:
+    """``/init_weights_update_group``: the server's ranks join at ``rank_offset`` (trainer = 0)."""
+    return {
+        "master_address": master_address,
+        "master_port": master_port,
+        "rank_offset": rank_offset,
+        "world_size": world_size,
+        "group_name": group_name,
+        "backend": "nccl",
+    }
+
+
+def update_from_distributed_payload(
+    names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str, version: int
+) -> dict[str, Any]:
+    """``/update_weights_from_distributed``: the tensors rank 0 broadcasts next, in order."""
+    return {
+        "names": names,
+        "dtypes": dtypes,
+        "shapes": shapes,
+        "group_name": group_name,
+        "flush_cache": False,
+        "weight_version": str(version),
+    }
+
+
+def update_from_disk_payload(model_path: str, version: int) -> dict[str, Any]:
+    """``/update_weights_from_disk``: reload every weight from a checkpoint directory."""
+    return {"model_path": model_path, "weight_version": str(version)}
+
+
+def memory_payload(tags: Sequence[str] | None) -> dict[str, Any]:
+    """``/release_memory_occupation`` and ``/resume_memory_occupation`` ("weights", "kv_cache")."""
+    return {"tags": list(tags) if tags is not None else None}
