@@ -1,6 +1,6 @@
 """End to end on a real SGLang server (needs sglang with its CUDA stack and a GPU; skipped
 elsewhere): generate with log-probs, then a colocated weight update from the actor's buckets
-changes the log-probs to those of the new weights (bf16-free: the model is float32)."""
+makes the returned log-probs those of the new weights (the server runs in float32)."""
 
 from __future__ import annotations
 
