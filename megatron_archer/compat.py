@@ -87,7 +87,8 @@ def _cuda_requests_served_on_cpu():
     """During the call: ``torch.zeros(..., device="cuda")`` -> CPU, ``torch.cuda.current_device()``
     -> the CPU device, ``torch.cuda.synchronize()`` -> nothing. Only reached without CUDA, where
     each of them would raise."""
-    zeros, current_device, synchronize = torch.zeros, torch.cuda.current_device, torch.cuda.synchronize
+    zeros = torch.zeros
+    current_device, synchronize = torch.cuda.current_device, torch.cuda.synchronize
 
     def cpu_zeros(*args, **kwargs):
         device = kwargs.get("device")
@@ -162,7 +163,9 @@ def finalize_model_grads_cpu(model_chunks, num_tokens=None, pg_collection=None,
 
     if num_tokens is not None:
         raise NotImplementedError("calculate_per_token_loss is not supported on CPU")
-    params = [(n, p) for chunk in model_chunks for n, p in chunk.named_parameters() if p.requires_grad]
+    params = [
+        (n, p) for chunk in model_chunks for n, p in chunk.named_parameters() if p.requires_grad
+    ]
     for _, p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -162,7 +162,8 @@ class ModelRunner:
         return dict(attention_mask=mb.block_causal_mask(self.device))
 
     def _logprobs(self, mb: MicroBatch, logits: torch.Tensor, entropy_grad: bool):
-        """[b, R_mb] log-probs and entropies of ``mb``'s response tokens from [1, n, V/tp] logits."""
+        """[b, R_mb] log-probs and entropies of ``mb``'s response tokens from its logits
+        [1, n, V/tp]."""
         selected = logits[0, mb.label_positions]
         logp, entropy = vocab_parallel_logprobs_and_entropy(
             selected, mb.labels,
@@ -199,7 +200,8 @@ class ModelRunner:
             return
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         for tensor in tensors:
-            dist.broadcast(tensor, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                tensor, src=src, group=parallel_state.get_pipeline_model_parallel_group())
 
     @torch.no_grad()
     def compute_logprobs_and_entropy(self, batch: SequenceBatch) -> LogprobResult:
@@ -256,7 +258,8 @@ class Actor(ModelRunner):
         for chunk in self.chunks:
             for name, param in chunk.named_parameters():
                 if param.requires_grad:
-                    (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+                    skip = name.endswith(".bias") or param.dim() == 1
+                    (no_decay if skip else decay).append(param)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def _setup_cuda(self) -> None:

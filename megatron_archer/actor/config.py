@@ -57,7 +57,8 @@ class ActorConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 bad(f.name, "must be finite")
-        if not isinstance(self.max_tokens_per_micro_batch, int) or self.max_tokens_per_micro_batch < 2:
+        budget = self.max_tokens_per_micro_batch
+        if not isinstance(budget, int) or budget < 2:
             bad("max_tokens_per_micro_batch", "must be an int >= 2")
         if not self.lr > 0:
             bad("lr", "must be > 0")
@@ -75,7 +76,8 @@ class ActorConfig:
         if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
             bad("lr_warmup_steps", "must be an int >= 0")
         if self.lr_schedule == "cosine":
-            if not isinstance(self.lr_decay_steps, int) or self.lr_decay_steps <= self.lr_warmup_steps:
+            decay = self.lr_decay_steps
+            if not isinstance(decay, int) or decay <= self.lr_warmup_steps:
                 bad("lr_decay_steps", "cosine needs an int greater than lr_warmup_steps")
         if not 0 <= self.min_lr <= self.lr:
             bad("min_lr", "must be in [0, lr]")
@@ -98,5 +100,6 @@ class ActorConfig:
             return self.lr * (step + 1) / (self.lr_warmup_steps + 1)
         if self.lr_schedule == "constant":
             return self.lr
-        progress = min(1.0, (step - self.lr_warmup_steps) / (self.lr_decay_steps - self.lr_warmup_steps))
+        span = self.lr_decay_steps - self.lr_warmup_steps
+        progress = min(1.0, (step - self.lr_warmup_steps) / span)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))

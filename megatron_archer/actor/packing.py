@@ -72,7 +72,9 @@ def _layout_mask(counts: Sequence[int]) -> torch.Tensor:
     return torch.arange(width)[None, :] < torch.tensor(counts, dtype=torch.long)[:, None]
 
 
-def plan_micro_batches(lengths: Sequence[int], max_tokens: int, min_count: int = 1) -> list[list[int]]:
+def plan_micro_batches(
+    lengths: Sequence[int], max_tokens: int, min_count: int = 1
+) -> list[list[int]]:
     """Indices of the sequences in each micro-batch, every micro-batch within ``max_tokens``.
 
     First-fit decreasing; then, until there are ``min_count`` micro-batches (data-parallel ranks

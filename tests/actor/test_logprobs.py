@@ -43,5 +43,6 @@ def _worker(rank, world_size, checkpoints):
 
 
 def test_logprobs_and_entropy_match_transformers(tmp_path):
-    checkpoints = {case: write_checkpoint(tmp_path / case, case) for case in ("qwen3", "qwen2_tied")}
+    cases = ("qwen3", "qwen2_tied")
+    checkpoints = {case: write_checkpoint(tmp_path / case, case) for case in cases}
     run_distributed(_worker, 2, checkpoints)

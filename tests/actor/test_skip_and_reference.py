@@ -48,7 +48,8 @@ def _worker(rank, world_size, path):
             loaded = load_hf_model(path, params_dtype=torch.float32)
             actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
             ref_loaded = load_hf_model(path, params_dtype=torch.float32)
-            reference = ReferenceModel(ref_loaded.model, ref_loaded.spec, config, ref_loaded.backend)
+            reference = ReferenceModel(
+                ref_loaded.model, ref_loaded.spec, config, ref_loaded.backend)
             assert not any(p.requires_grad for p in ref_loaded.model.parameters())
             ref_before = reference.compute_logprobs_and_entropy(batch)
             # same weights (frozen parameters may take other kernels: equal to fp32 rounding)

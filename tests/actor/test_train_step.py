@@ -78,7 +78,8 @@ def _loss_fn(total_tokens, advantages):
 
 def _dp_share(batch: SequenceBatch, advantages, rank: int, dp: int):
     keep = list(range(rank, len(batch), dp))
-    share = SequenceBatch([batch.input_ids[i] for i in keep], [batch.response_mask[i] for i in keep])
+    share = SequenceBatch([batch.input_ids[i] for i in keep],
+                          [batch.response_mask[i] for i in keep])
     return share, advantages[keep]
 
 
