@@ -3,7 +3,10 @@
 Modules: ``spec`` (ModelSpec from config.json), ``layer_spec`` (Transformer Engine or portable),
 ``sdpa_attention`` (portable core attention), ``builder`` (TransformerConfig + GPTModel),
 ``weight_map`` (HF <-> megatron names, shapes, tensor-parallel layouts), ``hf_import``,
-``hf_export``. CPU workarounds for megatron are in ``megatron_archer.compat``.
+``hf_export``, ``hf_save`` (HF directory writer), ``output_dir`` (atomic output directories),
+``dist_checkpoint`` (weights as a megatron distributed checkpoint, any layout), ``convert``
+(HF <-> megatron checkpoints; tools/convert_checkpoint.py). CPU workarounds for megatron are in
+``megatron_archer.compat``.
 """
 
 from megatron_archer.models.builder import build_gpt_model, transformer_config

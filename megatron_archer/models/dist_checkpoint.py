@@ -21,6 +21,7 @@ Facts (megatron-core 0.16.1, torch 2.13 CPU, gloo):
   (``compat.dist_checkpoint_save_on_cpu``), starts a ``multiprocessing`` Manager with the *spawn*
   context (which re-imports ``__main__``: keep a script's top level light) and forks one writer
   process per file (2 per rank).
+- Both run over gloo with CPU tensors, also in a one-rank group (``dist.HashStore``).
 - Loading (``TorchDistLoadShardedStrategy``) runs on CPU unpatched; the fully-parallel load
   wrappers exchange shards on CUDA and are not used.
 - Embedding and output-layer tensors are saved with ``allow_shape_mismatch``: a checkpoint whose

@@ -33,7 +33,9 @@ def atomic_output_dir(out: str | Path, *, force: bool, collective: bool = False)
     """Yield an empty temporary directory that becomes ``out`` when the block succeeds.
 
     ``collective``: every rank of the default process group enters together and writes into
-    the same directory (a filesystem shared by the ranks); rank 0 creates and renames it.
+    the same directory (a filesystem shared by the ranks); rank 0 creates and renames it. If
+    another rank fails, rank 0 waits at a barrier until the job is torn down (torchrun): ``out``
+    is then still untouched, and a hidden ``.<name>.tmp-*`` sibling may be left behind.
     """
     out = check_output_dir(out, force)
     owner = not collective or dist.get_rank() == 0
