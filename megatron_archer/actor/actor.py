@@ -78,35 +78,6 @@ class StepResult:
                 "actor/num_micro_batches": float(self.num_micro_batches)}
 
 
-def mark_tensor_parallel_params(model: nn.Module) -> None:
-    """Set megatron's ``tensor_model_parallel`` attributes on sharded weights that lack them.
-
-    megatron's parallel linears and vocab-parallel embedding set these attributes only inside
-    their weight-initialisation helpers (megatron/core/tensor_parallel/layers.py), which are
-    skipped when the model is built with ``perform_initialization=False``, as ``load_hf_model``
-    does. Without them every sharded weight looks like a tensor-parallel duplicate, and the
-    gradient norm (megatron's ``get_grad_norm_fp32`` on CUDA as well as the CPU path) counts only
-    tensor-parallel rank 0's shard. Idempotent; attributes already present are kept.
-    """
-    from megatron.core.tensor_parallel import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
-    for module in model.modules():
-        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-            dim = 0
-        elif isinstance(module, RowParallelLinear):
-            dim = 1
-        else:
-            continue
-        weight = getattr(module, "weight", None)
-        if weight is not None and not getattr(weight, "tensor_model_parallel", False):
-            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
-
-
 def _unwrap(chunk: nn.Module) -> nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
@@ -126,7 +97,6 @@ class ModelRunner:
         compat.apply_cpu_patches()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else None
         for chunk in self.chunks:
-            mark_tensor_parallel_params(chunk)
             model_config = _unwrap(chunk).config
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
                 model_config.variable_seq_lengths = True  # packed rows differ in length

@@ -110,7 +110,50 @@ def build_gpt_model(
         rope_scaling=spec.llama3_rope_factor is not None,
         rope_scaling_factor=spec.llama3_rope_factor or 8.0,
     )
+    mark_tensor_parallel_params(model)
     # megatron's local norms are created in fp32 whatever params_dtype is; megatron casts the
     # whole module in its Float16Module wrapper, here it is done once so that every parameter,
     # and so every exported tensor, has params_dtype.
     return model.to(dtype=config.params_dtype)
+
+
+def _sharded_linear_types() -> list[tuple[type, int]]:
+    """(module type, partition dim of its weight) for megatron's tensor-parallel layers."""
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    types = [(ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1)]
+    try:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+    except ImportError:
+        return types
+    te_types = [(TEColumnParallelLinear, 0), (TELayerNormColumnParallelLinear, 0),
+                (TERowParallelLinear, 1)]
+    # without Transformer Engine megatron still defines these names, as None
+    return types + [(cls, dim) for cls, dim in te_types if isinstance(cls, type)]
+
+
+def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
+    """Set megatron's ``tensor_model_parallel`` attributes on sharded weights that lack them.
+
+    megatron's parallel layers set these attributes only inside their weight-initialisation
+    helpers (megatron/core/tensor_parallel/layers.py), which ``perform_initialization=False``
+    skips, as every loader does. Without them each sharded weight looks like a tensor-parallel
+    duplicate, and the gradient norm (megatron's ``get_grad_norm_fp32`` as well as the CPU path)
+    counts only tensor-parallel rank 0's shard. Attributes already present are kept.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    types = _sharded_linear_types()
+    for module in model.modules():
+        dim = next((d for cls, d in types if isinstance(module, cls)), None)
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
