@@ -11,7 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import get_type_hints
+
+from megatron_archer.config_fields import (
+    boolean,
+    choice,
+    from_dict,
+    instance,
+    integer,
+    merge,
+    number,
+    to_plain,
+)
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 SELECTION_METHODS = ("none", "forking", "archer", "archer_soft")
@@ -24,38 +35,6 @@ KL_AGGREGATIONS = ("token", "class_mean")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _number(name: str, value: Any, *, low: float, high: float = float("inf"),
-            low_open: bool = False, high_open: bool = False) -> None:
-    """``value`` is a real number in the interval low..high (open or closed at each end)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number; got {value!r}")
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}; got {value!r}")
-
-
-def _integer(name: str, value: Any, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
-def _boolean(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false; got {value!r}")
-
-
-def _instance(name: str, value: Any, cls: type) -> None:
-    if not isinstance(value, cls):
-        raise ValueError(f"{name} must be a {cls.__name__}; got {value!r}")
-
-
 @dataclass(frozen=True)
 class Constraints:
     """Clip range ``clip(r, 1 - eps_low, 1 + eps_high)`` and KL coefficient for one token class (SPEC 3, 5)."""
@@ -65,9 +44,9 @@ class Constraints:
     kl_coef: float = 0.0
 
     def __post_init__(self):
-        _number("eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
-        _number("eps_high", self.eps_high, low=0.0)
-        _number("kl_coef", self.kl_coef, low=0.0)
+        number("eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
+        number("eps_high", self.eps_high, low=0.0)
+        number("kl_coef", self.kl_coef, low=0.0)
 
 
 @dataclass(frozen=True)
@@ -78,8 +57,8 @@ class AdvantageConfig:
     std_eps: float = 1e-6
 
     def __post_init__(self):
-        _choice("estimator", self.estimator, ADVANTAGE_ESTIMATORS)
-        _number("std_eps", self.std_eps, low=0.0, low_open=True)
+        choice("estimator", self.estimator, ADVANTAGE_ESTIMATORS)
+        number("std_eps", self.std_eps, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -90,8 +69,8 @@ class DynamicSamplingConfig:
     max_gen_rounds: int = 10
 
     def __post_init__(self):
-        _boolean("enabled", self.enabled)
-        _integer("max_gen_rounds", self.max_gen_rounds, low=1)
+        boolean("enabled", self.enabled)
+        integer("max_gen_rounds", self.max_gen_rounds, low=1)
 
 
 @dataclass(frozen=True)
@@ -103,9 +82,9 @@ class OverlongConfig:
     cache_length: int = 4096
 
     def __post_init__(self):
-        _boolean("enabled", self.enabled)
-        _integer("max_length", self.max_length, low=1)
-        _integer("cache_length", self.cache_length, low=1)
+        boolean("enabled", self.enabled)
+        integer("max_length", self.max_length, low=1)
+        integer("cache_length", self.cache_length, low=1)
         if self.cache_length > self.max_length:
             raise ValueError(
                 f"cache_length must be <= max_length ({self.max_length}); got {self.cache_length}"
@@ -129,10 +108,10 @@ class ForkingConfig:
     keep: str = "top"
 
     def __post_init__(self):
-        _number("rho", self.rho, low=0.0, high=1.0, low_open=True)
-        _choice("scope", self.scope, FORKING_SCOPES)
-        _choice("normalizer", self.normalizer, FORKING_NORMALIZERS)
-        _choice("keep", self.keep, FORKING_KEEP)
+        number("rho", self.rho, low=0.0, high=1.0, low_open=True)
+        choice("scope", self.scope, FORKING_SCOPES)
+        choice("normalizer", self.normalizer, FORKING_NORMALIZERS)
+        choice("keep", self.keep, FORKING_KEEP)
 
 
 @dataclass(frozen=True)
@@ -151,10 +130,10 @@ class ArcherConfig:
     soft_width: float = 0.2
 
     def __post_init__(self):
-        _number("quantile", self.quantile, low=0.0, high=1.0)
-        _instance("reasoning", self.reasoning, Constraints)
-        _instance("knowledge", self.knowledge, Constraints)
-        _number("soft_width", self.soft_width, low=0.0, high=1.0, low_open=True)
+        number("quantile", self.quantile, low=0.0, high=1.0)
+        instance("reasoning", self.reasoning, Constraints)
+        instance("knowledge", self.knowledge, Constraints)
+        number("soft_width", self.soft_width, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -174,10 +153,10 @@ class SelectionConfig:
     archer: ArcherConfig = field(default_factory=ArcherConfig)
 
     def __post_init__(self):
-        _choice("method", self.method, SELECTION_METHODS)
-        _choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
-        _instance("forking", self.forking, ForkingConfig)
-        _instance("archer", self.archer, ArcherConfig)
+        choice("method", self.method, SELECTION_METHODS)
+        choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
+        instance("forking", self.forking, ForkingConfig)
+        instance("archer", self.archer, ArcherConfig)
 
 
 @dataclass(frozen=True)
@@ -201,15 +180,15 @@ class LossConfig:
     norm_length: int | None = None
 
     def __post_init__(self):
-        _instance("clip", self.clip, Constraints)
+        instance("clip", self.clip, Constraints)
         if self.dual_clip is not None:
-            _number("dual_clip", self.dual_clip, low=1.0, low_open=True)
-        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _choice("kl_aggregation", self.kl_aggregation, KL_AGGREGATIONS)
-        _number("entropy_coef", self.entropy_coef, low=0.0)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
+            number("dual_clip", self.dual_clip, low=1.0, low_open=True)
+        choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        choice("kl_aggregation", self.kl_aggregation, KL_AGGREGATIONS)
+        number("entropy_coef", self.entropy_coef, low=0.0)
+        choice("aggregation", self.aggregation, AGGREGATIONS)
         if self.aggregation == "seq-mean-token-sum-norm":
-            _integer("norm_length", self.norm_length, low=1)
+            integer("norm_length", self.norm_length, low=1)
         elif self.norm_length is not None:
             raise ValueError("norm_length is only used by aggregation 'seq-mean-token-sum-norm'")
 
@@ -226,7 +205,7 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            _instance(f.name, getattr(self, f.name), get_type_hints(type(self))[f.name])
+            instance(f.name, getattr(self, f.name), get_type_hints(type(self))[f.name])
         forking = self.selection.method == "forking"
         if (forking and self.selection.forking.normalizer == "selected"
                 and self.loss.aggregation == "seq-mean-token-sum-norm"):
@@ -281,44 +260,8 @@ PRESETS = {"grpo": _grpo, "dapo": _dapo, "forking_80_20": _forking_80_20, "arche
 
 def preset(name: str) -> AlgorithmConfig:
     """The named preset (``grpo``, ``dapo``, ``forking_80_20``, ``archer``) with the papers' defaults."""
-    _choice("preset", name, tuple(PRESETS))
+    choice("preset", name, tuple(PRESETS))
     return PRESETS[name]()
-
-
-def _build(cls: type, data: Any, path: str):
-    """Construct dataclass ``cls`` from a mapping, recursing into nested dataclass fields."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path.rstrip('.') or 'config'} must be a mapping; got {data!r}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{path}{unknown[0]} is not a field; allowed: {', '.join(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        nested = hints[name]
-        if dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
-            value = _build(nested, value, f"{path}{name}.")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ValueError as error:
-        raise ValueError(f"{path}{error}") from None
-
-
-def _to_plain(config) -> dict:
-    return {f.name: (_to_plain(v) if dataclasses.is_dataclass(v) else v)
-            for f in dataclasses.fields(config) for v in [getattr(config, f.name)]}
-
-
-def _merge(base: dict, override: Mapping) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def config_from_dict(data: Mapping) -> AlgorithmConfig:
@@ -326,5 +269,5 @@ def config_from_dict(data: Mapping) -> AlgorithmConfig:
     data = dict(data)
     name = data.pop("preset", None)
     if name is not None:
-        data = _merge(_to_plain(preset(name)), data)
-    return _build(AlgorithmConfig, data, "")
+        data = merge(to_plain(preset(name)), data)
+    return from_dict(AlgorithmConfig, data)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_archer.algorithms.config import _boolean, _choice, _integer
+from megatron_archer.config_fields import boolean, choice, integer
 from megatron_archer.data.reader import ON_MALFORMED, SUFFIXES
 from megatron_archer.data.records import SCHEMAS
 from megatron_archer.data.templates import TEMPLATES
@@ -44,12 +44,12 @@ class DataConfig:
             raise ValueError(f"path must be a file path; got {self.path!r}")
         if Path(self.path).suffix not in SUFFIXES:
             raise ValueError(f"path must end in {' or '.join(SUFFIXES)}; got {str(self.path)!r}")
-        _choice("schema", self.schema, SCHEMAS)
-        _choice("template", self.template, TEMPLATES)
-        _integer("max_prompt_length", self.max_prompt_length, low=1)
-        _choice("on_malformed", self.on_malformed, ON_MALFORMED)
-        _boolean("shuffle", self.shuffle)
-        _integer("seed", self.seed, low=0)
+        choice("schema", self.schema, SCHEMAS)
+        choice("template", self.template, TEMPLATES)
+        integer("max_prompt_length", self.max_prompt_length, low=1)
+        choice("on_malformed", self.on_malformed, ON_MALFORMED)
+        boolean("shuffle", self.shuffle)
+        integer("seed", self.seed, low=0)
         if not isinstance(self.chat_template_kwargs, Mapping):
             raise ValueError(f"chat_template_kwargs must be a mapping; got {self.chat_template_kwargs!r}")
         if self.chat_template_kwargs and self.template != "chat":

@@ -11,17 +11,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from megatron_archer.algorithms.config import _boolean, _integer
+from megatron_archer.config_fields import boolean, integer
 
 
 class PromptSampler:
     """Batches of `batch_size` prompt indices in [0, num_prompts), reshuffled every epoch."""
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int = 0, shuffle: bool = True):
-        _integer("num_prompts", num_prompts, low=1)
-        _integer("batch_size", batch_size, low=1)
-        _integer("seed", seed, low=0)
-        _boolean("shuffle", shuffle)
+        integer("num_prompts", num_prompts, low=1)
+        integer("batch_size", batch_size, low=1)
+        integer("seed", seed, low=0)
+        boolean("shuffle", shuffle)
         self.num_prompts, self.batch_size, self.seed, self.shuffle = num_prompts, batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
@@ -29,7 +29,7 @@ class PromptSampler:
     def next_batch(self, size: int | None = None) -> list[int]:
         """The next `size` (default `batch_size`) indices, e.g. more than one batch for DAPO top-ups."""
         size = self.batch_size if size is None else size
-        _integer("size", size, low=1)
+        integer("size", size, low=1)
         batch = []
         while len(batch) < size:
             if self.position == self.num_prompts:
@@ -51,8 +51,8 @@ class PromptSampler:
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"sampler state has {name}={state.get(name)!r}, this sampler "
                                  f"{getattr(self, name)!r}: it belongs to another prompt set or seed")
-        _integer("epoch", state.get("epoch"), low=0)
-        _integer("position", state.get("position"), low=0)
+        integer("epoch", state.get("epoch"), low=0)
+        integer("position", state.get("position"), low=0)
         if state["position"] > self.num_prompts:
             raise ValueError(f"sampler state position must be <= num_prompts ({self.num_prompts}); "
                              f"got {state['position']}")

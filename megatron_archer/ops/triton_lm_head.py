@@ -20,7 +20,6 @@ fp32 inputs use IEEE fp32 dots (no TF32), so results match the torch path to fp3
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
