@@ -4,10 +4,12 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py requirements/sglang-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r requirements/sglang-cpu.txt
+	$(PY) -m pip install -q IPython  # imported by sglang.utils
 	touch $@
 
 install: $(VENV)/.installed
