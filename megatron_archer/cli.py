@@ -1,8 +1,54 @@
-"""The `megatron-archer` console script (subcommands arrive with the trainer)."""
+"""The ``megatron-archer`` console script.
+
+- ``train CONFIG [key=value ...]``: an RL run (under ``torchrun`` for several processes);
+- ``eval CONFIG [key=value ...] --k 8``: avg@k, pass@k and mean response length on the data set;
+- ``convert {hf-to-megatron,megatron-to-hf} ...``: ``megatron_archer.models.convert``.
+
+Another package may add subcommands: when ``megatron_archer.analysis.cli`` exists, its
+``register(subparsers)`` is called; each subcommand sets ``func(args) -> int`` as its default.
+"""
 
 import argparse
+import importlib.util
+import sys
 
 from megatron_archer import __version__
+
+
+def _train(args) -> int:
+    import torch.distributed as dist
+
+    from megatron_archer.trainer import init_process_group, load_config, run_training
+
+    config = load_config(args.config, args.overrides)
+    init_process_group()
+    try:
+        run_training(config)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from megatron_archer.trainer import load_config
+    from megatron_archer.trainer.evaluate import evaluate
+
+    config = load_config(args.config, args.overrides)
+    result = evaluate(config, k=args.k, limit=args.limit, model_path=args.model)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump(result, out, indent=2)
+    return 0
+
+
+def _convert(args) -> int:
+    from megatron_archer.models import convert
+
+    convert.main(args.convert_args)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,14 +57,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="Entropy-aware RLVR (Archer, forking tokens) on Megatron-core.",
     )
     parser.add_argument("--version", action="version", version=f"megatron-archer {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    train = commands.add_parser("train", help="an RL run (under torchrun for several processes)")
+    train.add_argument("config", help="experiment YAML")
+    train.add_argument("overrides", nargs="*", help="section.field=value (value parsed as YAML)")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="avg@k, pass@k and mean response length on the config's data set")
+    evaluate.add_argument("config", help="experiment YAML (model, data, rollout, reward)")
+    evaluate.add_argument("overrides", nargs="*", help="section.field=value")
+    evaluate.add_argument("--k", type=int, default=8, help="samples per problem (default 8)")
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N problems only")
+    evaluate.add_argument("--model", help="HF checkpoint to evaluate (default: model.path)")
+    evaluate.add_argument("--out", help="also write the results to this JSON file")
+    evaluate.set_defaults(func=_eval)
+
+    convert = commands.add_parser(
+        "convert", add_help=False,
+        help="HF <-> megatron checkpoints (megatron_archer.models.convert; --help for its options)")
+    convert.add_argument("convert_args", nargs=argparse.REMAINDER)
+    convert.set_defaults(func=_convert)
+
+    if (importlib.util.find_spec("megatron_archer.analysis") is not None
+            and importlib.util.find_spec("megatron_archer.analysis.cli") is not None):
+        importlib.import_module("megatron_archer.analysis.cli").register(commands)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"megatron-archer {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

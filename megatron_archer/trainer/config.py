@@ -1,0 +1,347 @@
+"""ExperimentConfig: one YAML file per experiment, ``a.b.c=value`` overrides, the resolved copy.
+
+Sections: ``model``, ``parallel``, ``data`` (megatron_archer.data.DataConfig), ``rollout``,
+``reward``, ``algorithm`` (megatron_archer.algorithms, with an optional ``preset`` key),
+``actor`` (megatron_archer.actor.ActorConfig), ``train``, ``logging``, ``checkpoint``. Every
+section is a frozen dataclass validated at construction: unknown keys and bad values raise
+ValueError naming the dotted field and what it allows (``rollout.engine must be one of local,
+sglang; got 'vllm'``). Paths are not checked here (a config can be validated anywhere); the run
+checks them at start (``megatron_archer.trainer.launch``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_archer.actor import ActorConfig
+from megatron_archer.algorithms import AlgorithmConfig, config_from_dict
+from megatron_archer.config_fields import (
+    boolean,
+    choice,
+    from_dict,
+    instance,
+    integer,
+    merge,
+    number,
+    to_plain,
+)
+from megatron_archer.data import DataConfig
+from megatron_archer.rollout import SamplingParams
+
+ENGINES = ("local", "sglang")
+WEIGHT_SYNC = ("tensor", "distributed", "disk")
+BACKENDS = ("auto", "te", "local")
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _optional_str(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or null; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The initial policy (a Hugging Face checkpoint directory) and how megatron builds it.
+
+    ``tokenizer``: a directory with the tokenizer files (None: ``path``); ``backend``: megatron's
+    layer implementation, ``te`` (Transformer Engine), ``local`` (portable) or ``auto``.
+    """
+
+    path: str
+    tokenizer: str | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path must be a checkpoint directory; got {self.path!r}")
+        _optional_str("tokenizer", self.tokenizer)
+        choice("backend", self.backend, BACKENDS)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline). Checked against
+    the world size at start."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: int | None = None
+
+    def __post_init__(self):
+        integer("tensor", self.tensor, low=1)
+        integer("pipeline", self.pipeline, low=1)
+        if self.data is not None:
+            integer("data", self.data, low=1)
+
+    def data_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` processes; raises when the layout does not fit."""
+        model = self.tensor * self.pipeline
+        data = self.data if self.data is not None else world_size // model
+        if model * data != world_size:
+            raise ValueError(
+                f"parallel.tensor ({self.tensor}) x parallel.pipeline ({self.pipeline}) x "
+                f"parallel.data ({self.data if self.data is not None else 'auto'}) must equal the "
+                f"world size {world_size}")
+        return data
+
+
+@dataclass(frozen=True)
+class SGLangConfig:
+    """SGLang servers: attach to ``server_urls`` (and an optional ``router_url``) or, with
+    ``launch``, start ``num_servers`` of ``tp_size`` GPUs each (``extra_args`` passed through).
+    ``weight_sync``: ``tensor`` (colocated, CUDA IPC), ``distributed`` (NCCL broadcast to engines
+    on their own GPUs) or ``disk`` (``disk_dir``)."""
+
+    server_urls: tuple[str, ...] = ()
+    router_url: str | None = None
+    launch: bool = False
+    num_servers: int = 1
+    base_port: int = 30000
+    tp_size: int = 1
+    extra_args: tuple[str, ...] = ()
+    weight_sync: str = "tensor"
+    bucket_bytes: int = 512 << 20
+    disk_dir: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "server_urls", tuple(self.server_urls))
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        _optional_str("router_url", self.router_url)
+        boolean("launch", self.launch)
+        integer("num_servers", self.num_servers, low=1)
+        integer("base_port", self.base_port, low=1)
+        integer("tp_size", self.tp_size, low=1)
+        choice("weight_sync", self.weight_sync, WEIGHT_SYNC)
+        integer("bucket_bytes", self.bucket_bytes, low=1)
+        _optional_str("disk_dir", self.disk_dir)
+        if not self.launch and not self.server_urls:
+            raise ValueError("server_urls must list at least one server unless launch is true")
+        if self.weight_sync == "disk" and self.disk_dir is None:
+            raise ValueError("weight_sync 'disk' needs disk_dir")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Generation: ``prompts_per_step`` groups of ``n`` responses each, at most ``max_new_tokens``.
+
+    ``engine``: ``local`` (transformers, in the process of global rank 0) or ``sglang``.
+    ``colocated``: the engine shares the actor's GPUs, so its memory is released during training
+    and resumed for weight sync and generation; false for engines on their own GPUs or nodes.
+    ``stop_token_ids`` are added to the tokenizer's EOS. ``dtype``: the local engine's weights.
+    """
+
+    engine: str = "local"
+    prompts_per_step: int = 8
+    n: int = 8
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    colocated: bool = True
+    dtype: str = "float32"
+    sglang: SGLangConfig | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        choice("engine", self.engine, ENGINES)
+        integer("prompts_per_step", self.prompts_per_step, low=1)
+        integer("n", self.n, low=1)
+        integer("max_new_tokens", self.max_new_tokens, low=1)
+        number("temperature", self.temperature, low=0.0, low_open=True)
+        number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k == 0 \
+                or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or an integer >= 1; got {self.top_k!r}")
+        if self.seed is not None:
+            integer("seed", self.seed, low=0)
+        boolean("colocated", self.colocated)
+        choice("dtype", self.dtype, ENGINE_DTYPES)
+        if isinstance(self.sglang, Mapping):
+            object.__setattr__(self, "sglang", from_dict(SGLangConfig, self.sglang, "sglang."))
+        if self.engine == "sglang":
+            instance("sglang", self.sglang, SGLangConfig)
+
+    def sampling_params(self, stop_token_ids: Sequence[int], seed: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, n=self.n, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k,
+            stop_token_ids=tuple(dict.fromkeys((*stop_token_ids, *self.stop_token_ids))),
+            seed=seed)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward functions (``megatron_archer.rewards.load_reward_fn`` specs): ``function`` for every
+    prompt, or the one ``by_data_source`` names for the prompt's ``data_source``; scored by
+    ``workers`` threads."""
+
+    function: str = "math"
+    by_data_source: Mapping[str, str] = field(default_factory=dict)
+    workers: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.function, str) or not self.function:
+            raise ValueError(f"function must be a reward name or dotted path; got {self.function!r}")
+        instance("by_data_source", self.by_data_source, Mapping)
+        integer("workers", self.workers, low=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``steps`` RL steps; each step trains on ``prompts_per_step`` groups in
+    mini-batches of ``mini_batch_size`` prompts (prompts_per_step / mini_batch_size updates),
+    ``epochs`` passes over the batch (Archer: 3). ``seed`` seeds sampling and the engine."""
+
+    steps: int = 1
+    mini_batch_size: int = 8
+    epochs: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        integer("steps", self.steps, low=1)
+        integer("mini_batch_size", self.mini_batch_size, low=1)
+        integer("epochs", self.epochs, low=1)
+        integer("seed", self.seed, low=0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Run directory (resolved config, metrics.jsonl, TensorBoard events); ``progress`` bars."""
+
+    dir: str = "runs/experiment"
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.dir, str) or not self.dir:
+            raise ValueError(f"dir must be a directory path; got {self.dir!r}")
+        for name in ("tensorboard", "jsonl", "progress"):
+            boolean(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Every ``interval`` steps (0: never) and at the last step a checkpoint goes to
+    ``<dir>/checkpoints/step_<n>`` (``dir`` None: ``logging.dir``); the ``keep_last`` newest are
+    kept. ``resume``: continue from the newest complete checkpoint there, if any."""
+
+    dir: str | None = None
+    interval: int = 0
+    keep_last: int = 2
+    resume: bool = False
+
+    def __post_init__(self):
+        _optional_str("dir", self.dir)
+        boolean("resume", self.resume)
+        integer("interval", self.interval, low=0)
+        integer("keep_last", self.keep_last, low=1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole run; see the module docstring for the sections."""
+
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if self.rollout.prompts_per_step % self.train.mini_batch_size:
+            raise ValueError(
+                f"train.mini_batch_size ({self.train.mini_batch_size}) must divide "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step})")
+        if self.actor.temperature != self.rollout.temperature:
+            raise ValueError(
+                f"actor.temperature ({self.actor.temperature}) must equal rollout.temperature "
+                f"({self.rollout.temperature}): log-probs are of softmax(z / T) at the sampling T")
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        if longest > self.actor.max_tokens_per_micro_batch:
+            raise ValueError(
+                f"actor.max_tokens_per_micro_batch ({self.actor.max_tokens_per_micro_batch}) must "
+                f"hold the longest sequence, data.max_prompt_length + rollout.max_new_tokens "
+                f"({longest})")
+        overlong = self.algorithm.overlong
+        if overlong.enabled and overlong.max_length > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"algorithm.overlong.max_length ({overlong.max_length}) must be <= "
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.checkpoint.dir or self.logging.dir)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["a.b.c=value", ...]`` -> nested dict; each value is parsed as YAML (``1e-6``, ``[1, 2]``,
+    ``null``, ``true``)."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with an earlier override of {part}")
+        node[leaf] = yaml.safe_load(text) if text else None
+    return nested
+
+
+def config_from_mapping(data: Any) -> ExperimentConfig:
+    """An ExperimentConfig from plain dicts; errors name the dotted field."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config must be a mapping of sections; got {data!r}")
+    data = dict(data)
+    missing = [name for name in ("model", "data") if name not in data]
+    if missing:
+        raise ValueError(f"{missing[0]} is required (a section); sections: "
+                         f"{', '.join(f.name for f in dataclasses.fields(ExperimentConfig))}")
+    if "algorithm" in data:
+        try:
+            data["algorithm"] = config_from_dict(data["algorithm"] or {})
+        except ValueError as error:
+            raise ValueError(f"algorithm.{error}") from None
+    return from_dict(ExperimentConfig, data)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The experiment of the YAML file ``path`` with ``overrides`` (``a.b.c=value``) applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    return config_from_mapping(merge(data, parse_overrides(overrides)))
+
+
+def resolved_yaml(config: ExperimentConfig) -> str:
+    """The config with every default and preset filled in, as YAML that ``load_config`` reads back."""
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        return value
+    return yaml.safe_dump(plain(to_plain(config)), sort_keys=False)

@@ -1,0 +1,41 @@
+"""Starting a run: torch.distributed (NCCL on CUDA, gloo on CPU), megatron's parallel state from
+``config.parallel`` (checked against the world size), seeds, then the Trainer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_archer import compat
+from megatron_archer.rollout import RolloutEngine
+from megatron_archer.trainer.config import ExperimentConfig
+from megatron_archer.trainer.loop import Trainer
+
+
+def init_process_group() -> None:
+    """torchrun's env:// rendezvous, or one in-process rank when not launched by torchrun."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def run_training(config: ExperimentConfig, engine: RolloutEngine | None = None) -> Trainer:
+    """Train ``config`` on the initialised process group; returns the finished Trainer."""
+    parallel = config.parallel
+    parallel.data_size(dist.get_world_size())  # raises, naming the fields, when it does not fit
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline)
+    try:
+        compat.model_parallel_seed(config.train.seed)
+        trainer = Trainer(config, engine=engine)
+        trainer.run()
+        return trainer
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -1,0 +1,205 @@
+"""The RL loop: per step, rollout (rank 0) -> broadcast -> old/reference log-probs -> mini-batch
+updates -> weight sync to the engine -> metrics -> checkpoint.
+
+Placement. The rollout engine, the prompt sampler and the reward functions live on global rank
+0; the generated groups are broadcast to every rank (pickled token ids: fine for the CPU path and
+for moderate batches; a large GPU run would scatter each data-parallel rank's share instead).
+Colocated mode (``rollout.colocated``): the engine's memory is released after generation and
+resumed before the weight sync, so training has the GPUs to itself; the reference model is
+offloaded after use. Disaggregated mode: the engine keeps its memory (its own GPUs or nodes).
+
+Weight sync: every rank walks ``models.hf_weight_buckets`` (it gathers tensor-parallel shards
+and pipeline stages collectively); rank 0 hands the buckets to ``engine.update_weights`` with
+version = the step number. Any rank-0 failure (engine, rewards, data) is raised on every rank
+together (``rank_zero``), naming the engine and step for engine failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_archer.actor import Actor, ReferenceModel
+from megatron_archer.data import PromptSampler, load_prompt_set
+from megatron_archer.models import hf_weight_buckets, load_hf_model
+from megatron_archer.rollout import RolloutEngine
+from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
+from megatron_archer.trainer.engines import build_engine
+from megatron_archer.trainer.metrics_logger import MetricsLogger
+from megatron_archer.trainer.rank_zero import on_rank_zero
+from megatron_archer.trainer.reward_scoring import RewardScorer
+from megatron_archer.trainer.rollout_phase import collect_rollouts
+from megatron_archer.trainer.step import (
+    build_mini_batches,
+    compute_old_and_reference,
+    needs_reference,
+    plan_mini_batches,
+    rollout_batch_metrics,
+    timed,
+    train_on_mini_batches,
+)
+
+logger = logging.getLogger(__name__)
+RESOLVED_CONFIG = "config.yaml"
+
+
+def load_tokenizer(config: ExperimentConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+
+
+class Trainer:
+    """One run of ``config``; needs torch.distributed and megatron's parallel state initialised
+    (``launch.run_training`` does both). ``engine`` replaces the configured one (tests)."""
+
+    def __init__(self, config: ExperimentConfig, engine: RolloutEngine | None = None):
+        self.config = config
+        self.rank0 = dist.get_rank() == 0
+        self.run_dir = Path(config.logging.dir)
+        if not Path(config.model.path).is_dir():
+            raise FileNotFoundError(f"model.path {config.model.path} is not a directory")
+        self.tokenizer = load_tokenizer(config)
+        # rank 0's data, engine and rewards; a failure there is raised on every rank
+        on_rank_zero(lambda: self._setup_rank_zero(engine), share=False)
+        dtype = config.actor.torch_params_dtype
+        loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype)
+        self.model = loaded
+        self.actor = Actor(loaded.model, loaded.spec, config.actor, loaded.backend)
+        self.reference = None
+        if needs_reference(config.algorithm):
+            ref = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype)
+            self.reference = ReferenceModel(ref.model, ref.spec, config.actor, ref.backend)
+        self.step = 0
+        self.skipped_steps = 0
+        if config.checkpoint.resume:
+            self._resume()
+
+    def _setup_rank_zero(self, engine: RolloutEngine | None) -> None:
+        config = self.config
+        self.prompt_set = load_prompt_set(config.data, self.tokenizer)
+        self.sampler = PromptSampler(len(self.prompt_set), config.rollout.prompts_per_step,
+                                     seed=config.data.seed, shuffle=config.data.shuffle)
+        self.scorer = RewardScorer(config.reward, self.tokenizer)
+        stop = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        seed = config.rollout.seed if config.rollout.seed is not None else config.train.seed
+        self.params = config.rollout.sampling_params(stop, seed)
+        self.engine = engine if engine is not None else build_engine(config)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RESOLVED_CONFIG).write_text(resolved_yaml(config))
+        self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard,
+                                    jsonl=config.logging.jsonl, total_steps=config.train.steps)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        try:
+            while self.step < self.config.train.steps:
+                self.step += 1
+                scalars, histograms = self.train_step(self.step)
+                if self.rank0:
+                    self.logger.log(self.step, scalars, histograms)
+                self.maybe_checkpoint()
+        finally:
+            if self.rank0 and hasattr(self, "logger"):
+                self.logger.close()
+
+    def train_step(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One RL step on every rank; rank 0's scalars and histograms (others: partial)."""
+        config, times = self.config, {}
+        start = time.perf_counter()
+        progress = config.logging.progress and self.rank0
+
+        def rollout():
+            batch = collect_rollouts(self.engine, self.prompt_set, self.sampler, self.params,
+                                     self.scorer, config.algorithm, step, progress)
+            if config.rollout.colocated:
+                self.engine.release_memory()
+            return batch
+
+        batch = on_rank_zero(rollout)
+        scalars = batch.metrics()
+        dp = parallel_state.get_data_parallel_world_size()
+        if not plan_mini_batches(len(batch.groups), config.rollout.n,
+                                 config.train.mini_batch_size, dp):
+            self.skipped_steps += 1
+            logger.warning("step %d skipped: no group with reward signal after %d rounds",
+                           step, batch.rounds)
+            self._sync_weights(step)  # resumes a colocated engine; the version stays in step
+            return {**scalars, "step/skipped": 1.0,
+                    "step/skipped_total": float(self.skipped_steps)}, {}
+        mini_batches = build_mini_batches(batch.groups, config.algorithm,
+                                          config.train.mini_batch_size)
+        with timed(times, "time/logprob"):
+            compute_old_and_reference(self.actor, self.reference, mini_batches,
+                                      offload_reference=config.rollout.colocated)
+        batch_metrics, entropies = rollout_batch_metrics(mini_batches)
+        with timed(times, "time/train"):
+            train_metrics = train_on_mini_batches(self.actor, mini_batches, config.algorithm,
+                                                  config.train.epochs, progress)
+        with timed(times, "time/weight_sync"):
+            self._sync_weights(step)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(g.prompt.input_ids) + len(s.token_ids)
+                     for g in batch.groups for s in g.samples)
+        scalars.update(batch_metrics)
+        scalars.update(train_metrics)
+        scalars.update(times)
+        scalars.update({"time/step": elapsed, "perf/tokens_per_s": tokens / elapsed,
+                        "step/skipped": 0.0, "step/skipped_total": float(self.skipped_steps)})
+        rewards = torch.tensor([r for g in batch.all_groups for r in g.rewards])
+        lengths = torch.tensor([len(s.token_ids) for g in batch.all_groups for s in g.samples])
+        return scalars, {"entropy/tokens": entropies, "reward/values": rewards,
+                         "response/lengths": lengths}
+
+    def _sync_weights(self, version: int) -> None:
+        """The actor's weights into the engine (module docstring); raises on every rank."""
+        buckets = hf_weight_buckets(self.model.model, self.model.spec, self.model.backend)
+
+        def push():
+            try:
+                if self.config.rollout.colocated:
+                    self.engine.resume_memory()
+                self.engine.update_weights(buckets, version)
+            finally:
+                for _ in buckets:  # the other ranks are in the same collectives
+                    pass
+
+        if not self.rank0:
+            for _ in buckets:
+                pass
+        on_rank_zero(push, share=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def maybe_checkpoint(self) -> None:
+        """Every ``checkpoint.interval`` steps and at the last step (``trainer.checkpoint``)."""
+        interval = self.config.checkpoint.interval
+        if not interval or (self.step % interval and self.step != self.config.train.steps):
+            return
+        from megatron_archer.trainer.checkpoint import save_checkpoint
+
+        sampler = on_rank_zero(lambda: self.sampler.state_dict())
+        save_checkpoint(self.config.checkpoint_root, self.step, self.actor,
+                        hf_source=self.config.model.path, sampler_state=sampler,
+                        extra_state={"skipped_steps": self.skipped_steps},
+                        keep_last=self.config.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint under ``checkpoint_root``, if any: actor,
+        optimiser, RNG, sampler position; then the engine gets the restored weights."""
+        from megatron_archer.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+        path = latest_checkpoint(self.config.checkpoint_root)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.actor)
+        self.step = state.step
+        self.skipped_steps = int(state.extra_state.get("skipped_steps", 0))
+        on_rank_zero(lambda: self.sampler.load_state_dict(state.sampler_state), share=False)
+        self._sync_weights(self.step)
+        if self.rank0:
+            logger.info("resumed from %s at step %d", path, self.step)

@@ -1,0 +1,81 @@
+"""Step metrics out of the run, on global rank 0: one JSON line per step (``metrics.jsonl``),
+TensorBoard scalars and histograms (``tensorboard/``), and one summary line on stdout.
+
+TensorBoard needs the ``tensorboard`` package; without it ``logging.tensorboard: true`` logs a
+warning once and the JSONL file and summary lines are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# (metric, label, format) of the summary line, in order; absent metrics are left out
+SUMMARY = (
+    ("reward/mean", "reward", ".3f"), ("reward/accuracy", "acc", ".3f"),
+    ("response/length_mean", "len", ".1f"), ("entropy/mean", "H", ".3f"),
+    ("dynamic_sampling/keep_rate", "keep", ".2f"), ("actor/grad_norm", "gnorm", ".3g"),
+    ("actor/all/kl_mean", "kl", ".3g"), ("rollout/logprob_abs_diff_mean", "gap", ".2g"),
+    ("perf/tokens_per_s", "tok/s", ".0f"), ("time/step", "s", ".1f"),
+)
+
+
+class MetricsLogger:
+    """Writes under ``run_dir``; ``log(step, scalars, histograms)`` once per step."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool, jsonl: bool, total_steps: int):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.jsonl = (self.run_dir / "metrics.jsonl").open("a") if jsonl else None
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("logging.tensorboard is on but the tensorboard package is not "
+                               "installed (pip install tensorboard): writing metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float],
+            histograms: dict[str, torch.Tensor] | None = None) -> None:
+        if self.jsonl is not None:
+            record = {"step": step, **{k: _json_number(v) for k, v in sorted(scalars.items())}}
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            for key, values in (histograms or {}).items():
+                if values.numel():
+                    self.writer.add_histogram(key, values.float(), step)
+            self.writer.flush()
+        print(summary_line(step, self.total_steps, scalars), flush=True)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def summary_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
+    """``step 3/10 | reward 0.250 | acc 0.250 | len 18.2 | ...`` (skipped steps say so)."""
+    parts = [f"step {step}/{total_steps}"]
+    if scalars.get("step/skipped"):
+        parts.append("SKIPPED (no group with reward signal)")
+    parts += [f"{label} {scalars[key]:{fmt}}" for key, label, fmt in SUMMARY if key in scalars]
+    return " | ".join(parts)
+
+
+def _json_number(value: float):
+    """Non-finite floats as strings (JSON has no NaN), everything else as a float."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
