@@ -127,7 +127,8 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
         """Load ``(hf_name, full_tensor)`` buckets (``models.hf_weight_buckets``); on success the
-        engine's ``weight_version`` becomes ``version``."""
+        engine's ``weight_version`` becomes ``version``. On failure it stays, and ``generate``
+        never silently serves a mix of two versions: it serves the old weights or refuses."""
 
     @property
     @abc.abstractmethod

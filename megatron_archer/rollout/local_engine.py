@@ -46,22 +46,37 @@ class LocalEngine(RolloutEngine):
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
-        """Copy each bucket into the model; every tensor of a bucket is checked (name known,
-        shape equal) before any is copied. A tied ``lm_head`` follows its embedding."""
+        """All buckets or none: every tensor is checked (name known, shape equal, values finite
+        in the model's dtype) and staged as a copy on the model's device; the model changes only
+        once every bucket has passed, so a failed update leaves the model and ``weight_version``
+        as they were. Trade-off: while it runs, the update holds a second copy of the weights it
+        carries (fine for this CPU / small-model engine; SGLangEngine serves large models).
+        A tied ``lm_head`` follows its embedding."""
         self._check_usable()
         params = dict(self.model.named_parameters())
+        staged = {}
         for bucket in buckets:
             for name, tensor in bucket:
-                if name not in params:
-                    raise KeyError(f"update_weights: {name} is not a parameter of the model")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(
-                        f"update_weights: {name} has shape {list(tensor.shape)}, the model "
-                        f"parameter {list(params[name].shape)}"
-                    )
-            for name, tensor in bucket:
-                params[name].copy_(tensor)
+                staged[name] = self._staged(params, name, tensor, version)
+        for name, tensor in staged.items():
+            params[name].copy_(tensor)
         self._version = version
+
+    @staticmethod
+    def _staged(params, name: str, tensor: torch.Tensor, version: int) -> torch.Tensor:
+        """``tensor`` copied to its parameter's device and dtype, if it fits the parameter."""
+        where = f"update_weights (version {version}): {name}"
+        if name not in params:
+            raise KeyError(f"{where} is not a parameter of the model")
+        param = params[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"{where} has shape {list(tensor.shape)}, the model parameter {list(param.shape)}"
+            )
+        staged = tensor.detach().to(device=param.device, dtype=param.dtype, copy=True)
+        if not torch.isfinite(staged).all():
+            raise ValueError(f"{where} holds non-finite values (in {param.dtype})")
+        return staged
 
     @torch.no_grad()
     def generate(

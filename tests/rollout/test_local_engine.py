@@ -1,6 +1,6 @@
 """LocalEngine: seeded reproducibility, finish reasons, n samples, greedy, entropy-aware
-temperatures, update_weights checks, and log-probs equal to the megatron actor's after a weight
-update from its exported buckets (fp32, 1 gloo rank)."""
+temperatures, update_weights checks (a failed update changes nothing), and log-probs equal to
+the megatron actor's after a weight update from its exported buckets (fp32, 1 gloo rank)."""
 
 from __future__ import annotations
 
@@ -128,6 +128,35 @@ def test_update_weights_checks_names_shapes_and_tracks_version(checkpoint):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
     engine.resume_memory()
     assert engine.health() and engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+
+
+def test_a_failed_update_changes_nothing_and_a_later_one_applies(checkpoint):
+    engine = LocalEngine(checkpoint)
+    engine.update_weights([[("model.norm.weight", torch.full((64,), 1.5))]], version=1)
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    before = engine.generate(PROMPTS, greedy)
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    embed = torch.randn(engine.model.get_input_embeddings().weight.shape)
+
+    def buckets(second):  # the first bucket is good, the second fails on its last tensor
+        yield [("model.embed_tokens.weight", embed)]
+        yield [("model.norm.weight", torch.ones(64)), second]
+
+    for bad in [
+        ("model.nrom.weight", torch.ones(64)),  # unknown name
+        ("model.norm.weight", torch.ones(63)),  # wrong shape
+        ("model.norm.weight", torch.full((64,), float("nan"))),
+        ("model.norm.weight", torch.full((64,), 1e39, dtype=torch.float64)),  # inf in float32
+    ]:  # fmt: skip
+        with pytest.raises((KeyError, ValueError), match=rf"version 2\): {bad[0]}"):
+            engine.update_weights(buckets(bad), version=2)
+        assert engine.weight_version == 1
+        assert all(torch.equal(v, state[k]) for k, v in engine.model.state_dict().items()), bad[0]
+        assert engine.generate(PROMPTS, greedy) == before, "generation exactly as before"
+    engine.update_weights(buckets(("model.layers.0.input_layernorm.weight", torch.ones(64))), 2)
+    assert engine.weight_version == 2
+    assert torch.equal(engine.model.get_input_embeddings().weight, embed)
+    assert engine.generate(PROMPTS, greedy) != before, "the new weights are in use"
 
 
 def _actor_logprobs(loaded, prompt, sample, temperature):
