@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,20 @@ ENGINES = ("local", "sglang")
 WEIGHT_SYNC = ("tensor", "distributed", "disk")
 BACKENDS = ("auto", "te", "local")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loading that also reads ``1e-6`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _optional_str(name: str, value: Any) -> None:
@@ -302,7 +317,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {part}")
-        node[leaf] = yaml.safe_load(text) if text else None
+        node[leaf] = _yaml(text) if text else None
     return nested
 
 
@@ -328,7 +343,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _yaml(path.read_text()) or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: the top level must be a mapping of sections")
     return config_from_mapping(merge(data, parse_overrides(overrides)))

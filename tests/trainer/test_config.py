@@ -1,0 +1,79 @@
+"""Experiment configs: YAML + overrides, presets, errors naming the field, the resolved copy,
+and the example configs (structure only: their paths need not exist)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_archer.trainer import load_config, parse_overrides, resolved_yaml
+from megatron_archer.trainer.config import ParallelConfig
+from tests.trainer.common import CPU_CONFIG
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+
+
+def test_overrides_parse_values_as_yaml():
+    assert parse_overrides(["a.b=1e-6", "a.c=[1, 2]", "d=null", "a.e=true", "f=text"]) == {
+        "a": {"b": 1e-6, "c": [1, 2], "e": True}, "d": None, "f": "text"}
+    with pytest.raises(ValueError, match="section.field=value"):
+        parse_overrides(["rollout.n"])
+
+
+def test_load_with_overrides_on_the_preset():
+    config = load_config(CPU_CONFIG, ["rollout.n=8", "algorithm.preset=forking_80_20",
+                                      "algorithm.selection.forking.rho=0.5", "actor.lr=1e-6",
+                                      "algorithm.overlong.max_length=24",
+                                      "algorithm.overlong.cache_length=8"])
+    assert config.rollout.n == 8 and config.actor.lr == 1e-6
+    assert config.algorithm.selection.method == "forking"
+    assert config.algorithm.selection.forking.rho == 0.5
+    assert config.algorithm.loss.clip.eps_high == 0.28  # the rest of the preset stays
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.engine=vllm", "rollout.engine must be one of local, sglang; got 'vllm'"),
+    ("rollout.n=0", "rollout.n must be an integer >= 1; got 0"),
+    ("rollout.bogus=1", "rollout.bogus is not a field; allowed: engine, prompts_per_step"),
+    ("algorithm.preset=ppo", "algorithm.preset must be one of grpo, dapo, forking_80_20, archer"),
+    ("algorithm.selection.forking.rho=1.5", r"algorithm.selection.forking.rho must be in \(0.0, 1.0\]"),
+    ("actor.lr=-1", "actor.ActorConfig.lr=-1: must be > 0"),
+    ("data.on_malformed=ignore", "data.on_malformed must be one of skip, error"),
+    ("train.mini_batch_size=3", r"train.mini_batch_size \(3\) must divide rollout.prompts_per_step"),
+    ("rollout.temperature=0.6", r"actor.temperature \(1.0\) must equal rollout.temperature"),
+    ("rollout.engine=sglang", "rollout.sglang must be a SGLangConfig; got None"),
+    ("rollout.sglang.weight_sync=nccl", "rollout.sglang.weight_sync must be one of tensor"),
+    ("logging.tensorboard=maybe", "logging.tensorboard must be true or false; got 'maybe'"),
+])
+def test_bad_values_name_the_field_and_allowed_values(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CPU_CONFIG, [override])
+
+
+def test_missing_sections_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: m}\n")
+    with pytest.raises(ValueError, match="data is required"):
+        load_config(path)
+
+
+def test_parallel_layout_is_checked_against_the_world_size():
+    assert ParallelConfig(tensor=2).data_size(4) == 2
+    with pytest.raises(ValueError, match=r"parallel.tensor \(2\) x parallel.pipeline \(1\) x "
+                                         r"parallel.data \(2\) must equal the world size 2"):
+        ParallelConfig(tensor=2, data=2).data_size(2)
+
+
+def test_resolved_config_reloads_to_the_same_config(tmp_path):
+    config = load_config(CPU_CONFIG, ["rollout.stop_token_ids=[3]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(resolved_yaml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    load_config(path)
