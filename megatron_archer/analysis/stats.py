@@ -5,8 +5,9 @@ two arrays compared position by position hold two checkpoints' entropies of the 
 model is needed, so every number here is testable against a direct computation.
 
 Conventions: percentiles are nearest-rank (``algorithms.metrics.entropy_summary``, the training
-metric, compared in float32: float32(0.01) itself is not below 0.01); the top-rho set is exactly k = ceil(rho n) positions (``order_stats.top_count``),
-ties at the cut to the earlier position, as the forking-token selection of a micro-batch.
+metric, compared in float32: float32(0.01) itself is not below 0.01); the top-rho set is exactly
+k = ceil(rho n) positions (``order_stats.top_count``), ties at the cut to the earlier position, as
+the forking-token selection of a micro-batch.
 """
 
 from __future__ import annotations
