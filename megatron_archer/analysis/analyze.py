@@ -83,7 +83,8 @@ def analyze_entropy(config: AnalysisConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.checkpoint)
     prompts = _prompts(config, tokenizer) if config.prompts else None
-    engine = LocalEngine(config.checkpoint) if prompts else None
+    needs_engine = prompts is not None and (not config.responses or config.sweep)
+    engine = LocalEngine(config.checkpoint) if needs_engine else None
     if config.responses:
         responses = read_responses(config.responses)
     else:
