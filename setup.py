@@ -14,6 +14,10 @@ setup(
         "safetensors>=0.4",
         "math-verify[antlr4_13_2]>=0.7",
         "datasets>=3",
+        "pyyaml",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "tqdm",
     ],
     extras_require={
         # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.
