@@ -11,6 +11,7 @@ import json
 import math
 
 import numpy as np
+from PIL import Image  # matplotlib's dependency: reports need both
 import pytest
 import torch
 
@@ -21,9 +22,6 @@ from megatron_archer.data import build_tiny_tokenizer, write_arithmetic_jsonl
 from tests.actor.common import hf_logprobs
 from tests.analysis.common import parse_html
 from tests.models.checkpoints import write_checkpoint
-
-pytest.importorskip("matplotlib")
-Image = pytest.importorskip("PIL.Image")
 
 SWEEP = ("0.5:1.2:0.6", "p80:1.0:1.0")
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import pytest
+from PIL import Image  # matplotlib's dependency: reports need both
 
 from megatron_archer.analysis import report
 from tests.analysis.common import parse_html
-
-Image = pytest.importorskip("PIL.Image")
 
 
 def test_shaded_html_escapes_every_token(tmp_path):
