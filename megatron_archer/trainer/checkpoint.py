@@ -1,0 +1,306 @@
+"""Trainer checkpoints: everything a run needs to continue exactly, written atomically.
+
+``run_dir/checkpoints/step_<step:08d>/`` holds::
+
+    model/               the weights as a model checkpoint (``models.dist_checkpoint``: megatron
+                         distributed checkpoint + HF config), loadable alone at any layout
+    optimizer/           CPU: ``tp<t>_pp<p>_dp<d>.pt``, each rank's torch AdamW state_dict;
+                         CUDA: megatron's distributed optimizer as a distributed checkpoint
+    rng/rank_<r>.pt      each rank's python, numpy, torch CPU (and CUDA) generator states
+    trainer_state.json   step, lr-schedule position, data sampler state, caller's extra state
+    manifest.json        written last: format, step, layout (tp, pp, dp), optimizer format
+
+Every rank writes its part into a hidden temporary sibling which is renamed into place once all
+ranks have finished and the manifest is written (``models.output_dir``), so a crash mid-save
+leaves the previous checkpoints untouched and at most a hidden ``.step_*`` directory, removed by
+the next save. A directory without a manifest is incomplete and never loaded. Old checkpoints are
+pruned only after the new one is complete, each renamed to a hidden name before deletion, so a
+crash while pruning never leaves a visible partial checkpoint.
+
+Resuming needs the saved layout (tensor, pipeline, data parallel sizes): the optimizer and RNG
+states are per rank. The model alone (``model/``) loads at any layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_archer.actor import Actor
+from megatron_archer.actor.actor import _unwrap
+from megatron_archer.models.dist_checkpoint import load_model_weights, save_model_checkpoint
+from megatron_archer.models.output_dir import atomic_output_dir
+
+FORMAT = "megatron-archer-trainer-checkpoint"
+VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
+RNG_DIR = "rng"
+TORCH_ADAMW = "torch-adamw-per-rank"
+MEGATRON_DISTRIBUTED = "megatron-distributed-optimizer"
+# megatron's per-bucket format: fully parallel save/load, reshardable in DP only (the layout
+# must match anyway, for the RNG states)
+_DIST_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
+                        "chained_optim_avoid_prefix": True}
+_STEP_DIR = re.compile(r"step_(\d{8})")
+
+
+class CheckpointNotUsable(ValueError):
+    """The checkpoint is missing, incomplete, of another format, or saved at another layout."""
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What ``load_checkpoint`` hands back to the trainer (the actor is restored in place)."""
+
+    path: Path
+    step: int
+    sampler_state: dict[str, Any]
+    extra_state: dict[str, Any]
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: str | Path,
+                    sampler_state: dict[str, Any], extra_state: dict[str, Any],
+                    keep_last: int | None = None) -> Path:
+    """Every rank of the job: write ``step``'s checkpoint, then keep the ``keep_last`` newest.
+
+    ``hf_source``: the HF checkpoint the model came from (its config and tokenizer files are
+    kept). ``sampler_state`` and ``extra_state`` must be JSON-serialisable and the same on every
+    rank (rank 0's are written). An existing checkpoint of the same step is replaced once the
+    new one is complete. Returns the checkpoint's path.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
+    if len(actor.chunks) != 1:
+        raise NotImplementedError("checkpoints of virtual-pipeline (several) model chunks")
+    rng_state = _rng_state()  # before the save itself can draw from any generator
+    try:
+        trainer_state = json.dumps({"step": step, "schedule_steps": actor.steps_taken,
+                                    "sampler": sampler_state, "extra": extra_state}, indent=2)
+    except TypeError as error:
+        raise TypeError(f"sampler_state and extra_state must be JSON-serialisable: {error}") \
+            from None
+    out = step_dir(run_dir, step)
+    if dist.get_rank() == 0:
+        _remove_hidden_leftovers(out.parent)
+    with atomic_output_dir(out, force=True, collective=True) as tmp:
+        if dist.get_rank() == 0:
+            (tmp / OPTIMIZER_DIR).mkdir()
+            (tmp / RNG_DIR).mkdir()
+        dist.barrier()
+        save_model_checkpoint(_unwrap(actor.chunks[0]), actor.spec, tmp / MODEL_DIR,
+                              hf_source=hf_source)
+        _save_optimizer(actor, tmp / OPTIMIZER_DIR)
+        torch.save(rng_state, tmp / RNG_DIR / _rng_file())
+        dist.barrier()  # every rank's files are written: the manifest may say so
+        if dist.get_rank() == 0:
+            (tmp / TRAINER_STATE).write_text(trainer_state + "\n")
+            _write_durably(tmp / MANIFEST, json.dumps(_manifest(step, actor), indent=2) + "\n")
+    if keep_last is not None and dist.get_rank() == 0:
+        _prune(out.parent, keep_last, keep=out)
+    dist.barrier()
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint of the highest step under ``run_dir``, or None."""
+    complete = _complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path, actor: Actor) -> ResumeState:
+    """Every rank of the job: restore ``actor`` (weights, optimizer, lr-schedule position) and
+    this rank's RNG states from the checkpoint at ``path``; return the trainer's state.
+
+    The actor must be built as for the saved run (same model, config and parallel layout).
+    The manifest, the layout and this rank's files are checked before anything is loaded.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    layout = _layout()
+    if manifest["layout"] != layout:
+        raise CheckpointNotUsable(
+            f"{path} was saved at layout {manifest['layout']}, this job runs {layout}: optimizer "
+            "and RNG states are per rank, so resume at the saved layout (the weights alone, in "
+            f"{path / MODEL_DIR}, load at any layout)")
+    if manifest["optimizer"] != _optimizer_format(actor):
+        raise CheckpointNotUsable(
+            f"{path} holds optimizer state {manifest['optimizer']!r}, this actor uses "
+            f"{_optimizer_format(actor)!r} (CPU vs CUDA run)")
+    if len(actor.chunks) != 1:
+        raise NotImplementedError("checkpoints of virtual-pipeline (several) model chunks")
+    rank_files = [path / RNG_DIR / _rng_file()]
+    if not actor.on_cuda:
+        rank_files.append(path / OPTIMIZER_DIR / _optimizer_file())
+    for file in rank_files:
+        if not file.is_file():
+            raise CheckpointNotUsable(f"{file}: missing (this rank's state)")
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    load_model_weights(_unwrap(actor.chunks[0]), path / MODEL_DIR)
+    _load_optimizer(actor, path / OPTIMIZER_DIR)
+    actor.steps_taken = trainer_state["schedule_steps"]
+    _load_rng(path / RNG_DIR / _rng_file())
+    return ResumeState(path=path, step=trainer_state["step"],
+                       sampler_state=trainer_state["sampler"], extra_state=trainer_state["extra"])
+
+
+# ------------------------------------------------------------------------------ layout, manifest
+def _layout() -> dict[str, int]:
+    return {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data_parallel": parallel_state.get_data_parallel_world_size()}
+
+
+def _optimizer_format(actor: Actor) -> str:
+    return MEGATRON_DISTRIBUTED if actor.on_cuda else TORCH_ADAMW
+
+
+def _manifest(step: int, actor: Actor) -> dict[str, Any]:
+    return {"format": FORMAT, "version": VERSION, "step": step, "layout": _layout(),
+            "world_size": dist.get_world_size(), "optimizer": _optimizer_format(actor)}
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write and fsync: the manifest is what marks a checkpoint complete."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointNotUsable(f"{path}: no such checkpoint directory")
+    if not (path / MANIFEST).is_file():
+        raise CheckpointNotUsable(
+            f"{path} is incomplete: it has no {MANIFEST} (a save that did not finish); "
+            "it is never loaded")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointNotUsable(f"{path / MANIFEST} is not valid JSON: {error}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointNotUsable(
+            f"{path / MANIFEST}: format {manifest.get('format')!r} version "
+            f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
+    return manifest
+
+
+def _complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Visible ``step_*`` directories with a valid manifest, oldest step first."""
+    if not checkpoints.is_dir():
+        return []
+    found = []
+    for entry in checkpoints.iterdir():
+        match = _STEP_DIR.fullmatch(entry.name)
+        if not match:
+            continue
+        try:
+            _read_manifest(entry)
+        except CheckpointNotUsable:
+            continue
+        found.append((int(match.group(1)), entry))
+    return [entry for _, entry in sorted(found)]
+
+
+# ------------------------------------------------------------------------------ optimizer
+def _optimizer_file() -> str:
+    return (f"tp{parallel_state.get_tensor_model_parallel_rank()}"
+            f"_pp{parallel_state.get_pipeline_model_parallel_rank()}"
+            f"_dp{parallel_state.get_data_parallel_rank()}.pt")
+
+
+def _save_optimizer(actor: Actor, directory: Path) -> None:
+    """CPU: this rank's AdamW state_dict in its own file. CUDA: megatron's distributed optimizer
+    state (sharded over data-parallel ranks) as a distributed checkpoint."""
+    if not actor.on_cuda:
+        torch.save(actor.optimizer.state_dict(), directory / _optimizer_file())
+        return
+    model_state = actor.chunks[0].sharded_state_dict()
+    state = actor.optimizer.sharded_state_dict(model_state, metadata=_DIST_OPTIM_METADATA)
+    dist_checkpointing.save(state, str(directory))
+
+
+def _load_optimizer(actor: Actor, directory: Path) -> None:
+    if not actor.on_cuda:
+        state = torch.load(directory / _optimizer_file(), weights_only=True)
+        actor.optimizer.load_state_dict(state)
+        return
+    actor.optimizer.reload_model_params()  # main params from the loaded weights first
+    model_state = actor.chunks[0].sharded_state_dict()
+    template = actor.optimizer.sharded_state_dict(
+        model_state, is_loading=True, metadata=_DIST_OPTIM_METADATA)
+    actor.optimizer.load_state_dict(dist_checkpointing.load(template, str(directory)))
+
+
+# ------------------------------------------------------------------------------ RNG
+def _rng_file() -> str:
+    return f"rank_{dist.get_rank():05d}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    """This rank's generator states, as plain types (loadable with ``weights_only``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["megatron_cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _load_rng(file: Path) -> None:
+    state = torch.load(file, weights_only=True)
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state_all(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["megatron_cuda_tracker"])
+
+
+# ------------------------------------------------------------------------------ housekeeping
+def _remove_hidden_leftovers(checkpoints: Path) -> None:
+    """Remove what an interrupted save or prune left: hidden ``.step_*`` directories."""
+    if checkpoints.is_dir():
+        for entry in checkpoints.iterdir():
+            if entry.name.startswith(".step_") and entry.is_dir():
+                shutil.rmtree(entry)
+
+
+def _prune(checkpoints: Path, keep_last: int, keep: Path) -> None:
+    """Delete complete checkpoints beyond the ``keep_last`` newest (never ``keep``); each is
+    first renamed to a hidden name, so it disappears from view at once and whole."""
+    for old in _complete_checkpoints(checkpoints)[:-keep_last]:
+        if old != keep:
+            doomed = checkpoints / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
