@@ -9,16 +9,25 @@ generate requests go to ``router_url`` and the control requests (weights, memory
 - ``"distributed"`` (separate GPUs): after ``init_weight_update_group``, each bucket's metadata is
   posted to ``/update_weights_from_distributed`` while this process (rank 0) broadcasts its
   tensors over NCCL.
-- ``"disk"``: buckets are saved as a safetensors checkpoint under ``disk_dir`` and the servers
-  reload it with ``/update_weights_from_disk``.
+- ``"disk"``: buckets are saved as a Hugging Face checkpoint (``models.hf_save``: safetensors
+  shards of at most ``bucket_bytes``, an index when there are several, the base model's config and
+  tokenizer files) in ``disk_dir/version-N``, and the servers reload it with
+  ``/update_weights_from_disk``. Pruning rule: after a successful update every other
+  ``version-*`` directory in ``disk_dir`` is deleted (all servers now read the new one); after a
+  failed one nothing is deleted, since a server that loaded or rolled back from the new directory
+  may still refer to it. ``disk_dir`` thus holds the current version plus any failed attempts
+  since.
 
 Every update is wrapped in ``/pause_generation``, then ``/flush_cache`` and
-``/continue_generation``.
+``/continue_generation``; every server is sent ``/continue_generation`` even when the update
+fails. A failed update leaves ``weight_version`` unchanged and raises an error naming each server
+that failed; servers that accepted part of it may hold new weights, so ``generate`` refuses until
+a later update succeeds.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +56,7 @@ from megatron_archer.rollout.weight_buckets import (
 
 WeightSync = Literal["tensor", "distributed", "disk"]
 GROUP_NAME = "megatron_archer_weights"
+_VERSION_DIR = re.compile(r"version-\d+")
 
 
 class SGLangEngine(RolloutEngine):
@@ -81,6 +91,7 @@ class SGLangEngine(RolloutEngine):
         self.policy = policy
         self.processes = dict(zip(self.server_urls, processes))
         self._version: int | None = None
+        self._failed_update: str | None = None
         self._group = None
 
     # -- servers -------------------------------------------------------------------------------
@@ -144,8 +155,16 @@ class SGLangEngine(RolloutEngine):
         return request_json(url, path, payload, self.policy, is_alive=self._alive(url))
 
     def _post_all(self, path: str, payload: dict | None = None) -> list:
+        """``path`` to every server in parallel, all of them even when some fail; the answers, or
+        an error naming every server that failed."""
         with ThreadPoolExecutor(len(self.server_urls)) as pool:
-            return list(pool.map(lambda url: self._post(url, path, payload), self.server_urls))
+            futures = [pool.submit(self._post, url, path, payload) for url in self.server_urls]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ServerError("; ".join(map(str, errors))) from errors[0]
+        return [f.result() for f in futures]
 
     def health(self) -> bool:
         probe = RetryPolicy(timeout_s=10.0, attempts=1)
@@ -160,6 +179,8 @@ class SGLangEngine(RolloutEngine):
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[Sample]]:
+        if self._failed_update is not None:
+            raise RuntimeError(self._failed_update)
         check_prompts(prompts)
         rows = [list(p) for p in prompts for _ in range(params.n)]
         seeds = [None if params.seed is None else params.seed + i for i in range(len(rows))]
@@ -188,23 +209,44 @@ class SGLangEngine(RolloutEngine):
         return self._version
 
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
-        self._post_all("/pause_generation")
+        """Pause, load (``weight_sync``), flush, continue: see the module docstring."""
+        error = None
         try:
-            if self.weight_sync == "tensor":
-                for bucket in bounded_buckets(buckets, self.bucket_bytes):
-                    body = payloads.update_from_tensor_payload(
-                        serialize_named_tensors(bucket), self.tp_size, version
-                    )
-                    self._post_all("/update_weights_from_tensor", body)
-            elif self.weight_sync == "distributed":
-                self._update_distributed(buckets, version)
-            else:
-                path = self._save_checkpoint(buckets, version)
-                self._post_all("/update_weights_from_disk", payloads.update_from_disk_payload(str(path), version))
+            self._post_all("/pause_generation")
+            self._load(buckets, version)
             self._post_all("/flush_cache")
-        finally:
+        except BaseException as caught:
+            error = caught
+        try:
             self._post_all("/continue_generation")
-        self._version = version
+        except BaseException as caught:
+            if error is None:
+                error = caught
+            else:
+                error.add_note(f"/continue_generation failed too: {caught}")
+        if error is not None:
+            self._failed_update = (
+                f"the weight update to version {version} failed ({error}); the servers may hold "
+                f"a mix of versions: generate() refuses until an update succeeds"
+            )
+            raise error
+        self._version, self._failed_update = version, None
+        if self.weight_sync == "disk":
+            self._prune_checkpoints(keep=self._checkpoint_dir(version))
+
+    def _load(self, buckets: Iterable[Bucket], version: int) -> None:
+        if self.weight_sync == "tensor":
+            for bucket in bounded_buckets(buckets, self.bucket_bytes):
+                body = payloads.update_from_tensor_payload(
+                    serialize_named_tensors(bucket), self.tp_size, version
+                )
+                self._post_all("/update_weights_from_tensor", body)
+        elif self.weight_sync == "distributed":
+            self._update_distributed(buckets, version)
+        else:
+            path = self._save_checkpoint(buckets, version)
+            body = payloads.update_from_disk_payload(str(path), version)
+            self._post_all("/update_weights_from_disk", body)
 
     def init_weight_update_group(self, master_address: str, master_port: int) -> None:
         """Create the NCCL group {this process (rank 0), every server rank} for
@@ -238,25 +280,26 @@ class SGLangEngine(RolloutEngine):
                 for future in pending:
                     future.result()
 
-    def _save_checkpoint(self, buckets: Iterable[Bucket], version: int) -> Path:
-        """The buckets as ``model-NNNNN.safetensors`` shards with an index, beside the base
-        model's config and tokenizer files."""
-        from safetensors.torch import save_file
+    def _checkpoint_dir(self, version: int) -> Path:
+        return (self.disk_dir / f"version-{version}").resolve()
 
-        path = self.disk_dir / f"version-{version}"
-        path.mkdir(parents=True, exist_ok=True)
-        for item in self.base_model_path.iterdir():
-            if item.is_file() and not item.name.startswith("model") and item.suffix != ".safetensors":
-                shutil.copy2(item, path / item.name)
-        weight_map = {}
-        for k, bucket in enumerate(bounded_buckets(buckets, self.bucket_bytes)):
-            shard = f"model-{k:05d}.safetensors"
-            save_file({n: t.detach().contiguous().cpu() for n, t in bucket}, path / shard,
-                      metadata={"format": "pt"})  # fmt: skip
-            weight_map.update(dict.fromkeys((n for n, _ in bucket), shard))
-        index = {"metadata": {}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    def _save_checkpoint(self, buckets: Iterable[Bucket], version: int) -> Path:
+        """The buckets as an HF checkpoint in ``disk_dir/version-N`` (replaced if present),
+        written atomically; its absolute path."""
+        from megatron_archer.models.hf_save import write_hf_checkpoint
+
+        path = self._checkpoint_dir(version)
+        write_hf_checkpoint(
+            buckets, path, metadata_dir=self.base_model_path, max_shard_bytes=self.bucket_bytes,
+            force=True,
+        )  # fmt: skip
         return path
+
+    def _prune_checkpoints(self, keep: Path) -> None:
+        """Delete the ``version-N`` directories of ``disk_dir`` other than ``keep``."""
+        for item in self.disk_dir.iterdir():
+            if item.is_dir() and _VERSION_DIR.fullmatch(item.name) and item.resolve() != keep:
+                shutil.rmtree(item)
 
     # -- memory --------------------------------------------------------------------------------
     def release_memory(self) -> None:

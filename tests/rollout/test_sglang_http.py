@@ -1,13 +1,17 @@
 """SGLangEngine's HTTP behaviour against fake servers on 127.0.0.1: batching across servers and
 a router, the update sequence (pause, buckets, flush, continue), retries with backoff, timeouts,
-and errors that name the server."""
+errors that name the server, failed updates (every server continues, generation refused until
+an update succeeds), and disk weight sync (the checkpoint written, loaded, pruned)."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from megatron_archer.rollout.engine import SamplingParams
 from megatron_archer.rollout.http_client import RetryPolicy, ServerError
@@ -101,3 +105,130 @@ def test_health_and_memory_endpoints(tmp_path):
         engine.resume_memory()
     assert server.paths() == ["/health", "/release_memory_occupation", "/resume_memory_occupation"]
     assert not SGLangEngine([server.url], policy=FAST).health(), "a stopped server is unhealthy"
+
+
+def _refusing(path_to_refuse, after=0):
+    """ok_script, but ``path_to_refuse`` is answered 400 after ``after`` successful calls, while
+    ``refuse["on"]`` holds."""
+    refuse, calls = {"on": True}, []
+
+    def script(path, body):
+        if path == path_to_refuse and refuse["on"]:
+            calls.append(path)
+            if len(calls) > after:
+                return 400, {"success": False, "message": f"refused {path}"}
+        return ok_script(path, body)
+
+    return script, refuse
+
+
+@pytest.mark.parametrize("failing_path, after", [
+    ("/pause_generation", 0), ("/update_weights_from_tensor", 1), ("/flush_cache", 0),
+])  # fmt: skip
+def test_one_server_failing_mid_update_is_named_and_every_server_continues(failing_path, after):
+    script, refuse = _refusing(failing_path, after)
+    with FakeServer(ok_script) as a, FakeServer(script) as b:
+        engine = SGLangEngine([a.url, b.url], policy=FAST, bucket_bytes=300)
+        buckets = [[("a", torch.zeros(50)), ("b", torch.zeros(50))], [("c", torch.zeros(10))]]
+        with pytest.raises(ServerError, match=rf"{b.url}{failing_path}: HTTP 400") as error:
+            engine.update_weights(buckets, version=1)
+        assert a.url not in str(error.value), "only the failing server is named"
+        assert a.paths()[-1] == b.paths()[-1] == "/continue_generation"
+        assert engine.weight_version is None
+        with pytest.raises(RuntimeError, match="update to version 1 failed.*refuses"):
+            engine.generate(PROMPTS, PARAMS)
+        assert "/generate" not in a.paths() + b.paths()
+        refuse["on"] = False
+        engine.update_weights(buckets, version=2)
+        assert engine.weight_version == 2 and engine.generate(PROMPTS, PARAMS)
+
+
+def test_every_failing_server_is_named():
+    refuse_all = lambda path, body: (400, {"message": "no"})  # noqa: E731
+    with FakeServer(refuse_all) as a, FakeServer(refuse_all) as b:
+        with pytest.raises(ServerError, match=rf"{a.url}/pause_generation.*; {b.url}/pause"):
+            SGLangEngine([a.url, b.url], policy=FAST).update_weights([[("a", torch.zeros(1))]], 1)
+    assert a.paths() == b.paths() == ["/pause_generation", "/continue_generation"]
+
+
+def _base_model(directory):
+    """A base model directory: config, tokenizer and generation files, and its own weights."""
+    directory.mkdir()
+    (directory / "config.json").write_text('{"model_type": "qwen2", "dtype": "float32"}')
+    (directory / "tokenizer.json").write_text('{"version": "1.0"}')
+    (directory / "generation_config.json").write_text('{"do_sample": true}')
+    save_file({"base": torch.zeros(1)}, directory / "model.safetensors")
+    return directory
+
+
+def _loaded(checkpoint):
+    """Every tensor of a sharded safetensors checkpoint, through its index."""
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(checkpoint / shard))
+    assert sorted(tensors) == sorted(index["weight_map"])
+    return tensors
+
+
+def _disk_request(server, version):
+    body = [b for p, b in server.requests if p == "/update_weights_from_disk"][-1]
+    assert body["weight_version"] == str(version)
+    try:
+        from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
+    except ImportError:
+        return Path(body["model_path"])
+    from tests.rollout.test_sglang_payloads import _validate
+
+    _validate(UpdateWeightFromDiskReqInput, body)
+    return Path(body["model_path"])
+
+
+def test_disk_sync_writes_a_loadable_checkpoint_and_prunes_old_versions(tmp_path):
+    base, disk = _base_model(tmp_path / "base"), tmp_path / "disk"
+    (disk / "notes").mkdir(parents=True)  # not a version directory: never pruned
+    torch.manual_seed(0)
+    buckets = [[("a", torch.randn(50)), ("b", torch.randn(50))], [("c", torch.randn(10))]]
+    with FakeServer(ok_script) as server:
+        engine = SGLangEngine([server.url], weight_sync="disk", disk_dir=disk,
+                              base_model_path=base, bucket_bytes=300, policy=FAST)  # fmt: skip
+        engine.update_weights(buckets, version=1)
+        assert server.paths() == ["/pause_generation", "/update_weights_from_disk",
+                                  "/flush_cache", "/continue_generation"]  # fmt: skip
+        checkpoint = _disk_request(server, 1)
+        assert checkpoint == (disk / "version-1").resolve() and checkpoint.is_absolute()
+        assert sorted(p.name for p in checkpoint.glob("*.safetensors")) == [
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # [a], [b, c]
+        tensors = _loaded(checkpoint)
+        assert sorted(tensors) == ["a", "b", "c"], "the base model's weights are not copied"
+        for name, tensor in (pair for bucket in buckets for pair in bucket):
+            assert torch.equal(tensors[name], tensor), name
+        for name in ("tokenizer.json", "generation_config.json"):
+            assert (checkpoint / name).read_bytes() == (base / name).read_bytes()
+        assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "qwen2"
+        assert engine.weight_version == 1
+
+        engine.update_weights([[("a", torch.ones(50))]], version=2)
+        assert _disk_request(server, 2) == (disk / "version-2").resolve()
+        assert sorted(p.name for p in disk.iterdir()) == ["notes", "version-2"]
+        assert torch.equal(load_file(disk / "version-2" / "model.safetensors")["a"], torch.ones(50))
+
+
+def test_disk_sync_refused_by_one_server_keeps_the_version_and_the_checkpoints(tmp_path):
+    script, refuse = _refusing("/update_weights_from_disk", after=1)
+    with FakeServer(ok_script) as a, FakeServer(script) as b:
+        engine = SGLangEngine([a.url, b.url], weight_sync="disk", disk_dir=tmp_path / "disk",
+                              base_model_path=_base_model(tmp_path / "base"),
+                              policy=FAST)  # fmt: skip
+        engine.update_weights([[("a", torch.zeros(4))]], version=1)
+        with pytest.raises(ServerError, match=rf"{b.url}/update_weights_from_disk: HTTP 400"):
+            engine.update_weights([[("a", torch.ones(4))]], version=2)
+        assert engine.weight_version == 1
+        assert a.paths()[-1] == b.paths()[-1] == "/continue_generation"
+        assert _disk_request(a, 2) == (tmp_path / "disk" / "version-2").resolve()
+        names = sorted(p.name for p in (tmp_path / "disk").iterdir())
+        assert names == ["version-1", "version-2"], "a failed update prunes nothing"
+        refuse["on"] = False
+        engine.update_weights([[("a", torch.full((4,), 3.0))]], version=3)
+        assert engine.weight_version == 3
+        assert [p.name for p in (tmp_path / "disk").iterdir()] == ["version-3"]
