@@ -166,15 +166,18 @@ def test_crash_mid_save_keeps_previous_checkpoint_and_keep_last_prunes(tmp_path)
     run_distributed(_crash_and_prune_worker, 2, hf, tmp_path / "run")
 
 
-def test_incomplete_checkpoint_is_ignored_and_refused(tmp_path):
-    complete, incomplete = step_dir(tmp_path, 3), step_dir(tmp_path, 7)
-    complete.mkdir(parents=True)
-    (complete / "manifest.json").write_text(
+def _fake_complete(path):
+    """A directory with a valid manifest: what latest_checkpoint and pruning judge by."""
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(
         f'{{"format": "{checkpoint.FORMAT}", "version": {checkpoint.VERSION}}}')
+    return path
+
+
+def test_incomplete_checkpoint_is_ignored_and_refused(tmp_path):
+    complete, incomplete = _fake_complete(step_dir(tmp_path, 3)), step_dir(tmp_path, 7)
     (incomplete / "model").mkdir(parents=True)  # a save that never wrote its manifest
-    hidden = tmp_path / "checkpoints" / ".step_00000009.tmp-12345678"
-    hidden.mkdir()
-    (hidden / "manifest.json").write_text((complete / "manifest.json").read_text())
+    _fake_complete(tmp_path / "checkpoints" / ".step_00000009.tmp-12345678")
 
     assert latest_checkpoint(tmp_path) == complete
     with pytest.raises(CheckpointNotUsable, match="incomplete: it has no manifest.json"):
@@ -182,6 +185,14 @@ def test_incomplete_checkpoint_is_ignored_and_refused(tmp_path):
     with pytest.raises(CheckpointNotUsable, match="no such checkpoint"):
         load_checkpoint(step_dir(tmp_path, 8), actor=None)
     assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    for step in (1, 2, 5):
+        _fake_complete(step_dir(tmp_path, step))
+    step_dir(tmp_path, 9).mkdir()  # incomplete: not counted, not touched
+    checkpoint._prune(tmp_path / "checkpoints", keep_last=1, keep=step_dir(tmp_path, 2))
+    assert _listing(tmp_path) == ["step_00000002", "step_00000005", "step_00000009"]
 
 
 def test_keep_last_must_be_positive(tmp_path):
