@@ -18,7 +18,8 @@ from megatron_archer import __version__
 def _train(args) -> int:
     import torch.distributed as dist
 
-    from megatron_archer.trainer import init_process_group, load_config, run_training
+    from megatron_archer.distributed import init_process_group
+    from megatron_archer.trainer import load_config, run_training
 
     config = load_config(args.config, args.overrides)
     init_process_group()

@@ -6,8 +6,21 @@ and the collectives are no-ops, so the same numerical code runs in one process.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def init_process_group() -> None:
+    """NCCL on CUDA, gloo on CPU: torchrun's env:// rendezvous, or one in-process rank otherwise."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def rank_and_size(group) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_archer.distributed import init_process_group
 from megatron_archer.models.dist_checkpoint import (
     load_model_checkpoint,
     read_model_checkpoint,
@@ -118,7 +119,7 @@ def _model_parallel(spec: ModelSpec, tensor_parallel: int | None, pipeline_paral
         raise RuntimeError("megatron model parallel is already initialised; convert needs its own")
     created = not dist.is_initialized()
     if created:
-        _init_process_group()
+        init_process_group()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pipeline_parallel
     )
@@ -128,17 +129,6 @@ def _model_parallel(spec: ModelSpec, tensor_parallel: int | None, pipeline_paral
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
-
-
-def _init_process_group() -> None:
-    """NCCL on CUDA, gloo on CPU; torchrun's env:// rendezvous, or a one-rank in-memory store."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def build_parser() -> argparse.ArgumentParser:

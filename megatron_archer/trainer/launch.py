@@ -1,11 +1,8 @@
-"""Starting a run: torch.distributed (NCCL on CUDA, gloo on CPU), megatron's parallel state from
+"""Starting a run on an initialised process group: megatron's parallel state from
 ``config.parallel`` (checked against the world size), seeds, then the Trainer."""
 
 from __future__ import annotations
 
-import os
-
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -13,17 +10,6 @@ from megatron_archer import compat
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.trainer.config import ExperimentConfig
 from megatron_archer.trainer.loop import Trainer
-
-
-def init_process_group() -> None:
-    """torchrun's env:// rendezvous, or one in-process rank when not launched by torchrun."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def run_training(config: ExperimentConfig, engine: RolloutEngine | None = None) -> Trainer:
