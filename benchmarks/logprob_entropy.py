@@ -8,7 +8,8 @@ without an entropy bonus), on bf16 inputs:
 
 - naive: full fp32 log_softmax, then entropy, then gather (the baseline every ratio uses);
 - chunked / unchunked: ``vocab_parallel_logprobs_and_entropy`` with and without ``--chunk``;
-- matmul+naive: the LM-head matmul hidden @ W^T, then the naive baseline;
+- matmul+naive: the LM-head matmul hidden @ W^T, then the naive baseline (on CPU the matmul
+  runs on fp32 copies, as the fused op's torch path does: CPUs lack a fast bf16 matmul);
 - fused: ``fused_lm_head_logprobs_and_entropy`` from hidden states (its matmuls included), also
   at a quarter of the vocabulary to show its memory does not grow with V beyond W and dW;
 - matmul: the bare forward LM-head matmul, the floor for the fused op.
@@ -78,13 +79,20 @@ def _build(variant: str, args, device: str):
     hidden = torch.randn(n, args.hidden, generator=gen, device=device, dtype=dtype).div_(4).requires_grad_()
     weight = torch.randn(vocab, args.hidden, generator=gen, device=device, dtype=dtype).div_(4).requires_grad_()
 
+    def lm_head():
+        # CPUs have no fast bf16 matmul: there the product runs on fp32 copies, as the fused op's
+        # torch path does; on CUDA it is the bf16 matmul (fp32 accumulation) Megatron runs.
+        if device == "cpu":
+            return hidden.float() @ weight.float().T
+        return hidden @ weight.T
+
     def run():
         hidden.grad = weight.grad = None
         if variant == "matmul":
             with torch.no_grad():
-                return hidden @ weight.T
+                return lm_head()
         if variant == "matmul+naive":
-            return _naive(hidden @ weight.T, labels, grad)
+            return _naive(lm_head(), labels, grad)
         logp, _ = fused_lm_head_logprobs_and_entropy(
             hidden, weight, labels, temperature=TEMPERATURE, chunk_size=args.chunk
         )
