@@ -9,8 +9,6 @@ pipeline layout gives the same numbers. A single process runs in a 1-rank group
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,33 +20,21 @@ from megatron.core import parallel_state
 
 from megatron_archer.actor import ActorConfig, ModelRunner, ReferenceModel, SequenceBatch
 from megatron_archer.analysis.responses import Response
+from megatron_archer.distributed import init_process_group
 from megatron_archer.models import load_hf_model
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
 def model_parallel_groups(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> Iterator[None]:
     """torch.distributed and megatron's model-parallel groups for an analysis run.
 
-    Uses the launcher's world when torch.distributed is initialised or ``WORLD_SIZE`` is set,
+    Uses the launcher's world when torch.distributed is initialised or torchrun's ``RANK`` is set,
     else a 1-rank group on this process (gloo on CPU, nccl on CUDA). Whatever this context
     creates it destroys on exit; groups that already existed are left alone.
     """
     created_world = not dist.is_initialized()
     if created_world:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
+        init_process_group()
     created_model_parallel = not parallel_state.model_parallel_is_initialized()
     if created_model_parallel:
         parallel_state.initialize_model_parallel(

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from megatron_archer.buckets import Bucket, bounded_buckets
 from megatron_archer.models.layer_spec import Backend
 from megatron_archer.models.spec import ModelSpec
 from megatron_archer.models.weight_map import (
@@ -25,10 +26,6 @@ from megatron_archer.models.weight_map import (
     weight_mappings,
 )
 
-Bucket = list[tuple[str, torch.Tensor]]
-
-
-@torch.no_grad()
 def hf_weight_buckets(
     model: nn.Module, spec: ModelSpec, backend: Backend, bucket_bytes: int = 512 << 20
 ) -> Iterator[Bucket]:
@@ -36,30 +33,25 @@ def hf_weight_buckets(
     ``bucket_bytes`` in total; a single tensor larger than that is a bucket of its own.
 
     Tensors have the parameters' dtype and device; HF tensors tied to others (a tied
-    ``lm_head``) are not emitted, as ``save_pretrained`` does not write them.
+    ``lm_head``) are not emitted, as ``save_pretrained`` does not write them. Every rank must
+    iterate: the gathers are collective.
     """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
+    return bounded_buckets(_hf_tensors(model, spec, backend), bucket_bytes)
+
+
+@torch.no_grad()
+def _hf_tensors(model: nn.Module, spec: ModelSpec, backend: Backend) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full_tensor)`` pairs in checkpoint order, gathered over TP and PP ranks."""
     local = global_named_parameters(model)
     owners = _stage_owners(set(local))
     some_param = next(iter(local.values()))
-    bucket: Bucket = []
-    size = 0
     for mapping in weight_mappings(spec, backend):
         param = local.get(mapping.megatron_name)
         tensors = _full_tensors(mapping, param, spec) if param is not None else None
         tensors = _broadcast_from_stage(
             tensors, owners[mapping.megatron_name], mapping, some_param
         )
-        for name, tensor in zip(mapping.hf_names, tensors):
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-    if bucket:
-        yield bucket
+        yield from zip(mapping.hf_names, tensors)
 
 
 def _full_tensors(

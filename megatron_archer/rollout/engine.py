@@ -16,10 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
+from megatron_archer.buckets import Bucket
 
 FinishReason = Literal["stop", "length"]
-Bucket = Sequence[tuple[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ a later update succeeds.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -48,11 +49,8 @@ from megatron_archer.rollout.engine import (
     check_prompts,
 )
 from megatron_archer.rollout.http_client import RetryPolicy, ServerError, request_json
-from megatron_archer.rollout.weight_buckets import (
-    bounded_buckets,
-    bucket_metadata,
-    serialize_named_tensors,
-)
+from megatron_archer.buckets import bounded_buckets
+from megatron_archer.rollout.weight_buckets import bucket_metadata, serialize_named_tensors
 
 WeightSync = Literal["tensor", "distributed", "disk"]
 GROUP_NAME = "megatron_archer_weights"
@@ -236,7 +234,7 @@ class SGLangEngine(RolloutEngine):
 
     def _load(self, buckets: Iterable[Bucket], version: int) -> None:
         if self.weight_sync == "tensor":
-            for bucket in bounded_buckets(buckets, self.bucket_bytes):
+            for bucket in bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes):
                 body = payloads.update_from_tensor_payload(
                     serialize_named_tensors(bucket), self.tp_size, version
                 )
@@ -270,7 +268,7 @@ class SGLangEngine(RolloutEngine):
     def _update_distributed(self, buckets: Iterable[Bucket], version: int) -> None:
         if self._group is None:
             raise RuntimeError("weight_sync='distributed': call init_weight_update_group() first")
-        for bucket in bounded_buckets(buckets, self.bucket_bytes):
+        for bucket in bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes):
             body = payloads.update_from_distributed_payload(*bucket_metadata(bucket), GROUP_NAME, version)
             with ThreadPoolExecutor(len(self.server_urls)) as pool:
                 pending = [pool.submit(self._post, u, "/update_weights_from_distributed", body)

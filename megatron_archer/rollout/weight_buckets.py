@@ -1,36 +1,17 @@
-"""Weight buckets on their way to an inference server: size-bounded re-bucketing, the tensor
-serialisation SGLang's ``/update_weights_from_tensor`` expects, and the metadata that
-``/update_weights_from_distributed`` announces before a broadcast."""
+"""Weight buckets on their way to an inference server: the tensor serialisation SGLang's
+``/update_weights_from_tensor`` expects, and the metadata that ``/update_weights_from_distributed``
+announces before a broadcast. Re-bucketing to a size bound is ``megatron_archer.buckets``."""
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterable, Iterator
 from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
 
-from megatron_archer.rollout.engine import Bucket
-
-
-def bounded_buckets(buckets: Iterable[Bucket], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Regroup ``(name, tensor)`` pairs into buckets of at most ``max_bytes`` each, in order;
-    a tensor larger than that travels alone."""
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes={max_bytes} must be positive")
-    bucket, size = [], 0
-    for incoming in buckets:
-        for name, tensor in incoming:
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > max_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += nbytes
-    if bucket:
-        yield bucket
+from megatron_archer.buckets import Bucket
 
 
 def serialize_named_tensors(bucket: Bucket) -> str:

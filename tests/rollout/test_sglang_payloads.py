@@ -13,11 +13,8 @@ import torch
 
 from megatron_archer.rollout import sglang_payloads as payloads
 from megatron_archer.rollout.engine import EntropyAwareDecoding, SamplingParams
-from megatron_archer.rollout.weight_buckets import (
-    bounded_buckets,
-    bucket_metadata,
-    serialize_named_tensors,
-)
+from megatron_archer.buckets import bounded_buckets
+from megatron_archer.rollout.weight_buckets import bucket_metadata, serialize_named_tensors
 
 PARAMS = SamplingParams(max_new_tokens=8, n=2, temperature=0.7, top_p=0.9, top_k=20,
                         stop_token_ids=(3, 4), seed=1)  # fmt: skip
@@ -98,12 +95,12 @@ def test_weight_buckets_round_trip_through_the_serialisation():
 
 def test_bounded_buckets_respect_the_size_and_order():
     tensors = [(f"t{i}", torch.zeros(i + 1)) for i in range(6)]  # 4..24 bytes
-    buckets = list(bounded_buckets([tensors[:4], tensors[4:]], max_bytes=24))
+    buckets = list(bounded_buckets(tensors, max_bytes=24))
     assert [n for b in buckets for n, _ in b] == [n for n, _ in tensors]
     assert all(len(b) == 1 or sum(t.numel() * 4 for _, t in b) <= 24 for b in buckets)
     assert [[n for n, _ in b] for b in buckets] == [["t0", "t1", "t2"], ["t3"], ["t4"], ["t5"]]
     with pytest.raises(ValueError, match="max_bytes"):
-        list(bounded_buckets([tensors], 0))
+        list(bounded_buckets(tensors, 0))
 
 
 def test_parse_generate_result_and_unsupported_options():
