@@ -248,7 +248,10 @@ class LoggingConfig:
 class CheckpointConfig:
     """Every ``interval`` steps (0: never) and at the last step a checkpoint goes to
     ``<dir>/checkpoints/step_<n>`` (``dir`` None: ``logging.dir``); the ``keep_last`` newest are
-    kept. ``resume``: continue from the newest complete checkpoint there, if any."""
+    kept. ``resume``: continue from the newest complete checkpoint there; incomplete ones (no
+    manifest: a save that did not finish) are ignored, and with none the run starts at step 1
+    (a warning says so). A resumed run appends to the run directory's logs from the next step
+    and saves its resolved config as ``config.resumed_step_<k>.yaml`` next to ``config.yaml``."""
 
     dir: str | None = None
     interval: int = 0

@@ -79,6 +79,7 @@ class Trainer:
         self.skipped_steps = 0
         if config.checkpoint.resume:
             self._resume()
+        on_rank_zero(self._open_run_dir, share=False)
 
     def _setup_rank_zero(self, engine: RolloutEngine | None) -> None:
         config = self.config
@@ -90,10 +91,19 @@ class Trainer:
         seed = config.rollout.seed if config.rollout.seed is not None else config.train.seed
         self.params = config.rollout.sampling_params(stop, seed)
         self.engine = engine if engine is not None else build_engine(config)
+
+    def _open_run_dir(self) -> None:
+        """Rank 0, once the start step is known: the resolved config (``config.yaml`` for a run
+        from step 0; a resumed run adds ``config.resumed_step_<k>.yaml``, keeping the first) and
+        the metrics logger, which drops records of steps after the start step (a crashed run's
+        steps that will be run again)."""
+        config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RESOLVED_CONFIG).write_text(resolved_yaml(config))
+        name = f"config.resumed_step_{self.step}.yaml" if self.step else RESOLVED_CONFIG
+        (self.run_dir / name).write_text(resolved_yaml(config))
         self.logger = MetricsLogger(self.run_dir, tensorboard=config.logging.tensorboard,
-                                    jsonl=config.logging.jsonl, total_steps=config.train.steps)
+                                    jsonl=config.logging.jsonl, total_steps=config.train.steps,
+                                    start_step=self.step)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -105,7 +115,7 @@ class Trainer:
                     self.logger.log(self.step, scalars, histograms)
                 self.maybe_checkpoint()
         finally:
-            if self.rank0 and hasattr(self, "logger"):
+            if self.rank0:
                 self.logger.close()
 
     def train_step(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -189,12 +199,18 @@ class Trainer:
                         keep_last=self.config.checkpoint.keep_last)
 
     def _resume(self) -> None:
-        """Continue from the newest complete checkpoint under ``checkpoint_root``, if any: actor,
-        optimiser, RNG, sampler position; then the engine gets the restored weights."""
+        """Continue from the newest complete checkpoint under ``checkpoint_root`` (incomplete ones
+        are ignored; none: start at step 1): actor, optimiser, RNG, sampler position, skipped
+        steps; then the engine gets the restored weights. The reference model stays the initial
+        policy (``model.path``). Rollouts are reproducible across the restart: each generation
+        round's seed is a function of (seed, step, round) (``rollout_phase``)."""
         from megatron_archer.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
         path = latest_checkpoint(self.config.checkpoint_root)
         if path is None:
+            if self.rank0:
+                logger.warning("checkpoint.resume is on but %s holds no complete checkpoint: "
+                               "starting at step 1", self.config.checkpoint_root / "checkpoints")
             return
         state = load_checkpoint(path, self.actor)
         self.step = state.step

@@ -1,20 +1,20 @@
 """Step metrics out of the run, on global rank 0: one JSON line per step (``metrics.jsonl``),
 TensorBoard scalars and histograms (``tensorboard/``), and one summary line on stdout.
 
-TensorBoard needs the ``tensorboard`` package; without it ``logging.tensorboard: true`` logs a
-warning once and the JSONL file and summary lines are still written.
+A run that starts at step k (0, or the step it resumed from) continues both logs: records of
+steps <= k are kept, those of later steps (written by a run that stopped before checkpointing
+them, and about to be run again) are dropped, from ``metrics.jsonl`` and, with TensorBoard's
+``purge_step``, from the TensorBoard view.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
+import os
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # (metric, label, format) of the summary line, in order; absent metrics are left out
 SUMMARY = (
@@ -29,20 +29,22 @@ SUMMARY = (
 class MetricsLogger:
     """Writes under ``run_dir``; ``log(step, scalars, histograms)`` once per step."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool, jsonl: bool, total_steps: int):
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool, jsonl: bool, total_steps: int,
+                 start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
-        self.jsonl = (self.run_dir / "metrics.jsonl").open("a") if jsonl else None
+        self.jsonl = None
+        if jsonl:
+            path = self.run_dir / "metrics.jsonl"
+            _drop_records_after(path, start_step)
+            self.jsonl = path.open("a")
         self.writer = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.warning("logging.tensorboard is on but the tensorboard package is not "
-                               "installed (pip install tensorboard): writing metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                        purge_step=start_step + 1)
 
     def log(self, step: int, scalars: dict[str, float],
             histograms: dict[str, torch.Tensor] | None = None) -> None:
@@ -64,6 +66,19 @@ class MetricsLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (if it exists) without the records of steps after ``step`` and without a
+    line cut short by a crash, atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def summary_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
