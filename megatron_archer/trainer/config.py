@@ -112,7 +112,9 @@ class SGLangConfig:
     """SGLang servers: attach to ``server_urls`` (and an optional ``router_url``) or, with
     ``launch``, start ``num_servers`` of ``tp_size`` GPUs each (``extra_args`` passed through).
     ``weight_sync``: ``tensor`` (colocated, CUDA IPC), ``distributed`` (NCCL broadcast to engines
-    on their own GPUs) or ``disk`` (``disk_dir``)."""
+    on their own GPUs) or ``disk`` (``disk_dir``). ``distributed`` needs the rendezvous of the
+    weight-update group (trainer rank 0 + every server rank): ``master_address``, an address of
+    the trainer's rank-0 host that the servers reach, and a free ``master_port`` there."""
 
     server_urls: tuple[str, ...] = ()
     router_url: str | None = None
@@ -124,6 +126,8 @@ class SGLangConfig:
     weight_sync: str = "tensor"
     bucket_bytes: int = 512 << 20
     disk_dir: str | None = None
+    master_address: str | None = None
+    master_port: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "server_urls", tuple(self.server_urls))
@@ -136,10 +140,20 @@ class SGLangConfig:
         choice("weight_sync", self.weight_sync, WEIGHT_SYNC)
         integer("bucket_bytes", self.bucket_bytes, low=1)
         _optional_str("disk_dir", self.disk_dir)
+        _optional_str("master_address", self.master_address)
+        if self.master_port is not None:
+            integer("master_port", self.master_port, low=1)
+            if self.master_port > 65535:
+                raise ValueError(f"master_port must be a TCP port <= 65535; got {self.master_port}")
         if not self.launch and not self.server_urls:
             raise ValueError("server_urls must list at least one server unless launch is true")
         if self.weight_sync == "disk" and self.disk_dir is None:
             raise ValueError("weight_sync 'disk' needs disk_dir")
+        if self.weight_sync == "distributed":
+            for name in ("master_address", "master_port"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is required with weight_sync 'distributed' (the "
+                                     "rendezvous of the NCCL weight-update group)")
 
 
 @dataclass(frozen=True)

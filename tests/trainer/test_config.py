@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_archer.rollout import SGLangEngine
 from megatron_archer.trainer import load_config, parse_overrides, resolved_yaml
 from megatron_archer.trainer.config import ParallelConfig
+from megatron_archer.trainer.engines import build_engine
 from tests.trainer.common import CPU_CONFIG
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
@@ -49,6 +51,37 @@ def test_load_with_overrides_on_the_preset():
 def test_bad_values_name_the_field_and_allowed_values(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(CPU_CONFIG, [override])
+
+
+DISTRIBUTED = ["rollout.engine=sglang", "rollout.sglang.server_urls=[http://10.0.0.2:30000]",
+               "rollout.sglang.weight_sync=distributed"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "rollout.sglang.master_address is required with weight_sync 'distributed'"),
+    (["rollout.sglang.master_address=10.0.0.1"],
+     "rollout.sglang.master_port is required with weight_sync 'distributed'"),
+    (["rollout.sglang.master_address=10.0.0.1", "rollout.sglang.master_port=70000"],
+     "rollout.sglang.master_port must be a TCP port <= 65535; got 70000"),
+])
+def test_distributed_weight_sync_needs_the_group_rendezvous(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CPU_CONFIG, [*DISTRIBUTED, *overrides])
+
+
+def test_distributed_weight_sync_joins_the_engine_to_the_update_group(monkeypatch):
+    """The servers join the NCCL group when the engine is built, before any weight sync (the
+    group itself needs CUDA and SGLang servers: here the call is recorded)."""
+    calls = []
+    monkeypatch.setattr(SGLangEngine, "init_weight_update_group",
+                        lambda self, address, port: calls.append((self.server_urls, address, port)))
+    config = load_config(CPU_CONFIG, [*DISTRIBUTED, "rollout.sglang.master_address=10.0.0.1",
+                                      "rollout.sglang.master_port=29600"])
+    engine = build_engine(config)
+    assert engine.weight_sync == "distributed"
+    assert calls == [(["http://10.0.0.2:30000"], "10.0.0.1", 29600)]
+    assert build_engine(load_config(CPU_CONFIG, DISTRIBUTED[:2])).weight_sync == "tensor"
+    assert len(calls) == 1  # only for weight_sync 'distributed'
 
 
 def test_missing_sections_and_files(tmp_path):
