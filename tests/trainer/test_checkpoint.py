@@ -103,11 +103,6 @@ def _resume_worker(rank, world_size, hf, run_dir):
         assert sampler.next_batch() == expected_batch
 
 
-def test_resume_after_step_2_equals_uninterrupted_step_3_bitwise(tmp_path):
-    hf = write_checkpoint(tmp_path / "qwen3", "qwen3")
-    run_distributed(_resume_worker, 2, hf, tmp_path / "run")
-
-
 def _listing(run_dir):
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
@@ -161,9 +156,18 @@ def _crash_and_prune_worker(rank, world_size, hf, run_dir):
             load_checkpoint(step_dir(run_dir, 3), _actor(hf))
 
 
-def test_crash_mid_save_keeps_previous_checkpoint_and_keep_last_prunes(tmp_path):
+def _checkpoint_worker(rank, world_size, hf, root):
+    """Both scenarios in one spawned job: a spawn, its imports and megatron's first
+    checkpoint save (it starts a multiprocessing manager) cost ~25 s."""
+    _resume_worker(rank, world_size, hf, root / "resume")
+    _crash_and_prune_worker(rank, world_size, hf, root / "crash")
+
+
+def test_resume_is_bitwise_and_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    """Resume after step 2 equals uninterrupted step 3 bitwise (TP 2); a crash mid-save keeps
+    the previous checkpoint usable and keep_last prunes (DP 2)."""
     hf = write_checkpoint(tmp_path / "qwen3", "qwen3")
-    run_distributed(_crash_and_prune_worker, 2, hf, tmp_path / "run")
+    run_distributed(_checkpoint_worker, 2, hf, tmp_path)
 
 
 def _fake_complete(path):
