@@ -137,8 +137,9 @@ class Trainer:
         if not plan_mini_batches(len(batch.groups), config.rollout.n,
                                  config.train.mini_batch_size, dp):
             self.skipped_steps += 1
-            logger.warning("step %d skipped: no group with reward signal after %d rounds",
-                           step, batch.rounds)
+            if self.rank0:
+                logger.warning("step %d skipped: no group with reward signal after %d rounds",
+                               step, batch.rounds)
             self._sync_weights(step)  # resumes a colocated engine; the version stays in step
             return {**scalars, "step/skipped": 1.0,
                     "step/skipped_total": float(self.skipped_steps)}, {}
