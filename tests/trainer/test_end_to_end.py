@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 from megatron_archer.trainer import load_config, run_training
 from megatron_archer.trainer.checkpoint import latest_checkpoint, step_dir
@@ -52,6 +54,8 @@ def _scenarios_worker(rank, world_size, base, root):
         (step_dir(root / "resumed", 3) / "model").mkdir(parents=True)
         with open(root / "resumed" / "metrics.jsonl", "a") as f:
             f.write('{"step": 3, "actor/loss": 1e9}\n{"step": 4, "act')  # and a line cut short
+        with SummaryWriter(str(root / "resumed" / "tensorboard")) as writer:
+            writer.add_scalar("actor/loss", 1e9, 3)
     dist.barrier()
     train("resumed", "resumed", REWARD, "train.steps=3", "checkpoint.resume=true")
     # resume on, nothing to resume: starts at step 1; no group ever has signal
@@ -78,6 +82,12 @@ def _metrics(run):
 def _deterministic(record):
     """A metrics record without wall-clock times and throughput."""
     return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+
+
+def _tensorboard_losses(run):
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("actor/loss")]
 
 
 def _assert_equal_params(got, expected):
@@ -125,6 +135,9 @@ def test_resume_after_step_2_equals_uninterrupted_step_3_bitwise(runs):
     assert [line["step"] for line in resumed] == [1, 2, 3]
     for got, expected in zip(resumed, full):
         assert _deterministic(got) == _deterministic(expected)  # loss, rewards, entropy, ...
+    # TensorBoard purges the stale step 3 too
+    assert _tensorboard_losses(runs / "resumed") == _tensorboard_losses(runs / "full")
+    assert [step for step, _ in _tensorboard_losses(runs / "full")] == [1, 2, 3]
     for rank in RANKS:
         got, expected = _state_of(runs, "resumed", rank), _state_of(runs, "full", rank)
         _assert_equal_params(got["actor"], expected["actor"])
