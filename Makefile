@@ -23,4 +23,8 @@ example: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.logprob_entropy
 
-.PHONY: install test example bench
+# the CPU RL quick start (megatron_archer/quickstart): build, warm start, Archer under torchrun
+quickstart: $(VENV)/.installed
+	$(PY) -m megatron_archer.quickstart
+
+.PHONY: install test example bench quickstart

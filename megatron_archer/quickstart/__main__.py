@@ -1,0 +1,3 @@
+from megatron_archer.quickstart.pipeline import main
+
+raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""The quick start end to end (``python -m megatron_archer.quickstart``, ``make quickstart``).
+
+1. build: tiny Qwen3 (random, seeded) + the tiny tokenizer -> ``<out>/base``; arithmetic data
+   -> ``<out>/data`` (warm start, RL prompts, evaluation);
+2. warm start: a short SFT -> ``<out>/warm_start`` (the RL starting checkpoint, HF format);
+3. accuracy before: avg@k / pass@k on the evaluation set (``trainer.evaluate``, as ``eval``);
+4. RL: ``torchrun --nproc-per-node 2 -m megatron_archer.cli train examples/quickstart/archer.yaml``
+   (Archer, tensor parallel 2, local engine) -> ``<out>/rl`` (metrics.jsonl, tensorboard/,
+   the last step's checkpoint), converted to HF -> ``<out>/final``; accuracy after, same set;
+5. ``<out>/curves.png`` (reward, accuracy, entropy per step) and ``<out>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "archer.yaml"
+
+
+@dataclass
+class Settings:
+    """Every size the quick start uses; the defaults are the documented run (README)."""
+
+    out: str = "runs/quickstart"
+    config: str = str(CONFIG)
+    # model
+    hidden: int = 128
+    layers: int = 2
+    intermediate: int = 384
+    # task: one operation (+, -, *) on integers in [1, 9]
+    num_operations: int = 1
+    max_operand: int = 9
+    sft_problems: int = 4000
+    rl_problems: int = 1000
+    eval_problems: int = 200
+    # warm start
+    sft_steps: int = 250
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    sft_label_smoothing: float = 0.15
+    # evaluation: k samples per problem at T = 1
+    k: int = 8
+    # RL: extra ``section.field=value`` overrides of the YAML (train.steps=2, ...)
+    rl_overrides: list[str] = field(default_factory=list)
+    nproc: int = 2
+    seed: int = 0
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class _Clock:
+    """Wall and CPU seconds per stage (CPU: this process and every finished child)."""
+
+    def __init__(self):
+        self.stages: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+        self._start = (self._wall, self._cpu)
+
+    def stage(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        self.stages[name] = {"wall_s": round(wall - self._wall, 1),
+                             "cpu_s": round(cpu - self._cpu, 1)}
+        self._wall, self._cpu = wall, cpu
+        print(f"[quickstart] {name}: {self.stages[name]['wall_s']:.0f}s wall, "
+              f"{self.stages[name]['cpu_s']:.0f}s CPU", flush=True)
+
+    def total(self) -> dict[str, float]:
+        return {"wall_s": round(time.perf_counter() - self._start[0], 1),
+                "cpu_s": round(_cpu_seconds() - self._start[1], 1)}
+
+
+def _banner(text: str) -> None:
+    print(f"\n[quickstart] === {text} ===", flush=True)
+
+
+def _run(command: list[str]) -> None:
+    print("[quickstart] $ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def _eval(settings: Settings, data_path: Path, model: Path) -> dict:
+    from megatron_archer.trainer import load_config
+    from megatron_archer.trainer.evaluate import evaluate
+
+    # every problem in one engine batch per 50; mini_batch_size only has to divide it
+    config = load_config(settings.config, [
+        f"model.path={model}", f"data.path={data_path}", "logging.progress=false",
+        "rollout.prompts_per_step=50", "train.mini_batch_size=1", f"train.seed={settings.seed}"])
+    return evaluate(config, k=settings.k)
+
+
+def run(settings: Settings) -> dict:
+    """Every stage; returns (and writes to ``<out>/summary.json``) the numbers and paths."""
+    import torch
+
+    from megatron_archer.quickstart.build import build_base_model, overlap, write_datasets
+    from megatron_archer.quickstart.plot import plot_curves
+    from megatron_archer.quickstart.warm_start import warm_start
+    from megatron_archer.trainer import load_config
+
+    out = Path(settings.out).resolve()
+    if out.exists():
+        shutil.rmtree(out)  # the RL run appends to metrics.jsonl and would resume checkpoints
+    out.mkdir(parents=True)
+    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    clock = _Clock()
+
+    _banner("1/5 build: tiny Qwen3 model, tiny tokenizer, arithmetic data")
+    base = build_base_model(out / "base", hidden=settings.hidden, layers=settings.layers,
+                            intermediate=settings.intermediate, seed=settings.seed)
+    data = write_datasets(out / "data", sft=settings.sft_problems, rl=settings.rl_problems,
+                          eval=settings.eval_problems, num_operations=settings.num_operations,
+                          max_operand=settings.max_operand, seed=settings.seed)
+    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
+                 .from_pretrained(base).parameters())
+    print(f"[quickstart] model: {params / 1e6:.2f}M parameters -> {base}", flush=True)
+    clock.stage("build")
+
+    _banner("2/5 warm start (supervised, one process)")
+    warm = out / "warm_start"
+    sft_data = load_config(settings.config, [f"data.path={data.sft}"]).data
+    sft = warm_start(base, warm, sft_data, steps=settings.sft_steps,
+                     batch_size=settings.sft_batch, lr=settings.sft_lr,
+                     label_smoothing=settings.sft_label_smoothing, seed=settings.seed)
+    clock.stage("warm_start")
+
+    _banner(f"3/5 accuracy before RL ({settings.eval_problems} problems, k={settings.k}, T=1)")
+    before = _eval(settings, data.eval, warm)
+    print(f"[quickstart] before: {json.dumps(before)}", flush=True)
+    clock.stage("eval_before")
+
+    _banner(f"4/5 Archer RL: torchrun, {settings.nproc} processes, tensor parallel 2")
+    run_dir = out / "rl"
+    overrides = [f"model.path={warm}", f"data.path={data.rl}", f"logging.dir={run_dir}",
+                 *settings.rl_overrides]
+    steps = load_config(settings.config, overrides).train.steps
+    overrides += [f"checkpoint.interval={steps}", "checkpoint.keep_last=1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                str(settings.nproc), "--master-port", str(_free_port())]
+    _run([*torchrun, "-m", "megatron_archer.cli", "train", settings.config, *overrides])
+    clock.stage("rl")
+    final = out / "final"
+    checkpoint = run_dir / "checkpoints" / f"step_{steps:08d}" / "model"
+    _run([sys.executable, "-m", "megatron_archer.cli", "convert", "megatron-to-hf",
+          "--megatron", str(checkpoint), "--out", str(final), "--tp", "1"])
+    clock.stage("convert")
+    after = _eval(settings, data.eval, final)
+    print(f"[quickstart] after: {json.dumps(after)}", flush=True)
+    clock.stage("eval_after")
+
+    _banner("5/5 curves")
+    key = f"avg@{settings.k}"
+    png = plot_curves(run_dir / "metrics.jsonl", out / "curves.png",
+                      before=before[key], after=after[key])
+    clock.stage("plot")
+
+    summary = {
+        "accuracy_before": before, "accuracy_after": after,
+        "eval_overlap_with_warm_start": round(overlap(data), 3),
+        "warm_start": sft, "rl_steps": steps, "time": {**clock.stages, "total": clock.total()},
+        "settings": asdict(settings),
+        "outputs": {"base_model": str(base), "warm_start": str(warm), "data": str(data.sft.parent),
+                    "rl_run": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
+                    "tensorboard": str(run_dir / "tensorboard"), "final_model": str(final),
+                    "curves": str(png)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    total = summary["time"]["total"]
+    print(f"\n[quickstart] accuracy before {100 * before[key]:.1f}% -> after "
+          f"{100 * after[key]:.1f}% ({key} at T=1 on {before['problems']} problems; pass@"
+          f"{settings.k} {100 * before[f'pass@{settings.k}']:.1f}% -> "
+          f"{100 * after[f'pass@{settings.k}']:.1f}%)")
+    print(f"[quickstart] total {total['wall_s']:.0f}s wall, {total['cpu_s']:.0f}s CPU")
+    print(f"[quickstart] outputs in {out}: curves.png, summary.json, rl/metrics.jsonl, "
+          f"rl/tensorboard (tensorboard --logdir {run_dir / 'tensorboard'}), final/ (HF model)",
+          flush=True)
+    return summary
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv=None) -> Settings:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="python -m megatron_archer.quickstart",
+                                     description=__doc__.split("\n\n")[0])
+    for name, value in asdict(defaults).items():
+        if name == "rl_overrides":
+            parser.add_argument("rl_overrides", nargs="*",
+                                help="section.field=value overrides of the RL config")
+            continue
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return Settings(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0

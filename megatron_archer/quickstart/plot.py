@@ -1,0 +1,52 @@
+"""Reward, accuracy and entropy curves of a run, from its metrics.jsonl, as one PNG (Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = (
+    ("reward", (("reward/mean", "mean reward"),)),
+    ("accuracy", (("reward/accuracy", "rollout accuracy"),)),
+    ("entropy", (("entropy/mean", "mean token entropy"), ("entropy/p80", "80th percentile"))),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The metrics.jsonl records, skipped steps left out of the curves' keys they lack."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
+                before: float | None = None, after: float | None = None) -> Path:
+    """Three panels (reward, accuracy, entropy) against the RL step; ``before``/``after``, when
+    given, are the held-out avg@k marked on the accuracy panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_jsonl)
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (title, series) in zip(axes, PANELS):
+        for key, label in series:
+            points = [(r["step"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    if before is not None and after is not None and records:
+        last = max(r["step"] for r in records)
+        axes[1].scatter([0, last], [before, after], color="black", zorder=3,
+                        label="held-out avg@k (before, after)")
+    for ax in axes:
+        if ax.lines or ax.collections:
+            ax.legend(fontsize=8)
+    figure.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return out_png

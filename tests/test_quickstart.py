@@ -1,0 +1,63 @@
+"""The quick start's code path (``megatron_archer.quickstart``), drastically shortened: a tiny
+model, a few warm-start steps, one RL step under torchrun (2 processes, tensor parallel 2), the
+conversion, both evaluations and the plot. It checks the outputs exist and are well formed; that
+RL raises accuracy is a claim about the full run (``make quickstart``), reported in the README,
+not asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import transformers
+from PIL import Image
+
+from megatron_archer.quickstart.pipeline import Settings, parse_args, run
+from megatron_archer.trainer import load_config
+
+# a reward with signal for a barely trained model, so the RL step is not skipped
+RL = ["reward.function=tests.trainer.rewards:digit_share", "train.steps=1",
+      "rollout.prompts_per_step=4", "rollout.n=2", "train.mini_batch_size=2"]
+
+
+def test_shortened_quickstart(tmp_path, capsys):
+    out = tmp_path / "qs"
+    settings = Settings(out=str(out), hidden=32, layers=2, intermediate=64, sft_problems=64,
+                        rl_problems=16, eval_problems=6, sft_steps=3, sft_batch=16, k=2,
+                        rl_overrides=RL)
+    summary = run(settings)
+
+    for name in ("base", "warm_start", "final"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(out / name)
+        assert model.config.model_type == "qwen3" and model.config.hidden_size == 32
+        transformers.AutoTokenizer.from_pretrained(out / name)
+    for stage in ("accuracy_before", "accuracy_after"):
+        result = summary[stage]
+        assert result["problems"] == 6 and result["k"] == 2
+        assert 0.0 <= result["avg@2"] <= result["pass@2"] <= 1.0
+    run_dir = out / "rl"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1]
+    assert lines[0]["step/skipped"] == 0
+    for key in ("reward/mean", "reward/accuracy", "entropy/mean"):
+        assert math.isfinite(lines[0][key]), key
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.parallel.tensor == 2 and resolved.algorithm.selection.method == "archer"
+    assert resolved.rollout.engine == "local"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    with Image.open(out / "curves.png") as image:
+        image.load()
+        assert image.size[0] > 300 and image.size[1] > 100
+    assert json.loads((out / "summary.json").read_text())["outputs"]["curves"] == str(
+        out / "curves.png")
+    printed = capsys.readouterr().out
+    assert "accuracy before" in printed and "-> after" in printed
+
+
+def test_arguments():
+    settings = parse_args(["--out", "x", "--sft-steps", "5", "train.steps=3"])
+    assert settings.out == "x" and settings.sft_steps == 5
+    assert settings.rl_overrides == ["train.steps=3"]
+    with pytest.raises(SystemExit):
+        parse_args(["--no-such-option", "1"])
