@@ -105,6 +105,7 @@ def _eval(settings: Settings, data_path: Path, model: Path) -> dict:
 def run(settings: Settings) -> dict:
     """Every stage; returns (and writes to ``<out>/summary.json``) the numbers and paths."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     from megatron_archer.quickstart.build import build_base_model, overlap, write_datasets
     from megatron_archer.quickstart.plot import plot_curves
@@ -124,8 +125,7 @@ def run(settings: Settings) -> dict:
     data = write_datasets(out / "data", sft=settings.sft_problems, rl=settings.rl_problems,
                           eval=settings.eval_problems, num_operations=settings.num_operations,
                           max_operand=settings.max_operand, seed=settings.seed)
-    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
-                 .from_pretrained(base).parameters())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"[quickstart] model: {params / 1e6:.2f}M parameters -> {base}", flush=True)
     clock.stage("build")
 

@@ -13,14 +13,14 @@ PANELS = (
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The metrics.jsonl records, skipped steps left out of the curves' keys they lack."""
+    """The metrics.jsonl records, one dict per step (a skipped step lacks the training keys)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
                 before: float | None = None, after: float | None = None) -> Path:
     """Three panels (reward, accuracy, entropy) against the RL step; ``before``/``after``, when
-    given, are the held-out avg@k marked on the accuracy panel."""
+    given, are the evaluation set's avg@k marked on the accuracy panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +30,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, series) in zip(axes, PANELS):
         for key, label in series:
-            points = [(r["step"], r[key]) for r in records
+            points = [(r["step"], r[key]) for r in records  # non-finite values are strings
                       if isinstance(r.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker=".", label=label)
@@ -40,7 +40,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
     if before is not None and after is not None and records:
         last = max(r["step"] for r in records)
         axes[1].scatter([0, last], [before, after], color="black", zorder=3,
-                        label="held-out avg@k (before, after)")
+                        label="eval set avg@k (before, after)")
     for ax in axes:
         if ax.lines or ax.collections:
             ax.legend(fontsize=8)
