@@ -39,6 +39,7 @@ from megatron_archer.rollout import SamplingParams
 ENGINES = ("local", "sglang")
 WEIGHT_SYNC = ("tensor", "distributed", "disk")
 BACKENDS = ("auto", "te", "local")
+RECOMPUTE = ("none", "selective", "full")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,18 +67,33 @@ class ModelConfig:
     """The initial policy (a Hugging Face checkpoint directory) and how megatron builds it.
 
     ``tokenizer``: a directory with the tokenizer files (None: ``path``); ``backend``: megatron's
-    layer implementation, ``te`` (Transformer Engine), ``local`` (portable) or ``auto``.
+    layer implementation, ``te`` (Transformer Engine), ``local`` (portable) or ``auto``;
+    ``recompute``: the actor's activation recompute, ``none``, ``selective`` (megatron's core
+    attention) or ``full`` (every layer's input kept, the layer recomputed in backward:
+    tools/memory_estimate.py's "with recompute"). Recompute needs CUDA: megatron's activation
+    checkpointing saves and restores CUDA RNG states.
     """
 
     path: str
     tokenizer: str | None = None
     backend: str = "auto"
+    recompute: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"path must be a checkpoint directory; got {self.path!r}")
         _optional_str("tokenizer", self.tokenizer)
         choice("backend", self.backend, BACKENDS)
+        choice("recompute", self.recompute, RECOMPUTE)
+
+    def megatron_overrides(self) -> dict[str, Any]:
+        """TransformerConfig fields for ``recompute`` (passed to ``models.load_hf_model``)."""
+        if self.recompute == "selective":
+            return {"recompute_granularity": "selective"}
+        if self.recompute == "full":
+            return {"recompute_granularity": "full", "recompute_method": "uniform",
+                    "recompute_num_layers": 1}
+        return {}
 
 
 @dataclass(frozen=True)

@@ -60,15 +60,19 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, engine: RolloutEngine | None = None):
         self.config = config
-        self.rank0 = dist.get_rank() == 0
-        self.run_dir = Path(config.logging.dir)
         if not Path(config.model.path).is_dir():
             raise FileNotFoundError(f"model.path {config.model.path} is not a directory")
+        if config.model.recompute != "none" and not torch.cuda.is_available():
+            raise ValueError(f"model.recompute={config.model.recompute!r} needs CUDA (megatron's "
+                             f"activation checkpointing saves CUDA RNG states); use 'none' on CPU")
+        self.rank0 = dist.get_rank() == 0
+        self.run_dir = Path(config.logging.dir)
         self.tokenizer = load_tokenizer(config)
         # rank 0's data, engine and rewards; a failure there is raised on every rank
         on_rank_zero(lambda: self._setup_rank_zero(engine), share=False)
         dtype = config.actor.torch_params_dtype
-        loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype)
+        loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
+                               config_overrides=config.model.megatron_overrides())
         self.model = loaded
         self.actor = Actor(loaded.model, loaded.spec, config.actor, loaded.backend)
         self.reference = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_archer.rollout import SGLangEngine
 from megatron_archer.trainer import load_config, parse_overrides, resolved_yaml
@@ -110,3 +111,22 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
     load_config(path)
+
+
+def test_recompute_maps_to_megatron_and_is_refused_on_cpu(tmp_path):
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_archer.trainer import Trainer
+
+    with pytest.raises(ValueError, match="model.recompute must be one of none, selective, full"):
+        load_config(CPU_CONFIG, ["model.recompute=partial"])
+    for mode, granularity in [("selective", "selective"), ("full", "full")]:
+        overrides = load_config(CPU_CONFIG, [f"model.recompute={mode}"]).model.megatron_overrides()
+        # megatron's own config accepts the combination (it validates method and layer count)
+        megatron = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, **overrides)
+        assert megatron.recompute_granularity == granularity
+    assert load_config(CPU_CONFIG).model.megatron_overrides() == {}
+    if not torch.cuda.is_available():
+        config = load_config(CPU_CONFIG, [f"model.path={tmp_path}", "model.recompute=full"])
+        with pytest.raises(ValueError, match="model.recompute='full' needs CUDA"):
+            Trainer(config)
