@@ -3,9 +3,10 @@ DAPO dynamic sampling (SPEC 2).
 
 Round r draws ``prompts_per_step`` prompts, the engine generates ``n`` responses for each, the
 rewards are scored (plus the overlong penalty when ``algorithm.overlong`` is on: the *score*
-that advantages use) and, with dynamic sampling, groups whose scores are all equal are dropped.
-Rounds continue until ``prompts_per_step`` groups are kept or ``max_gen_rounds`` rounds ran;
-the batch keeps at most ``prompts_per_step`` groups, possibly fewer (none: the step is skipped).
+that advantages use) and, with dynamic sampling, groups whose verifier rewards are all equal
+(all right or all wrong, judged before any shaping: SPEC 2) are dropped. Rounds continue until
+``prompts_per_step`` groups passed or ``max_gen_rounds`` rounds ran; the batch keeps at most
+``prompts_per_step`` groups, possibly fewer (none: the step is skipped).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RolloutBatch:
 
     groups: list[Group]
     generated_groups: int
+    passed_groups: int  # generated groups that passed the dynamic-sampling filter
     rounds: int
     all_groups: list[Group] = field(default_factory=list)  # every generated group, for metrics
     times: dict[str, float] = field(default_factory=dict)
@@ -50,7 +52,9 @@ class RolloutBatch:
     def metrics(self) -> dict[str, float]:
         """SPEC 7 rollout metrics over every generated response (kept or not): reward mean and
         accuracy (share of raw rewards > 0), lengths (mean, max, share cut at the length limit),
-        repetition ratio; the keep rate is the share of generated groups the step trains on."""
+        repetition ratio; dynamic sampling: the keep rate is the share of generated groups that
+        passed the filter (SPEC 2), ``groups`` how many the step trains on (at most
+        ``prompts_per_step``), ``rounds`` the generation rounds run."""
         samples = [s for g in self.all_groups for s in g.samples]
         rewards = [r for g in self.all_groups for r in g.rewards]
         scores = [r for g in self.all_groups for r in g.scores]
@@ -64,7 +68,7 @@ class RolloutBatch:
             "response/clipped_share": sum(s.finish_reason == "length" for s in samples)
             / len(samples),
             "response/repetition_ratio": repetition_ratio([s.token_ids for s in samples]),
-            "dynamic_sampling/keep_rate": len(self.groups) / self.generated_groups,
+            "dynamic_sampling/keep_rate": self.passed_groups / self.generated_groups,
             "dynamic_sampling/rounds": float(self.rounds),
             "dynamic_sampling/groups": float(len(self.groups)),
             "time/rollout": self.times["rollout"],
@@ -79,7 +83,7 @@ def collect_rollouts(engine: RolloutEngine, prompt_set: PromptSet, sampler: Prom
     target = sampler.batch_size
     dynamic = algorithm.dynamic_sampling
     max_rounds = dynamic.max_gen_rounds if dynamic.enabled else 1
-    kept: list[Group] = []
+    passed: list[Group] = []
     generated: list[Group] = []
     times = {"rollout": 0.0, "reward": 0.0}
     rounds = 0
@@ -99,14 +103,15 @@ def collect_rollouts(engine: RolloutEngine, prompt_set: PromptSet, sampler: Prom
         groups = _score(prompts, samples, scorer, algorithm)
         times["reward"] += time.perf_counter() - start
         generated.extend(groups)
-        if dynamic.enabled:
-            keep = dynamic_sampling_filter(torch.tensor([g.scores for g in groups])).keep.tolist()
+        if dynamic.enabled:  # on correctness, not on the shaped score (SPEC 2)
+            keep = dynamic_sampling_filter(torch.tensor([g.rewards for g in groups])).keep.tolist()
             groups = [g for g, k in zip(groups, keep) if k]
-        kept.extend(groups)
-        if len(kept) >= target:
+        passed.extend(groups)
+        if len(passed) >= target:
             break
-    return RolloutBatch(groups=kept[:target], generated_groups=len(generated), rounds=rounds,
-                        all_groups=generated, times=times)
+    return RolloutBatch(groups=passed[:target], generated_groups=len(generated),
+                        passed_groups=len(passed), rounds=rounds, all_groups=generated,
+                        times=times)
 
 
 def _reseed(params: SamplingParams, step: int, round_: int) -> SamplingParams:
