@@ -33,6 +33,10 @@ FORKING_KEEP = ("top", "bottom")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_AGGREGATIONS = ("token", "class_mean")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+CORRECTION_LEVELS = ("token", "sequence")
+CORRECTION_MODES = ("truncate", "mask")
+SEQUENCE_RATIOS = ("geometric_mean", "product")
+OLD_LOGPROBS = ("recompute", "rollout")
 
 
 @dataclass(frozen=True)
@@ -194,18 +198,60 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class RolloutCorrectionConfig:
+    """Train-inference mismatch correction (SPEC 8), off unless ``enabled``.
+
+    Importance weights w = pi_old / pi_rollout from the engine's log-probs, per token
+    (``level="token"``) or per response (``level="sequence"``: the ``geometric_mean`` of its token
+    ratios, or their ``product`` with the log clamped to [-20, 20]). ``mode="truncate"``
+    multiplies each policy term by min(w, C), detached (the gradient flows through the policy ratio
+    only); ``mode="mask"`` gives weight 0 to tokens (or whole responses) with w outside
+    [1/C, C]. C is ``threshold``. Masked tokens stay in every loss normaliser (SPEC 8's default),
+    so the normalisers remain constants of the step. Token-level truncation at C = 2 is the
+    recommended setting.
+    """
+
+    enabled: bool = False
+    level: str = "token"
+    mode: str = "truncate"
+    threshold: float = 2.0
+    sequence_ratio: str = "geometric_mean"
+
+    def __post_init__(self):
+        boolean("enabled", self.enabled)
+        choice("level", self.level, CORRECTION_LEVELS)
+        choice("mode", self.mode, CORRECTION_MODES)
+        number("threshold", self.threshold, low=1.0, low_open=True)
+        choice("sequence_ratio", self.sequence_ratio, SEQUENCE_RATIOS)
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
-    """Everything the objective needs: advantages, DAPO machinery, token selection, loss."""
+    """Everything the objective needs: advantages, DAPO machinery, token selection, loss, and the
+    off-policy handling of SPEC 8.
+
+    ``old_logprobs``: ``recompute`` takes pi_old from a forward of the trainer's model before the
+    updates; ``rollout`` uses the engine's log-probs as pi_old instead (the ratio then carries the
+    train-inference mismatch, and ``rollout_correction`` would have w = 1, so it is refused).
+    """
 
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    old_logprobs: str = "recompute"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             instance(f.name, getattr(self, f.name), get_type_hints(type(self))[f.name])
+        choice("old_logprobs", self.old_logprobs, OLD_LOGPROBS)
+        if self.rollout_correction.enabled and self.old_logprobs == "rollout":
+            raise ValueError(
+                "rollout_correction.enabled has no effect with old_logprobs 'rollout' (pi_old is "
+                "then pi_rollout, so w = 1); use old_logprobs 'recompute' or disable the correction"
+            )
         forking = self.selection.method == "forking"
         if (forking and self.selection.forking.normalizer == "selected"
                 and self.loss.aggregation == "seq-mean-token-sum-norm"):

@@ -40,13 +40,15 @@ def reduce_loss_metrics(sums: Sequence[dict[str, torch.Tensor]], group=None) -> 
     """Step metrics from every micro-batch's ``loss_metric_sums``, for ``all`` tokens and per class.
 
     ``<scope>/token_share``, ``clip_frac_low``, ``clip_frac_high``, ``dual_clip_frac``,
-    ``ratio_mean`` and ``kl_mean`` (with KL); a class without tokens reports only its share.
+    ``ratio_mean``, ``kl_mean`` (with KL) and ``rollout_is_mean``, ``rollout_is_corrected_frac``
+    (with the mismatch correction's sums); a class without tokens reports only its share.
     One all-reduce; every rank must pass sums with the same keys.
     """
     keys = sorted(sums[0])
     totals = all_reduce_(torch.stack([sum(s[key] for s in sums) for key in keys]), group)
     total = dict(zip(keys, totals.tolist()))
-    for field in ("tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl"):
+    for field in ("tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl", "rollout_is",
+                  "rollout_is_corrected"):
         if f"low/{field}" in total:
             total[f"all/{field}"] = total[f"low/{field}"] + total[f"high/{field}"]
     metrics = {}
@@ -61,6 +63,10 @@ def reduce_loss_metrics(sums: Sequence[dict[str, torch.Tensor]], group=None) -> 
         metrics[f"{scope}/ratio_mean"] = total[f"{scope}/ratio"] / tokens
         if f"{scope}/kl" in total:
             metrics[f"{scope}/kl_mean"] = total[f"{scope}/kl"] / tokens
+        if f"{scope}/rollout_is" in total:  # rollout_correction.correction_metric_sums (SPEC 8)
+            metrics[f"{scope}/rollout_is_mean"] = total[f"{scope}/rollout_is"] / tokens
+            metrics[f"{scope}/rollout_is_corrected_frac"] = (
+                total[f"{scope}/rollout_is_corrected"] / tokens)
     return metrics
 
 

@@ -5,7 +5,8 @@ Layout: per-token tensors are [B, T] (B responses of one micro-batch, right-padd
 bool response mask; advantages are [B] (one per response) or [B, T]. Values outside the mask are
 ignored (they may be -inf or NaN) and get zero gradient.
 
-With l_t = pg_weight_t * L_t (the clipped policy term of SPEC 3) and g_t the regulariser
+With l_t = pg_weight_t * c_t * L_t (L_t the clipped policy term of SPEC 3, c_t the mismatch
+correction of SPEC 8, ``rollout_weight``, 1 without it) and g_t the regulariser
 (beta_t KL_t under ``kl_aggregation="token"``, minus entropy_coef * H_t), the step loss is:
 
 - ``token-mean``:   sum_t l_t / D + sum_t g_t / N
@@ -144,12 +145,15 @@ def policy_loss(
     *,
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    rollout_weight: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """This micro-batch's share of the step loss; multiply by ``ctx.loss_scale`` for Megatron.
 
     ``logp`` carries the gradient; ``old_logp``, ``ref_logp`` and ``advantages`` are treated as
     constants. ``ref_logp`` is required when a KL coefficient is non-zero, ``entropy`` (the current
-    policy's, with its gradient) when ``entropy_coef`` is. Raises ValueError on non-finite inputs.
+    policy's, with its gradient) when ``entropy_coef`` is. ``rollout_weight`` is the detached
+    mismatch-correction factor on each token's policy term (SPEC 8, ``RolloutCorrection.weight``);
+    the KL and entropy terms are not reweighted. Raises ValueError on non-finite inputs.
     """
     require_response_mask(response_mask)
     require_token_tensor("logp", logp, response_mask)
@@ -169,6 +173,8 @@ def policy_loss(
         if entropy is None:
             raise ValueError("entropy is required: entropy_coef is non-zero")
         require_token_tensor("entropy", entropy, response_mask)
+    if rollout_weight is not None:
+        require_token_tensor("rollout_weight", rollout_weight, response_mask)
 
     dtype = torch.promote_types(logp.dtype, torch.float32)
     valid = response_mask.to(dtype)
@@ -180,6 +186,8 @@ def policy_loss(
     pg, terms = clipped_pg_loss(logp - masked(old_logp.detach()), masked(advantages.detach()),
                                 selection.eps_low, selection.eps_high, config.dual_clip)
     pg = pg * selection.pg_weight
+    if rollout_weight is not None:
+        pg = pg * masked(rollout_weight.detach())
     regulariser = torch.zeros_like(logp)
     kl = None
     if ref_logp is not None:

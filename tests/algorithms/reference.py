@@ -23,8 +23,11 @@ def kl_and_grad(logp, ref, estimator):
 def policy_loss_reference(*, logp, old, adv, mask, pg_weight, eps_low, eps_high, kl_coef, high_share,
                           class_kl_coef, dual_clip, ref, estimator, kl_aggregation, entropy,
                           entropy_coef, aggregation, n_tokens, n_seqs, n_selected, by_selected,
-                          class_tokens, norm_length):
-    """Loss and (d loss / d logp, d loss / d entropy) for one micro-batch of a step."""
+                          class_tokens, norm_length, pg_factor=None):
+    """Loss and (d loss / d logp, d loss / d entropy) for one micro-batch of a step.
+
+    ``pg_factor``: the mismatch correction's per-token factor on the policy term (SPEC 8); it
+    leaves every normaliser as it is."""
     m = mask.astype(np.float64)
     adv = np.broadcast_to(adv[:, None], mask.shape) if adv.ndim == 1 else adv
     adv = np.where(mask, adv, 0.0)
@@ -40,6 +43,8 @@ def policy_loss_reference(*, logp, old, adv, mask, pg_weight, eps_low, eps_high,
         pg = np.where(capped, -adv * dual_clip, pg)
         dpg = np.where(capped, 0.0, dpg)
     pg, dpg = pg * pg_weight * m, dpg * pg_weight * m
+    if pg_factor is not None:
+        pg, dpg = pg * pg_factor, dpg * pg_factor
 
     reg = np.zeros_like(pg)
     dreg = np.zeros_like(pg)

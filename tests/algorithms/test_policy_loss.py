@@ -66,7 +66,7 @@ def run(batch, selection, loss_cfg, *, entropy_grad=False):
     return out, grads, sel, ctx
 
 
-def reference(batch, sel, ctx, cfg):
+def reference(batch, sel, ctx, cfg, pg_factor=None):
     np_ = lambda t: t.detach().numpy()  # noqa: E731
     return policy_loss_reference(
         logp=np_(batch["logp"]), old=np_(batch["old"]), adv=np_(batch["adv"]), mask=np_(batch["mask"]),
@@ -76,7 +76,8 @@ def reference(batch, sel, ctx, cfg):
         kl_aggregation=cfg.kl_aggregation, entropy=np_(batch["entropy"]), entropy_coef=cfg.entropy_coef,
         aggregation=cfg.aggregation, n_tokens=ctx.num_tokens, n_seqs=ctx.num_sequences,
         n_selected=ctx.num_selected, by_selected=sel.normalize_by_selected,
-        class_tokens=ctx.class_tokens, norm_length=cfg.norm_length)
+        class_tokens=ctx.class_tokens, norm_length=cfg.norm_length,
+        pg_factor=None if pg_factor is None else np_(pg_factor))
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)

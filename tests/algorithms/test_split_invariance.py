@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_archer.algorithms import (
+    AlgorithmConfig,
     ArcherConfig,
     Constraints,
     ForkingConfig,
@@ -19,6 +20,12 @@ from megatron_archer.algorithms import (
     policy_loss,
     reduce_loss_metrics,
     select_tokens,
+)
+from megatron_archer.algorithms.config import RolloutCorrectionConfig
+from megatron_archer.algorithms.rollout_correction import (
+    correction_metric_sums,
+    rollout_correction,
+    rollout_correction_summary,
 )
 from tests.distributed import run_distributed
 
@@ -38,6 +45,10 @@ SELECTIONS = {
         reasoning=Constraints(0.4, 0.5, 0.0), knowledge=Constraints(0.2, 0.2, 0.002))),
 }
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+CORRECTIONS = [RolloutCorrectionConfig(True, "token", "truncate", 2.0),
+               RolloutCorrectionConfig(True, "token", "mask", 1.5),
+               RolloutCorrectionConfig(True, "sequence", "mask", 1.3, "geometric_mean"),
+               RolloutCorrectionConfig(True, "sequence", "truncate", 2.0, "product")]
 
 
 def _responses(seed):
@@ -55,6 +66,7 @@ def _responses(seed):
             logp=logp,
             old=logp + 0.4 * torch.randn(length, generator=gen, dtype=torch.float64),
             ref=logp + 0.3 * torch.randn(length, generator=gen, dtype=torch.float64),
+            rollout=logp + 0.5 * torch.randn(length, generator=gen, dtype=torch.float64),
             entropy=entropy.double(),
             adv=torch.randn((), generator=gen, dtype=torch.float64),
         ))
@@ -66,7 +78,7 @@ def _pad(responses):
     width = max([len(r["logp"]) for r in responses] + [1])
     mask = torch.zeros(len(responses), width, dtype=torch.bool)
     batch = {key: torch.full((len(responses), width), float("nan"), dtype=torch.float64)
-             for key in ("logp", "old", "ref", "entropy")}
+             for key in ("logp", "old", "ref", "entropy", "rollout")}
     for i, r in enumerate(responses):
         n = len(r["logp"])
         mask[i, :n] = True
@@ -77,20 +89,29 @@ def _pad(responses):
     return batch
 
 
-def _step(micro_batches, selection, loss_cfg, group):
-    """Summed loss of this rank's micro-batches, per-response log-prob gradients, metric sums."""
+def _step(micro_batches, selection, loss_cfg, group, correction=AlgorithmConfig().rollout_correction):
+    """Summed loss of this rank's micro-batches, per-response log-prob gradients, metric sums
+    (with the mismatch correction's, and its step summary, when ``correction`` is enabled)."""
     ctx = build_step_context([(mb["entropy"], mb["mask"]) for mb in micro_batches], selection, group)
     total, grads, sums = 0.0, [], []
     for mb in micro_batches:
         sel = select_tokens(mb["entropy"], mb["mask"], selection, loss_cfg, ctx.forking_threshold)
         logp = mb["logp"].clone().requires_grad_(True)
+        weights = rollout_correction(mb["old"], mb["rollout"], mb["mask"], correction)
         out = policy_loss(logp, mb["old"], mb["adv"], mb["mask"], sel, ctx, loss_cfg,
-                          ref_logp=mb["ref"], entropy=mb["entropy"])
+                          ref_logp=mb["ref"], entropy=mb["entropy"],
+                          rollout_weight=weights.weight if correction.enabled else None)
         (grad,) = torch.autograd.grad(out.loss, [logp])
         total += out.loss.item()
         grads += [g[m] for g, m in zip(grad, mb["mask"])]
         sums.append(loss_metric_sums(out.terms, sel))
-    return total, grads, reduce_loss_metrics(sums, group), ctx
+        if correction.enabled:
+            sums[-1].update(correction_metric_sums(weights, sel))
+    metrics = reduce_loss_metrics(sums, group)
+    if correction.enabled:
+        metrics.update(rollout_correction_summary(
+            [(mb["old"], mb["rollout"], mb["mask"]) for mb in micro_batches], correction, group))
+    return total, grads, metrics, ctx
 
 
 def _close(a, b, what):
@@ -108,28 +129,35 @@ def _worker(rank, world_size, seed):
         start += size
     first = sum(map(sum, SPLIT[:rank]))
 
-    for name, selection in SELECTIONS.items():
-        for aggregation in AGGREGATIONS:
-            for kl_aggregation in ("token", "class_mean"):
-                what = f"{name} / {aggregation} / {kl_aggregation}"
-                cfg = LossConfig(clip=Constraints(0.2, 0.28, 0.01), dual_clip=3.0,
-                                 kl_aggregation=kl_aggregation, entropy_coef=0.003,
-                                 aggregation=aggregation,
-                                 norm_length=MAX_LEN if aggregation == "seq-mean-token-sum-norm" else None)
-                want_loss, want_grads, want_metrics, want_ctx = _step(single, selection, cfg, None)
-                loss, grads, metrics, ctx = _step(mine, selection, cfg, group)
-                summed = torch.tensor([loss], dtype=torch.float64)
-                dist.all_reduce(summed, group=group)
-                _close(summed.item(), want_loss, what)
-                for i, grad in enumerate(grads):
-                    torch.testing.assert_close(grad, want_grads[first + i], rtol=1e-9, atol=1e-12,
-                                               msg=lambda m: f"{what}: {m}")
-                assert metrics.keys() == want_metrics.keys(), what
-                for key in metrics:
-                    _close(metrics[key], want_metrics[key], f"{what}: {key}")
-                assert ctx.forking_threshold == want_ctx.forking_threshold, what
-                assert ctx.num_selected == want_ctx.num_selected, what
-                assert ctx.loss_scale == 3 * WORLD_SIZE and want_ctx.loss_scale == 1
+    cases = [(name, aggregation, kl_aggregation, None) for name in SELECTIONS
+             for aggregation in AGGREGATIONS for kl_aggregation in ("token", "class_mean")]
+    # the mismatch correction (SPEC 8) with every selection method, cycling the aggregations
+    cases += [(name, AGGREGATIONS[(i + j) % 3], "class_mean" if "archer" in name else "token", correction)
+              for i, name in enumerate(SELECTIONS) for j, correction in enumerate(CORRECTIONS)]
+    for name, aggregation, kl_aggregation, correction in cases:
+        selection = SELECTIONS[name]
+        what = f"{name} / {aggregation} / {kl_aggregation} / {correction}"
+        cfg = LossConfig(clip=Constraints(0.2, 0.28, 0.01), dual_clip=3.0,
+                         kl_aggregation=kl_aggregation, entropy_coef=0.003,
+                         aggregation=aggregation,
+                         norm_length=MAX_LEN if aggregation == "seq-mean-token-sum-norm" else None)
+        extra = () if correction is None else (correction,)
+        want_loss, want_grads, want_metrics, want_ctx = _step(single, selection, cfg, None, *extra)
+        loss, grads, metrics, ctx = _step(mine, selection, cfg, group, *extra)
+        if correction is not None:
+            assert 0 < metrics["all/rollout_is_corrected_frac"] < 1, what  # both sides reached
+        summed = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(summed, group=group)
+        _close(summed.item(), want_loss, what)
+        for i, grad in enumerate(grads):
+            torch.testing.assert_close(grad, want_grads[first + i], rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f"{what}: {m}")
+        assert metrics.keys() == want_metrics.keys(), what
+        for key in metrics:
+            _close(metrics[key], want_metrics[key], f"{what}: {key}")
+        assert ctx.forking_threshold == want_ctx.forking_threshold, what
+        assert ctx.num_selected == want_ctx.num_selected, what
+        assert ctx.loss_scale == 3 * WORLD_SIZE and want_ctx.loss_scale == 1
 
     entropies = [(mb["entropy"], mb["mask"]) for mb in mine]
     got = entropy_summary(entropies, group)
