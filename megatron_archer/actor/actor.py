@@ -119,17 +119,8 @@ class ModelRunner:
         return [pack(batch, indices, device=self.device) for indices in plan]
 
     def _model_inputs(self, mb: MicroBatch) -> dict:
-        if self.backend == "te":
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            cu = mb.cu_seqlens
-            return dict(attention_mask=None, packed_seq_params=PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen))
-        # portable SDPA attention: block-diagonal causal mask. megatron's RoPE takes positions
-        # 0..n-1 along the row; attention scores depend only on the offset between positions,
-        # so within a sequence this equals restarting at 0 (tested against transformers).
-        return dict(attention_mask=mb.block_causal_mask(self.device))
+        # both backends take the packed row's cu_seqlens (packing.MicroBatch.packed_seq_params)
+        return dict(attention_mask=None, packed_seq_params=mb.packed_seq_params())
 
     def _logprobs(self, mb: MicroBatch, logits: torch.Tensor, entropy_grad: bool):
         """[b, R_mb] log-probs and entropies of ``mb``'s response tokens from its logits
@@ -206,7 +197,7 @@ class Actor(ModelRunner):
 
     ``model``: this rank's model chunk(s) (``load_hf_model(...).model``), built with
     ``params_dtype = config.params_dtype``; ``spec``: its ModelSpec (the true vocabulary);
-    ``backend``: "te" (packed with cu_seqlens) or "local" (block-diagonal mask).
+    ``backend``: "te" or "local" (attention in ``models.layer_spec``).
     """
 
     def __init__(self, model, spec, config: ActorConfig, backend: str):

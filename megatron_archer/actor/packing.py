@@ -4,8 +4,8 @@ A batch is a list of sequences (prompt + response token ids) with a response mas
 Micro-batches are formed by a token budget (``max_tokens``), not a fixed count: sequences are
 placed whole, largest first, into the first micro-batch with room (first-fit decreasing), and
 each micro-batch is one packed row of its sequences concatenated, with no padding. Position ids
-restart at 0 in every sequence, and attention is restricted to each sequence: a block-diagonal
-causal mask (portable SDPA attention) or ``cu_seqlens`` (Transformer Engine, qkv_format "thd").
+restart at 0 in every sequence, and attention is restricted to each sequence by its ``cu_seqlens``
+(megatron's ``PackedSeqParams``, qkv_format "thd", for either attention backend).
 
 Labels are shifted: the log-prob of token t + 1 comes from position t. Only response tokens are
 scored; they are returned in the *response layout*: [B, R] right-padded, row i holding sequence
@@ -157,15 +157,15 @@ class MicroBatch:
         out = out.index_put((self.layout_index,), values)
         return out.view(self.response_mask.shape)
 
-    def block_causal_mask(self, device=None) -> torch.Tensor:
-        """[1, 1, n, n] bool, True = masked out: causal inside each sequence, nothing across."""
-        seq_id = torch.repeat_interleave(
-            torch.arange(len(self.indices)), self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-        ).to(device)
-        n = self.num_tokens
-        pos = torch.arange(n, device=device)
-        allowed = (seq_id[:, None] == seq_id[None, :]) & (pos[None, :] <= pos[:, None])
-        return (~allowed)[None, None]
+    def packed_seq_params(self):
+        """megatron's ``PackedSeqParams`` of this row (qkv_format "thd", self-attention): every
+        attention backend (Transformer Engine, ``SDPACoreAttention``) attends causally inside each
+        sequence, and megatron's RoPE restarts positions at each sequence start."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu, longest = self.cu_seqlens, self.max_seqlen
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                               max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def pack(batch: SequenceBatch, indices: list[int], device=None) -> MicroBatch:

@@ -2,9 +2,15 @@
 
 Megatron's own local ``DotProductAttention`` draws its score buffer from a CUDA global memory
 buffer and forks the CUDA RNG tracker for dropout, so it cannot run on CPU; Transformer Engine's
-needs CUDA. This module has the same call signature and tensor layout and runs on any device
+needs CUDA. This module has the same call signature and tensor layouts and runs on any device
 torch supports (on CUDA, SDPA picks a flash or memory-efficient kernel), which makes it the
 attention of the portable layer spec.
+
+Packed rows take the same route as with Transformer Engine: megatron's ``PackedSeqParams`` with
+``qkv_format="thd"`` and the row's ``cu_seqlens``. Megatron then hands this module query/key/value
+as [t, heads, d] (batch dimension squeezed, RoPE already applied per sequence from position 0) and
+reshapes the [t, heads * d] result back itself. Attention is computed per sequence (causal inside
+it), so its cost is the sum of the squared sequence lengths, never the square of the row length.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from megatron.core.transformer.module import MegatronModule
 class SDPACoreAttention(MegatronModule):
     """Causal (or explicitly masked) attention on this rank's heads, grouped-query aware.
 
-    Inputs follow Megatron: query [sq, b, heads_local, d], key/value [sk, b, groups_local, d],
-    ``attention_mask`` None or bool [b, 1|heads, sq, sk] with True meaning "masked out" (it then
-    replaces the causal rule, as in Megatron). Output [sq, b, heads_local * d].
+    Inputs follow Megatron. Unpacked: query [sq, b, heads_local, d], key/value [sk, b,
+    groups_local, d], ``attention_mask`` None or bool [b, 1|heads, sq, sk] with True meaning
+    "masked out" (it then replaces the causal rule, as in Megatron); output [sq, b, heads_local
+    * d]. Packed (``packed_seq_params``, qkv_format "thd"): query [t, heads_local, d], key/value
+    [t, groups_local, d], causal attention inside each sequence of ``cu_seqlens_q``; output
+    [t, heads_local * d].
     """
 
     def __init__(
@@ -53,27 +62,73 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
+        if attention_bias is not None:
             raise NotImplementedError(
-                "SDPACoreAttention supports neither packed sequences nor attention_bias; "
-                "use the Transformer Engine layer spec"
-            )
+                "SDPACoreAttention does not support attention_bias; use the Transformer Engine "
+                "layer spec")
+        key, value = _repeat_kv(query, key, value)
+        if packed_seq_params is not None:
+            if attention_mask is not None:
+                raise ValueError("SDPACoreAttention: packed_seq_params and attention_mask are "
+                                 "exclusive (the packed sequences define the mask)")
+            return self._packed(query, key, value, _sequence_lengths(packed_seq_params))
         mask_type = attn_mask_type or self.attn_mask_type
-        repeats = query.size(2) // key.size(2)
-        if repeats > 1:  # grouped-query attention: each key/value head serves `repeats` queries
-            key = key.repeat_interleave(repeats, dim=2)
-            value = value.repeat_interleave(repeats, dim=2)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        context = F.scaled_dot_product_attention(
+        context = self._sdpa(q, k, v, attention_mask=attention_mask,
+                             causal=attention_mask is None and mask_type == AttnMaskType.causal)
+        # [b, h, sq, d] -> [sq, b, h * d]
+        sq, b = context.size(2), context.size(0)
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _packed(self, query, key, value, lengths: list[int]) -> torch.Tensor:
+        """[t, h, d] packed sequences -> [t, h * d], causal attention inside each sequence."""
+        t = query.size(0)
+        if sum(lengths) != t:
+            raise ValueError(f"SDPACoreAttention: cu_seqlens_q covers {sum(lengths)} tokens, the "
+                             f"packed query has {t}")
+        if not lengths:  # an empty micro-batch (t == 0)
+            return query.flatten(1)
+        # [t, h, d] -> [h, t, d], then one [1, h, s_i, d] slice per sequence
+        q, k, v = (x.transpose(0, 1).split(lengths, dim=1) for x in (query, key, value))
+        context = torch.cat([
+            self._sdpa(qi[None], ki[None], vi[None], attention_mask=None, causal=True)[0]
+            for qi, ki, vi in zip(q, k, v)
+        ], dim=1)  # fmt: skip
+        return context.transpose(0, 1).flatten(1)
+
+    def _sdpa(self, q, k, v, attention_mask, causal: bool) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=None if attention_mask is None else ~attention_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attention_mask is None and mask_type == AttnMaskType.causal,
+            is_causal=causal,
             scale=self.softmax_scale,
         )
-        # [b, h, sq, d] -> [sq, b, h * d]
-        sq, b = context.size(2), context.size(0)
-        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _repeat_kv(query, key, value):
+    """Grouped-query attention: each key/value head serves ``heads / groups`` query heads
+    (the head dimension is -2 in both layouts)."""
+    repeats = query.size(-2) // key.size(-2)
+    if repeats == 1:
+        return key, value
+    return key.repeat_interleave(repeats, dim=-2), value.repeat_interleave(repeats, dim=-2)
+
+
+def _sequence_lengths(packed_seq_params) -> list[int]:
+    """The packed sequences' lengths, checked: self-attention over unpadded "thd" sequences."""
+    p = packed_seq_params
+    if p.qkv_format != "thd":
+        raise ValueError(f"SDPACoreAttention: packed_seq_params.qkv_format={p.qkv_format!r}, "
+                         f"expected 'thd'")
+    padded = (p.cu_seqlens_q_padded, p.cu_seqlens_kv_padded)
+    if any(x is not None and not torch.equal(x, p.cu_seqlens_q) for x in padded):
+        raise NotImplementedError("SDPACoreAttention: padded packed sequences "
+                                  "(cu_seqlens_*_padded != cu_seqlens_q) are not supported")
+    if p.cu_seqlens_kv is not p.cu_seqlens_q and not torch.equal(p.cu_seqlens_kv, p.cu_seqlens_q):
+        raise ValueError("SDPACoreAttention: cu_seqlens_kv differs from cu_seqlens_q "
+                         "(self-attention only)")
+    return torch.diff(p.cu_seqlens_q).tolist()

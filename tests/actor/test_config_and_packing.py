@@ -79,9 +79,11 @@ def test_pack_labels_positions_and_layout():
         want = batch.input_ids[i][batch.response_mask[i]]
         got = row[mb.label_positions + 1][layout[j][mb.response_mask[j]].long() - 1]
         assert torch.equal(got, want)
-    mask = mb.block_causal_mask()[0, 0]
-    first = batch.input_ids[0].numel()
-    assert not mask[first, first] and mask[first, first - 1] and mask[0, 1]
+    params = mb.packed_seq_params()
+    lengths = [batch.input_ids[i].numel() for i in indices]
+    assert params.qkv_format == "thd" and params.max_seqlen_q == max(lengths)
+    assert torch.diff(params.cu_seqlens_q).tolist() == lengths
+    assert params.cu_seqlens_kv is params.cu_seqlens_q
     full = scatter_to_batch(len(batch), [mb], [layout], batch.response_layout_mask().shape[1])
     assert torch.equal(mb.gather(full), layout)
     assert torch.all(full[[1, 4]] == 0)
