@@ -1,7 +1,28 @@
-"""Distributed plumbing in one place: group queries and the few collectives the numerics need.
+"""Distributed plumbing in one place: the process group, group queries and the few collectives
+the numerics need.
 
 Every helper accepts ``group=None`` meaning "no parallelism": it then returns rank 0 of size 1
 and the collectives are no-ops, so the same numerical code runs in one process.
+
+The device rule (CUDA and CPU alike; ``tests/cuda_guard.py`` enforces it on CPU):
+
+1. One process group serves both devices. ``init_process_group`` creates the default group with
+   ``PROCESS_GROUP_BACKEND_CUDA`` (``cpu:gloo,cuda:nccl``, as megatron's own launcher does) on
+   CUDA, ``gloo`` on CPU. megatron's ``parallel_state.initialize_model_parallel`` (0.16.1, and
+   Megatron-LM main) creates the tensor, pipeline, data and other subgroups with
+   ``create_group(..., backend=None)``, which ``torch.distributed.new_group`` resolves to the
+   default group's backend string: every subgroup serves CPU tensors with gloo and CUDA tensors
+   with NCCL. So small control tensors (counts, flags, sizes built from Python numbers) may stay
+   on the CPU in any collective, and values computed from model tensors may stay on the GPU.
+2. A collective's tensor must be on the same device on every rank (gloo and NCCL are separate
+   communicators): choose the device by the code, never by the data (an empty list, a rank that
+   has no tokens).
+3. One op never mixes a CPU tensor of one or more dimensions with a CUDA tensor: move explicitly
+   (``.to(device)``, or ``.item()`` / ``.cpu()`` for control values). 0-dim CPU tensors act as
+   scalars, which torch allows.
+
+A group created elsewhere with ``backend="nccl"`` alone serves only CUDA tensors; this package
+creates none.
 """
 
 from __future__ import annotations
@@ -11,11 +32,21 @@ import os
 import torch
 import torch.distributed as dist
 
+PROCESS_GROUP_BACKEND_CUDA = "cpu:gloo,cuda:nccl"
+PROCESS_GROUP_BACKEND_CPU = "gloo"
+
+
+def process_group_backend(cuda: bool) -> str:
+    """The default group's backend string: both devices on CUDA machines, gloo on CPU-only ones."""
+    return PROCESS_GROUP_BACKEND_CUDA if cuda else PROCESS_GROUP_BACKEND_CPU
+
 
 def init_process_group() -> None:
-    """NCCL on CUDA, gloo on CPU: torchrun's env:// rendezvous, or one in-process rank otherwise."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    """The default group (see the module docstring): torchrun's env:// rendezvous, or one
+    in-process rank otherwise."""
+    cuda = torch.cuda.is_available()
+    backend = process_group_backend(cuda)
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ:
         dist.init_process_group(backend)

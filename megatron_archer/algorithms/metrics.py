@@ -45,7 +45,8 @@ def reduce_loss_metrics(sums: Sequence[dict[str, torch.Tensor]], group=None) -> 
     One all-reduce; every rank must pass sums with the same keys.
     """
     keys = sorted(sums[0])
-    totals = all_reduce_(torch.stack([sum(s[key] for s in sums) for key in keys]), group)
+    # a CPU control tensor whatever the sums' device (distributed.py's device rule)
+    totals = all_reduce_(torch.stack([sum(s[key] for s in sums) for key in keys]).cpu(), group)
     total = dict(zip(keys, totals.tolist()))
     for field in ("tokens", "clip_low", "clip_high", "dual_clip", "ratio", "kl", "rollout_is",
                   "rollout_is_corrected"):

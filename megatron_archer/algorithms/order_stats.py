@@ -89,13 +89,15 @@ def kth_largest(values: Sequence[torch.Tensor], ks: Sequence[int], group=None) -
     """
     local = [_order_key(v.detach().reshape(-1)) for v in values]
     keys = torch.cat(local).sort().values if local else torch.zeros(0, dtype=torch.int64)
+    # the bisection state and the counts all-reduced are CPU control values whatever the values'
+    # device, so every rank reduces on the same device (distributed.py's device rule)
     want = torch.tensor([max(int(k), 1) for k in ks], dtype=torch.int64)
     low = torch.full_like(want, _INT32_MIN)
     high = torch.full_like(want, _INT32_MAX)
     while bool((low < high).any()):
         mid = torch.div(low + high + 1, 2, rounding_mode="floor")
-        at_least = keys.numel() - torch.searchsorted(keys, mid, right=False)
-        enough = all_reduce_(at_least, group) >= want
+        below = torch.searchsorted(keys, mid.to(keys.device), right=False).cpu()
+        enough = all_reduce_(keys.numel() - below, group) >= want
         low = torch.where(enough, mid, low)
         high = torch.where(enough, high, mid - 1)
     result = []

@@ -99,6 +99,7 @@ def build_step_context(
         raise ValueError(f"ranks disagree on the number of micro-batches "
                          f"({-int(flags[1])} to {int(flags[0])}); Megatron needs the same count")
 
+    # control values on the CPU, moved there explicitly (distributed.py's device rule)
     sizes = torch.zeros(2, dtype=torch.float64)
     for _, mask in micro_batches:
         sizes += torch.tensor([mask.sum().item(), mask.any(dim=-1).sum().item()], dtype=torch.float64)
@@ -112,7 +113,8 @@ def build_step_context(
     masses = torch.zeros(3, dtype=torch.float64)
     for entropy, mask in micro_batches:
         pg_weight, high = classify_tokens(entropy, mask, selection, threshold)
-        masses += torch.stack([pg_weight.sum(), (mask.to(high.dtype) - high).sum(), high.sum()]).double()
+        masses += torch.stack(
+            [pg_weight.sum(), (mask.to(high.dtype) - high).sum(), high.sum()]).double().cpu()
     num_selected, low_tokens, high_tokens = all_reduce_(masses, group).tolist()
     return StepContext(
         num_tokens=num_tokens,

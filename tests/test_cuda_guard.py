@@ -1,0 +1,194 @@
+"""The CUDA data paths, run on CPU under tests/cuda_guard.py's fake CUDA device (issue: CPU tensors
+in collectives of NCCL groups, CPU and CUDA tensors mixed in one op).
+
+The guard itself is shown to catch the defects it exists for: the mixed-device patterns that
+were in step_context and order_stats, and a CPU tensor in a collective of an NCCL-only group.
+The real code (the actor's micro-batching, the step context with the global forking threshold,
+the loss and entropy metrics, a trainer step's data path) then runs on 2 gloo ranks with every
+tensor that lives on the GPU in a real run wrapped, and its results equal the plain CPU run's.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_archer import distributed
+from megatron_archer.actor import ActorConfig, SequenceBatch
+from megatron_archer.actor.actor import ModelRunner
+from megatron_archer.algorithms import (
+    SelectionConfig,
+    build_step_context,
+    entropy_summary,
+    preset,
+    reduce_loss_metrics,
+)
+from megatron_archer.algorithms.order_stats import kth_largest
+from megatron_archer.trainer.step import MiniBatch, _loss_fn
+from tests.cuda_guard import (
+    FAKE_DEVICE,
+    CollectiveDeviceError,
+    FakeCuda,
+    MixedDeviceError,
+    fake_cuda,
+    served_devices,
+)
+from tests.distributed import run_distributed
+from tests.models.parallel import model_parallel
+
+
+# ----------------------------------------------------------------- the guard catches the defects
+def test_guard_computes_like_cuda_and_refuses_mixed_ops():
+    with fake_cuda():
+        x = torch.randn(5).to("cuda")
+        assert isinstance(x, FakeCuda) and x.device == FAKE_DEVICE and x.is_cuda
+        assert bool(torch.isfinite(x).all()) and math.isclose((x * 2).sum().item(),
+                                                             2 * x.cpu().sum().item(), rel_tol=1e-6)
+        assert (x + torch.tensor(1.0)).device == FAKE_DEVICE  # a 0-dim CPU tensor is a scalar
+        assert torch.zeros(3, device=x.device).device == FAKE_DEVICE
+        assert x[torch.tensor([0, 2])].device == FAKE_DEVICE  # torch moves CPU index tensors
+        assert type(x.cpu()) is torch.Tensor
+        with pytest.raises(MixedDeviceError):
+            x + torch.zeros(5)
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+
+
+def test_guard_catches_the_old_step_context_accumulation():
+    """step_context before the fix: a CPU float64 accumulator += a stack of CUDA sums."""
+    with fake_cuda():
+        entropy, mask = torch.rand(3, 4).cuda(), (torch.rand(3, 4) > 0.3).cuda()
+        masses = torch.zeros(3, dtype=torch.float64)
+        with pytest.raises(MixedDeviceError, match="shape \\(3,\\)"):
+            masses += torch.stack([entropy.sum(), mask.sum(), entropy.max()]).double()
+        masses += torch.stack([entropy.sum(), mask.sum(), entropy.max()]).double().cpu()  # fixed
+
+
+def test_guard_catches_the_old_kth_largest_bisection():
+    """order_stats before the fix: searchsorted of CUDA keys with a CPU ``mid``."""
+    with fake_cuda():
+        keys = torch.randint(-100, 100, (50,)).sort().values.cuda()
+        mid = torch.tensor([3, 7], dtype=torch.int64)
+        with pytest.raises(MixedDeviceError, match="searchsorted"):
+            torch.searchsorted(keys, mid, right=False)
+
+
+def test_served_devices_and_the_process_group_backend(monkeypatch):
+    assert served_devices("nccl") == {"cuda"}
+    assert served_devices(distributed.PROCESS_GROUP_BACKEND_CUDA) == {"cpu", "cuda"}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("device", index)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    distributed.init_process_group()
+    assert calls == [("device", 3), "cpu:gloo,cuda:nccl"]  # megatron's subgroups inherit it
+
+
+# ----------------------------------------------------------------- real code on 2 gloo ranks
+def _responses(rank: int, count: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed * 100 + rank)
+    lengths = torch.randint(1, 9, (count,), generator=gen).tolist()
+    entropy = [torch.rand(n, generator=gen) for n in lengths]
+    for e in entropy[::3]:
+        e[: len(e) // 2] = 0.25  # ties inside and across ranks
+    return entropy
+
+
+def _padded(entropy: list[torch.Tensor]):
+    width = max(len(e) for e in entropy)
+    values = torch.zeros(len(entropy), width)
+    mask = torch.zeros(len(entropy), width, dtype=torch.bool)
+    for i, e in enumerate(entropy):
+        values[i, : len(e)], mask[i, : len(e)] = e, True
+    return values, mask
+
+
+def _algorithm_results(rank: int, device):
+    """Step contexts, k-th largest values and entropy metrics of this rank's micro-batches."""
+    entropy = _responses(rank, 7)
+    micro = [_padded(entropy[:4]), _padded(entropy[4:])]
+    micro = [(e.to(device), m.to(device)) for e, m in micro] if device is not None else micro
+    group = dist.group.WORLD
+    out = {}
+    for name, selection in [("forking", SelectionConfig("forking")), ("archer", SelectionConfig("archer")),
+                            ("archer_soft", SelectionConfig("archer_soft"))]:
+        ctx = build_step_context(micro, selection, group)
+        out[name] = (ctx.num_tokens, ctx.num_selected, ctx.class_tokens, ctx.forking_threshold)
+    out["kth"] = kth_largest([e[m] for e, m in micro], [1, 5, 17], group)
+    out["entropy"] = entropy_summary(micro, group)
+    return out
+
+
+def _trainer_data_path(rank: int, device):
+    """A trainer step's data path without the model: a mini-batch as the trainer holds it (on the
+    CPU), the actor's micro-batching, the step context as train_on_mini_batches builds it, the
+    loss closure with its gradient, and the loss metrics."""
+    gen = torch.Generator().manual_seed(7 + rank)
+    ids, masks = [], []
+    for _ in range(5):
+        prompt, response = int(torch.randint(1, 4, (1,), generator=gen)), \
+            int(torch.randint(1, 6, (1,), generator=gen))
+        ids.append(torch.randint(3, 20, (prompt + response,), generator=gen))
+        masks.append(torch.arange(prompt + response) >= prompt)
+    batch = SequenceBatch(ids, masks)
+    rows, width = batch.response_layout_mask().shape
+    mini = MiniBatch(batch, torch.randn(rows, generator=gen), -torch.rand(rows, width, generator=gen),
+                     old_logp=-torch.rand(rows, width, generator=gen),
+                     old_entropy=torch.rand(rows, width, generator=gen),
+                     ref_logp=-torch.rand(rows, width, generator=gen))
+    algorithm = preset("archer")
+    runner = SimpleNamespace(config=ActorConfig(max_tokens_per_micro_batch=12), device=device)
+    micro = ModelRunner.micro_batches(runner, mini.batch)
+    ctx = build_step_context([(m.gather(mini.old_entropy.to(m.response_mask.device)),
+                               m.response_mask) for m in micro], algorithm.selection,
+                             dist.group.WORLD)
+    loss_fn = _loss_fn(mini, algorithm, ctx, device)
+    losses, grads, sums = [], [], []
+    for m in micro:
+        logp = (m.gather(mini.old_logp) + 0.1).to(m.response_mask.device).requires_grad_(True)
+        entropy = m.gather(mini.old_entropy).to(m.response_mask.device)
+        loss, metric_sums = loss_fn(m, logp, entropy)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(logp.grad.cpu())
+        sums.append(metric_sums)
+    return losses, grads, reduce_loss_metrics(sums, dist.group.WORLD)
+
+
+def _worker(rank: int, world_size: int):
+    with model_parallel(1):
+        plain = _algorithm_results(rank, None)
+        plain_step = _trainer_data_path(rank, None)
+        with fake_cuda():
+            wrapped = _algorithm_results(rank, FAKE_DEVICE)
+            wrapped_step = _trainer_data_path(rank, FAKE_DEVICE)
+        assert wrapped == plain
+        assert wrapped_step[0] == plain_step[0] and wrapped_step[2] == plain_step[2]
+        assert all(torch.equal(a, b) for a, b in zip(wrapped_step[1], plain_step[1]))
+        # the same micro-batching with an NCCL-only group: its CPU token count is refused
+        runner = SimpleNamespace(config=ActorConfig(max_tokens_per_micro_batch=12), device=FAKE_DEVICE)
+        batch = SequenceBatch([torch.arange(5)], [torch.arange(5) > 2])
+        with fake_cuda(backend="nccl"):
+            with pytest.raises(CollectiveDeviceError, match="device type cpu"):
+                ModelRunner.micro_batches(runner, batch)
+
+
+def test_cuda_data_paths_on_two_ranks_equal_the_cpu_run():
+    run_distributed(_worker, 2)
+
+
+def _device_mismatch_worker(rank: int, world_size: int):
+    with fake_cuda():
+        value = torch.ones(2).cuda() if rank == 0 else torch.ones(2)
+        with pytest.raises(CollectiveDeviceError, match="CUDA on some ranks"):
+            distributed.all_reduce_(value, dist.group.WORLD)
+
+
+def test_a_collective_on_different_devices_raises_on_every_rank():
+    run_distributed(_device_mismatch_worker, 2)
