@@ -44,7 +44,11 @@ from megatron_archer.actor.packing import (
     plan_micro_batches,
     scatter_to_batch,
 )
-from megatron_archer.ops import vocab_parallel_logprobs_and_entropy
+from megatron_archer.nonfinite import NonFiniteError, first_ranks
+from megatron_archer.ops import (
+    fused_lm_head_logprobs_and_entropy,
+    vocab_parallel_logprobs_and_entropy,
+)
 
 LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor], Any]
 
@@ -60,9 +64,11 @@ class LogprobResult:
 
 @dataclass
 class StepResult:
-    """What one ``train_step`` did. ``loss`` is the step loss (sum of every micro-batch share on
-    every data-parallel rank); ``grad_norm`` the global norm before clipping; ``skipped`` True when
-    the loss or the norm was non-finite on some rank: nothing was changed then."""
+    """What one ``train_step`` did, the same on every rank. ``loss`` is the step loss (sum of
+    every micro-batch share on every data-parallel rank); ``grad_norm`` the global norm before
+    clipping; ``skipped`` True when some rank found a non-finite tensor: nothing was changed then,
+    and ``nonfinite`` maps each such tensor's name (``megatron_archer.nonfinite.TENSORS``) to the
+    lowest global rank that found it."""
 
     loss: float
     grad_norm: float
@@ -71,17 +77,53 @@ class StepResult:
     num_micro_batches: int
     step: int
     micro_batch_metrics: list[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, float]:
-        return {"actor/loss": self.loss, "actor/grad_norm": self.grad_norm, "actor/lr": self.lr,
-                "actor/skipped": float(self.skipped),
-                "actor/num_micro_batches": float(self.num_micro_batches)}
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 def _unwrap(chunk: nn.Module) -> nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def _check_packed_attention(backend: str, params_dtype: torch.dtype) -> None:
+    """Transformer Engine has no attention backend for packed (thd) rows in float32: flash and
+    fused attention need bf16/fp16, and its unfused attention rejects thd."""
+    if backend == "te" and params_dtype == torch.float32:
+        raise ValueError(
+            "model.backend='te' with actor.params_dtype='float32': Transformer Engine has no "
+            "attention backend for packed (thd) batches in float32; use actor.params_dtype="
+            "'bfloat16' or model.backend='local'")
+
+
+class _HiddenStatesHead:
+    """Makes a last-stage GPTModel return its final hidden states [b, s, H] instead of logits,
+    for ``logprob_impl="fused"``, by replacing its ``output_layer``'s forward on this instance.
+
+    The output layer keeps its parameter (optimizer, DDP, checkpoints and export are unchanged);
+    ``output_weight`` is the [V/tp, H] weight the logits would have used (the shared embedding
+    when tied). Skipping megatron's ColumnParallelLinear also skips its tensor-parallel
+    all-reduce of d hidden, which the fused op does itself (ops/fused_lm_head.py).
+    """
+
+    def __init__(self, gpt: nn.Module):
+        if gpt.config.sequence_parallel:
+            raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
+                             "the output layer would all-gather the sequence-sharded hidden states")
+        self.gpt = gpt
+        gpt.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (
+            hidden, None)
+
+    def output_weight(self) -> torch.Tensor:
+        if self.gpt.share_embeddings_and_output_weights:
+            return self.gpt.shared_embedding_or_output_weight()
+        return self.gpt.output_layer.weight
+
+
+def _hidden_states_head(chunks: list[nn.Module]) -> _HiddenStatesHead | None:
+    """The head of this rank's last-stage chunk (None on other pipeline stages)."""
+    last = [_unwrap(c) for c in chunks if getattr(_unwrap(c), "post_process", False)]
+    return _HiddenStatesHead(last[-1]) if last else None
 
 
 class ModelRunner:
@@ -102,6 +144,11 @@ class ModelRunner:
                 model_config.variable_seq_lengths = True  # packed rows differ in length
             if not self.on_cuda:
                 model_config.finalize_model_grads_func = compat.finalize_model_grads_cpu
+        model_config = _unwrap(self.chunks[0]).config
+        _check_packed_attention(backend, model_config.params_dtype)
+        # fp8 GEMMs need token counts that are multiples of 16 (packing.filler_tokens)
+        self.pack_multiple = 16 if model_config.fp8 else 1
+        self._head = _hidden_states_head(self.chunks) if config.logprob_impl == "fused" else None
 
     # ---------------------------------------------------------------- micro-batches
     def micro_batches(self, batch: SequenceBatch) -> list[MicroBatch]:
@@ -116,24 +163,28 @@ class ModelRunner:
         count = torch.tensor([len(plan)], dtype=torch.int64)
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
         plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch, int(count))
-        return [pack(batch, indices, device=self.device) for indices in plan]
+        return [pack(batch, indices, device=self.device, multiple=self.pack_multiple)
+                for indices in plan]
 
     def _model_inputs(self, mb: MicroBatch) -> dict:
         # both backends take the packed row's cu_seqlens (packing.MicroBatch.packed_seq_params)
         return dict(attention_mask=None, packed_seq_params=mb.packed_seq_params())
 
-    def _logprobs(self, mb: MicroBatch, logits: torch.Tensor, entropy_grad: bool):
-        """[b, R_mb] log-probs and entropies of ``mb``'s response tokens from its logits
-        [1, n, V/tp]."""
-        selected = logits[0, mb.label_positions]
-        logp, entropy = vocab_parallel_logprobs_and_entropy(
-            selected, mb.labels,
-            temperature=self.config.temperature,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-            vocab_size=self.spec.vocab_size,
-            chunk_size=self.config.logprob_chunk_size,
-            entropy_grad=entropy_grad,
-        )
+    def _logprobs(self, mb: MicroBatch, output: torch.Tensor, entropy_grad: bool):
+        """[b, R_mb] log-probs and entropies of ``mb``'s response tokens from the last stage's
+        output: logits [1, n, V/tp], or with ``logprob_impl="fused"`` the final hidden states
+        [1, n, H], turned into the same results with the output weight without any logits."""
+        selected = output[0, mb.label_positions]
+        options = dict(temperature=self.config.temperature,
+                       tp_group=parallel_state.get_tensor_model_parallel_group(),
+                       vocab_size=self.spec.vocab_size, entropy_grad=entropy_grad)
+        if self._head is not None:
+            logp, entropy = fused_lm_head_logprobs_and_entropy(
+                selected, self._head.output_weight(), mb.labels,
+                chunk_size=self.config.logprob_chunk_size, **options)
+        else:
+            logp, entropy = vocab_parallel_logprobs_and_entropy(
+                selected, mb.labels, chunk_size=self.config.logprob_chunk_size, **options)
         return mb.to_layout(logp), mb.to_layout(entropy)
 
     def _forward_step(self, loss_func_factory, data_iterator, model):
@@ -175,7 +226,11 @@ class ModelRunner:
         micro_batches = self.micro_batches(batch)
 
         def loss_func(mb, output):
-            logp, entropy = self._logprobs(mb, output, entropy_grad=False)
+            try:
+                logp, entropy = self._logprobs(mb, output, entropy_grad=False)
+            except NonFiniteError:  # NaN results: the trainer's finiteness policy decides
+                logp = torch.full(mb.response_mask.shape, math.nan, device=output.device)
+                entropy = logp.clone()
             return output.new_zeros(()), {"logp": logp, "entropy": entropy}
 
         outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
@@ -286,27 +341,42 @@ class Actor(ModelRunner):
                         p.grad.mul_(coef)
         self.optimizer.step()
 
-    def train_step(self, batch: SequenceBatch, loss_fn: LossFn) -> StepResult:
+    def train_step(self, batch: SequenceBatch, loss_fn: LossFn, *, entropy_grad: bool = False,
+                   micro_batches: list[MicroBatch] | None = None) -> StepResult:
         """One optimiser step on this rank's share of the step's sequences.
 
         ``loss_fn(micro_batch, logp, entropy)`` -> loss or (loss, metrics): ``logp`` and
         ``entropy`` are [b, R_mb] in the micro-batch's response layout (``micro_batch.
         response_mask``; ``micro_batch.gather(x)`` selects its rows of a batch-level [B, R]
         tensor such as old log-probs or advantages), the loss is the micro-batch's share of the
-        step loss. Gradients of all micro-batches accumulate; the global norm is clipped to
-        ``clip_grad``; AdamW steps at the scheduled learning rate. A non-finite loss or gradient
-        norm on any rank skips the step on all ranks: weights, optimiser state and the schedule
-        position stay unchanged, and ``StepResult.skipped`` is True.
+        step loss. ``entropy`` carries its gradient only with ``entropy_grad`` (an entropy
+        bonus). ``micro_batches``: ``self.micro_batches(batch)`` when the caller already packed
+        it (packing is deterministic, so it is the same). Gradients of all micro-batches
+        accumulate; the global norm is clipped to ``clip_grad``; AdamW steps at the scheduled
+        learning rate.
+
+        Non-finite values: a ``NonFiniteError`` inside the schedule (non-finite logits or
+        loss-function inputs) makes that micro-batch contribute a zero loss, so every stage and
+        rank finishes the schedule; then one all-reduce over the job combines what each rank
+        found (that, a non-finite loss, a non-finite gradient norm). If anything was found the
+        step is skipped on every rank: weights, optimiser state and the schedule position stay
+        unchanged, ``StepResult.skipped`` is True and ``nonfinite`` names the tensors.
         """
-        micro_batches = self.micro_batches(batch)
+        if micro_batches is None:
+            micro_batches = self.micro_batches(batch)
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
         for chunk in self.chunks:
             chunk.train()
         self._zero_grads()
+        found: set[str] = set()
 
         def loss_func(mb, output):
-            logp, entropy = self._logprobs(mb, output, entropy_grad=self.config.entropy_grad)
-            result = loss_fn(mb, logp, entropy)
+            try:
+                logp, entropy = self._logprobs(mb, output, entropy_grad=entropy_grad)
+                result = loss_fn(mb, logp, entropy)
+            except NonFiniteError as error:
+                found.add(error.tensor)
+                return output.sum() * 0.0, {"loss": torch.zeros((), device=output.device)}
             loss, metrics = result if isinstance(result, tuple) else (result, {})
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise TypeError("loss_fn must return a scalar tensor (or (scalar, metrics))")
@@ -320,15 +390,19 @@ class Actor(ModelRunner):
         if parallel_state.is_pipeline_last_stage():
             for out in outputs:
                 local += out["loss"].double()
+        if not bool(torch.isfinite(local)):  # this rank's share, before the sum names nobody
+            found.add("loss")
         dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
         self._broadcast_from_last_stage([local])
         loss = local.item()
         grad_norm = self._grad_norm()
-        bad = torch.tensor([0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1],
-                           device=device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank of the job skips together
+        if not math.isfinite(grad_norm):
+            found.add("grad_norm")
+        nonfinite = first_ranks([found])[0]  # every rank of the job skips together
+        if len(nonfinite) > 1:  # a NaN forward makes the norm NaN too: report the cause
+            nonfinite.pop("grad_norm", None)
         lr = self.config.lr_at(self.steps_taken)
-        skipped = bool(bad.item())
+        skipped = bool(nonfinite)
         if skipped:
             self._zero_grads()
         else:
@@ -336,4 +410,5 @@ class Actor(ModelRunner):
             self.steps_taken += 1
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped,
                           num_micro_batches=len(micro_batches), step=self.steps_taken,
-                          micro_batch_metrics=list(outputs) if outputs else [])
+                          micro_batch_metrics=list(outputs) if outputs and not skipped else [],
+                          nonfinite=nonfinite)

@@ -29,8 +29,12 @@ class ActorConfig:
     - ``params_dtype``: ``float32`` or ``bfloat16`` (``bf16`` on CUDA with fp32 main params in
       the distributed optimizer; on CPU the parameters and AdamW states have this dtype).
     - ``temperature``: the rollout's sampling temperature, log-probs are of softmax(z / T).
-    - ``entropy_grad``: entropy handed to the loss carries a gradient (for an entropy bonus).
-    - ``logprob_chunk_size``: tokens per fp32 working chunk of the vocab-parallel op (None: one).
+    - ``logprob_chunk_size``: tokens per fp32 working chunk of the vocab-parallel op: the op's
+      fp32 working set is ``logprob_chunk_size`` x V/tp, never a full copy of the shard (SPEC 1;
+      1024 tokens x 151,936 / tp vocabulary is 0.6 GB / tp).
+    - ``logprob_impl``: ``logits`` (the model's vocab-sharded logits, then the vocab-parallel op)
+      or ``fused`` (the last stage hands its final hidden states and the output weight to the
+      fused LM-head op, which never materialises logits: SPEC 1, "the strongest form").
     """
 
     max_tokens_per_micro_batch: int = 4096
@@ -46,8 +50,8 @@ class ActorConfig:
     min_lr: float = 0.0
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     temperature: float = 1.0
-    entropy_grad: bool = False
-    logprob_chunk_size: int | None = None
+    logprob_chunk_size: int = 1024
+    logprob_impl: Literal["logits", "fused"] = "logits"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -85,10 +89,10 @@ class ActorConfig:
             bad("params_dtype", "must be 'float32' or 'bfloat16'")
         if not self.temperature > 0:
             bad("temperature", "must be > 0")
-        if self.logprob_chunk_size is not None and (
-            not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 1
-        ):
-            bad("logprob_chunk_size", "must be None or an int >= 1")
+        if not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 1:
+            bad("logprob_chunk_size", "must be an int >= 1 (tokens per fp32 working chunk)")
+        if self.logprob_impl not in ("logits", "fused"):
+            bad("logprob_impl", "must be 'logits' or 'fused'")
 
     @property
     def torch_params_dtype(self) -> torch.dtype:

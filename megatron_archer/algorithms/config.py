@@ -252,6 +252,11 @@ class AlgorithmConfig:
                 "rollout_correction.enabled has no effect with old_logprobs 'rollout' (pi_old is "
                 "then pi_rollout, so w = 1); use old_logprobs 'recompute' or disable the correction"
             )
+        if self.selection.method in ("archer", "archer_soft") and self.loss.clip != Constraints():
+            raise ValueError(
+                f"loss.clip is not used with selection.method {self.selection.method!r} (its "
+                f"token classes have their own); set selection.archer.reasoning and "
+                f"selection.archer.knowledge instead; got loss.clip {self.loss.clip}")
         forking = self.selection.method == "forking"
         if (forking and self.selection.forking.normalizer == "selected"
                 and self.loss.aggregation == "seq-mean-token-sum-norm"):

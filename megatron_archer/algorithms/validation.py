@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from megatron_archer.nonfinite import NonFiniteError
+
 
 def require_finite(name: str, tensor: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """Raise ValueError if ``tensor`` holds NaN or +-inf where ``mask`` is true (everywhere without one).
+    """Raise NonFiniteError (a ValueError) naming ``tensor`` if it holds NaN or +-inf where
+    ``mask`` is true (everywhere without one).
 
     Padding outside the response mask may hold anything (e.g. -inf log-probs) and is not checked.
     """
     values = tensor.detach() if mask is None else tensor.detach()[mask]
     if not bool(torch.isfinite(values).all()):
         bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf) at valid positions")
+        raise NonFiniteError(
+            name, f"{name} has {bad} non-finite value(s) (NaN or inf) at valid positions")
 
 
 def require_response_mask(response_mask: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ import math
 import torch
 
 from megatron_archer import distributed
+from megatron_archer.nonfinite import NonFiniteError
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -104,7 +105,8 @@ def finalize(
     label_logit: torch.Tensor,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logZ, entropy, logp) from full-vocabulary stats; raises on a token with no finite logZ.
+    """(logZ, entropy, logp) from full-vocabulary stats; raises NonFiniteError("logits") on a token
+    with no finite logZ.
 
     ``label_logit`` is the raw z_y. For backward, recompute log-probs as (z - m) / T - log s
     rather than z / T - logZ, which loses precision for large logits.
@@ -117,14 +119,12 @@ def finalize(
     if bad.any():
         where = bad.flatten().nonzero().flatten()[:5].tolist()
         if (s.flatten()[where] == 0).all():
-            raise ValueError(
+            raise NonFiniteError("logits", (
                 f"logits: every entry is -inf (or vocabulary padding) for token(s) at flat index "
-                f"{where}: no distribution to take log-probs or entropy of"
-            )
-        raise ValueError(
+                f"{where}: no distribution to take log-probs or entropy of"))
+        raise NonFiniteError("logits", (
             f"logits contain NaN or +inf (finite values or -inf are required); first affected "
-            f"token(s) at flat index {where}"
-        )
+            f"token(s) at flat index {where}"))
     entropy = log_s - b / s
     logp = (label_logit - m) / temperature - log_s
     return m / temperature + log_s, entropy, logp

@@ -41,6 +41,7 @@ WEIGHT_SYNC = ("tensor", "distributed", "disk")
 BACKENDS = ("auto", "te", "local")
 RECOMPUTE = ("none", "selective", "full")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("skip", "error")
 
 
 class _Loader(yaml.SafeLoader):
@@ -99,17 +100,25 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline). Checked against
-    the world size at start."""
+    the world size at start. ``timeout_minutes``: the process group's collective timeout (NCCL's
+    watchdog; torch's default is 10); ``rank_zero_timeout_minutes``: how long the other ranks wait
+    for work done by rank 0 alone (rollout, rewards, weight pushes: ``trainer.rank_zero``), on a
+    CPU group of its own, so no NCCL collective is left pending for a whole rollout."""
 
     tensor: int = 1
     pipeline: int = 1
     data: int | None = None
+    timeout_minutes: float = 30.0
+    rank_zero_timeout_minutes: float = 720.0
 
     def __post_init__(self):
         integer("tensor", self.tensor, low=1)
         integer("pipeline", self.pipeline, low=1)
         if self.data is not None:
             integer("data", self.data, low=1)
+        number("timeout_minutes", self.timeout_minutes, low=0.0, low_open=True)
+        number("rank_zero_timeout_minutes", self.rank_zero_timeout_minutes, low=0.0,
+               low_open=True)
 
     def data_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` processes; raises when the layout does not fit."""
@@ -130,7 +139,17 @@ class SGLangConfig:
     ``weight_sync``: ``tensor`` (colocated, CUDA IPC), ``distributed`` (NCCL broadcast to engines
     on their own GPUs) or ``disk`` (``disk_dir``). ``distributed`` needs the rendezvous of the
     weight-update group (trainer rank 0 + every server rank): ``master_address``, an address of
-    the trainer's rank-0 host that the servers reach, and a free ``master_port`` there."""
+    the trainer's rank-0 host that the servers reach, and a free ``master_port`` there.
+
+    Scale (``rollout.sglang_engine``): one ``/generate`` request per prompt, at most
+    ``max_inflight`` in flight, each waiting ``request_timeout_s`` and tried ``request_attempts``
+    times (a failed request alone is sent again, after a health check of its server that waits
+    ``health_timeout_s``). Control calls (pause, continue, cache flush) wait
+    ``control_timeout_s``; tensor and distributed weight updates and memory calls
+    ``update_timeout_s``, disk updates ``disk_update_timeout_s``, all never retried blindly.
+    Launched servers: ``startup_timeout_s`` to come up, at most ``max_restarts`` restarts in a run
+    when one dies, ``mem_fraction_static`` (SGLang's weights + KV-cache share of each GPU;
+    required for colocated launched servers, which share the GPU with the trainer)."""
 
     server_urls: tuple[str, ...] = ()
     router_url: str | None = None
@@ -144,6 +163,16 @@ class SGLangConfig:
     disk_dir: str | None = None
     master_address: str | None = None
     master_port: int | None = None
+    request_timeout_s: float = 3600.0
+    request_attempts: int = 3
+    max_inflight: int = 256
+    health_timeout_s: float = 30.0
+    control_timeout_s: float = 600.0
+    update_timeout_s: float = 600.0
+    disk_update_timeout_s: float = 3600.0
+    startup_timeout_s: float = 900.0
+    max_restarts: int = 4
+    mem_fraction_static: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "server_urls", tuple(self.server_urls))
@@ -161,6 +190,18 @@ class SGLangConfig:
             integer("master_port", self.master_port, low=1)
             if self.master_port > 65535:
                 raise ValueError(f"master_port must be a TCP port <= 65535; got {self.master_port}")
+        for name in ("request_timeout_s", "health_timeout_s", "control_timeout_s",
+                     "update_timeout_s", "disk_update_timeout_s", "startup_timeout_s"):
+            number(name, getattr(self, name), low=0.0, low_open=True)
+        integer("request_attempts", self.request_attempts, low=1)
+        integer("max_inflight", self.max_inflight, low=1)
+        integer("max_restarts", self.max_restarts, low=0)
+        if self.mem_fraction_static is not None:
+            number("mem_fraction_static", self.mem_fraction_static, low=0.0, high=1.0,
+                   low_open=True, high_open=True)
+            if "--mem-fraction-static" in self.extra_args:
+                raise ValueError("mem_fraction_static is set and extra_args has "
+                                 "--mem-fraction-static too: keep one")
         if not self.launch and not self.server_urls:
             raise ValueError("server_urls must list at least one server unless launch is true")
         if self.weight_sync == "disk" and self.disk_dir is None:
@@ -214,6 +255,12 @@ class RolloutConfig:
             object.__setattr__(self, "sglang", from_dict(SGLangConfig, self.sglang, "sglang."))
         if self.engine == "sglang":
             instance("sglang", self.sglang, SGLangConfig)
+            sg = self.sglang
+            if self.colocated and sg.launch and sg.mem_fraction_static is None \
+                    and "--mem-fraction-static" not in sg.extra_args:
+                raise ValueError("sglang.mem_fraction_static is required for colocated launched "
+                                 "servers (they share each GPU with the trainer, which is loaded "
+                                 "first); e.g. 0.6")
 
     def sampling_params(self, stop_token_ids: Sequence[int], seed: int | None) -> SamplingParams:
         return SamplingParams(
@@ -244,18 +291,24 @@ class RewardConfig:
 class TrainConfig:
     """``steps`` RL steps; each step trains on ``prompts_per_step`` groups in
     mini-batches of ``mini_batch_size`` prompts (prompts_per_step / mini_batch_size updates),
-    ``epochs`` passes over the batch (Archer: 3). ``seed`` seeds sampling and the engine."""
+    ``epochs`` passes over the batch (Archer: 3). ``seed`` seeds sampling and the engine.
+    ``on_nonfinite``: what a NaN or inf in the logits, log-probs, loss or gradient norm of an
+    update does on any rank: ``skip`` the update on every rank (weights and optimizer state
+    untouched; counted in ``actor/skipped_updates`` and ``actor/nonfinite/<tensor>``) or
+    ``error`` (stop on every rank, naming the tensor and the rank that found it)."""
 
     steps: int = 1
     mini_batch_size: int = 8
     epochs: int = 1
     seed: int = 0
+    on_nonfinite: str = "skip"
 
     def __post_init__(self):
         integer("steps", self.steps, low=1)
         integer("mini_batch_size", self.mini_batch_size, low=1)
         integer("epochs", self.epochs, low=1)
         integer("seed", self.seed, low=0)
+        choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 updates -> weight sync to the engine -> metrics -> checkpoint.
 
 Placement. The rollout engine, the prompt sampler and the reward functions live on global rank
-0; the generated groups are broadcast to every rank (pickled token ids: fine for the CPU path and
-for moderate batches; a large GPU run would scatter each data-parallel rank's share instead).
+0; the generated groups stay there, and each data-parallel rank receives only its share of the
+step's mini-batches as flat tensors (``rollout_share``; ``rollout/share_bytes`` in the metrics).
 Colocated mode (``rollout.colocated``): the engine's memory is released after generation and
 resumed before the weight sync, so training has the GPUs to itself; the reference model is
 offloaded after use. Disaggregated mode: the engine keeps its memory (its own GPUs or nodes).
@@ -34,11 +34,12 @@ from megatron_archer.trainer.metrics_logger import MetricsLogger
 from megatron_archer.trainer.rank_zero import on_rank_zero
 from megatron_archer.trainer.reward_scoring import RewardScorer
 from megatron_archer.trainer.rollout_phase import collect_rollouts
+from megatron_archer.trainer.rollout_share import scatter_shares
 from megatron_archer.trainer.step import (
-    build_mini_batches,
+    MiniBatch,
+    build_shares,
     compute_old_and_reference,
     needs_reference,
-    plan_mini_batches,
     rollout_batch_metrics,
     timed,
     train_on_mini_batches,
@@ -123,7 +124,8 @@ class Trainer:
                 self.logger.close()
 
     def train_step(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """One RL step on every rank; rank 0's scalars and histograms (others: partial)."""
+        """One RL step on every rank; rank 0's scalars and histograms (others: their actor and
+        log-prob metrics only)."""
         config, times = self.config, {}
         start = time.perf_counter()
         progress = config.logging.progress and self.rank0
@@ -135,11 +137,18 @@ class Trainer:
                 self.engine.release_memory()
             return batch
 
-        batch = on_rank_zero(rollout)
-        scalars = batch.metrics()
         dp = parallel_state.get_data_parallel_world_size()
-        if not plan_mini_batches(len(batch.groups), config.rollout.n,
-                                 config.train.mini_batch_size, dp):
+
+        def rollout_and_shares():
+            batch = rollout()
+            return batch, build_shares(batch.groups, config.algorithm,
+                                       config.train.mini_batch_size, dp)
+
+        batch, shares = on_rank_zero(rollout_and_shares, share=False) or (None, None)
+        mini_batches, moved = scatter_shares(shares, MiniBatch)
+        scalars = batch.metrics() if self.rank0 else {}
+        scalars["rollout/share_bytes"] = float(moved)
+        if not mini_batches:  # every rank gets none together
             self.skipped_steps += 1
             if self.rank0:
                 logger.warning("step %d skipped: no group with reward signal after %d rounds",
@@ -147,18 +156,20 @@ class Trainer:
             self._sync_weights(step)  # resumes a colocated engine; the version stays in step
             return {**scalars, "step/skipped": 1.0,
                     "step/skipped_total": float(self.skipped_steps)}, {}
-        mini_batches = build_mini_batches(batch.groups, config.algorithm,
-                                          config.train.mini_batch_size)
         with timed(times, "time/logprob"):
-            compute_old_and_reference(self.actor, self.reference, mini_batches,
-                                      offload_reference=config.rollout.colocated)
-        batch_metrics, entropies = rollout_batch_metrics(mini_batches)
+            unusable = compute_old_and_reference(self.actor, self.reference, mini_batches,
+                                                 offload_reference=config.rollout.colocated,
+                                                 algorithm=config.algorithm)
+        batch_metrics, entropies = rollout_batch_metrics(mini_batches, unusable, config.algorithm)
         with timed(times, "time/train"):
-            train_metrics = train_on_mini_batches(self.actor, mini_batches, config.algorithm,
-                                                  config.train.epochs, progress)
+            train_metrics = train_on_mini_batches(
+                self.actor, mini_batches, config.algorithm, config.train.epochs, progress,
+                on_nonfinite=config.train.on_nonfinite, unusable=unusable)
         with timed(times, "time/weight_sync"):
             self._sync_weights(step)
         elapsed = time.perf_counter() - start
+        if not self.rank0:
+            return {**batch_metrics, **train_metrics}, {}
         tokens = sum(len(g.prompt.input_ids) + len(s.token_ids)
                      for g in batch.groups for s in g.samples)
         scalars.update(batch_metrics)

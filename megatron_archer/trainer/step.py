@@ -1,20 +1,32 @@
 """The training phase of a step: old-policy and reference log-probs, advantages, and the
 mini-batch updates with the configured objective (SPEC 2-5), with its SPEC 7 metrics.
 
-Every rank holds the whole RolloutBatch (rank 0 broadcast it). Sequences are ordered group by
-group; mini-batch u holds the sequences of groups [u m, (u + 1) m) (m = ``train.mini_batch_size``)
-and data-parallel rank d trains on every dp-th of them, starting at d. Old log-probs and entropy
-(and reference log-probs when a KL coefficient is non-zero) are computed for every mini-batch
-before the first update; then ``train.epochs`` passes run one optimiser step per mini-batch.
+Global rank 0 holds the RolloutBatch and builds every data-parallel rank's share
+(``build_shares``); ``rollout_share.scatter_shares`` delivers them. Sequences are ordered group
+by group; mini-batch u holds the sequences of groups [u m, (u + 1) m) (m =
+``train.mini_batch_size``), split over the data-parallel ranks by tokens (``split_by_tokens``:
+long responses do not make stragglers; the objectives are split-invariant, so the gradient is
+the same). Old log-probs and entropy (and reference log-probs when a KL coefficient is non-zero)
+are computed for every mini-batch before the first update; then ``train.epochs`` passes run one
+optimiser step per mini-batch.
+
+Non-finite values (``train.on_nonfinite``): a mini-batch whose old-policy or reference results
+are non-finite on any rank is not trained on (its updates count as skipped, the tensor named);
+an update whose training forward or gradient is non-finite is skipped by the actor on every
+rank. With ``error`` either stops the run on every rank with the tensor and rank named.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_archer.actor import Actor, ReferenceModel, SequenceBatch
@@ -29,10 +41,20 @@ from megatron_archer.algorithms import (
     select_tokens,
     selection_entropy,
 )
+from megatron_archer.algorithms.metrics import CLASSES
+from megatron_archer.algorithms.rollout_correction import (
+    correction_metric_sums,
+    rollout_correction,
+    rollout_correction_summary,
+)
 from megatron_archer.algorithms.token_selection import class_constraints
+from megatron_archer.distributed import all_reduce_
+from megatron_archer.nonfinite import NonFiniteError, describe, first_ranks
 from megatron_archer.rollout import logprob_gap
 from megatron_archer.trainer.progress import progress
 from megatron_archer.trainer.rollout_phase import Group
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,87 +90,187 @@ def plan_mini_batches(num_groups: int, n: int, mini_batch_size: int, dp: int) ->
     return plan
 
 
-def build_mini_batches(groups: list[Group], algorithm: AlgorithmConfig, mini_batch_size: int
-                       ) -> list[MiniBatch]:
-    """This data-parallel rank's share of every mini-batch, with GRPO-style advantages (SPEC 2)."""
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp = parallel_state.get_data_parallel_world_size()
+def split_by_tokens(indices: list[int], lengths: list[int], dp: int) -> list[list[int]]:
+    """``indices`` over ``dp`` ranks balancing tokens: longest first, each to the rank with the
+    fewest tokens so far (ties: the lower rank); every rank gets one when len(indices) >= dp.
+    Each rank's indices in ascending order. Deterministic."""
+    loads, shares = [0] * dp, [[] for _ in range(dp)]
+    for i, length in sorted(zip(indices, lengths), key=lambda x: (-x[1], x[0])):
+        rank = min(range(dp), key=lambda r: (loads[r], r))
+        loads[rank] += length
+        shares[rank].append(i)
+    return [sorted(share) for share in shares]
+
+
+def build_shares(groups: list[Group], algorithm: AlgorithmConfig, mini_batch_size: int, dp: int
+                 ) -> list[list[MiniBatch]]:
+    """Every data-parallel rank's share of every mini-batch, with group-relative advantages
+    (SPEC 2) computed over whole groups first; ``[[]] * dp`` when no mini-batch can be formed."""
+    if not groups:
+        return [[] for _ in range(dp)]
     n = len(groups[0].samples)
     scores = torch.tensor([g.scores for g in groups], dtype=torch.float64)
     advantages = group_advantages(scores, algorithm.advantage).flatten().float()
     samples = [(g.prompt, s) for g in groups for s in g.samples]
-    out = []
+    shares: list[list[MiniBatch]] = [[] for _ in range(dp)]
     for indices in plan_mini_batches(len(groups), n, mini_batch_size, dp):
-        mine = indices[dp_rank::dp]
-        ids, masks, rollout = [], [], []
-        for i in mine:
-            prompt, sample = samples[i]
-            ids.append(torch.tensor([*prompt.input_ids, *sample.token_ids], dtype=torch.long))
-            masks.append(torch.cat([torch.zeros(len(prompt.input_ids), dtype=torch.bool),
-                                    torch.ones(len(sample.token_ids), dtype=torch.bool)]))
-            rollout.append(torch.tensor(sample.logprobs, dtype=torch.float32))
-        batch = SequenceBatch(ids, masks)
-        rollout_logp = torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True)
-        out.append(MiniBatch(batch, advantages[mine], rollout_logp))
-    return out
+        lengths = [len(samples[i][0].input_ids) + len(samples[i][1].token_ids) for i in indices]
+        for rank, mine in enumerate(split_by_tokens(indices, lengths, dp)):
+            shares[rank].append(_mini_batch([samples[i] for i in mine], advantages[mine]))
+    return shares
+
+
+def _mini_batch(samples, advantages: torch.Tensor) -> MiniBatch:
+    ids, masks, rollout = [], [], []
+    for prompt, sample in samples:
+        ids.append(torch.tensor([*prompt.input_ids, *sample.token_ids], dtype=torch.long))
+        masks.append(torch.cat([torch.zeros(len(prompt.input_ids), dtype=torch.bool),
+                                torch.ones(len(sample.token_ids), dtype=torch.bool)]))
+        rollout.append(torch.tensor(sample.logprobs, dtype=torch.float32))
+    return MiniBatch(SequenceBatch(ids, masks), advantages,
+                     torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True))
+
+
+def runs_old_forward(algorithm: AlgorithmConfig) -> bool:
+    """The old-policy forward runs: for the old log-probs (``old_logprobs: recompute``), or for
+    the step-start entropy that every selection method but ``none`` needs (the step context's
+    forking threshold and class or selected-token counts; the selection's with ``entropy_source:
+    old``), which the engine does not return."""
+    return algorithm.old_logprobs == "recompute" or algorithm.selection.method != "none"
 
 
 def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
-                              mini_batches: list[MiniBatch], offload_reference: bool) -> None:
-    """Fill ``old_logp`` / ``old_entropy`` (and ``ref_logp``) of every mini-batch, forward only."""
+                              mini_batches: list[MiniBatch], offload_reference: bool, *,
+                              algorithm: AlgorithmConfig = AlgorithmConfig()
+                              ) -> list[dict[str, int]]:
+    """Fill ``old_logp`` / ``old_entropy`` (and ``ref_logp``) of every mini-batch, forward only.
+
+    ``algorithm`` (default: recompute, no correction) sets the off-policy handling. With
+    ``algorithm.old_logprobs: rollout`` the old log-probs are the engine's (SPEC 8); the
+    forward then runs only for the entropy (``runs_old_forward``), and with selection ``none``
+    not at all (``old_entropy`` stays None: no entropy metrics from it). Returns, per mini-batch,
+    the tensors found non-finite on some rank (``nonfinite.first_ranks``: the same on every rank;
+    empty for a usable mini-batch)."""
+    found = []
     for mb in mini_batches:
-        old = actor.compute_logprobs_and_entropy(mb.batch)
-        mb.old_logp, mb.old_entropy = old.logp.cpu(), old.entropy.cpu()
+        if runs_old_forward(algorithm):
+            old = actor.compute_logprobs_and_entropy(mb.batch)
+            mb.old_logp, mb.old_entropy = old.logp.cpu(), old.entropy.cpu()
+        if algorithm.old_logprobs == "rollout":
+            mb.old_logp = mb.rollout_logp
         if reference is not None:
             mb.ref_logp = reference.compute_logprobs_and_entropy(mb.batch).logp.cpu()
+        mask = mb.batch.response_layout_mask()
+        found.append({name for name, t in (("old_logp", mb.old_logp),
+                                           ("old_entropy", mb.old_entropy),
+                                           ("ref_logp", mb.ref_logp))
+                      if t is not None and not bool(torch.isfinite(t[mask]).all())})
     if reference is not None and offload_reference:
         reference.offload()
+    return first_ranks(found)
 
 
 def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
-    selection, loss_config = algorithm.selection, algorithm.loss
+    """The micro-batch loss: selection, the mismatch correction from the engine's log-probs when
+    ``algorithm.rollout_correction`` is enabled (SPEC 8), the policy loss, and its metric sums."""
+    selection, loss_config, correction = algorithm.selection, algorithm.loss, algorithm.rollout_correction
     on = (lambda t: None if t is None else t.to(device) if device is not None else t)
     old_logp, old_entropy, advantages = on(mb.old_logp), on(mb.old_entropy), on(mb.advantages)
     ref_logp = on(mb.ref_logp)
+    rollout_logp = on(mb.rollout_logp) if correction.enabled else None
+    gather = (lambda micro, t: None if t is None else micro.gather(t))
 
     def loss_fn(micro, logp, entropy):
         mask = micro.response_mask
-        chosen = selection_entropy(selection, entropy, micro.gather(old_entropy))
+        chosen = selection_entropy(selection, entropy, gather(micro, old_entropy))
         tokens = select_tokens(chosen, mask, selection, loss_config, ctx.forking_threshold)
+        weights = None if rollout_logp is None else rollout_correction(
+            micro.gather(old_logp), micro.gather(rollout_logp), mask, correction)
         out = policy_loss(
             logp, micro.gather(old_logp), micro.gather(advantages), mask, tokens, ctx,
-            loss_config, ref_logp=None if ref_logp is None else micro.gather(ref_logp),
-            entropy=entropy if loss_config.entropy_coef else None)
-        return out.loss, loss_metric_sums(out.terms, tokens)
+            loss_config, ref_logp=gather(micro, ref_logp),
+            entropy=entropy if loss_config.entropy_coef else None,
+            rollout_weight=None if weights is None else weights.weight)
+        sums = loss_metric_sums(out.terms, tokens)
+        if weights is not None:
+            sums.update(correction_metric_sums(weights, tokens))
+        return out.loss, sums
 
     return loss_fn
 
 
 def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm: AlgorithmConfig,
-                          epochs: int, show_progress: bool) -> dict[str, float]:
-    """``epochs`` passes of one optimiser step per mini-batch; the step's actor metrics."""
+                          epochs: int, show_progress: bool, on_nonfinite: str = "skip",
+                          unusable: Sequence[dict[str, int]] = ()) -> dict[str, float]:
+    """``epochs`` passes of one optimiser step per mini-batch; the step's actor metrics.
+
+    ``unusable[u]`` names the non-finite inputs of mini-batch u (``compute_old_and_reference``):
+    its updates are not run and count as skipped. ``on_nonfinite``: ``skip`` (count, log, go
+    on) or ``error`` (raise NonFiniteError on every rank together, naming tensor and rank).
+    The entropy carries a gradient exactly when the loss has an entropy bonus.
+
+    The forking threshold (``ctx.forking_threshold``) is taken once per update from the *old*
+    policy's entropy over the update's tokens on all ranks; with ``entropy_source: current``
+    tokens are compared to it with the current policy's entropy, so the selected share moves
+    away from rho as the policy changes within a step: ``actor/high/token_share_update_min`` /
+    ``_max`` report the share each update actually selected.
+    """
     dp_group = parallel_state.get_data_parallel_group()
-    sums, results = [], []
-    updates = [(e, mb) for e in range(epochs) for mb in mini_batches]
-    for _, mb in progress(updates, show_progress, desc="train", unit="update"):
-        micro = actor.micro_batches(mb.batch)
-        ctx = build_step_context([(m.gather(mb.old_entropy.to(m.response_mask.device)),
-                                   m.response_mask) for m in micro], algorithm.selection, dp_group)
-        result = actor.train_step(mb.batch, _loss_fn(mb, algorithm, ctx, actor.device))
-        results.append(result)
-        sums.extend({k: v for k, v in out.items() if k != "loss"}
-                    for out in result.micro_batch_metrics)
-    metrics = {
-        "actor/loss": sum(r.loss for r in results) / len(results),
-        "actor/grad_norm": sum(r.grad_norm for r in results) / len(results),
-        "actor/grad_norm_max": max(r.grad_norm for r in results),
-        "actor/lr": results[-1].lr,
-        "actor/updates": float(len(results)),
-        "actor/skipped_updates": float(sum(r.skipped for r in results)),
-    }
-    if parallel_state.is_pipeline_last_stage():
-        metrics.update({f"actor/{k}": v for k, v in reduce_loss_metrics(sums, dp_group).items()})
+    entropy_grad = algorithm.loss.entropy_coef > 0
+    sums, results, update_sums, nonfinite = [], [], [], Counter()
+    updates = [(e, u) for e in range(epochs) for u in range(len(mini_batches))]
+    for _, u in progress(updates, show_progress, desc="train", unit="update"):
+        mb, bad = mini_batches[u], unusable[u] if unusable else {}
+        if not bad:
+            micro = actor.micro_batches(mb.batch)
+            old_entropy = mb.old_entropy  # None: old_logprobs rollout, selection none
+            ctx = build_step_context([(None if old_entropy is None else
+                                       m.gather(old_entropy.to(m.response_mask.device)),
+                                       m.response_mask) for m in micro], algorithm.selection,
+                                     dp_group)
+            result = actor.train_step(mb.batch, _loss_fn(mb, algorithm, ctx, actor.device),
+                                      entropy_grad=entropy_grad, micro_batches=micro)
+            bad = result.nonfinite
+            if not result.skipped:
+                results.append(result)
+                mine = [{k: v for k, v in out.items() if k != "loss"}
+                        for out in result.micro_batch_metrics]
+                sums.extend(mine)
+                update_sums.append([sum(m[f"{c}/tokens"] for m in mine) for c in CLASSES])
+        if bad:
+            if on_nonfinite == "error":
+                raise NonFiniteError(next(iter(bad)), f"non-finite values in update {u} of the "
+                                     f"step: {describe(bad)} (train.on_nonfinite=error)")
+            nonfinite.update(bad.keys())
+            if dist.get_rank() == 0:
+                logger.warning("update %d skipped on every rank: non-finite %s", u, describe(bad))
+    skipped = len(updates) - len(results)
+    metrics = {"actor/updates": float(len(updates)), "actor/skipped_updates": float(skipped),
+               **{f"actor/nonfinite/{name}": float(count) for name, count in nonfinite.items()}}
+    if results:  # averages over the updates that ran (a skipped one has no usable norm)
+        metrics.update({
+            "actor/loss": sum(r.loss for r in results) / len(results),
+            "actor/grad_norm": sum(r.grad_norm for r in results) / len(results),
+            "actor/grad_norm_max": max(r.grad_norm for r in results),
+            "actor/lr": results[-1].lr,
+        })
+        if parallel_state.is_pipeline_last_stage():
+            metrics.update({f"actor/{k}": v
+                            for k, v in reduce_loss_metrics(sums, dp_group).items()})
+            metrics.update(_update_shares(update_sums, dp_group))
     return _from_last_stage(metrics)
+
+
+def _update_shares(update_sums: list[list[torch.Tensor]], group) -> dict[str, float]:
+    """Min and max over updates of the share of tokens in the high class (forking: selected;
+    Archer: reasoning), each update's share over all data-parallel ranks; one all-reduce."""
+    totals = all_reduce_(torch.tensor([[float(t) for t in row] for row in update_sums],
+                                      dtype=torch.float64), group)
+    shares = [high / (low + high) for low, high in totals.tolist() if low + high > 0]
+    if not shares:
+        return {}
+    return {"actor/high/token_share_update_min": min(shares),
+            "actor/high/token_share_update_max": max(shares)}
 
 
 def _from_last_stage(metrics: dict) -> dict:
@@ -162,16 +284,33 @@ def _from_last_stage(metrics: dict) -> dict:
     return box[0]
 
 
-def rollout_batch_metrics(mini_batches: list[MiniBatch]) -> tuple[dict[str, float], torch.Tensor]:
-    """Old-policy entropy statistics (global over data-parallel ranks), the train-vs-rollout
-    log-prob gap (this rank's share) and this rank's response-token entropies (for histograms)."""
-    masks = [mb.batch.response_layout_mask() for mb in mini_batches]
-    metrics = entropy_summary([(mb.old_entropy, m) for mb, m in zip(mini_batches, masks)],
-                              parallel_state.get_data_parallel_group())
-    train = torch.cat([mb.old_logp[m] for mb, m in zip(mini_batches, masks)])
-    rollout = torch.cat([mb.rollout_logp[m] for mb, m in zip(mini_batches, masks)])
-    metrics.update(logprob_gap(rollout, train, torch.ones_like(train, dtype=torch.bool)))
-    return metrics, torch.cat([mb.old_entropy[m] for mb, m in zip(mini_batches, masks)])
+def rollout_batch_metrics(mini_batches: list[MiniBatch], unusable: Sequence[dict[str, int]],
+                          algorithm: AlgorithmConfig = AlgorithmConfig()
+                          ) -> tuple[dict[str, float], torch.Tensor]:
+    """Old-policy entropy statistics and the train-vs-rollout log-prob gap, both over every
+    data-parallel rank's usable mini-batches, and this rank's response-token entropies (for
+    histograms). Without the old-policy forward (``runs_old_forward``) there is no entropy, and
+    with ``old_logprobs: rollout`` no gap (pi_old is pi_rollout); with the mismatch correction
+    on, the step summary of its weights (``rollout_is/*``, SPEC 8)."""
+    usable = [mb for mb, bad in zip(mini_batches, unusable) if not bad]
+    masks = [mb.batch.response_layout_mask() for mb in usable]
+    group = parallel_state.get_data_parallel_group()
+    with_entropy = runs_old_forward(algorithm)
+    metrics = entropy_summary([(mb.old_entropy, m) for mb, m in zip(usable, masks)], group) \
+        if with_entropy else {}
+    if algorithm.rollout_correction.enabled:
+        metrics.update(rollout_correction_summary(
+            [(mb.old_logp, mb.rollout_logp, m) for mb, m in zip(usable, masks)],
+            algorithm.rollout_correction, group))
+    if not usable:
+        return metrics, torch.zeros(0)
+    if algorithm.old_logprobs == "recompute":
+        train = torch.cat([mb.old_logp[m] for mb, m in zip(usable, masks)])
+        rollout = torch.cat([mb.rollout_logp[m] for mb, m in zip(usable, masks)])
+        metrics.update(logprob_gap(rollout, train, torch.ones_like(train, dtype=torch.bool), group))
+    if not with_entropy:
+        return metrics, torch.zeros(0)
+    return metrics, torch.cat([mb.old_entropy[m] for mb, m in zip(usable, masks)])
 
 
 @contextmanager

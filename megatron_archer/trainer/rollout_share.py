@@ -1,0 +1,117 @@
+"""Each data-parallel rank's share of a step's rollout, sent from global rank 0 as flat tensors.
+
+Rank 0 holds the generated groups. Every other rank needs only its data-parallel share of each
+mini-batch: token ids, response masks, the engine's log-probs and the advantages. Rank 0 packs
+each share into two flat buffers (int32: counts, lengths and token ids; float32: advantages and
+rollout log-probs), and two scatters over the world group deliver them: first the buffer sizes,
+then the buffers, padded to the largest share (a scatter sends equal sizes). The ranks of one
+model-parallel group (tensor and pipeline ranks of the same data-parallel rank) receive the same
+share. No Python object is pickled.
+
+Bytes moved per step: about world_size x (4 x T_max + 4 x R_max + 8 x S_max) where T_max,
+R_max and S_max are the largest share's tokens (prompt + response), response tokens and
+sequences. At paper scale (512 prompts x 16 responses, ~1k-token prompts, ~10k-token responses,
+data-parallel 16 on 128 GPUs) a share is 1/16 of ~90 M tokens: ~23 MB of token ids and ~21 MB of
+log-probs, ~5.6 GB over all 128 ranks; each rank receives only its own ~44 MB, where pickling the
+whole batch to every rank moved ~1 GB to each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_archer.actor import SequenceBatch
+
+SIZES = 2  # int32 and float32 buffer lengths
+
+
+def pack_share(mini_batches: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[MiniBatch(batch, advantages, rollout_logp)]`` -> (int32 buffer, float32 buffer).
+
+    int32: [num_mini_batches, then per mini-batch: num_sequences, then per sequence:
+    prompt_length, response_length, then its token ids]; float32: per mini-batch its advantages
+    [b], then each sequence's rollout log-probs [response_length]. Response tokens are the
+    sequence's tail (a prompt followed by a response, as the trainer builds them).
+    """
+    ints, floats = [len(mini_batches)], []
+    for mb in mini_batches:
+        ints.append(len(mb.batch))
+        floats.extend(mb.advantages.tolist())
+        for i, (ids, mask) in enumerate(zip(mb.batch.input_ids, mb.batch.response_mask)):
+            responses = int(mask.sum())
+            ints.extend([ids.numel() - responses, responses, *ids.tolist()])
+            floats.extend(mb.rollout_logp[i, :responses].tolist())
+    return torch.tensor(ints, dtype=torch.int32), torch.tensor(floats, dtype=torch.float32)
+
+
+def unpack_share(ints: torch.Tensor, floats: torch.Tensor, mini_batch_type) -> list:
+    """The inverse of ``pack_share``: ``mini_batch_type(batch, advantages, rollout_logp)`` each."""
+    ints, floats = ints.tolist(), floats
+    pos, fpos = 1, 0
+    out = []
+    for _ in range(ints[0]):
+        count = ints[pos]
+        pos += 1
+        advantages = floats[fpos:fpos + count].clone()
+        fpos += count
+        ids, masks, rollout = [], [], []
+        for _ in range(count):
+            prompt, responses = ints[pos], ints[pos + 1]
+            pos += 2
+            ids.append(torch.tensor(ints[pos:pos + prompt + responses], dtype=torch.long))
+            pos += prompt + responses
+            masks.append(torch.cat([torch.zeros(prompt, dtype=torch.bool),
+                                    torch.ones(responses, dtype=torch.bool)]))
+            rollout.append(floats[fpos:fpos + responses].clone())
+            fpos += responses
+        out.append(mini_batch_type(SequenceBatch(ids, masks), advantages,
+                                   torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True)))
+    return out
+
+
+def _data_parallel_ranks() -> list[int]:
+    """The data-parallel rank of every global rank (one all-gather of one int each)."""
+    mine = torch.tensor([parallel_state.get_data_parallel_rank()], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(t) for t in every]
+
+
+def scatter_shares(shares: Sequence[Sequence] | None, mini_batch_type) -> tuple[list, int]:
+    """Global rank 0 passes ``shares[d]``, data-parallel rank d's mini-batches, for every d; every
+    rank (rank 0 included) returns its own share and the bytes the scatters moved."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        return list(shares[0]), 0
+    owners = _data_parallel_ranks()
+    sizes = torch.zeros(SIZES, dtype=torch.int64)
+    size_list = packed = None
+    if rank == 0:
+        packed = [pack_share(share) for share in shares]
+        size_list = [torch.tensor([packed[d][0].numel(), packed[d][1].numel()], dtype=torch.int64)
+                     for d in owners]
+    dist.scatter(sizes, size_list, src=0)
+    widths = torch.tensor(
+        [max(int(s[0]) for s in size_list), max(int(s[1]) for s in size_list)]
+        if rank == 0 else [0, 0], dtype=torch.int64)
+    dist.broadcast(widths, src=0)
+    int_width, float_width = widths.tolist()
+    ints = torch.zeros(int_width, dtype=torch.int32)
+    floats = torch.zeros(float_width, dtype=torch.float32)
+    int_list = float_list = None
+    if rank == 0:
+        int_list = [_padded(packed[d][0], int_width) for d in owners]
+        float_list = [_padded(packed[d][1], float_width) for d in owners]
+    dist.scatter(ints, int_list, src=0)
+    dist.scatter(floats, float_list, src=0)
+    moved = world * (SIZES * 8 + 16 + 4 * int_width + 4 * float_width)
+    n_int, n_float = sizes.tolist()
+    return unpack_share(ints[:n_int], floats[:n_float], mini_batch_type), moved
+
+
+def _padded(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(width - tensor.numel())])
