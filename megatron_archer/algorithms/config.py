@@ -104,6 +104,13 @@ class ForkingConfig:
     ``normalizer``: divide the policy-gradient sum by ``all`` valid tokens (the paper) or by the
     ``selected`` tokens (the authors' code). ``keep="bottom"`` is the paper's "bottom 1 - rho only"
     ablation: the complement of the top-rho tokens carries the gradient instead.
+
+    Threshold source with ``scope: global``: the threshold is the top-rho level of the *old*
+    policy's entropy over the update's tokens (known before the update's forward); with
+    ``selection.entropy_source: current`` each token's current entropy is compared to it, so the
+    share selected is about rho at the first update of a step and drifts as the policy moves
+    (the trainer logs ``actor/high/token_share_update_min`` / ``_max``). ``entropy_source: old``
+    selects exactly rho of the tokens at every update.
     """
 
     rho: float = 0.2
