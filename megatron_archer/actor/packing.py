@@ -78,8 +78,9 @@ def plan_micro_batches(
     """Indices of the sequences in each micro-batch, every micro-batch within ``max_tokens``.
 
     First-fit decreasing; then, until there are ``min_count`` micro-batches (data-parallel ranks
-    must agree on the count), the micro-batch with the most tokens is split in two, or an empty
-    one is added when no micro-batch has two sequences. Deterministic for given inputs.
+    must agree on the count), the micro-batch with the most tokens is split in two, or one without
+    sequences (``[]``) is added when no micro-batch has two; ``pack`` makes that a one-token
+    filler row, never an empty one. Deterministic for given inputs.
     """
     too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
     if too_long:
@@ -144,7 +145,7 @@ class MicroBatch:
 
     @property
     def max_seqlen(self) -> int:
-        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max()) if self.indices else 0
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
 
     def gather(self, batch_tensor: torch.Tensor) -> torch.Tensor:
         """This micro-batch's [b, R_mb] view of a batch-level [B, R(, ...)] or [B] tensor."""
@@ -168,13 +169,28 @@ class MicroBatch:
                                max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
-def pack(batch: SequenceBatch, indices: list[int], device=None) -> MicroBatch:
-    """Pack ``batch``'s sequences ``indices`` into one row (see the module docstring)."""
+def filler_tokens(num_tokens: int, multiple: int) -> int:
+    """Tokens of the filler sequence that ends a row of ``num_tokens``: up to a multiple of
+    ``multiple`` (fp8 GEMMs need 16), and one token for a row without sequences, so that no row,
+    ``cu_seqlens`` or ``max_seqlen`` is ever empty (Transformer Engine and megatron's thd RoPE
+    reject that)."""
+    return (-num_tokens) % multiple or (multiple if num_tokens == 0 else 0)
+
+
+def pack(batch: SequenceBatch, indices: list[int], device=None, multiple: int = 1) -> MicroBatch:
+    """Pack ``batch``'s sequences ``indices`` into one row (see the module docstring).
+
+    The row's length is a multiple of ``multiple``: a filler sequence of token 0
+    (``filler_tokens``) follows the real ones, with its own ``cu_seqlens`` entry so that no real
+    token attends to it. It has no labels and no place in the response layout, so it enters no
+    loss and no metric.
+    """
     ids = [batch.input_ids[i].long() for i in indices]
     masks = [batch.response_mask[i] for i in indices]
     lengths = [int(x.numel()) for x in ids]
+    filler = filler_tokens(sum(lengths), multiple)
     offsets = [0]
-    for n in lengths:
+    for n in lengths + ([filler] if filler else []):
         offsets.append(offsets[-1] + n)
     counts = [int(m.sum()) for m in masks]
     width = max(counts, default=0)
@@ -184,12 +200,12 @@ def pack(batch: SequenceBatch, indices: list[int], device=None) -> MicroBatch:
         positions.append(offset + scored - 1)
         layout.append(row * width + torch.arange(scored.numel()))
     cat = (lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype))
-    input_ids = cat(ids, torch.long)
+    input_ids = cat(ids + [torch.zeros(filler, dtype=torch.long)], torch.long)
     label_positions = cat(positions, torch.long)
     return MicroBatch(
         indices=list(indices),
         input_ids=input_ids[None].to(device),
-        position_ids=cat([torch.arange(n) for n in lengths], torch.long)[None].to(device),
+        position_ids=cat([torch.arange(n) for n in lengths + [filler]], torch.long)[None].to(device),
         cu_seqlens=torch.tensor(offsets, dtype=torch.int32).to(device),
         label_positions=label_positions.to(device),
         labels=input_ids[label_positions + 1].to(device),
