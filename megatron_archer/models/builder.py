@@ -33,10 +33,12 @@ def transformer_config(
     """Megatron's TransformerConfig for ``spec`` at the current parallel sizes.
 
     ``fp8`` ("e4m3" or "hybrid") is passed to megatron and needs the TE backend; ``overrides``
-    are further TransformerConfig fields (recompute, sequence parallel, ...), applied last.
+    are further TransformerConfig fields (recompute, fp8 recipe, sequence parallel, ...), applied
+    last (an ``fp8`` among them needs the TE backend too).
     """
-    if fp8 is not None and backend != "te":
-        raise ValueError(f"fp8={fp8!r} needs the Transformer Engine backend, got {backend!r}")
+    chosen_fp8 = (overrides or {}).get("fp8", fp8)
+    if chosen_fp8 is not None and backend != "te":
+        raise ValueError(f"fp8={chosen_fp8!r} needs the Transformer Engine backend, got {backend!r}")
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("call megatron.core.parallel_state.initialize_model_parallel first")
     tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -148,7 +148,7 @@ def load_model_checkpoint(
 ) -> LoadedModel:
     """Every rank of the job: this rank's GPTModel, in the saved dtype, with the saved weights."""
     checkpoint = read_model_checkpoint(directory)
-    chosen = select_backend(backend)
+    chosen = select_backend(backend, checkpoint.params_dtype)
     model = build_gpt_model(
         checkpoint.spec,
         backend=chosen,

@@ -134,7 +134,7 @@ def load_hf_model(
     spec = ModelSpec.from_pretrained(
         checkpoint_dir, make_vocab_size_divisible_by=make_vocab_size_divisible_by
     )
-    chosen = select_backend(backend)
+    chosen = select_backend(backend, params_dtype or spec.dtype)
     model = build_gpt_model(
         spec,
         backend=chosen,

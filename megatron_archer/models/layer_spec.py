@@ -33,11 +33,14 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def select_backend(requested: Literal["auto", "te", "local"] = "auto") -> Backend:
-    """``auto``: TE on CUDA when installed, else local. ``te`` without CUDA and TE is an error."""
+def select_backend(requested: Literal["auto", "te", "local"] = "auto",
+                   params_dtype: torch.dtype | None = None) -> Backend:
+    """``auto``: TE on CUDA when installed and ``params_dtype`` is not float32, else local (TE
+    has no attention backend for packed float32 batches). ``te`` without CUDA and TE is an
+    error."""
     te_usable = torch.cuda.is_available() and transformer_engine_available()
     if requested == "auto":
-        return "te" if te_usable else "local"
+        return "te" if te_usable and params_dtype != torch.float32 else "local"
     if requested == "te" and not te_usable:
         raise RuntimeError("backend='te' needs CUDA and transformer_engine installed")
     if requested not in ("te", "local"):

@@ -34,12 +34,17 @@ from megatron_archer.config_fields import (
     to_plain,
 )
 from megatron_archer.data import DataConfig
+from megatron_archer.rewards.code_sandbox import SANDBOXES
 from megatron_archer.rollout import SamplingParams
+from megatron_archer.rollout.fp8_weights import WEIGHT_DTYPES
 
 ENGINES = ("local", "sglang")
 WEIGHT_SYNC = ("tensor", "distributed", "disk")
 BACKENDS = ("auto", "te", "local")
 RECOMPUTE = ("none", "selective", "full")
+FP8_FORMATS = ("off", "hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("most_recent", "max")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("skip", "error")
 
@@ -73,12 +78,25 @@ class ModelConfig:
     attention) or ``full`` (every layer's input kept, the layer recomputed in backward:
     tools/memory_estimate.py's "with recompute"). Recompute needs CUDA: megatron's activation
     checkpointing saves and restores CUDA RNG states.
+
+    ``fp8``: Transformer Engine fp8 GEMMs for the actor, ``off``, ``hybrid`` (e4m3 forward, e5m2
+    gradients) or ``e4m3`` (``false`` means ``off``); needs ``backend: te``. Its scaling: ``fp8_recipe`` (``delayed``,
+    ``tensorwise``, ``blockwise``, ``mxfp8`` on Blackwell), and for ``delayed`` ``fp8_margin``
+    (scale = 2^-margin x the largest representable / amax), ``fp8_amax_history_len`` and
+    ``fp8_amax_compute_algo`` (``most_recent`` or ``max`` over the history): megatron's
+    TransformerConfig fields of the same names, its defaults. Packed rows are then padded to a
+    multiple of 16 tokens by a filler sequence that enters no loss or metric (actor.packing).
     """
 
     path: str
     tokenizer: str | None = None
     backend: str = "auto"
     recompute: str = "none"
+    fp8: str = "off"
+    fp8_recipe: str = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path:
@@ -86,15 +104,31 @@ class ModelConfig:
         _optional_str("tokenizer", self.tokenizer)
         choice("backend", self.backend, BACKENDS)
         choice("recompute", self.recompute, RECOMPUTE)
+        if self.fp8 is False:  # YAML 1.1 reads a bare ``off`` as false
+            object.__setattr__(self, "fp8", "off")
+        choice("fp8", self.fp8, FP8_FORMATS)
+        choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        integer("fp8_margin", self.fp8_margin, low=0)
+        integer("fp8_amax_history_len", self.fp8_amax_history_len, low=1)
+        choice("fp8_amax_compute_algo", self.fp8_amax_compute_algo, FP8_AMAX_ALGOS)
+        if self.fp8 != "off" and self.backend != "te":
+            raise ValueError(f"fp8={self.fp8!r} needs backend 'te' (Transformer Engine's fp8 "
+                             f"GEMMs); got backend {self.backend!r}")
 
     def megatron_overrides(self) -> dict[str, Any]:
-        """TransformerConfig fields for ``recompute`` (passed to ``models.load_hf_model``)."""
+        """TransformerConfig fields for ``recompute`` and ``fp8`` (passed to
+        ``models.load_hf_model``)."""
+        fields: dict[str, Any] = {}
         if self.recompute == "selective":
-            return {"recompute_granularity": "selective"}
+            fields = {"recompute_granularity": "selective"}
         if self.recompute == "full":
-            return {"recompute_granularity": "full", "recompute_method": "uniform",
-                    "recompute_num_layers": 1}
-        return {}
+            fields = {"recompute_granularity": "full", "recompute_method": "uniform",
+                      "recompute_num_layers": 1}
+        if self.fp8 != "off":
+            fields.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe, fp8_margin=self.fp8_margin,
+                          fp8_amax_history_len=self.fp8_amax_history_len,
+                          fp8_amax_compute_algo=self.fp8_amax_compute_algo)
+        return fields
 
 
 @dataclass(frozen=True)
@@ -149,7 +183,14 @@ class SGLangConfig:
     ``update_timeout_s``, disk updates ``disk_update_timeout_s``, all never retried blindly.
     Launched servers: ``startup_timeout_s`` to come up, at most ``max_restarts`` restarts in a run
     when one dies, ``mem_fraction_static`` (SGLang's weights + KV-cache share of each GPU;
-    required for colocated launched servers, which share the GPU with the trainer)."""
+    required for colocated launched servers, which share the GPU with the trainer).
+
+    ``weight_dtype``: the weights sent at each sync, ``bf16`` as trained or ``fp8`` (block-wise
+    e4m3 with ``weight_scale_inv``, ``rollout.fp8_weights``; every sync mode). ``model_path``: the
+    checkpoint the servers serve (launched here on it) and whose config and tokenizer files the
+    disk sync copies; default ``model.path``. ``fp8`` needs it: a block-FP8 copy of the trainer's
+    checkpoint (``python -m megatron_archer.rollout.fp8_weights MODEL OUT``), checked when the
+    engine is built."""
 
     server_urls: tuple[str, ...] = ()
     router_url: str | None = None
@@ -173,6 +214,8 @@ class SGLangConfig:
     startup_timeout_s: float = 900.0
     max_restarts: int = 4
     mem_fraction_static: float | None = None
+    weight_dtype: str = "bf16"
+    model_path: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "server_urls", tuple(self.server_urls))
@@ -202,6 +245,12 @@ class SGLangConfig:
             if "--mem-fraction-static" in self.extra_args:
                 raise ValueError("mem_fraction_static is set and extra_args has "
                                  "--mem-fraction-static too: keep one")
+        choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _optional_str("model_path", self.model_path)
+        if self.weight_dtype == "fp8" and self.model_path is None:
+            raise ValueError("model_path is required with weight_dtype 'fp8': the block-FP8 "
+                             "checkpoint the servers serve (python -m "
+                             "megatron_archer.rollout.fp8_weights MODEL OUT writes one)")
         if not self.launch and not self.server_urls:
             raise ValueError("server_urls must list at least one server unless launch is true")
         if self.weight_sync == "disk" and self.disk_dir is None:
@@ -274,17 +323,21 @@ class RolloutConfig:
 class RewardConfig:
     """Reward functions (``megatron_archer.rewards.load_reward_fn`` specs): ``function`` for every
     prompt, or the one ``by_data_source`` names for the prompt's ``data_source``; scored by
-    ``workers`` threads."""
+    ``workers`` threads. ``sandbox``: where the code reward runs programs, ``bwrap`` (kernel
+    namespaces; refuses to run when bubblewrap cannot) or ``in_process`` (the weaker Python-level
+    guard, with a warning at start)."""
 
     function: str = "math"
     by_data_source: Mapping[str, str] = field(default_factory=dict)
     workers: int = 4
+    sandbox: str = "bwrap"
 
     def __post_init__(self):
         if not isinstance(self.function, str) or not self.function:
             raise ValueError(f"function must be a reward name or dotted path; got {self.function!r}")
         instance("by_data_source", self.by_data_source, Mapping)
         integer("workers", self.workers, low=1)
+        choice("sandbox", self.sandbox, SANDBOXES)
 
 
 @dataclass(frozen=True)
@@ -364,6 +417,12 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
+        if self.model.backend == "te" and self.actor.params_dtype == "float32":
+            raise ValueError(
+                "model.backend='te' with actor.params_dtype='float32': Transformer Engine has no "
+                "attention backend for packed (thd) batches in float32 (flash and fused attention "
+                "need bf16/fp16, unfused attention rejects thd); use actor.params_dtype="
+                "'bfloat16' or model.backend='local' ('auto' picks local for float32)")
         if self.rollout.prompts_per_step % self.train.mini_batch_size:
             raise ValueError(
                 f"train.mini_batch_size ({self.train.mini_batch_size}) must divide "
