@@ -12,9 +12,15 @@ $(VENV)/.installed: setup.py requirements/sglang-cpu.txt
 	$(PY) -m pip install -q IPython  # imported by sglang.utils
 	touch $@
 
-install: $(VENV)/.installed
+# the newest SGLang 0.5.x's request types, in a directory of their own (requirements/sglang-newest.txt)
+$(VENV)/sglang-newest/.installed: requirements/sglang-newest.txt | $(VENV)/.installed
+	rm -rf $(VENV)/sglang-newest
+	$(PY) -m pip install -q --no-deps --target $(VENV)/sglang-newest -r requirements/sglang-newest.txt
+	touch $@
 
-test: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/sglang-newest/.installed
+
+test: $(VENV)/.installed $(VENV)/sglang-newest/.installed
 	$(PY) -m pytest -q
 
 example: $(VENV)/.installed

@@ -22,7 +22,7 @@ def _train(args) -> int:
     from megatron_archer.trainer import load_config, run_training
 
     config = load_config(args.config, args.overrides)
-    init_process_group()
+    init_process_group(config.parallel.timeout_minutes)
     try:
         run_training(config)
     finally:

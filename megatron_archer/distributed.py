@@ -28,6 +28,7 @@ creates none.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,17 +42,19 @@ def process_group_backend(cuda: bool) -> str:
     return PROCESS_GROUP_BACKEND_CUDA if cuda else PROCESS_GROUP_BACKEND_CPU
 
 
-def init_process_group() -> None:
+def init_process_group(timeout_minutes: float | None = None) -> None:
     """The default group (see the module docstring): torchrun's env:// rendezvous, or one
-    in-process rank otherwise."""
+    in-process rank otherwise. ``timeout_minutes`` bounds each collective
+    (``parallel.timeout_minutes``; None: torch's default)."""
     cuda = torch.cuda.is_available()
     backend = process_group_backend(cuda)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    timeout = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **timeout)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **timeout)
 
 
 def rank_and_size(group) -> tuple[int, int]:

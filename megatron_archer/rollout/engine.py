@@ -19,6 +19,8 @@ from typing import Literal
 from megatron_archer.buckets import Bucket
 
 FinishReason = Literal["stop", "length"]
+MemoryPart = Literal["weights", "cache"]
+MEMORY_PARTS: tuple[MemoryPart, ...] = ("weights", "cache")
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,20 @@ class RolloutEngine(abc.ABC):
         """Free accelerator memory (weights and cache) for a colocated training phase."""
 
     @abc.abstractmethod
-    def resume_memory(self) -> None:
-        """Take the memory back after ``release_memory``."""
+    def resume_memory(self, parts: Sequence[MemoryPart] = MEMORY_PARTS) -> None:
+        """Take back the ``parts`` released by ``release_memory`` (a part not released is left
+        alone, so resuming twice or without a release is safe). Colocated weight sync resumes
+        ``weights`` first, updates them, then resumes ``cache``: the KV cache is allocated only
+        once the trainer's memory is free."""
 
     @abc.abstractmethod
     def health(self) -> bool:
         """True when the engine can serve ``generate`` now."""
+
+    def take_metrics(self) -> dict[str, float]:
+        """Counters since the last call (e.g. server restarts, retried requests) for the step's
+        metrics; none by default."""
+        return {}
+
+    def shutdown(self) -> None:
+        """Stop whatever this engine started (servers); nothing by default."""

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from megatron_archer.rollout.engine import (
+    MEMORY_PARTS,
     Bucket,
     RolloutEngine,
     Sample,
@@ -143,9 +144,11 @@ class LocalEngine(RolloutEngine):
             torch.cuda.empty_cache()
         self._released = True
 
-    def resume_memory(self) -> None:
-        self.model.to(self.device)
-        self._released = False
+    def resume_memory(self, parts=MEMORY_PARTS) -> None:
+        """The weights back on the device (this engine keeps no cache)."""
+        if "weights" in parts:
+            self.model.to(self.device)
+            self._released = False
 
     def health(self) -> bool:
         return not self._released

@@ -1,64 +1,191 @@
 """The SGLang rollout engine: generation through SGLang servers' HTTP API, and weight sync.
 
-Servers are launched here (``SGLangEngine.launch``) or attached to by URL. With a router, the
-generate requests go to ``router_url`` and the control requests (weights, memory, cache) to every
-``server_urls`` entry. Weight sync, ``weight_sync``:
+Servers are launched here (``SGLangEngine.launch``, each with a clean environment:
+``child_environment``) or attached to by URL. With a router, the generate requests go to
+``router_url`` and the control requests (weights, memory, cache) to every ``server_urls`` entry.
+
+Generation fans out one ``/generate`` request per prompt (its ``n`` samples, each with its own
+seed), at most ``max_inflight`` at a time, each to the server with the fewest requests in flight
+(or the router). Each request has its own timeout; a request that gets no answer is closed
+(SGLang aborts a request whose client disconnected), the server is health-checked, and only that
+request is sent again, to another server where there is one. A server that fails its health check
+is restarted when it was launched here (its process stopped, started again with the same
+arguments, given the current weights, ``rollout/server_restarts`` counted), or ends the generation
+with an error naming its URL when attached. Answers already received are kept; ``on_progress``
+sees each completed prompt's responses.
+
+Weight sync, ``weight_sync``:
 
 - ``"tensor"`` (colocated, same host): each size-bounded bucket is serialised as CUDA IPC handles
-  (``weight_buckets.serialize_named_tensors``) and posted to ``/update_weights_from_tensor``.
+  (``weight_buckets.serialize_named_tensors``) and posted to ``/update_weights_from_tensor``; a
+  ``DeviceHandles`` bucket gives each server's tensor-parallel rank the copy on its own GPU
+  (server k uses GPUs ``k * tp_size`` to ``k * tp_size + tp_size - 1``).
 - ``"distributed"`` (separate GPUs): after ``init_weight_update_group``, each bucket's metadata is
   posted to ``/update_weights_from_distributed`` while this process (rank 0) broadcasts its
-  tensors over NCCL.
+  tensors over NCCL. Never retried: a repeated call would wait for a broadcast that never comes;
+  the group has the update timeout, so a server that refused does not hang the broadcast forever.
 - ``"disk"``: buckets are saved as a Hugging Face checkpoint (``models.hf_save``: safetensors
   shards of at most ``bucket_bytes``, an index when there are several, the base model's config and
   tokenizer files) in ``disk_dir/version-N``, and the servers reload it with
-  ``/update_weights_from_disk``. Pruning rule: after a successful update every other
-  ``version-*`` directory in ``disk_dir`` is deleted (all servers now read the new one); after a
-  failed one nothing is deleted, since a server that loaded or rolled back from the new directory
-  may still refer to it. ``disk_dir`` thus holds the current version plus any failed attempts
-  since.
+  ``/update_weights_from_disk`` (its own timeout: a 32B model is about 65 GB). Pruning rule: after
+  a successful update every other ``version-*`` directory in ``disk_dir`` is deleted (all servers
+  now read the new one); after a failed one nothing is deleted, since a server that loaded or
+  rolled back from the new directory may still refer to it. ``disk_dir`` thus holds the current
+  version plus any failed attempts since.
 
 Every update is wrapped in ``/pause_generation``, then ``/flush_cache`` and
 ``/continue_generation``; every server is sent ``/continue_generation`` even when the update
-fails. A failed update leaves ``weight_version`` unchanged and raises an error naming each server
-that failed; servers that accepted part of it may hold new weights, so ``generate`` refuses until
-a later update succeeds.
+fails. Weight-update and memory calls are not idempotent and are never repeated blindly
+(``http_client.RetryPolicy.idempotent``). A failed update leaves ``weight_version`` unchanged and
+raises an error naming each server that failed; servers that accepted part of it may hold new
+weights, so ``generate`` refuses until a later update succeeds.
+
+Memory (colocated): ``release_memory`` releases weights, KV cache and CUDA graphs; ``resume_memory``
+takes back only what each server has released (SGLang raises on a resume of a region that is not
+released), ``weights`` and ``cache`` (KV cache and CUDA graphs) separately.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from megatron_archer.buckets import bounded_buckets
 from megatron_archer.rollout import sglang_payloads as payloads
 from megatron_archer.rollout.engine import (
+    MEMORY_PARTS,
     Bucket,
+    MemoryPart,
     RolloutEngine,
     Sample,
     SamplingParams,
     check_prompts,
 )
-from megatron_archer.rollout.http_client import RetryPolicy, ServerError, request_json
-from megatron_archer.buckets import bounded_buckets
-from megatron_archer.rollout.weight_buckets import bucket_metadata, serialize_named_tensors
+from megatron_archer.rollout.http_client import (
+    RetryPolicy,
+    ServerError,
+    ServerUnreachable,
+    request_json,
+)
+from megatron_archer.rollout.weight_buckets import (
+    DeviceHandles,
+    bucket_metadata,
+    serialize_named_tensors,
+)
 
+logger = logging.getLogger(__name__)
 WeightSync = Literal["tensor", "distributed", "disk"]
 GROUP_NAME = "megatron_archer_weights"
 _VERSION_DIR = re.compile(r"version-\d+")
+_CACHE_TAGS = (payloads.KV_CACHE, payloads.CUDA_GRAPH)
+_PART_TAGS = {"weights": (payloads.WEIGHTS,), "cache": _CACHE_TAGS}
+
+# set by torchrun / torchelastic for its workers; a child that inherits them joins (or waits for)
+# the trainer's rendezvous instead of creating its own
+TORCHRUN_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+    "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+)  # fmt: skip
+TORCHRUN_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
+
+
+def is_torchrun_variable(name: str) -> bool:
+    return name in TORCHRUN_VARIABLES or name.startswith(TORCHRUN_PREFIXES)
+
+
+def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default ``os.environ``) without torchrun's variables: an SGLang server started
+    from a torchrun worker would otherwise run its own c10d rendezvous against the trainer's
+    store (``TORCHELASTIC_USE_AGENT_STORE``, ``MASTER_ADDR``/``PORT``) and hang at start."""
+    base = os.environ if base is None else base
+    return {k: v for k, v in base.items() if not is_torchrun_variable(k)}
+
+
+@contextmanager
+def without_torchrun_environment():
+    """``os.environ`` without torchrun's variables for the duration (this process's own
+    rendezvous of SGLang's weight-update group), restored afterwards."""
+    saved = {k: v for k, v in os.environ.items() if is_torchrun_variable(k)}
+    for name in saved:
+        del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@dataclass(frozen=True)
+class CallPolicies:
+    """Timeout and retries for each kind of call. ``generate``: per request (its ``attempts``
+    count tries of one prompt's request, each possibly on another server); ``control``: pause,
+    continue, cache flush; ``update``: tensor and distributed weight updates, the update group,
+    memory release/resume (not idempotent); ``disk_update``: ``/update_weights_from_disk``;
+    ``health``: one ``/health`` probe."""
+
+    generate: RetryPolicy = RetryPolicy(timeout_s=3600.0, attempts=3)
+    control: RetryPolicy = RetryPolicy(timeout_s=600.0, attempts=3)
+    update: RetryPolicy = RetryPolicy(timeout_s=600.0, attempts=1, idempotent=False)
+    disk_update: RetryPolicy = RetryPolicy(timeout_s=3600.0, attempts=1, idempotent=False)
+    health: RetryPolicy = RetryPolicy(timeout_s=30.0, attempts=1)
+
+    def __post_init__(self):
+        for name in ("update", "disk_update"):
+            if getattr(self, name).idempotent:
+                raise ValueError(f"{name} calls are not idempotent: use idempotent=False")
+
+
+@dataclass
+class _Server:
+    """One server: its URL, the process and command when launched here, its GPUs, the requests
+    in flight, the memory regions it has released, and a restart count (``epoch``)."""
+
+    url: str
+    gpu_ids: tuple[int, ...]
+    process: subprocess.Popen | None = None
+    command: list[str] | None = None
+    inflight: int = 0
+    released: set[str] = field(default_factory=set)
+    epoch: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+
+def _stop_process(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 class SGLangEngine(RolloutEngine):
-    """SGLang servers behind one ``RolloutEngine``; see the module docstring."""
+    """SGLang servers behind one ``RolloutEngine``; see the module docstring.
+
+    ``weights_source`` (optional) returns the current weights as buckets of full tensors on this
+    process: a server restarted mid-rollout under ``weight_sync='tensor'`` gets them (disk sync
+    reloads the current checkpoint directory; without either the restart is an error naming
+    the server, since it would serve the launch weights)."""
 
     def __init__(
         self,
@@ -70,8 +197,14 @@ class SGLangEngine(RolloutEngine):
         bucket_bytes: int = 512 << 20,
         disk_dir: str | Path | None = None,
         base_model_path: str | Path | None = None,
-        policy: RetryPolicy = RetryPolicy(),
+        policies: CallPolicies = CallPolicies(),
+        max_inflight: int = 256,
+        max_restarts: int = 4,
+        startup_timeout_s: float = 900.0,
+        on_progress: Callable[[int, int], None] | None = None,
+        weights_source: Callable[[], Iterable[Bucket]] | None = None,
         processes: Sequence[subprocess.Popen] = (),
+        commands: Sequence[list[str]] = (),
     ):
         if not server_urls:
             raise ValueError("server_urls is empty")
@@ -79,18 +212,30 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"weight_sync={weight_sync!r} must be tensor, distributed or disk")
         if weight_sync == "disk" and (disk_dir is None or base_model_path is None):
             raise ValueError("weight_sync='disk' needs disk_dir and base_model_path")
-        if tp_size < 1 or bucket_bytes <= 0:
-            raise ValueError(f"tp_size={tp_size} and bucket_bytes={bucket_bytes} must be positive")
-        self.server_urls = [u.rstrip("/") for u in server_urls]
-        self.router_url = router_url
+        for name, value in (("tp_size", tp_size), ("bucket_bytes", bucket_bytes),
+                            ("max_inflight", max_inflight)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be positive")
+        urls = [u.rstrip("/") for u in server_urls]
+        self.servers = [
+            _Server(url, tuple(range(k * tp_size, (k + 1) * tp_size)),
+                    processes[k] if k < len(processes) else None,
+                    list(commands[k]) if k < len(commands) else None)
+            for k, url in enumerate(urls)
+        ]  # fmt: skip
+        self.server_urls = urls
+        self.router = _Server(router_url.rstrip("/"), ()) if router_url else None
         self.weight_sync, self.tp_size, self.bucket_bytes = weight_sync, tp_size, bucket_bytes
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
         self.base_model_path = Path(base_model_path) if base_model_path is not None else None
-        self.policy = policy
-        self.processes = dict(zip(self.server_urls, processes))
+        self.policies, self.max_inflight = policies, max_inflight
+        self.restarts_left, self.startup_timeout_s = max_restarts, startup_timeout_s
+        self.on_progress, self.weights_source = on_progress, weights_source
         self._version: int | None = None
         self._failed_update: str | None = None
         self._group = None
+        self._pick_lock = threading.Lock()
+        self._metrics: Counter[str] = Counter()
 
     # -- servers -------------------------------------------------------------------------------
     @classmethod
@@ -101,62 +246,78 @@ class SGLangEngine(RolloutEngine):
         num_servers: int = 1,
         base_port: int = 30000,
         tp_size: int = 1,
+        mem_fraction_static: float | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 900.0,
         **engine_kwargs,
     ) -> SGLangEngine:
         """Start ``num_servers`` ``sglang.launch_server`` processes on 127.0.0.1 (GPU ids
-        ``i * tp_size`` on), wait for each to answer ``/health``."""
-        processes, urls = [], []
-        for i in range(num_servers):
-            port = base_port + i
-            command = [
-                sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-                "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(tp_size),
-                "--base-gpu-id", str(i * tp_size), "--enable-memory-saver", *extra_args,
-            ]  # fmt: skip
-            processes.append(subprocess.Popen(command))
-            urls.append(f"http://127.0.0.1:{port}")
-        engine = cls(urls, tp_size=tp_size, processes=processes, **engine_kwargs)
+        ``i * tp_size`` on; ``--mem-fraction-static`` when given: colocated servers must leave the
+        trainer its memory), each with ``child_environment()``; wait for each to answer
+        ``/health``. Servers already started are stopped when one fails to come up."""
+        commands = [
+            launch_command(model_path, base_port + i, tp_size, i * tp_size, mem_fraction_static,
+                           extra_args)
+            for i in range(num_servers)
+        ]  # fmt: skip
+        processes = []
         try:
-            for url in urls:
-                engine._wait_healthy(url, startup_timeout_s)
+            for command in commands:
+                processes.append(subprocess.Popen(command, env=child_environment()))
+            engine = cls([f"http://127.0.0.1:{base_port + i}" for i in range(num_servers)],
+                         tp_size=tp_size, processes=processes, commands=commands,
+                         startup_timeout_s=startup_timeout_s, **engine_kwargs)  # fmt: skip
+            for server in engine.servers:
+                engine._wait_healthy(server, startup_timeout_s)
         except BaseException:
-            engine.shutdown()
+            for process in processes:
+                _stop_process(process)
             raise
         return engine
 
-    def _wait_healthy(self, url: str, timeout_s: float) -> None:
+    def _wait_healthy(self, server: _Server, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        probe = RetryPolicy(timeout_s=10.0, attempts=1)
-        while True:
-            try:
-                request_json(url, "/health", None, probe, method="GET", is_alive=self._alive(url))
-                return
-            except ServerError:
-                if not self._alive(url)() or time.monotonic() > deadline:
-                    raise
-            time.sleep(2.0)
+        while not self._healthy(server):
+            if not server.alive():
+                raise ServerError(f"{server.url}: the server process exited with code "
+                                  f"{server.process.returncode} while starting")
+            if time.monotonic() > deadline:
+                raise ServerError(f"{server.url}: no healthy answer within {timeout_s} s of start")
+            time.sleep(min(2.0, timeout_s / 10))
 
-    def _alive(self, url: str) -> Callable[[], bool]:
-        process = self.processes.get(url)
-        return (lambda: True) if process is None else (lambda: process.poll() is None)
+    def _healthy(self, server: _Server) -> bool:
+        try:
+            request_json(server.url, "/health", None, self.policies.health, method="GET",
+                         is_alive=server.alive)  # fmt: skip
+        except ServerError:
+            return False
+        return True
+
+    def health(self) -> bool:
+        return all(self._healthy(s) for s in [*self.servers, *filter(None, [self.router])])
 
     def shutdown(self) -> None:
-        """Stop the servers this engine launched."""
-        for process in self.processes.values():
-            process.terminate()
-        for process in self.processes.values():
-            process.wait(timeout=60)
+        """Stop the servers this engine launched (SIGTERM, SIGKILL after 60 s); attached servers
+        are left running."""
+        for server in self.servers:
+            if server.process is not None:
+                _stop_process(server.process)
 
-    def _post(self, url: str, path: str, payload: dict | None = None):
-        return request_json(url, path, payload, self.policy, is_alive=self._alive(url))
+    def take_metrics(self) -> dict[str, float]:
+        metrics = {f"rollout/{k}": float(v) for k, v in self._metrics.items()}
+        self._metrics.clear()
+        return metrics
 
-    def _post_all(self, path: str, payload: dict | None = None) -> list:
-        """``path`` to every server in parallel, all of them even when some fail; the answers, or
-        an error naming every server that failed."""
-        with ThreadPoolExecutor(len(self.server_urls)) as pool:
-            futures = [pool.submit(self._post, url, path, payload) for url in self.server_urls]
+    def _post(self, server: _Server, path: str, payload: dict | None, policy: RetryPolicy):
+        return request_json(server.url, path, payload, policy, is_alive=server.alive)
+
+    def _post_each(self, path: str, body: Callable[[_Server], dict | None], policy: RetryPolicy,
+                   servers: Sequence[_Server] | None = None) -> list:
+        """``path`` to every server (or ``servers``) in parallel, each with ``body(server)``, all
+        of them even when some fail; the answers, or an error naming every server that failed."""
+        servers = self.servers if servers is None else servers
+        with ThreadPoolExecutor(len(servers)) as pool:
+            futures = [pool.submit(self._post, s, path, body(s), policy) for s in servers]
         errors = [e for e in (f.exception() for f in futures) if e is not None]
         if len(errors) == 1:
             raise errors[0]
@@ -164,14 +325,9 @@ class SGLangEngine(RolloutEngine):
             raise ServerError("; ".join(map(str, errors))) from errors[0]
         return [f.result() for f in futures]
 
-    def health(self) -> bool:
-        probe = RetryPolicy(timeout_s=10.0, attempts=1)
-        try:
-            for url in self.server_urls:
-                request_json(url, "/health", None, probe, method="GET", is_alive=self._alive(url))
-        except ServerError:
-            return False
-        return True
+    def _post_all(self, path: str, payload: dict | None, policy: RetryPolicy,
+                  servers: Sequence[_Server] | None = None) -> list:
+        return self._post_each(path, lambda _: payload, policy, servers)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(
@@ -180,43 +336,128 @@ class SGLangEngine(RolloutEngine):
         if self._failed_update is not None:
             raise RuntimeError(self._failed_update)
         check_prompts(prompts)
-        rows = [list(p) for p in prompts for _ in range(params.n)]
-        seeds = [None if params.seed is None else params.seed + i for i in range(len(rows))]
-        targets = [self.router_url] if self.router_url else self.server_urls
-        chunks = [(targets[k], range(k, len(rows), len(targets))) for k in range(len(targets))]
-        chunks = [(url, idx) for url, idx in chunks if len(idx)]
+        n, total = params.n, len(prompts) * params.n
+        seeds = [None if params.seed is None else params.seed + i for i in range(total)]
+        results: list[list[Sample] | None] = [None] * len(prompts)
+        pool = ThreadPoolExecutor(min(self.max_inflight, len(prompts)))
+        try:
+            pending = {pool.submit(self._generate_one, [list(p)] * n, seeds[i * n:(i + 1) * n],
+                                   params): i for i, p in enumerate(prompts)}  # fmt: skip
+            done_responses = 0
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    results[pending.pop(future)] = future.result()  # raises a fatal error
+                    done_responses += n
+                    if self.on_progress is not None:
+                        self.on_progress(done_responses, total)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return results
 
-        def run(chunk):
-            url, idx = chunk
-            body = payloads.generate_payload([rows[i] for i in idx], params, [seeds[i] for i in idx])
-            results = self._post(url, "/generate", body)
-            if not isinstance(results, list) or len(results) != len(idx):
-                raise ServerError(f"{url}/generate: expected {len(idx)} results, got {results!r:.200}")
-            return [payloads.parse_generate_result(r, params, url) for r in results]
+    def _generate_one(self, rows: list[list[int]], seeds: list[int | None],
+                      params: SamplingParams) -> list[Sample]:
+        """One prompt's request: tried up to ``policies.generate.attempts`` times, each failure
+        followed by a health check (and a restart of a dead launched server)."""
+        body = payloads.generate_payload(rows, params, seeds)
+        policy = replace(self.policies.generate, attempts=1)
+        avoid, last = None, None
+        for attempt in range(self.policies.generate.attempts):
+            server = self._acquire(avoid)
+            epoch = server.epoch
+            try:
+                results = self._post(server, "/generate", body, policy)
+            except ServerUnreachable as error:
+                last, avoid = error, server
+                self._metrics["requests_retried"] += 1
+                self._recover(server, epoch, error)
+                time.sleep(self.policies.generate.backoff_s * 2**attempt)
+                continue
+            finally:
+                with self._pick_lock:
+                    server.inflight -= 1
+            if not isinstance(results, list) or len(results) != len(rows):
+                raise ServerError(f"{server.url}/generate: expected {len(rows)} results, got "
+                                  f"{results!r:.200}")
+            return [payloads.parse_generate_result(r, params, server.url) for r in results]
+        raise ServerError(f"/generate of one prompt failed {self.policies.generate.attempts} "
+                          f"times, last: {last}")
 
-        samples: list[Sample | None] = [None] * len(rows)
-        with ThreadPoolExecutor(len(chunks)) as pool:
-            for (_, idx), results in zip(chunks, pool.map(run, chunks)):
-                for i, sample in zip(idx, results):
-                    samples[i] = sample
-        return [samples[i : i + params.n] for i in range(0, len(rows), params.n)]
+    def _acquire(self, avoid: _Server | None) -> _Server:
+        """The router, or the server with the fewest requests in flight (not ``avoid`` when
+        another exists); its in-flight count is taken."""
+        with self._pick_lock:
+            if self.router is not None:
+                server = self.router
+            else:
+                choices = [s for s in self.servers if s is not avoid] or self.servers
+                server = min(choices, key=lambda s: s.inflight)
+            server.inflight += 1
+            return server
+
+    def _recover(self, server: _Server, epoch: int, error: ServerError) -> None:
+        """After ``error`` from ``server``: nothing if it answers ``/health`` (slow, not dead) or
+        was restarted since; a restart when launched here; otherwise an error naming it."""
+        with server.lock:
+            if server.epoch != epoch or self._healthy(server):
+                return
+            if server.command is None:
+                raise ServerError(
+                    f"{server.url} stopped answering mid-rollout and fails its health check "
+                    f"(after: {error}); attached servers are not restarted: restart it, or use "
+                    f"rollout.sglang.launch: true") from error  # fmt: skip
+            self._restart(server, error)
+
+    def _restart(self, server: _Server, error: ServerError) -> None:
+        """Stop ``server``'s process, start it again, give it the current weights."""
+        if self.restarts_left < 1:
+            raise ServerError(f"{server.url} failed again and no restarts are left "
+                              f"(rollout.sglang.max_restarts); last error: {error}") from error
+        self.restarts_left -= 1
+        logger.warning("SGLang server %s is not healthy (%s): restarting it", server.url, error)
+        _stop_process(server.process, timeout_s=30.0)
+        server.process = subprocess.Popen(server.command, env=child_environment())
+        server.released.clear()
+        self._wait_healthy(server, self.startup_timeout_s)
+        self._restore_weights(server)
+        server.epoch += 1
+        self._metrics["server_restarts"] += 1
+
+    def _restore_weights(self, server: _Server) -> None:
+        """A restarted server gets weight version ``weight_version`` (it starts with the launch
+        checkpoint, which is version None)."""
+        if self._version is None:
+            return
+        if self.weight_sync == "disk":
+            body = payloads.update_from_disk_payload(str(self._checkpoint_dir(self._version)),
+                                                     self._version)
+            self._post(server, "/update_weights_from_disk", body, self.policies.disk_update)
+        elif self.weight_sync == "tensor" and self.weights_source is not None:
+            self._load_tensor(self.weights_source(), self._version, [server])
+        else:
+            raise ServerError(
+                f"{server.url} was restarted but cannot be given weight version {self._version} "
+                f"mid-rollout with weight_sync {self.weight_sync!r} (no weights source); it would "
+                f"serve the launch weights")  # fmt: skip
+        self._post(server, "/flush_cache", None, self.policies.control)
 
     # -- weights -------------------------------------------------------------------------------
     @property
     def weight_version(self) -> int | None:
         return self._version
 
-    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
+    def update_weights(self, buckets: Iterable[Bucket | DeviceHandles], version: int) -> None:
         """Pause, load (``weight_sync``), flush, continue: see the module docstring."""
         error = None
         try:
-            self._post_all("/pause_generation")
+            self._post_all("/pause_generation", payloads.pause_payload(), self.policies.control)
             self._load(buckets, version)
-            self._post_all("/flush_cache")
+            self._post_all("/flush_cache", None, self.policies.control)
         except BaseException as caught:
             error = caught
         try:
-            self._post_all("/continue_generation")
+            self._post_all("/continue_generation", payloads.continue_payload(),
+                           self.policies.control)
         except BaseException as caught:
             if error is None:
                 error = caught
@@ -232,51 +473,96 @@ class SGLangEngine(RolloutEngine):
         if self.weight_sync == "disk":
             self._prune_checkpoints(keep=self._checkpoint_dir(version))
 
-    def _load(self, buckets: Iterable[Bucket], version: int) -> None:
+    def _load(self, buckets: Iterable[Bucket | DeviceHandles], version: int) -> None:
         if self.weight_sync == "tensor":
-            for bucket in bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes):
-                body = payloads.update_from_tensor_payload(
-                    serialize_named_tensors(bucket), self.tp_size, version
-                )
-                self._post_all("/update_weights_from_tensor", body)
+            self._load_tensor(buckets, version, self.servers)
         elif self.weight_sync == "distributed":
             self._update_distributed(buckets, version)
         else:
             path = self._save_checkpoint(buckets, version)
             body = payloads.update_from_disk_payload(str(path), version)
-            self._post_all("/update_weights_from_disk", body)
+            self._post_all("/update_weights_from_disk", body, self.policies.disk_update)
+
+    def _load_tensor(self, buckets: Iterable[Bucket | DeviceHandles], version: int,
+                     servers: Sequence[_Server]) -> None:
+        """Each bucket to each server: from ``DeviceHandles``, each tensor-parallel rank its own
+        GPU's handles; plain buckets are re-bucketed to ``bucket_bytes`` and serialised here."""
+        for bucket in self._tensor_buckets(buckets):
+            def body(server, bucket=bucket):
+                return payloads.update_from_tensor_payload(
+                    self._handles_for(server, bucket), version)
+
+            self._post_each("/update_weights_from_tensor", body, self.policies.update, servers)
+
+    def _tensor_buckets(self, buckets: Iterable[Bucket | DeviceHandles]):
+        """``DeviceHandles`` as they come (bucketed by their senders); plain buckets re-bucketed."""
+        buckets = iter(buckets)
+        first = next(buckets, None)
+        if first is None:
+            return
+        rest = itertools.chain([first], buckets)
+        if isinstance(first, DeviceHandles):
+            yield from rest
+        else:
+            yield from bounded_buckets(itertools.chain.from_iterable(rest), self.bucket_bytes)
+
+    def _handles_for(self, server: _Server, bucket: Bucket | DeviceHandles) -> list[str]:
+        if not isinstance(bucket, DeviceHandles):
+            return [serialize_named_tensors(bucket)] * self.tp_size
+        missing = [g for g in server.gpu_ids if g not in bucket.by_device]
+        if missing:
+            raise ServerError(f"{server.url}: no weights were serialised on its GPU(s) {missing} "
+                              f"(got GPUs {sorted(bucket.by_device)})")
+        return [bucket.by_device[g] for g in server.gpu_ids]
 
     def init_weight_update_group(self, master_address: str, master_port: int) -> None:
         """Create the NCCL group {this process (rank 0), every server rank} for
-        ``weight_sync='distributed'`` (needs CUDA and SGLang's process-group helper here)."""
+        ``weight_sync='distributed'`` (needs CUDA and SGLang's process-group helper here). This
+        process's side of the rendezvous runs without torchrun's variables, which would make it
+        wait for a store that nobody hosts; the group's timeout is the update timeout."""
+        from datetime import timedelta
+
         from sglang.srt.utils import init_custom_process_group
 
-        world_size = 1 + self.tp_size * len(self.server_urls)
-        with ThreadPoolExecutor(len(self.server_urls)) as pool:
+        world_size = 1 + self.tp_size * len(self.servers)
+        with ThreadPoolExecutor(len(self.servers)) as pool:
             pending = [
-                pool.submit(self._post, url, "/init_weights_update_group", payloads.init_group_payload(
-                    master_address, master_port, 1 + k * self.tp_size, world_size, GROUP_NAME))
-                for k, url in enumerate(self.server_urls)
+                pool.submit(self._post, s, "/init_weights_update_group", payloads.init_group_payload(
+                    master_address, master_port, 1 + k * self.tp_size, world_size, GROUP_NAME),
+                    self.policies.update)
+                for k, s in enumerate(self.servers)
             ]  # fmt: skip
-            self._group = init_custom_process_group(
-                backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
-                world_size=world_size, rank=0, group_name=GROUP_NAME,
-            )  # fmt: skip
+            with without_torchrun_environment():
+                self._group = init_custom_process_group(
+                    backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
+                    world_size=world_size, rank=0, group_name=GROUP_NAME,
+                    timeout=timedelta(seconds=self.policies.update.timeout_s),
+                )  # fmt: skip
             for future in pending:
                 future.result()
 
     def _update_distributed(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Per bucket: the metadata to every server (once: never retried), this process's
+        broadcast, then every answer; the first failure ends the update, naming the servers."""
         if self._group is None:
             raise RuntimeError("weight_sync='distributed': call init_weight_update_group() first")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         for bucket in bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes):
-            body = payloads.update_from_distributed_payload(*bucket_metadata(bucket), GROUP_NAME, version)
-            with ThreadPoolExecutor(len(self.server_urls)) as pool:
-                pending = [pool.submit(self._post, u, "/update_weights_from_distributed", body)
-                           for u in self.server_urls]  # fmt: skip
-                for _, tensor in bucket:
-                    torch.distributed.broadcast(tensor.cuda().contiguous(), src=0, group=self._group)
-                for future in pending:
-                    future.result()
+            body = payloads.update_from_distributed_payload(*bucket_metadata(bucket), GROUP_NAME,
+                                                            version)
+            with ThreadPoolExecutor(len(self.servers)) as pool:
+                pending = [pool.submit(self._post, s, "/update_weights_from_distributed", body,
+                                       self.policies.update) for s in self.servers]  # fmt: skip
+                failures = []
+                try:
+                    for _, tensor in bucket:
+                        torch.distributed.broadcast(tensor.to(device).contiguous(), src=0,
+                                                    group=self._group)
+                except Exception as error:  # noqa: BLE001 - named with the servers' errors
+                    failures.append(f"the broadcast failed: {type(error).__name__}: {error}")
+                failures[:0] = [str(e) for e in (f.exception() for f in pending) if e is not None]
+            if failures:
+                raise ServerError("; ".join(failures))
 
     def _checkpoint_dir(self, version: int) -> Path:
         return (self.disk_dir / f"version-{version}").resolve()
@@ -301,7 +587,47 @@ class SGLangEngine(RolloutEngine):
 
     # -- memory --------------------------------------------------------------------------------
     def release_memory(self) -> None:
-        self._post_all("/release_memory_occupation", payloads.memory_payload(None))
+        """Weights, KV cache and CUDA graphs of every server (what each still holds)."""
+        self._change_memory("/release_memory_occupation", payloads.MEMORY_TAGS, release=True)
 
-    def resume_memory(self) -> None:
-        self._post_all("/resume_memory_occupation", payloads.memory_payload(None))
+    def resume_memory(self, parts: Sequence[MemoryPart] = MEMORY_PARTS) -> None:
+        tags = tuple(t for part in parts for t in _PART_TAGS[part])
+        self._change_memory("/resume_memory_occupation", tags, release=False)
+
+    def _change_memory(self, path: str, tags: Sequence[str], release: bool) -> None:
+        """``path`` to each server for the ``tags`` it has (release) or has not (resume) yet
+        released; the record is updated per server that answered."""
+        def todo(server):
+            return [t for t in tags if (t in server.released) != release]
+
+        servers = [s for s in self.servers if todo(s)]
+        if not servers:
+            return
+        plans = {s.url: todo(s) for s in servers}
+        with ThreadPoolExecutor(len(servers)) as pool:
+            futures = {s.url: pool.submit(self._post, s, path, payloads.memory_payload(plans[s.url]),
+                                          self.policies.update) for s in servers}  # fmt: skip
+        errors = []
+        for server in servers:
+            error = futures[server.url].exception()
+            if error is not None:
+                errors.append(error)
+            elif release:
+                server.released.update(plans[server.url])
+            else:
+                server.released.difference_update(plans[server.url])
+        if errors:
+            raise ServerError("; ".join(map(str, errors))) from errors[0]
+
+
+def launch_command(model_path: str | Path, port: int, tp_size: int, base_gpu_id: int,
+                   mem_fraction_static: float | None, extra_args: Sequence[str]) -> list[str]:
+    """The ``sglang.launch_server`` command line of one server."""
+    command = [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+        "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(tp_size),
+        "--base-gpu-id", str(base_gpu_id), "--enable-memory-saver",
+    ]  # fmt: skip
+    if mem_fraction_static is not None:
+        command += ["--mem-fraction-static", str(mem_fraction_static)]
+    return command + list(extra_args)

@@ -9,6 +9,10 @@ from typing import Any
 
 from megatron_archer.rollout.engine import Sample, SamplingParams
 
+# SGLang's memory regions (``sglang.srt.constants.GPU_MEMORY_TYPE_*``, 0.5.5 and later)
+WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+MEMORY_TAGS = (WEIGHTS, KV_CACHE, CUDA_GRAPH)
+
 
 def sampling_params_payload(params: SamplingParams, sample_seed: int | None) -> dict[str, Any]:
     """One sample's SGLang ``sampling_params``; ``sample_seed`` is SGLang's ``sampling_seed``
@@ -61,10 +65,11 @@ def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: s
     )
 
 
-def update_from_tensor_payload(serialized: str, tp_size: int, version: int) -> dict[str, Any]:
-    """``/update_weights_from_tensor``: the same serialised bucket for each tensor-parallel rank."""
+def update_from_tensor_payload(serialized: Sequence[str], version: int) -> dict[str, Any]:
+    """``/update_weights_from_tensor``: one serialised bucket per tensor-parallel rank of the
+    server, in rank order (each rank opens its own entry's handles)."""
     return {
-        "serialized_named_tensors": [serialized] * tp_size,
+        "serialized_named_tensors": list(serialized),
         "flush_cache": False,  # flushed once after the last bucket
         "weight_version": str(version),
     }
@@ -103,6 +108,24 @@ def update_from_disk_payload(model_path: str, version: int) -> dict[str, Any]:
     return {"model_path": model_path, "weight_version": str(version)}
 
 
-def memory_payload(tags: Sequence[str] | None) -> dict[str, Any]:
-    """``/release_memory_occupation`` and ``/resume_memory_occupation`` ("weights", "kv_cache")."""
-    return {"tags": list(tags) if tags is not None else None}
+def memory_payload(tags: Sequence[str]) -> dict[str, Any]:
+    """``/release_memory_occupation`` and ``/resume_memory_occupation``: the regions named by
+    ``tags`` (``MEMORY_TAGS``). SGLang's scheduler raises when asked to resume a region that is
+    not released, so the engine tracks what each server has released."""
+    unknown = sorted(set(tags) - set(MEMORY_TAGS))
+    if unknown or not tags:
+        raise ValueError(f"memory tags {list(tags)} must be a non-empty subset of {MEMORY_TAGS}")
+    return {"tags": list(tags)}
+
+
+def pause_payload() -> dict[str, Any]:
+    """``/pause_generation``: SGLang 0.5.5 reads no body, later 0.5.x require one
+    (``PauseGenerationReqInput``); ``abort`` is 0.5.5's only behaviour (running requests are
+    aborted; the engine pauses only between generations, when none run)."""
+    return {"mode": "abort"}
+
+
+def continue_payload() -> dict[str, Any]:
+    """``/continue_generation``: no body in 0.5.5; an empty ``ContinueGenerationReqInput`` (its
+    defaults) in later 0.5.x."""
+    return {}

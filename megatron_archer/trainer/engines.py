@@ -1,28 +1,65 @@
-"""The rollout engine a config asks for (built on global rank 0 only)."""
+"""The rollout engine a config asks for (built on global rank 0 only, after the actor is loaded,
+so colocated servers size their memory around it)."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
-from megatron_archer.rollout import LocalEngine, RolloutEngine, SGLangEngine
-from megatron_archer.trainer.config import ExperimentConfig
+from megatron_archer.rollout import LocalEngine, RetryPolicy, RolloutEngine, SGLangEngine
+from megatron_archer.rollout.sglang_engine import CallPolicies
+from megatron_archer.trainer.config import ExperimentConfig, SGLangConfig
+
+logger = logging.getLogger(__name__)
+
+
+def call_policies(sg: SGLangConfig) -> CallPolicies:
+    """The engine's timeouts and retries from ``rollout.sglang`` (its docstring)."""
+    return CallPolicies(
+        generate=RetryPolicy(timeout_s=sg.request_timeout_s, attempts=sg.request_attempts),
+        control=RetryPolicy(timeout_s=sg.control_timeout_s),
+        update=RetryPolicy(timeout_s=sg.update_timeout_s, attempts=1, idempotent=False),
+        disk_update=RetryPolicy(timeout_s=sg.disk_update_timeout_s, attempts=1, idempotent=False),
+        health=RetryPolicy(timeout_s=sg.health_timeout_s, attempts=1),
+    )
+
+
+class ProgressLog:
+    """``on_progress(done, total)`` as log lines: at the end, and at most one every
+    ``every_s`` seconds before it (a paper-scale rollout runs for an hour)."""
+
+    def __init__(self, every_s: float = 30.0, clock=time.monotonic):
+        self.every_s, self.clock, self.last = every_s, clock, None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if done == total or self.last is None or now - self.last >= self.every_s:
+            logger.info("rollout: %d/%d responses", done, total)
+            self.last = None if done == total else now
 
 
 def build_engine(config: ExperimentConfig) -> RolloutEngine:
     """``local``: transformers on this process's GPU (CPU without one), loading ``model.path``;
     ``sglang``: launched here or attached to by URL (``rollout.sglang``); with
     ``weight_sync: distributed``, joined to this process by the NCCL weight-update group
-    (``master_address``/``master_port``, needs CUDA) before the first weight sync."""
+    (``master_address``/``master_port``, needs CUDA) before the first weight sync. Servers
+    launched here are stopped when that fails."""
     rollout, path = config.rollout, config.model.path
     if rollout.engine == "local":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         return LocalEngine(path, device=device, dtype=getattr(torch, rollout.dtype))
     sg = rollout.sglang
-    options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes,
-                   disk_dir=sg.disk_dir, base_model_path=path)
+    options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,
+                   base_model_path=path, policies=call_policies(sg), max_inflight=sg.max_inflight,
+                   max_restarts=sg.max_restarts,
+                   on_progress=ProgressLog() if config.logging.progress else None)
     if sg.launch:
         engine = SGLangEngine.launch(path, num_servers=sg.num_servers, base_port=sg.base_port,
-                                     tp_size=sg.tp_size, extra_args=sg.extra_args, **options)
+                                     tp_size=sg.tp_size, mem_fraction_static=sg.mem_fraction_static,
+                                     extra_args=sg.extra_args,
+                                     startup_timeout_s=sg.startup_timeout_s, **options)
     else:
         engine = SGLangEngine(sg.server_urls, router_url=sg.router_url, tp_size=sg.tp_size,
                               **options)

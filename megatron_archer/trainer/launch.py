@@ -1,5 +1,6 @@
 """Starting a run on an initialised process group: megatron's parallel state from
-``config.parallel`` (checked against the world size), seeds, then the Trainer."""
+``config.parallel`` (checked against the world size), the rank-zero control group, seeds, then
+the Trainer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from megatron_archer import compat
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.trainer.config import ExperimentConfig
 from megatron_archer.trainer.loop import Trainer
+from megatron_archer.trainer.rank_zero import destroy_control_group, init_control_group
 
 
 def run_training(config: ExperimentConfig, engine: RolloutEngine | None = None) -> Trainer:
@@ -18,10 +20,12 @@ def run_training(config: ExperimentConfig, engine: RolloutEngine | None = None) 
     parallel.data_size(dist.get_world_size())  # raises, naming the fields, when it does not fit
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline)
+    init_control_group(parallel.rank_zero_timeout_minutes)
     try:
         compat.model_parallel_seed(config.train.seed)
         trainer = Trainer(config, engine=engine)
         trainer.run()
         return trainer
     finally:
+        destroy_control_group()
         parallel_state.destroy_model_parallel()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -77,3 +79,72 @@ def ok_script(path, body):
     if path == "/generate":
         return 200, fake_generate(body)
     return 200, {"success": True, "message": "ok"}
+
+
+def fast_policies(timeout_s: float = 2.0, attempts: int = 3, backoff_s: float = 0.05):
+    """The engine's call policies with short timeouts, for fake servers on loopback."""
+    from megatron_archer.rollout.http_client import RetryPolicy
+    from megatron_archer.rollout.sglang_engine import CallPolicies
+
+    retried = RetryPolicy(timeout_s=timeout_s, attempts=attempts, backoff_s=backoff_s)
+    once = RetryPolicy(timeout_s=timeout_s, attempts=1, backoff_s=backoff_s, idempotent=False)
+    return CallPolicies(generate=retried, control=retried, update=once, disk_update=once,
+                        health=RetryPolicy(timeout_s=timeout_s, attempts=1))
+
+
+def process_command(port: int, log: str, *, die_after: int | None = None,
+                    die_once_file: str | None = None) -> list[str]:
+    """A command line running this file as a server process on ``port`` (see ``main``)."""
+    command = [sys.executable, os.path.abspath(__file__), "--port", str(port), "--log", log]
+    if die_after is not None:
+        command += ["--die-after", str(die_after), "--die-once-file", die_once_file]
+    return command
+
+
+def read_log(log: str) -> list[dict]:
+    """The records a server process wrote: {"start": environ} once per start, then
+    {"path": ..., "body": ...} per request."""
+    with open(log) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None) -> None:
+    """A fake SGLang server in its own process (a stand-in for ``sglang.launch_server`` that a
+    launched engine can restart): answers like ``ok_script``, appends its environment at start
+    and every request to ``--log``; with ``--die-after N`` the process exits in the middle of
+    its (N+1)-th ``/generate`` (the connection is dropped), once: ``--die-once-file`` marks it."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--die-after", type=int)
+    parser.add_argument("--die-once-file")
+    args = parser.parse_args(argv)
+    lock, generates = threading.Lock(), [0]
+    dies = args.die_after is not None and not os.path.exists(args.die_once_file)
+
+    def record(entry):
+        with lock, open(args.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def script(path, body):
+        record({"path": path, "body": body})
+        if path == "/generate":
+            with lock:
+                generates[0] += 1
+                dying = dies and generates[0] > args.die_after
+            if dying:
+                open(args.die_once_file, "w").close()
+                os._exit(1)
+        return ok_script(path, body)
+
+    record({"start": dict(os.environ)})
+    server = FakeServer(script)
+    server.httpd.server_close()
+    server.httpd = ThreadingHTTPServer(("127.0.0.1", args.port), server.httpd.RequestHandlerClass)
+    server.httpd.serve_forever(poll_interval=0.05)
+
+
+if __name__ == "__main__":
+    main()

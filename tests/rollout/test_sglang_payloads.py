@@ -1,80 +1,107 @@
-"""Every request body the SGLang adapter builds is accepted by the installed SGLang's own request
-types (field names and pydantic type validation, as its FastAPI server parses them; skipped
-without sglang), and weight buckets round-trip through the tensor serialisation it uses."""
+"""Every request body the SGLang adapter builds is accepted by SGLang's own request types at both
+ends of the supported range, 0.5.5 (``requirements/sglang-cpu.txt``, in the venv) and the newest
+0.5.x (``requirements/sglang-newest.txt``, in ``.venv/sglang-newest``): field names and pydantic
+type validation, as its FastAPI server parses them, in a subprocess per version
+(``sglang_validate.py``); skipped where that version is not installed. Weight buckets round-trip
+through the tensor serialisation it uses."""
 
 from __future__ import annotations
 
 import base64
-import dataclasses
+import importlib.util
+import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_archer.buckets import bounded_buckets
 from megatron_archer.rollout import sglang_payloads as payloads
 from megatron_archer.rollout.engine import EntropyAwareDecoding, SamplingParams
-from megatron_archer.buckets import bounded_buckets
 from megatron_archer.rollout.weight_buckets import bucket_metadata, serialize_named_tensors
 
 PARAMS = SamplingParams(max_new_tokens=8, n=2, temperature=0.7, top_p=0.9, top_k=20,
                         stop_token_ids=(3, 4), seed=1)  # fmt: skip
 BUCKET = [("model.embed_tokens.weight", torch.randn(10, 4)),
           ("model.norm.weight", torch.randn(4).to(torch.bfloat16))]  # fmt: skip
+VALIDATOR = Path(__file__).with_name("sglang_validate.py")
+NEWEST = Path(sys.prefix) / "sglang-newest"
+# the endpoints that read no body in 0.5.5 (their request types came later)
+BODYLESS_IN_055 = {"PauseGenerationReqInput", "ContinueGenerationReqInput"}
 
 
-def _validate(cls, payload: dict):
-    """Construct ``cls`` the way SGLang's server does (pydantic over the dataclass), after
-    checking that every field we send exists."""
-    from pydantic import TypeAdapter
-
-    unknown = set(payload) - {f.name for f in dataclasses.fields(cls)}
-    assert not unknown, f"{cls.__name__} has no field {sorted(unknown)}"
-    return TypeAdapter(cls).validate_python(payload)
-
-
-@pytest.fixture(scope="module")
-def io_struct():
-    return pytest.importorskip("sglang.srt.managers.io_struct")
-
-
-def test_generate_payload_is_a_valid_generate_request(io_struct):
-    from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
-
-    body = payloads.generate_payload([[1, 2], [3]], PARAMS, [1, 2])
-    request = _validate(io_struct.GenerateReqInput, body)
-    request.normalize_batch_and_arguments()
-    assert request.batch_size == 2 and request.return_logprob == [True, True]
-    for sampling in body["sampling_params"]:
-        SGLangSamplingParams(**sampling).verify(vocab_size=250)
-    greedy = payloads.sampling_params_payload(SamplingParams(max_new_tokens=2, temperature=0), None)
-    SGLangSamplingParams(**greedy).verify(vocab_size=250)
-
-
-def test_weight_and_memory_payloads_are_valid_requests(io_struct):
+def _cases() -> list[tuple[str, dict]]:
+    """Every body the adapter sends, with the request type SGLang parses it into."""
     names, dtypes, shapes = bucket_metadata(BUCKET)
-    cases = [
-        (io_struct.UpdateWeightsFromTensorReqInput,
-         payloads.update_from_tensor_payload(serialize_named_tensors(BUCKET), 2, 3)),
-        (io_struct.InitWeightsUpdateGroupReqInput,
-         payloads.init_group_payload("127.0.0.1", 29500, 1, 3, "g")),
-        (io_struct.UpdateWeightsFromDistributedReqInput,
+    serialized = serialize_named_tensors(BUCKET)
+    greedy = payloads.sampling_params_payload(SamplingParams(max_new_tokens=2, temperature=0), None)
+    return [
+        ("GenerateReqInput", payloads.generate_payload([[1, 2], [3]], PARAMS, [1, 2])),
+        ("GenerateReqInput", {**payloads.generate_payload([[1]], PARAMS, [None]),
+                              "sampling_params": [greedy]}),
+        ("UpdateWeightsFromTensorReqInput", payloads.update_from_tensor_payload([serialized] * 2, 3)),
+        ("InitWeightsUpdateGroupReqInput", payloads.init_group_payload("127.0.0.1", 29500, 1, 3, "g")),
+        ("UpdateWeightsFromDistributedReqInput",
          payloads.update_from_distributed_payload(names, dtypes, shapes, "g", 3)),
-        (io_struct.UpdateWeightFromDiskReqInput, payloads.update_from_disk_payload("/ckpt", 3)),
-        (io_struct.ReleaseMemoryOccupationReqInput, payloads.memory_payload(None)),
-        (io_struct.ResumeMemoryOccupationReqInput, payloads.memory_payload(["weights"])),
+        ("UpdateWeightFromDiskReqInput", payloads.update_from_disk_payload("/ckpt", 3)),
+        ("ReleaseMemoryOccupationReqInput", payloads.memory_payload(payloads.MEMORY_TAGS)),
+        ("ResumeMemoryOccupationReqInput", payloads.memory_payload([payloads.WEIGHTS])),
+        ("ResumeMemoryOccupationReqInput", payloads.memory_payload(["kv_cache", "cuda_graph"])),
+        ("PauseGenerationReqInput", payloads.pause_payload()),
+        ("ContinueGenerationReqInput", payloads.continue_payload()),
     ]  # fmt: skip
-    for cls, body in cases:
-        _validate(cls, body)
-    assert [getattr(torch, d) for d in dtypes] == [torch.float32, torch.bfloat16]
 
 
-def test_validation_can_fail(io_struct):
-    """Guard: a misspelt field or a wrongly typed value is caught by the same check."""
-    with pytest.raises(AssertionError, match="no field"):
-        _validate(io_struct.UpdateWeightFromDiskReqInput, {"modelpath": "/x"})
-    with pytest.raises(Exception, match="master_port"):
-        _validate(io_struct.InitWeightsUpdateGroupReqInput, payloads.init_group_payload(
-            "127.0.0.1", "not a port", 1, 3, "g"))  # fmt: skip
+BROKEN = [  # guard: the same check must reject these
+    ("UpdateWeightFromDiskReqInput", {"modelpath": "/x"}),
+    ("InitWeightsUpdateGroupReqInput", payloads.init_group_payload("127.0.0.1", "not a port", 1, 3, "g")),
+    ("PauseGenerationReqInput", {"mode": "stop"}),
+]  # fmt: skip
+
+
+def _validate(cases, newest: bool, tmp_path) -> dict:
+    """The validator's report for ``cases`` under one SGLang version."""
+    env = dict(os.environ)
+    if newest:
+        if not (NEWEST / ".installed").exists():
+            pytest.skip(f"the newest SGLang 0.5.x is not installed in {NEWEST} (make install)")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NEWEST), env.get("PYTHONPATH")]))
+    elif importlib.util.find_spec("sglang") is None:
+        pytest.skip("sglang (requirements/sglang-cpu.txt) is not installed")
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([{"cls": c, "body": b} for c, b in cases]))
+    command = [sys.executable, str(VALIDATOR), str(path), *(["--inert"] if newest else [])]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("newest", [False, True], ids=["sglang-0.5.5", "sglang-newest"])
+def test_every_payload_is_a_valid_request_at_both_versions(newest, tmp_path):
+    report = _validate(_cases() + BROKEN, newest, tmp_path)
+    assert report["version"] == ("0.5.23" if newest else "0.5.5"), report["file"]
+    results = report["results"]
+    good, broken = results[: len(results) - len(BROKEN)], results[len(results) - len(BROKEN):]
+    for result in good:
+        allowed = {"ok", "absent"} if not newest and result["cls"] in BODYLESS_IN_055 else {"ok"}
+        assert result["status"] in allowed, result
+    assert [r["status"] for r in good if r["status"] == "absent"] == (
+        [] if newest else ["absent", "absent"])
+    assert "no field ['modelpath']" in broken[0]["error"]
+    assert "master_port" in broken[1]["error"]
+    assert broken[2]["status"] == ("error" if newest else "absent")
+
+
+def test_memory_tags_are_checked():
+    with pytest.raises(ValueError, match="subset of"):
+        payloads.memory_payload(["weights", "kv"])
+    with pytest.raises(ValueError, match="non-empty"):
+        payloads.memory_payload([])
 
 
 def _deserialize(serialized: str):
