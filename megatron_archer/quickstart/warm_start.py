@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
 
-from megatron_archer.data import DataConfig, load_prompt_set
+from megatron_archer.data import DataConfig, PromptRecord, load_prompt_set
 
 
 def target_text(answer: str) -> str:
@@ -29,12 +30,15 @@ def target_text(answer: str) -> str:
 
 def warm_start(base: str | Path, out: str | Path, data: DataConfig, *, steps: int,
                batch_size: int = 64, lr: float = 3e-3, warmup: int = 10,
-               label_smoothing: float = 0.0, seed: int = 0, log_every: int = 25) -> dict[str, float]:
+               label_smoothing: float = 0.0, seed: int = 0, log_every: int = 25,
+               target: Callable[[PromptRecord], str] | None = None) -> dict[str, float]:
     """Fine-tune the HF checkpoint ``base`` on ``data`` (a jsonl of arithmetic problems) for
     ``steps`` AdamW steps (linear warmup, cosine decay to 10%); save model and tokenizer to ``out``.
     ``label_smoothing`` > 0 leaves probability on every other token at each answer position: the
     model learns the answers but samples them unreliably at T = 1 (see the module docstring).
-    Returns {"loss": final smoothed loss, "seconds": ...}."""
+    ``target`` gives each record's target text (default: ``target_text`` of its answer; the
+    step-by-step task passes its full solutions). Returns {"loss": final smoothed loss,
+    "seconds": ...}."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
@@ -44,8 +48,9 @@ def warm_start(base: str | Path, out: str | Path, data: DataConfig, *, steps: in
     eos = tokenizer.eos_token_id
     sequences, starts = [], []
     for p in prompts:
-        target = tokenizer(target_text(p.record.answer), add_special_tokens=False)["input_ids"]
-        sequences.append(list(p.input_ids) + target + [eos])
+        text = target(p.record) if target is not None else target_text(p.record.answer)
+        target_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        sequences.append(list(p.input_ids) + target_ids + [eos])
         starts.append(len(p.input_ids))
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -1,4 +1,5 @@
-"""Reward functions by name: the built-ins ("math", "code", "arithmetic") or a user's dotted path.
+"""Reward functions by name: the built-ins ("math", "code", "arithmetic", "stepwise_arithmetic")
+or a user's dotted path.
 
 A reward function takes (response: str, reference) and returns a RewardResult. Users point a run at
 their own with "package.module:function" or "package.module.function"; `load_reward_fn` imports it
@@ -20,6 +21,7 @@ BUILTIN_REWARDS = {
     "math": "megatron_archer.rewards.math_reward:math_reward",
     "code": "megatron_archer.rewards.code_reward:code_reward",
     "arithmetic": "megatron_archer.rewards.synthetic:arithmetic_reward",
+    "stepwise_arithmetic": "megatron_archer.rewards.stepwise_arithmetic:stepwise_arithmetic_reward",
 }
 
 
