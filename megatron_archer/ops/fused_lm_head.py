@@ -158,6 +158,10 @@ class _FusedLMHead(torch.autograd.Function):
         shard, temperature, (chunk, vchunk) = ctx.shard, ctx.temperature, ctx.tiles
         want_h, want_w = ctx.needs_input_grad[:2]
         dtype = compute_dtype(hidden.dtype)
+        # Triton: h and W stay in their (bf16/fp16) dtype, so the tile recompute and the two
+        # GEMMs run on tensor cores with fp32 accumulation, G rounded to the input dtype as in
+        # megatron's own half-precision backward; the torch path computes in fp32 throughout.
+        operand = hidden.dtype if ctx.triton else dtype
         tile_grad = _triton_backend().logits_grad if ctx.triton else _torch_tile_grad
         grad_logp = grad_logp.to(dtype).contiguous()  # may arrive expanded (stride 0)
         grad_entropy = grad_entropy.to(dtype).contiguous() if ctx.entropy_grad else None
@@ -166,7 +170,7 @@ class _FusedLMHead(torch.autograd.Function):
         n = hidden.shape[0]
         for r0 in range(0, n, chunk):
             r1 = min(r0 + chunk, n)
-            h = hidden[r0:r1].to(dtype)
+            h = hidden[r0:r1].to(operand)
             rows, cols = shard.locate(labels[r0:r1])
             per_row = (
                 m[r0:r1],
@@ -178,11 +182,12 @@ class _FusedLMHead(torch.autograd.Function):
             for c0 in range(0, shard.valid, vchunk):
                 c1 = min(c0 + vchunk, shard.valid)
                 here = (cols >= c0) & (cols < c1)
-                g = tile_grad(h, weight, c0, c1, rows[here], cols[here] - c0, *per_row, temperature)
+                g = tile_grad(h, weight, c0, c1, rows[here], cols[here] - c0, *per_row,
+                              temperature).to(operand)
                 if want_h:
-                    d_hidden[r0:r1].addmm_(g, weight[c0:c1].to(dtype))
+                    d_hidden[r0:r1] += g @ weight[c0:c1].to(operand)
                 if want_w:
-                    d_weight[c0:c1].addmm_(g.T, h)
+                    d_weight[c0:c1] += g.T @ h
         if want_h:
             # hidden is replicated over the tensor-parallel ranks, each of which saw only its slice.
             d_hidden = distributed.all_reduce_(d_hidden, ctx.group).to(hidden.dtype)

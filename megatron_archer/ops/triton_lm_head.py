@@ -15,7 +15,9 @@ logit is very negative.
   matmuls into d_hidden and d_weight.
 
 This module imports triton; ``fused_lm_head`` imports it only when the Triton path is used.
-fp32 inputs use IEEE fp32 dots (no TF32), so results match the torch path to fp32 rounding.
+fp32 inputs use IEEE fp32 dots (no TF32), so results match the torch path to fp32 rounding;
+bf16/fp16 inputs are loaded as they are (tensor-core dots, fp32 accumulation), in forward and in
+backward. Every pointer offset is computed in int64.
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ def _stats_kernel(h_ptr, w_ptr, label_ptr, out_ptr, n, k, valid, split, temperat
         m = new_m
 
     s = tl.where(n_bad > 0, float("nan"), s)
-    at = rows * n_splits + pid_s
-    plane = n * n_splits
+    at = rows.to(tl.int64) * n_splits + pid_s  # int64 offsets: 4 x tokens x splits can pass 2^31
+    plane = n_splits.to(tl.int64) * n
     tl.store(out_ptr + at, m, mask=row_ok)
     tl.store(out_ptr + plane + at, s, mask=row_ok)
     tl.store(out_ptr + 2 * plane + at, b, mask=row_ok)
@@ -129,7 +131,9 @@ def _grad_kernel(h_ptr, w_ptr, label_ptr, m_ptr, log_s_ptr, entropy_ptr, g_logp_
         coeff += (tl.maximum(logp, log_underflow) + entropy[:, None]) * g_h[:, None]
     label = tl.load(label_ptr + rows, mask=row_ok, other=-1)
     g = tl.where(cols[None, :] == label[:, None], g_lp[:, None], 0.0) - p * coeff
-    tl.store(g_ptr + rows[:, None] * vc + cols[None, :], g, mask=row_ok[:, None] & col_ok[None, :])
+    # int64 offsets: tokens x vocabulary-chunk passes 2^31 (e.g. 8192 x 262,144)
+    offsets = rows.to(tl.int64)[:, None] * vc + cols[None, :]
+    tl.store(g_ptr + offsets, g, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _precision(dtype: torch.dtype):

@@ -249,14 +249,21 @@ TRITON_CASES = [  # as CASES; blocks of 16 divide neither 21 tokens, 37 columns 
 
 
 class _CountingKernel:
-    """Stands in for a Triton kernel and counts its launches: proof the forced path ran."""
+    """Stands in for a Triton kernel and counts its launches (proof the forced path ran) and the
+    dtypes of its first operand, the hidden states."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches, self.operand_dtypes = kernel, 0, set()
 
     def __getitem__(self, grid):
         self.launches += 1
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.operand_dtypes.add(args[0].dtype)
+            return launch(*args, **kwargs)
+
+        return run
 
 
 def _triton_worker(rank, world_size):
@@ -283,6 +290,10 @@ def _triton_worker(rank, world_size):
             for got, expected in zip(fused, tiled):
                 assert rel_err(got, expected) < tol, (tp, case)
     assert all(kernel.launches > 0 for kernel in kernels.values()), kernels
+    # half-precision hidden states reach both kernels as they are (tensor-core dots), never
+    # upcast to fp32 (which selects IEEE fp32 dots)
+    for kernel in kernels.values():
+        assert kernel.operand_dtypes == {torch.float32, torch.float16}, kernel.operand_dtypes
 
 
 def _triton_interpreter_main():
