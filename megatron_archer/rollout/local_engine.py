@@ -23,6 +23,20 @@ from megatron_archer.rollout.engine import (
 from megatron_archer.rollout.sampling import sample_step
 
 
+# fp32 elements of one sampling chunk: sample_step makes a few fp32 [rows, V] copies, so rows are
+# sampled in chunks of SAMPLE_CHUNK_ELEMENTS // V (441 rows, 256 MiB a copy, at V = 151,936)
+SAMPLE_CHUNK_ELEMENTS = 1 << 26
+
+
+def _sample_rows(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
+    """``sample_step`` over row chunks of ``logits`` [B, V] (the prefill keeps only the last
+    position's logits, ``logits_to_keep=1``: [B, prompt_len, V] in fp32 would not fit at
+    V = 151,936)."""
+    rows = max(1, SAMPLE_CHUNK_ELEMENTS // logits.shape[-1])
+    parts = [sample_step(chunk, params, generator) for chunk in logits.split(rows)]
+    return tuple(torch.cat(values) for values in zip(*parts))
+
+
 class LocalEngine(RolloutEngine):
     """A transformers model on ``device`` in ``dtype`` (float32 for exact log-probs on CPU)."""
 
@@ -109,10 +123,10 @@ class LocalEngine(RolloutEngine):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             out = self.model(
                 input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
             )  # fmt: skip
             cache = out.past_key_values
-            tokens, logp, temps = sample_step(out.logits[:, -1, :vocab], params, generator)
+            tokens, logp, temps = _sample_rows(out.logits[:, -1, :vocab], params, generator)
             stopped = torch.isin(tokens, stop) & ~done
             out_tokens.append(tokens), out_logp.append(logp), out_temp.append(temps)
             out_stopped.append(stopped)
