@@ -4,8 +4,8 @@ Two kinds of case: `IOCase` feeds stdin and compares stdout (trailing whitespace
 trailing blank lines ignored); `AssertCase` appends assert-style test code to the program, which
 passes when the run ends normally and its last output line is a random token printed after the
 test code, so a program that exits early (`sys.exit(0)`) does not pass. Every case is a separate
-sandboxed run (`code_sandbox.run_python`); runs are independent processes, so callers may score
-many responses from a thread pool.
+sandboxed run; the cases of a response run in parallel on the sandbox pool
+(`code_sandbox.run_many`), and callers may score many responses from a thread pool.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from megatron_archer.rewards.code_sandbox import OK, SandboxLimits, run_python
+from megatron_archer.rewards.code_sandbox import OK, SandboxLimits, SandboxResult, run_many
 from megatron_archer.rewards.result import RewardResult
 
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -71,15 +71,13 @@ def run_cases(program: str, cases: Sequence[Case], limits: SandboxLimits = Sandb
     """Fraction of `cases` that `program` passes; the reason names the first failure."""
     if not cases:
         raise ValueError("no test cases to run the program against")
-    passed = 0
-    first_failure = ""
-    for number, case in enumerate(cases, 1):
-        failure = _failure(program, case, limits)
-        if failure is None:
-            passed += 1
-        elif not first_failure:
-            first_failure = f"; case {number}: {failure}"
-    return RewardResult(passed / len(cases), f"{passed}/{len(cases)} cases passed{first_failure}")
+    jobs = [_job(program, case) for case in cases]
+    results = run_many([(source, stdin) for source, stdin, _ in jobs], limits)
+    failures = [_failure(result, case, token) for result, case, (_, _, token) in zip(results, cases, jobs)]
+    passed = failures.count(None)
+    first = next(((n, why) for n, why in enumerate(failures, 1) if why is not None), None)
+    detail = f"; case {first[0]}: {first[1]}" if first else ""
+    return RewardResult(passed / len(cases), f"{passed}/{len(cases)} cases passed{detail}")
 
 
 def code_reward(
@@ -93,17 +91,20 @@ def code_reward(
     return run_cases(program, cases, limits)
 
 
-def _failure(program: str, case: Case, limits: SandboxLimits) -> str | None:
-    """Why `program` fails `case`, or None if it passes."""
+def _job(program: str, case: Case) -> tuple[str, str, str | None]:
+    """(source, stdin, token) of the run for `case`; an AssertCase's run must print `token` last."""
     if isinstance(case, IOCase):
-        result = run_python(program, case.stdin, limits)
-        if result.status != OK:
-            return result.describe()
-        return None if _normalize(result.stdout) == _normalize(case.expected_stdout) else "wrong output"
+        return program, case.stdin, None
     token = secrets.token_hex(16)
-    result = run_python(f"{program}\n\n{case.code}\nprint({token!r})\n", "", limits)
+    return f"{program}\n\n{case.code}\nprint({token!r})\n", "", token
+
+
+def _failure(result: SandboxResult, case: Case, token: str | None) -> str | None:
+    """Why the run for `case` fails it, or None if it passes."""
     if result.status != OK:
         return result.describe()
+    if isinstance(case, IOCase):
+        return None if _normalize(result.stdout) == _normalize(case.expected_stdout) else "wrong output"
     lines = result.stdout.rstrip().splitlines()
     return None if lines and lines[-1] == token else "exited before the test code finished"
 

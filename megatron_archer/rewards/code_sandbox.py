@@ -1,36 +1,35 @@
-"""Run an untrusted Python program in a confined subprocess and capture what it printed.
+"""Run an untrusted Python program in a kernel-enforced sandbox and capture what it printed.
 
-Each run gets a fresh private temporary directory (removed afterwards), an empty environment, its
-stdin from an unlinked temporary file, and its own session and process group. Inside, the child
-(`sandbox_launcher`) confines itself before running the program; out here the parent enforces a
-wall-clock limit and an output cap by killing the whole process group. How each attack is stopped:
+Two sandboxes (`configure_sandbox`, or `reward.sandbox` in a run's config):
 
-- infinite loop: RLIMIT_CPU (SIGXCPU, then SIGKILL) for busy loops, the parent's wall-clock
-  limit (SIGKILL to the process group) for sleeping or blocked ones;
-- fork bomb, subprocesses: the audit hook refuses os.fork/exec/spawn/system/posix_spawn and
-  subprocess, and the modules that reach fork without an audit event (_posixsubprocess, ctypes);
-  RLIMIT_NPROC = 0 makes the kernel refuse too, except for root; anything left is killed with the
-  process group at the end of the run;
-- large allocation: RLIMIT_AS (MemoryError in the program; the host never commits the memory);
-- writing outside its directory: the audit hook refuses write-mode opens, renames, removals,
-  links, chmod/chown, mkdir... on paths that resolve outside the sandbox directory, `dir_fd`
-  relative calls, and opening outside directories; RLIMIT_FSIZE caps each file it writes inside;
-- network: a new, empty network namespace (no interface up, so not even 127.0.0.1 is reachable)
-  where the kernel allows one, and the audit hook refuses every socket;
-- the parent's secrets: the child's environment is empty (no inherited variables) and the audit
-  hook refuses reading /proc/<pid>/ of any other process (e.g. the parent's `environ`);
-- printing a gigabyte: the parent reads stdout and stderr with a combined byte cap and kills the
-  process group when it is exceeded; only the first `output_bytes` are kept.
+- "bwrap" (default): bubblewrap namespaces, an unprivileged user, rlimits and, where the machine
+  allows, a per-run cgroup (`bwrap.py`, `cgroups.py`, `sandbox_launcher.py`). The boundary is the
+  kernel. When bubblewrap is missing or cannot build the sandbox here, every run raises
+  `SandboxUnavailable` saying how to fix it: untrusted code is never run unconfined by accident.
+- "in_process" (opt-in, with a warning): the earlier guard, a Python audit hook plus rlimits and
+  an empty network namespace in a host temporary directory. A program can switch the hook off,
+  so this is not a boundary; use it only where bubblewrap cannot run and the programs are trusted.
 
-Not prevented: reading world-readable files (or, when run as root, any file) and printing them;
-a program that subverts CPython itself (the audit hook is a Python-level guard; when the caller is
-root only the resource limits, the network namespace and the parent's kills are kernel-enforced);
-filling the sandbox directory with many files below RLIMIT_FSIZE each until the time limit.
+What one bwrap run gets: the program and its stdin on sealed, read-only memory files (nothing is
+written to the host's /tmp or /dev/shm); fresh tmpfs mounts for /tmp and /dev/shm inside, which
+vanish with the mount namespace, so no cleanup can be crashed or blocked by what the program left
+there; stdout and stderr read here under a combined byte cap; a wall-clock deadline. A run is
+stopped by SIGKILL to the sandbox's pid-namespace init, which the kernel answers by killing every
+process in the namespace before the init is reaped; so when the launcher has been waited for,
+nothing the program started is left. How a run ended is attributed from the exit status (bwrap
+reports a signal n as 128 + n), the CPU time of the whole tree (wait4), and the OOM-kill counters
+of the run's memory cgroup and of the kernel: a SIGKILL is `cpu_limit` only if the CPU limit was
+reached, `memory_limit` if the OOM killer fired.
+
+`run_many` runs several programs on a shared pool of `workers` threads, each holding one sandbox
+at a time (bwrap costs about 20 ms a start, so runs overlap their starts with other runs' work).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
+import logging
 import os
 import selectors
 import shutil
@@ -38,21 +37,37 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_archer.rewards import bwrap, cgroups
+from megatron_archer.rewards.bwrap import SandboxUnavailable
+
 LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
+LAUNCHER_SOURCE = Path(LAUNCHER).read_text(encoding="utf-8")
+BWRAP, IN_PROCESS = "bwrap", "in_process"
+SANDBOXES = (BWRAP, IN_PROCESS)
+MAX_PROCESSES = 8  # the pids cgroup's cap: bwrap's own processes plus the program (RLIMIT_NPROC = 0 inside)
+STOP_TIMEOUT_S = 10.0
 
 # SandboxResult.status values.
-OK, ERROR, TIMEOUT, CPU_LIMIT, OUTPUT_LIMIT, SIGNALED = (
-    "ok", "error", "timeout", "cpu_limit", "output_limit", "signaled"
+OK, ERROR, TIMEOUT, CPU_LIMIT, MEMORY_LIMIT, OUTPUT_LIMIT, SIGNALED = (
+    "ok", "error", "timeout", "cpu_limit", "memory_limit", "output_limit", "signaled"
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """What one run may use. `output_bytes` counts stdout and stderr together."""
+    """What one run may use. `output_bytes` counts stdout and stderr together; `memory_bytes` is
+    each process's address space and, where a cgroup can be made, all the run holds in memory
+    (processes and tmpfs files); `workdir_bytes` is the size of each tmpfs (/tmp and /dev/shm)."""
 
     wall_seconds: float = 10.0
     cpu_seconds: int = 5
@@ -60,6 +75,7 @@ class SandboxLimits:
     output_bytes: int = 1 << 20
     file_bytes: int = 16 << 20
     open_files: int = 64
+    workdir_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -71,7 +87,8 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """How a run ended (`status`: ok, error, timeout, cpu_limit, output_limit, signaled) and its output."""
+    """How a run ended (`status`: ok, error, timeout, cpu_limit, memory_limit, output_limit,
+    signaled), its output, and the CPU time of all its processes."""
 
     status: str
     returncode: int | None
@@ -79,6 +96,8 @@ class SandboxResult:
     stderr: str
     wall_seconds: float
     limits: SandboxLimits
+    cpu_seconds: float = 0.0
+    signal: int | None = None
 
     def describe(self) -> str:
         """A short reason: why the run ended, for reward reasons and logs."""
@@ -91,98 +110,319 @@ class SandboxResult:
             return f"wall-clock limit of {self.limits.wall_seconds:g} s exceeded"
         if self.status == CPU_LIMIT:
             return f"CPU time limit of {self.limits.cpu_seconds} s exceeded"
+        if self.status == MEMORY_LIMIT:
+            return f"memory limit of {self.limits.memory_bytes} bytes exceeded (killed by the OOM killer)"
         if self.status == OUTPUT_LIMIT:
             return f"output limit of {self.limits.output_bytes} bytes exceeded"
-        return f"killed by {signal.Signals(-self.returncode).name}"
+        return f"killed by {_signal_name(self.signal)}"
 
 
-def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run `source` as a Python program on `stdin` under `limits`. Safe to call from several threads."""
+@dataclass
+class _Settings:
+    sandbox: str = BWRAP
+    workers: int = min(8, os.cpu_count() or 1)
+    pool: ThreadPoolExecutor | None = None
+    warned: bool = False
+
+
+_settings = _Settings()
+_settings_lock = threading.Lock()
+
+
+def configure_sandbox(sandbox: str = BWRAP, workers: int | None = None) -> None:
+    """Choose the sandbox for runs that do not name one, and the size of `run_many`'s pool.
+    "in_process" warns (once per process) that it is not a security boundary."""
+    if sandbox not in SANDBOXES:
+        raise ValueError(f"sandbox must be one of {', '.join(SANDBOXES)}; got {sandbox!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
+    with _settings_lock:
+        _settings.sandbox = sandbox
+        if workers is not None and workers != _settings.workers:
+            if _settings.pool is not None:
+                _settings.pool.shutdown(wait=False)
+                _settings.pool = None
+            _settings.workers = workers
+    if sandbox == IN_PROCESS:
+        _warn_in_process()
+
+
+def run_python(
+    source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(), sandbox: str | None = None
+) -> SandboxResult:
+    """Run `source` as a Python program on `stdin` under `limits`, in `sandbox` (default: the
+    configured one). Safe to call from several threads."""
+    sandbox = sandbox or _settings.sandbox
+    if sandbox == BWRAP:
+        return _run_bwrap(source, stdin, limits)
+    if sandbox == IN_PROCESS:
+        _warn_in_process()
+        return _run_in_process(source, stdin, limits)
+    raise ValueError(f"sandbox must be one of {', '.join(SANDBOXES)}; got {sandbox!r}")
+
+
+def run_many(
+    jobs: Sequence[tuple[str, str]], limits: SandboxLimits = SandboxLimits(), sandbox: str | None = None
+) -> list[SandboxResult]:
+    """`run_python` on each (source, stdin) pair, in parallel on the shared pool; results in order.
+    Not to be called from inside a pool job."""
+    with _settings_lock:
+        if _settings.pool is None:
+            _settings.pool = ThreadPoolExecutor(_settings.workers, thread_name_prefix="archer-sandbox")
+        pool = _settings.pool
+    futures = [pool.submit(run_python, source, stdin, limits, sandbox) for source, stdin in jobs]
+    return [future.result() for future in futures]
+
+
+def _warn_in_process() -> None:
+    with _settings_lock:
+        if _settings.warned:
+            return
+        _settings.warned = True
+    message = (
+        "reward sandbox 'in_process': untrusted programs run under a Python audit hook, which a "
+        "program can switch off; this is not a security boundary (use 'bwrap' wherever it can run)"
+    )
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    setup = bwrap.require()
+    layout, _ = cgroups.machine_layout()
+    with contextlib.ExitStack() as stack:
+        program_fd = _sealed_memfd("program", source.encode("utf-8"), read_only=False)
+        stack.callback(os.close, program_fd)
+        stdin_fd = _sealed_memfd("stdin", stdin.encode("utf-8"), read_only=True)
+        stack.callback(os.close, stdin_fd)
+        config = launcher_args({"mode": BWRAP, "program_fd": program_fd, **_rlimits(limits)})
+        argv = [setup.interpreter.executable, "-I", "-S", "-B", "-c", LAUNCHER_SOURCE, *config]
+        command = setup.command(argv, limits.workdir_bytes)
+        group = cgroups.RunCgroup(layout, limits.memory_bytes, MAX_PROCESSES) if layout else None
+        if group is not None:
+            stack.callback(group.remove)
+            command = cgroups.join_command(group.procs_files) + command
+        oom_before = _kernel_oom_kills()
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            command, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={}, pass_fds=(program_fd,), start_new_session=True,
+        )  # fmt: skip
+        stack.callback(_close_streams, proc)
+        status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+        if status is not None:
+            _stop_sandbox(proc)
+        returncode, cpu = _reap(proc)
+        signum = returncode - 128 if 128 < returncode < 128 + signal.NSIG else None
+        if returncode < 0:  # bwrap itself was killed (no namespace init was found to stop)
+            signum = -returncode
+        oom = (group is not None and group.oom_killed()) or (
+            signum == signal.SIGKILL and _kernel_oom_kills() > oom_before
+        )
+        return _result(status, returncode, signum, cpu, oom, stdout, stderr, time.monotonic() - start, limits)
+
+
+def _run_in_process(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
     workdir = tempfile.mkdtemp(prefix="archer-sandbox-")
     try:
         Path(workdir, "program.py").write_text(source, encoding="utf-8")
-        config = {
-            "workdir": workdir,
-            "cpu_seconds": limits.cpu_seconds,
-            "memory_bytes": limits.memory_bytes,
-            "file_bytes": limits.file_bytes,
-            "open_files": limits.open_files,
-        }
+        config = launcher_args({"mode": IN_PROCESS, "workdir": workdir, **_rlimits(limits)})
         with tempfile.TemporaryFile() as stdin_file:
             stdin_file.write(stdin.encode("utf-8"))
             stdin_file.seek(0)
             start = time.monotonic()
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", LAUNCHER, json.dumps(config)],
-                stdin=stdin_file,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env={"HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"},
-                start_new_session=True,
-            )
-        status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
-        return SandboxResult(
-            status=status,
-            returncode=proc.returncode,
-            stdout=stdout.decode("utf-8", errors="replace"),
-            stderr=stderr.decode("utf-8", errors="replace"),
-            wall_seconds=time.monotonic() - start,
-            limits=limits,
-        )
+                [sys.executable, "-I", "-S", "-B", LAUNCHER, *config],
+                stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+                env={"HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}, start_new_session=True,
+            )  # fmt: skip
+        try:
+            status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+            _kill_group(proc)  # also after a normal exit: nothing it started survives
+            returncode, cpu = _reap(proc)
+        finally:
+            _close_streams(proc)
+        signum = -returncode if returncode < 0 else None
+        oom = False  # no cgroup here: a SIGKILL below the CPU limit is reported as a signal
+        return _result(status, returncode, signum, cpu, oom, stdout, stderr, time.monotonic() - start, limits)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[str, bytes, bytes]:
-    """Read the child's output until it exits, the deadline passes or the output passes `cap`."""
+def _rlimits(limits: SandboxLimits) -> dict:
+    return {
+        "cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_bytes,
+        "file_bytes": limits.file_bytes, "open_files": limits.open_files,
+    }  # fmt: skip
+
+
+def launcher_args(config: dict) -> list[str]:
+    """`sandbox_launcher`'s arguments: one `key=value` each (values without "=" or spaces)."""
+    return [f"{key}={value}" for key, value in config.items()]
+
+
+def _sealed_memfd(name: str, data: bytes, read_only: bool) -> int:
+    """A memory file holding `data`, sealed against any change; `read_only` reopens it O_RDONLY
+    (for stdin: the program can neither write nor grow it)."""
+    fd = os.memfd_create(f"archer-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        if not read_only:
+            return fd
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        if read_only:
+            os.close(fd)
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[str | None, bytes, bytes]:
+    """Read the child's output until it has exited and closed its streams (status None), the
+    deadline passes (TIMEOUT) or the output passes `cap` (OUTPUT_LIMIT). The child is not reaped."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    exited = os.pidfd_open(proc.pid)
     status = None
-    with selectors.DefaultSelector() as selector:
-        for stream in chunks:
-            selector.register(stream, selectors.EVENT_READ)
-        while selector.get_map() and status is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                status = TIMEOUT
-                break
-            for key, _ in selector.select(remaining):
-                data = os.read(key.fd, 1 << 16)
-                if not data:
-                    selector.unregister(key.fileobj)
-                    continue
-                chunks[key.fileobj] += data
-                if sum(map(len, chunks.values())) > cap:
-                    status = OUTPUT_LIMIT
+    try:
+        with selectors.DefaultSelector() as selector:
+            for stream in chunks:
+                selector.register(stream, selectors.EVENT_READ)
+            selector.register(exited, selectors.EVENT_READ)
+            while len(selector.get_map()) and status is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    status = TIMEOUT
                     break
-    if status is None:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            status = TIMEOUT
-    _kill_group(proc)
-    proc.stdout.close()
-    proc.stderr.close()
-    if status is None:
-        status = _exit_status(proc.returncode)
+                for key, _ in selector.select(remaining):
+                    if key.fileobj == exited:
+                        selector.unregister(exited)
+                        continue
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        continue
+                    chunks[key.fileobj] += data
+                    if sum(map(len, chunks.values())) > cap:
+                        status = OUTPUT_LIMIT
+                        break
+    finally:
+        os.close(exited)
     stdout, stderr = bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr])
     return status, stdout[:cap], stderr[: max(0, cap - len(stdout))]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's whole process group (it leads its own session), then reap the child."""
+def _stop_sandbox(proc: subprocess.Popen) -> None:
+    """SIGKILL the sandbox's pid-namespace init (the kernel then kills the whole namespace before
+    the init, bwrap and so `proc` exit); the process group if no init exists (yet or any more)."""
+    inits = [pid for pid in _descendants(proc.pid) if _is_namespace_init(pid)]
+    for pid in inits:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if not inits:
+        _kill_group(proc)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, from /proc/<pid>/task/<tid>/children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(OSError), open(f"/proc/{parent}/task/{task}/children") as file:
+                children = [int(child) for child in file.read().split()]
+                found += children
+                todo += children
+    return found
+
+
+def _is_namespace_init(pid: int) -> bool:
+    """Whether `pid` is pid 1 of a pid namespace below ours ("NSpid: <ours> ... 1")."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also after a normal exit: nothing it started survives
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        with open(f"/proc/{pid}/status") as file:
+            line = next(line for line in file if line.startswith("NSpid:"))
+    except (OSError, StopIteration):
+        return False
+    ids = line.split()[1:]
+    return len(ids) > 1 and ids[-1] == "1"
 
 
-def _exit_status(returncode: int) -> str:
-    if returncode == 0:
-        return OK
-    if returncode > 0:
-        return ERROR
-    if -returncode in (signal.SIGXCPU, signal.SIGKILL):  # RLIMIT_CPU: soft limit, then hard limit
-        return CPU_LIMIT
-    return SIGNALED
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group (it leads its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _reap(proc: subprocess.Popen) -> tuple[int, float]:
+    """Wait for the child; its exit code and the CPU seconds of it and every descendant it waited for."""
+    try:
+        _, status, usage = _wait4(proc.pid, STOP_TIMEOUT_S)
+    except TimeoutError:
+        _kill_group(proc)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def _wait4(pid: int, timeout_s: float):
+    """os.wait4 with a time limit (raises TimeoutError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = os.wait4(pid, os.WNOHANG)
+        if result[0] == pid:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not exit within {timeout_s:g} s")
+        time.sleep(0.001)
+
+
+def _close_streams(proc: subprocess.Popen) -> None:
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def _kernel_oom_kills() -> int:
+    """The kernel's count of OOM kills since boot (/proc/vmstat), 0 where unavailable."""
+    with contextlib.suppress(OSError), open("/proc/vmstat") as file:
+        for line in file:
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    return 0
+
+
+def _result(status, returncode, signum, cpu, oom, stdout, stderr, wall, limits) -> SandboxResult:
+    """Attribute how the run ended: a limit it hit, a signal, an error exit or success."""
+    if status is None:
+        if oom:
+            status = MEMORY_LIMIT
+        elif signum in (signal.SIGXCPU, signal.SIGKILL) and cpu >= limits.cpu_seconds * 0.9:
+            status = CPU_LIMIT  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
+        elif signum is not None:
+            status = SIGNALED
+        else:
+            status = OK if returncode == 0 else ERROR
+    return SandboxResult(
+        status=status, returncode=returncode,
+        stdout=stdout.decode("utf-8", errors="replace"), stderr=stderr.decode("utf-8", errors="replace"),
+        wall_seconds=wall, limits=limits, cpu_seconds=cpu, signal=signum,
+    )  # fmt: skip
+
+
+def _signal_name(signum: int | None) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+__all__ = [
+    "BWRAP", "CPU_LIMIT", "ERROR", "IN_PROCESS", "MEMORY_LIMIT", "OK", "OUTPUT_LIMIT", "SANDBOXES",
+    "SIGNALED", "TIMEOUT", "SandboxLimits", "SandboxResult", "SandboxUnavailable",
+    "configure_sandbox", "run_many", "run_python",
+]  # fmt: skip

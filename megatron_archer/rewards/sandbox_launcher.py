@@ -1,25 +1,27 @@
-"""The sandbox's child side: confine this interpreter, then run the untrusted program in it.
+"""The sandbox's child side: set the run's limits on this interpreter, then run the program in it.
 
-`code_sandbox` starts it as `python -I -S -B sandbox_launcher.py CONFIG_JSON` in a fresh private
-directory, so only the standard library is importable. Before the program runs, it
+Two modes, chosen by the `mode=` argument (only the standard library is used here: it
+runs before and under the limits):
 
-1. reads `program.py` and deletes it (so the program cannot read its own test harness back);
-2. moves into a new, empty network namespace: `unshare(CLONE_NEWNET)` as root, or together with a
-   new user namespace otherwise (where the kernel allows it); nothing, not even loopback, is up;
-3. sets resource limits: CPU seconds, address space, file size, open files, no core dumps, and
-   RLIMIT_NPROC = 0 (no new processes or threads; the kernel does not apply it to root);
-4. installs an audit hook (PEP 578) that raises PermissionError on process creation (fork, exec,
-   spawn, system, subprocess), signals to other processes, sockets, ctypes, tracing and
-   introspection hooks that could tamper with the hook, extension modules from outside the
-   standard library, writes outside the sandbox directory (and opening directories outside it,
-   which could anchor `dir_fd` writes), and reading other processes' /proc entries.
-
-Only the standard library is used here: it runs before and under those restrictions.
+- "bwrap" (the default sandbox): `code_sandbox` starts `python -I -S -B -c <this file> KEY=VALUE...`
+  inside bubblewrap, which is the boundary (`bwrap.py`). The program comes on an inherited,
+  sealed file descriptor (read, then closed); the launcher sets the resource limits (CPU seconds,
+  address space, file size, open files, no core dumps, RLIMIT_NPROC = 0: no new processes or
+  threads, enforced because the user is not root) and runs the program in this interpreter.
+- "in_process" (the opt-in weak guard): started as `python -I -S -B sandbox_launcher.py KEY=VALUE...`
+  in a private host directory, it
+  1. reads `program.py` and deletes it (so the program cannot read its own test harness back);
+  2. moves into a new, empty network namespace where the kernel allows it;
+  3. sets the same resource limits (the kernel ignores RLIMIT_NPROC for root);
+  4. installs an audit hook (PEP 578) that raises PermissionError on process creation, signals,
+     sockets, ctypes, tracing hooks, extension modules from outside the standard library, writes
+     outside the directory and reads of other processes' /proc entries. The hook is a
+     Python-level guard: a program can get around it (see the README), so this mode is not a
+     security boundary.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -145,8 +147,26 @@ def install_guard(workdir: str, stdlib: tuple[str, ...]) -> None:
     sys.addaudithook(hook)
 
 
-def main() -> None:
-    config = json.loads(sys.argv[1])
+def run_confined(config: dict) -> None:
+    """bwrap mode: the program from the sealed descriptor, under the limits, in this interpreter.
+
+    This process is the sandbox's pid 1 (bwrap --as-pid-1, so that bwrap's wait for it covers
+    the whole namespace and its CPU time), and the kernel does not deliver default-action signals
+    such as RLIMIT_CPU's SIGXCPU to a namespace init: a handler exits with the status a signal
+    death would give (128 + n). Should the program replace it, the hard limit's SIGKILL, which
+    the kernel forces, ends it a second later.
+    """
+    import _signal  # not `signal`: its enum import alone costs more than the rest of the start
+
+    with os.fdopen(config["program_fd"], "rb") as file:
+        code = compile(file.read(), "program.py", "exec")
+    _signal.signal(_signal.SIGXCPU, lambda signum, frame: os._exit(128 + signum))
+    set_limits(config)
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+
+
+def run_guarded(config: dict) -> None:
+    """in_process mode: the program from program.py, in a network namespace, under the audit hook."""
     workdir = os.path.realpath(config["workdir"])
     os.chdir(workdir)
     with open("program.py", encoding="utf-8") as file:
@@ -163,6 +183,18 @@ def main() -> None:
         sys.modules.pop(name, None)
     install_guard(workdir, tuple(os.path.realpath(p) for p in sys.path))
     exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+
+
+def parse_config(args: list[str]) -> dict:
+    """`key=value` arguments (what `code_sandbox.launcher_args` writes); digits become ints.
+    (Not JSON: importing json costs about as much as starting the interpreter.)"""
+    pairs = (arg.partition("=")[::2] for arg in args)
+    return {key: int(value) if value.isdigit() else value for key, value in pairs}
+
+
+def main() -> None:
+    config = parse_config(sys.argv[1:])
+    (run_confined if config["mode"] == "bwrap" else run_guarded)(config)
 
 
 if __name__ == "__main__":

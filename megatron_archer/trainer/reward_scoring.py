@@ -6,16 +6,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from megatron_archer.data import Prompt
-from megatron_archer.rewards import RewardResult, load_reward_fn
+from megatron_archer.rewards import RewardResult, configure_sandbox, load_reward_fn
 from megatron_archer.trainer.config import RewardConfig
 
 
 class RewardScorer:
     """``RewardConfig.function`` for every prompt, or the one ``by_data_source`` names; the
     response text is decoded without special tokens. Functions are loaded once, at construction,
-    so a bad spec fails before any generation."""
+    so a bad spec fails before any generation. ``config.sandbox`` is where code rewards run programs."""
 
     def __init__(self, config: RewardConfig, tokenizer):
+        configure_sandbox(config.sandbox)
         self.tokenizer = tokenizer
         self.default = load_reward_fn(config.function)
         self.by_source = {source: load_reward_fn(spec) for source, spec in config.by_data_source.items()}
