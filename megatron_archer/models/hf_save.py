@@ -91,9 +91,10 @@ def _write_shards(buckets, directory: Path, dtype, max_shard_bytes: int):
     for bucket in buckets:
         for name, tensor in bucket:
             tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-            if written_dtype not in (None, tensor.dtype):
-                raise ValueError(f"{name}: dtype {tensor.dtype}, earlier tensors {written_dtype}")
-            written_dtype = tensor.dtype
+            if not _fp8_data(name, tensor):  # FP8 checkpoints keep bf16 as the model dtype
+                if written_dtype not in (None, tensor.dtype):
+                    raise ValueError(f"{name}: dtype {tensor.dtype}, earlier tensors {written_dtype}")
+                written_dtype = tensor.dtype
             nbytes = tensor.numel() * tensor.element_size()
             if pending and pending_bytes + nbytes > max_shard_bytes:
                 flush()
@@ -104,6 +105,11 @@ def _write_shards(buckets, directory: Path, dtype, max_shard_bytes: int):
         raise ValueError("no tensors to write")
     flush()
     return shards, written_dtype
+
+
+def _fp8_data(name: str, tensor: torch.Tensor) -> bool:
+    """A block-FP8 weight or its scale grid (``rollout.fp8_weights``), not the model's dtype."""
+    return tensor.dtype == torch.float8_e4m3fn or name.endswith(".weight_scale_inv")
 
 
 def _name_shards(directory: Path, shards) -> None:

@@ -67,6 +67,7 @@ from typing import Literal
 import torch
 
 from megatron_archer.buckets import bounded_buckets
+from megatron_archer.rollout import fp8_weights
 from megatron_archer.rollout import sglang_payloads as payloads
 from megatron_archer.rollout.engine import (
     MEMORY_PARTS,
@@ -205,6 +206,7 @@ class SGLangEngine(RolloutEngine):
         weights_source: Callable[[], Iterable[Bucket]] | None = None,
         processes: Sequence[subprocess.Popen] = (),
         commands: Sequence[list[str]] = (),
+        weight_dtype: str = "bf16",
     ):
         if not server_urls:
             raise ValueError("server_urls is empty")
@@ -212,6 +214,11 @@ class SGLangEngine(RolloutEngine):
             raise ValueError(f"weight_sync={weight_sync!r} must be tensor, distributed or disk")
         if weight_sync == "disk" and (disk_dir is None or base_model_path is None):
             raise ValueError("weight_sync='disk' needs disk_dir and base_model_path")
+        if weight_dtype not in fp8_weights.WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype={weight_dtype!r} must be bf16 or fp8")
+        if weight_dtype == "fp8" and base_model_path is not None:
+            fp8_weights.require_fp8_checkpoint(base_model_path)
+        self.weight_dtype = weight_dtype  # fp8: every sync sends fp8_weights.fp8_weight_buckets
         for name, value in (("tp_size", tp_size), ("bucket_bytes", bucket_bytes),
                             ("max_inflight", max_inflight)):
             if value < 1:
@@ -433,7 +440,7 @@ class SGLangEngine(RolloutEngine):
                                                      self._version)
             self._post(server, "/update_weights_from_disk", body, self.policies.disk_update)
         elif self.weight_sync == "tensor" and self.weights_source is not None:
-            self._load_tensor(self.weights_source(), self._version, [server])
+            self._load_tensor(self._as_sent(self.weights_source()), self._version, [server])
         else:
             raise ServerError(
                 f"{server.url} was restarted but cannot be given weight version {self._version} "
@@ -474,6 +481,7 @@ class SGLangEngine(RolloutEngine):
             self._prune_checkpoints(keep=self._checkpoint_dir(version))
 
     def _load(self, buckets: Iterable[Bucket | DeviceHandles], version: int) -> None:
+        buckets = self._as_sent(buckets)
         if self.weight_sync == "tensor":
             self._load_tensor(buckets, version, self.servers)
         elif self.weight_sync == "distributed":
@@ -482,6 +490,11 @@ class SGLangEngine(RolloutEngine):
             path = self._save_checkpoint(buckets, version)
             body = payloads.update_from_disk_payload(str(path), version)
             self._post_all("/update_weights_from_disk", body, self.policies.disk_update)
+
+    def _as_sent(self, buckets: Iterable[Bucket | DeviceHandles]) -> Iterable[Bucket | DeviceHandles]:
+        """The buckets in ``weight_dtype``: fp8 quantises them (``DeviceHandles`` are refused:
+        quantise before serialising) and adds each ``weight_scale_inv``."""
+        return fp8_weights.fp8_weight_buckets(buckets) if self.weight_dtype == "fp8" else buckets
 
     def _load_tensor(self, buckets: Iterable[Bucket | DeviceHandles], version: int,
                      servers: Sequence[_Server]) -> None:

@@ -51,8 +51,10 @@ def build_engine(config: ExperimentConfig) -> RolloutEngine:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         return LocalEngine(path, device=device, dtype=getattr(torch, rollout.dtype))
     sg = rollout.sglang
+    path = sg.model_path or path  # what the servers serve (a block-FP8 copy for weight_dtype fp8)
     options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,
-                   base_model_path=path, policies=call_policies(sg), max_inflight=sg.max_inflight,
+                   base_model_path=path, weight_dtype=sg.weight_dtype,
+                   policies=call_policies(sg), max_inflight=sg.max_inflight,
                    max_restarts=sg.max_restarts,
                    on_progress=ProgressLog() if config.logging.progress else None)
     if sg.launch:
