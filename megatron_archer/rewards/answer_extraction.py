@@ -1,9 +1,17 @@
 """Find the final answer a response commits to.
 
-The last complete `\\boxed{...}` (or `\\fbox{...}`) wins, nested braces included. Without one, the
-latest of the common plain-text forms is taken: "the (final) answer is X", a GSM8K-style "#### X",
-or a line "Answer: X" / "Final answer: X". Extraction is plain string work, kept apart from the
-(slow, sandboxed) equivalence check so it is fast and testable on its own.
+Only the response's final part is searched (each rule an option of `extract_final_answer`):
+
+- `after_think`: with a reasoning block (R1-Distill style `<think>...</think>`), only the text
+  after the last `</think>`; a response whose `<think>` never closes has no final answer (an
+  answer inside the thinking does not count);
+- `skip_code_blocks`: fenced code blocks (``` or ~~~, an unclosed one to the end) are removed, so
+  a `\\boxed{}` printed or written inside code after the real answer does not count.
+
+In what remains, the last complete `\\boxed{...}` (or `\\fbox{...}`) wins, nested braces included.
+Without one, the latest of the common plain-text forms is taken: "the (final) answer is X", a
+GSM8K-style "#### X", or a line "Answer: X" / "Final answer: X". Extraction is plain string work,
+kept apart from the (slow, sandboxed) equivalence check so it is fast and testable on its own.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ _FALLBACKS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 # A sentence ends at a period not inside a number ("3.5" is kept whole) followed by a space or the end.
 _SENTENCE_END = re.compile(r"(?<!\d)\.(?=\s|$)|\.(?=\s+[A-Z])")
+_CODE_BLOCK = re.compile(r"^[ \t]*(```|~~~).*?(?:^[ \t]*\1[^\n]*$|\Z)", re.DOTALL | re.MULTILINE)
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"), ("`", "`"))
 
 
@@ -42,8 +52,21 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_final_answer(response: str) -> FinalAnswer | None:
+def final_part(response: str, after_think: bool = True, skip_code_blocks: bool = True) -> str:
+    """The part of `response` that may hold its final answer (see the module docstring)."""
+    if after_think:
+        if _THINK_CLOSE in response:
+            response = response.rsplit(_THINK_CLOSE, 1)[1]
+        elif _THINK_OPEN in response:
+            return ""
+    if skip_code_blocks:
+        response = _CODE_BLOCK.sub("", response)
+    return response
+
+
+def extract_final_answer(response: str, after_think: bool = True, skip_code_blocks: bool = True) -> FinalAnswer | None:
     """The answer `response` commits to, or None when it states none."""
+    response = final_part(response, after_think, skip_code_blocks)
     boxed = last_boxed(response)
     if boxed:
         return FinalAnswer(boxed, "boxed")

@@ -1,6 +1,8 @@
 """Math reward: 1 when the response's final answer is equivalent to the reference, else 0.
 
-The final answer is extracted here (`answer_extraction`); equivalence is decided by math-verify in
+The final answer is extracted here (`answer_extraction`: after the last `</think>`, outside code
+blocks); equivalence is decided by math-verify, made strict (`math_worker.judge`: relations are
+not reduced to a side, decimals are exact unless a relative tolerance is asked for), in
 a small pool of worker processes (`math_worker`), one answer at a time per worker, each under a
 wall-clock limit. A worker that overruns is killed and replaced, and its answer scores 0 with a
 "timed out" reason, so one pathological expression costs at most the limit and never blocks the
@@ -27,9 +29,9 @@ from megatron_archer.rewards.result import RewardResult, quote
 class _Worker:
     """One `math_worker` process, the task it is on and when that task's time runs out."""
 
-    def __init__(self, memory_bytes: int) -> None:
+    def __init__(self, memory_bytes: int, options: dict) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_archer.rewards.math_worker", str(memory_bytes)],
+            [sys.executable, "-m", "megatron_archer.rewards.math_worker", str(memory_bytes), json.dumps(options)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -71,8 +73,18 @@ class MathVerifier:
     """Scores responses against reference answers with math-verify in `num_workers` processes.
 
     `timeout_s` bounds the verification of each answer (parsing both sides and comparing);
-    `memory_bytes` is each worker's address-space limit. Thread-safe; use as a context manager or
-    call `close()` to stop the workers.
+    `memory_bytes` is each worker's address-space limit. What counts (each defaults to the strict
+    choice):
+    - `after_think`: only the text after the last `</think>` is searched for the answer (an
+      unclosed `<think>` means no answer);
+    - `skip_code_blocks`: boxes inside fenced code blocks are ignored;
+    - `reduce_relations`: False keeps a chained equation or inequality (`5 = 7`) from matching
+      the value on its last side (a reference that is itself a relation is compared as one;
+      `x = 3` still matches 3);
+    - `relative_tolerance`: None compares numbers exactly (0.75 matches 3/4; 0.333333 does not
+      match 1/3, 3.141593 not pi); a value r also accepts |answer - gold| <= r |gold|, for
+      datasets whose reference answers are themselves rounded.
+    Thread-safe; use as a context manager or call `close()` to stop the workers.
     """
 
     def __init__(
@@ -81,11 +93,19 @@ class MathVerifier:
         timeout_s: float = 5.0,
         memory_bytes: int = 4 << 30,
         startup_timeout_s: float = 120.0,
+        after_think: bool = True,
+        skip_code_blocks: bool = True,
+        reduce_relations: bool = False,
+        relative_tolerance: float | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if relative_tolerance is not None and not 0 < relative_tolerance < 1:
+            raise ValueError(f"relative_tolerance must be None or in (0, 1), got {relative_tolerance}")
+        self.after_think, self.skip_code_blocks = after_think, skip_code_blocks
+        self.options = {"reduce_relations": reduce_relations, "relative_tolerance": relative_tolerance}
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
@@ -109,7 +129,7 @@ class MathVerifier:
         results: list[RewardResult | None] = [None] * len(responses)
         tasks: deque[tuple[int, str, str, str]] = deque()
         for i, (response, reference) in enumerate(zip(responses, references)):
-            final = extract_final_answer(response)
+            final = extract_final_answer(response, self.after_think, self.skip_code_blocks)
             if final is None:
                 results[i] = RewardResult(0.0, "no final answer found in the response")
             else:
@@ -131,7 +151,7 @@ class MathVerifier:
         """Feed `tasks` to idle workers, collect verdicts, and kill workers past their deadline."""
         self._workers = [w for w in self._workers if w.proc.poll() is None]
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self.memory_bytes))
+            self._workers.append(_Worker(self.memory_bytes, self.options))
         by_id = {task[0]: task for task in tasks}
         try:
             while tasks or any(w.task is not None for w in self._workers):
@@ -179,7 +199,7 @@ class MathVerifier:
                 "(see its traceback above)"
             )
         worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self.memory_bytes)
+        self._workers[self._workers.index(worker)] = _Worker(self.memory_bytes, self.options)
         if worker.task is not None:
             answer = by_id[worker.task][2]
             results[worker.task] = RewardResult(0.0, f"{why} verifying {quote(answer)}")
@@ -190,9 +210,10 @@ def _verdict(task: tuple[int, str, str, str], message: dict) -> RewardResult:
     quoted = f"{quote(answer)} ({source})"
     if message["error"] is not None:
         return RewardResult(0.0, f"{message['error']}: {quoted} vs reference {quote(gold)}")
+    why = f" ({message['why']})" if message.get("why") else ""
     if message["equal"]:
-        return RewardResult(1.0, f"correct: {quoted} equals {quote(gold)}")
-    return RewardResult(0.0, f"wrong: {quoted} differs from {quote(gold)}")
+        return RewardResult(1.0, f"correct: {quoted} equals {quote(gold)}{why}")
+    return RewardResult(0.0, f"wrong: {quoted} differs from {quote(gold)}{why}")
 
 
 _default: MathVerifier | None = None

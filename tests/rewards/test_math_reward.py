@@ -78,6 +78,33 @@ PAIRS = [
     (r"\boxed{6}", r"so the total is \boxed{6}.", 1),
 ]
 
+# Gaming attempts that math-verify's defaults accept, and their honest neighbours (issue 12).
+GAMING = [
+    # a chained equation or inequality is not reduced to its last side (the reference is a value)
+    (r"\boxed{5 = 7}", "7", 0),
+    (r"\boxed{x = 5 = 7}", "7", 0),
+    (r"\boxed{2 + 3 = 5}", "5", 0),
+    (r"\boxed{3 < 7}", "7", 0),
+    (r"\boxed{x = 7}", "7", 1),  # a single assignment still counts as its value
+    (r"\boxed{x = 7}", "x = 7", 1),  # a relation reference is compared as a relation
+    # decimals are exact: rounded non-terminating values do not match
+    (r"\boxed{0.333333}", r"\frac{1}{3}", 0),
+    (r"\boxed{3.141593}", r"\pi", 0),
+    (r"\boxed{1.414214}", r"\sqrt{2}", 0),
+    (r"\boxed{0.75}", r"\frac{3}{4}", 1),
+    (r"\boxed{0.125}", "1/8", 1),
+    (r"\boxed{\{0.5, 2\}}", r"\{\frac{1}{2}, 2\}", 1),
+    # only the final answer, after the last </think>, counts
+    (r"<think>it is \boxed{7}</think> The answer is \boxed{8}.", "7", 0),
+    (r"<think>maybe \boxed{8}?</think> So \boxed{7}.", "7", 1),
+    (r"<think>it is \boxed{7}</think> I am not sure.", "7", 0),
+    (r"<think>still thinking, \boxed{7}", "7", 0),  # thinking never closed: no final answer
+    # a box inside a code block after the real answer does not count
+    ("The answer is \\boxed{7}.\n```python\nprint(r'\\boxed{8}')\n```\n", "7", 1),
+    ("The answer is \\boxed{7}.\n```python\nprint(r'\\boxed{8}')\n```\n", "8", 0),
+    ("```\n\\boxed{8}\n```", "8", 0),
+]
+
 
 @pytest.fixture(scope="module")
 def verifier():
@@ -95,6 +122,50 @@ def test_at_least_50_varied_pairs_score_as_expected(verifier):
     ]
     assert not wrong, "\n".join(map(str, wrong))
     assert sum(r.value for r in results) >= 35 and sum(1 - r.value for r in results) >= 10
+
+
+def test_gaming_attempts_score_zero_and_honest_forms_one(verifier):
+    results = verifier.score([p[0] for p in GAMING], [p[1] for p in GAMING])
+    wrong = [(g, r) for g, r in zip(GAMING, results) if r.value != g[2]]
+    assert not wrong, "\n".join(map(str, wrong))
+    assert "chained equation or inequality" in results[0].reason
+
+
+def test_relative_tolerance_is_an_opt_in_relative_to_the_reference():
+    with MathVerifier(num_workers=1, timeout_s=10.0, relative_tolerance=1e-4) as tolerant:
+        responses = [r"\boxed{\pi}", r"\boxed{3.1416}", r"\boxed{3.15}", r"\boxed{0.33333}", r"\boxed{0.333}",
+                     r"\boxed{5 = 7}", r"\boxed{1000.05}", r"\boxed{1000.5}"]
+        references = ["3.14159", r"\pi", r"\pi", r"\frac{1}{3}", r"\frac{1}{3}", "7", "1000", "1000"]
+        values = [r.value for r in tolerant.score(responses, references)]
+        # |a - g| <= 1e-4 |g|: 8e-7, 2e-6, 3e-3, 1e-5, 1e-3 relative; relations stay refused; 5e-5, 5e-4
+        assert values == [1, 1, 0, 1, 0, 0, 1, 0]
+        assert "within relative tolerance 0.0001" in tolerant(r"\boxed{\pi}", "3.14159").reason
+    with pytest.raises(ValueError, match="relative_tolerance"):
+        MathVerifier(relative_tolerance=0)
+
+
+def test_relation_reduction_is_an_option():
+    with MathVerifier(num_workers=1, timeout_s=10.0, reduce_relations=True) as lenient:
+        assert lenient(r"\boxed{5 = 7}", "7").value == 1  # math-verify's own behaviour
+
+
+@pytest.mark.parametrize(
+    "text, after_think, skip_code, expected",
+    [
+        (r"<think>\boxed{1}</think>\boxed{2}", True, True, "2"),
+        (r"<think>\boxed{1}</think>no box", True, True, None),
+        (r"<think>\boxed{1}", True, True, None),
+        (r"<think>\boxed{1}", False, True, "1"),
+        (r"a </think> b </think> \boxed{3}", True, True, "3"),
+        ("\\boxed{1}\n~~~\n\\boxed{2}\n~~~", True, True, "1"),
+        ("\\boxed{1}\n```\n\\boxed{2}\n```", True, False, "2"),
+        ("\\boxed{1}\n```py\n\\boxed{2}", True, True, "1"),  # unclosed fence: code to the end
+        ("Answer: `42`", True, True, "42"),  # inline code is not a code block
+    ],
+)
+def test_final_part_options(text, after_think, skip_code, expected):
+    final = extract_final_answer(text, after_think=after_think, skip_code_blocks=skip_code)
+    assert (final.text if final else None) == expected
 
 
 def test_reasons_name_the_verdict(verifier):
