@@ -197,3 +197,17 @@ def test_fp8_request_bodies_are_valid_sglang_requests(tmp_path):
               payloads.update_from_distributed_payload(names, dtypes, shapes, "g", 3))]
     report = _validate(cases, False, tmp_path)
     assert [r["status"] for r in report["results"]] == ["ok", "ok"], report
+
+
+def test_the_fp8_rollout_example_config_loads_with_the_correction_on():
+    from pathlib import Path
+
+    from megatron_archer.trainer.config import load_config
+
+    config = load_config(Path(__file__).parents[2] / "examples" / "scale" /
+                         "archer_r1_distill_1.5b_math_fp8_rollout.yaml")
+    assert config.rollout.sglang.weight_dtype == "fp8" and config.rollout.sglang.model_path
+    correction = config.algorithm.rollout_correction
+    assert (correction.enabled, correction.level, correction.mode, correction.threshold) == (
+        True, "token", "truncate", 2.0)
+    assert config.algorithm.old_logprobs == "recompute"
