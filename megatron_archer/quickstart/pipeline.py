@@ -61,10 +61,12 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-class _Clock:
-    """Wall and CPU seconds per stage (CPU: this process and every finished child)."""
+class Clock:
+    """Wall and CPU seconds per stage (CPU: this process and every finished child), each stage
+    printed with ``tag``."""
 
-    def __init__(self):
+    def __init__(self, tag: str = "quickstart"):
+        self.tag = tag
         self.stages: dict[str, dict[str, float]] = {}
         self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
         self._start = (self._wall, self._cpu)
@@ -74,7 +76,7 @@ class _Clock:
         self.stages[name] = {"wall_s": round(wall - self._wall, 1),
                              "cpu_s": round(cpu - self._cpu, 1)}
         self._wall, self._cpu = wall, cpu
-        print(f"[quickstart] {name}: {self.stages[name]['wall_s']:.0f}s wall, "
+        print(f"[{self.tag}] {name}: {self.stages[name]['wall_s']:.0f}s wall, "
               f"{self.stages[name]['cpu_s']:.0f}s CPU", flush=True)
 
     def total(self) -> dict[str, float]:
@@ -86,9 +88,19 @@ def _banner(text: str) -> None:
     print(f"\n[quickstart] === {text} ===", flush=True)
 
 
-def _run(command: list[str]) -> None:
-    print("[quickstart] $ " + " ".join(command), flush=True)
+def run_command(command: list[str], tag: str = "quickstart") -> None:
+    """Print ``command``, run it, raise if it fails."""
+    print(f"[{tag}] $ " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
+
+
+def torchrun_train(config: str | Path, overrides: list[str], nproc: int,
+                   tag: str = "quickstart") -> None:
+    """``megatron-archer train config overrides...`` under torchrun with ``nproc`` processes on
+    this machine (a free rendezvous port each time)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-port", str(free_port())]
+    run_command([*torchrun, "-m", "megatron_archer.cli", "train", str(config), *overrides], tag)
 
 
 def _eval(settings: Settings, data_path: Path, model: Path) -> dict:
@@ -117,7 +129,7 @@ def run(settings: Settings) -> dict:
         shutil.rmtree(out)  # the RL run appends to metrics.jsonl and would resume checkpoints
     out.mkdir(parents=True)
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
-    clock = _Clock()
+    clock = Clock()
 
     _banner("1/5 build: tiny Qwen3 model, tiny tokenizer, arithmetic data")
     base = build_base_model(out / "base", hidden=settings.hidden, layers=settings.layers,
@@ -148,13 +160,11 @@ def run(settings: Settings) -> dict:
                  *settings.rl_overrides]
     steps = load_config(settings.config, overrides).train.steps
     overrides += [f"checkpoint.interval={steps}", "checkpoint.keep_last=1"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                str(settings.nproc), "--master-port", str(_free_port())]
-    _run([*torchrun, "-m", "megatron_archer.cli", "train", settings.config, *overrides])
+    torchrun_train(settings.config, overrides, settings.nproc)
     clock.stage("rl")
     final = out / "final"
     checkpoint = run_dir / "checkpoints" / f"step_{steps:08d}" / "model"
-    _run([sys.executable, "-m", "megatron_archer.cli", "convert", "megatron-to-hf",
+    run_command([sys.executable, "-m", "megatron_archer.cli", "convert", "megatron-to-hf",
           "--megatron", str(checkpoint), "--out", str(final), "--tp", "1"])
     clock.stage("convert")
     after = _eval(settings, data.eval, final)
@@ -190,7 +200,7 @@ def run(settings: Settings) -> dict:
     return summary
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -1,0 +1,161 @@
+"""The ablation's report from the per-run summaries: mean +- standard deviation over seeds per
+variant (``table.md`` / ``table.csv``, and ``README.md`` with "mean +- std" cells), accuracy and
+entropy curves per variant shaded by the seed spread (``curves.png``), the final metrics with
+error bars (``final.png``) and everything machine-readable in ``summary.json``.
+
+The standard deviation is the sample one (n - 1 in the denominator) over the seeds that finished;
+with one seed it is null. Curves: at each step, the mean over the seeds that logged a finite
+value, shaded from mean - std to mean + std.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from megatron_archer.ablation.config import WARM_START
+from megatron_archer.analysis.report import _pyplot, write_json, write_table
+
+CURVE_PANELS = (("accuracy", "rollout accuracy (training prompts)"),
+                ("entropy", "mean token entropy (nats)"))
+
+
+def metric_names(k: int) -> tuple[str, ...]:
+    return (f"avg@{k}", f"pass@{k}", "mean_response_length", "top_overlap")
+
+
+def run_metrics(summary: Mapping, k: int) -> dict[str, float | None]:
+    """A run's final numbers: evaluation, and the entropy overlap (None for the warm start)."""
+    evaluation = summary["eval"]
+    overlap = summary.get("entropy", {}).get("top_overlap")
+    return {f"avg@{k}": evaluation[f"avg@{k}"], f"pass@{k}": evaluation[f"pass@{k}"],
+            "mean_response_length": evaluation["mean_response_length"], "top_overlap": overlap}
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """n, mean and sample standard deviation (None below 2 values) of the non-None values."""
+    kept = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    n = len(kept)
+    return {"n": n, "mean": float(kept.mean()) if n else None,
+            "std": float(kept.std(ddof=1)) if n >= 2 else None}
+
+
+def aggregate(summaries: Mapping[str, Mapping[int, Mapping]], k: int) -> dict:
+    """Per variant and metric: mean, std, n and the per-seed values."""
+    result = {}
+    for variant, by_seed in summaries.items():
+        per_seed = {seed: run_metrics(s, k) for seed, s in by_seed.items()}
+        result[variant] = {
+            name: {**mean_std([m[name] for m in per_seed.values()]),
+                   "values": {str(seed): m[name] for seed, m in per_seed.items()}}
+            for name in metric_names(k)}
+    return result
+
+
+def curve_bands(by_seed: Mapping[int, Mapping]) -> dict[str, list]:
+    """Per step: mean and std over seeds of each curve (None where no seed has a value)."""
+    steps = sorted({s for summary in by_seed.values() for s in summary["curves"]["step"]})
+    bands: dict[str, list] = {"step": steps}
+    for name, _ in CURVE_PANELS:
+        at = {step: [] for step in steps}
+        for summary in by_seed.values():
+            curves = summary["curves"]
+            for step, value in zip(curves["step"], curves[name]):
+                if value is not None and math.isfinite(value):
+                    at[step].append(value)
+        stats = [mean_std(at[step]) for step in steps]
+        bands[f"{name}_mean"] = [s["mean"] for s in stats]
+        bands[f"{name}_std"] = [s["std"] for s in stats]
+    return bands
+
+
+def _format(stat: Mapping, percent: bool) -> str:
+    if stat["mean"] is None:
+        return "-"
+    scale = 100 if percent else 1
+    text = f"{scale * stat['mean']:.1f}"
+    return text + (f" ± {scale * stat['std']:.1f}" if stat["std"] is not None else "")
+
+
+def plot_curves(bands: Mapping[str, Mapping[str, list]], path: Path) -> Path:
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(13, 4.2))
+    colours = plt.get_cmap("tab20")
+    for i, (variant, band) in enumerate(bands.items()):
+        for ax, (name, _) in zip(axes, CURVE_PANELS):
+            points = [(s, m, d or 0.0) for s, m, d in
+                      zip(band["step"], band[f"{name}_mean"], band[f"{name}_std"]) if m is not None]
+            if not points:
+                continue
+            steps, means, stds = map(np.asarray, zip(*points))
+            colour = colours((2 * i) % 20 + (2 * i // 20) % 2)  # dark hues first, then light
+            ax.plot(steps, means, color=colour, label=variant, linewidth=1.2, marker=".")
+            ax.fill_between(steps, means - stds, means + stds, color=colour, alpha=0.15)
+    for ax, (_, title) in zip(axes, CURVE_PANELS):
+        ax.set_title(title + ", mean ± std over seeds")
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_final(table: Mapping[str, Mapping], k: int, path: Path) -> Path:
+    plt = _pyplot()
+    names = [f"avg@{k}", f"pass@{k}", "top_overlap"]
+    figure, axes = plt.subplots(1, len(names), figsize=(14, 0.35 * len(table) + 1.8), sharey=True)
+    variants = list(table)
+    for ax, name in zip(axes, names):
+        for y, variant in enumerate(variants):
+            stat = table[variant][name]
+            if stat["mean"] is not None:
+                ax.errorbar(stat["mean"], y, xerr=stat["std"] or 0.0, fmt="o", capsize=3,
+                            color="black" if variant == WARM_START else "#4c72b0")
+        ax.set_title(f"{name}, mean ± std over seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(variants)), variants, fontsize=8)
+    axes[0].invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: int, rho: float,
+                 seeds: Sequence[int], missing: Sequence[str]) -> dict:
+    """Every report file under ``out``; returns what ``summary.json`` holds. ``summaries``:
+    variant -> seed -> run summary, in table order (the warm start first)."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = aggregate(summaries, k)
+    names = metric_names(k)
+    write_table([{"variant": v, "seeds": row[names[0]]["n"],
+                  **{f"{n}_{part}": row[n][part] for n in names for part in ("mean", "std")}}
+                 for v, row in table.items()], out / "table")
+    bands = {v: curve_bands(by_seed) for v, by_seed in summaries.items() if v != WARM_START}
+    plot_curves(bands, out / "curves.png")
+    plot_final(table, k, out / "final.png")
+    headers = ["variant", "seeds", f"avg@{k} (%)", f"pass@{k} (%)", "mean length (tokens)",
+               f"top-{100 * rho:g}% entropy positions shared with the warm start (%)"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for variant, row in table.items():
+        cells = [variant, str(row[names[0]]["n"]), _format(row[names[0]], True),
+                 _format(row[names[1]], True), _format(row[names[2]], False),
+                 _format(row[names[3]], True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = ["# Ablation report", "",
+            f"avg@{k} and pass@{k} at T = 1 on held-out problems, mean ± sample std over the "
+            f"seeds that finished (seeds {list(seeds)}).", "", *lines, "",
+            "![curves](curves.png)", "", "![final](final.png)", ""]
+    if missing:
+        text += ["Not finished yet: " + ", ".join(missing), ""]
+    (out / "README.md").write_text("\n".join(text), encoding="utf-8")
+    summary = {"k": k, "rho": rho, "seeds": list(seeds), "metrics": list(names), "table": table,
+               "curves": bands, "missing": list(missing),
+               "files": ["README.md", "table.md", "table.csv", "curves.png", "final.png"]}
+    write_json(summary, out / "summary.json")
+    return summary
