@@ -2,10 +2,12 @@
 
 - ``train CONFIG [key=value ...]``: an RL run (under ``torchrun`` for several processes);
 - ``eval CONFIG [key=value ...] --k 8``: avg@k, pass@k and mean response length on the data set;
-- ``convert {hf-to-megatron,megatron-to-hf} ...``: ``megatron_archer.models.convert``.
+- ``convert {hf-to-megatron,megatron-to-hf} ...``: ``megatron_archer.models.convert``;
+- ``ablate CONFIG [key=value ...]``: variants x seeds with a report (``megatron_archer.ablation``).
 
-Another package may add subcommands: when ``megatron_archer.analysis.cli`` exists, its
-``register(subparsers)`` is called; each subcommand sets ``func(args) -> int`` as its default.
+Another package may add subcommands: when ``megatron_archer.analysis.cli`` (or
+``megatron_archer.ablation.cli``) exists, its ``register(subparsers)`` is called; each subcommand
+sets ``func(args) -> int`` as its default.
 """
 
 import argparse
@@ -81,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("convert_args", nargs=argparse.REMAINDER)
     convert.set_defaults(func=_convert)
 
-    if (importlib.util.find_spec("megatron_archer.analysis") is not None
-            and importlib.util.find_spec("megatron_archer.analysis.cli") is not None):
-        importlib.import_module("megatron_archer.analysis.cli").register(commands)
+    for package in ("megatron_archer.analysis", "megatron_archer.ablation"):
+        if (importlib.util.find_spec(package) is not None
+                and importlib.util.find_spec(f"{package}.cli") is not None):
+            importlib.import_module(f"{package}.cli").register(commands)
     return parser
 
 
