@@ -22,6 +22,13 @@ Facts (megatron-core 0.16.1, torch 2.13 CPU, gloo):
   context (which re-imports ``__main__``: keep a script's top level light) and forks one writer
   process per file (2 per rank).
 - Both run over gloo with CPU tensors, also in a one-rank group (``dist.HashStore``).
+- Saves are spread over the data-parallel ranks (``parallel_save_strategy``: megatron's
+  ``FullyParallelSaveStrategyWrapper`` around ``torch_dist``): each replicated tensor is written
+  by one rank of its data-parallel group, chosen to balance bytes, instead of all by DP rank 0.
+  Only metadata is exchanged (``all_gather_object``), so it runs over gloo too. With
+  ``async_save=True`` the file writing is returned as megatron's ``AsyncRequest`` for the caller
+  to run (``AsyncCallsQueue.schedule_async_request`` or ``execute_sync``; on CPU inside
+  ``compat.dist_checkpoint_save_on_cpu``), ``metadata.json`` being written only when it is done.
 - Loading (``TorchDistLoadShardedStrategy``) runs on CPU unpatched; the fully-parallel load
   wrappers exchange shards on CUDA and are not used.
 - Embedding and output-layer tensors are saved with ``allow_shape_mismatch``: a checkpoint whose
@@ -99,13 +106,30 @@ def read_model_checkpoint(directory: str | Path) -> ModelCheckpoint:
     return ModelCheckpoint(directory, spec, getattr(torch, metadata["params_dtype"]))
 
 
+def parallel_save_strategy():
+    """megatron's default sharded save strategy, spread over the data-parallel group (with
+    context parallelism) so that replicated weights are written by all its ranks."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
 @torch.no_grad()
 def save_model_checkpoint(
-    model: nn.Module, spec: ModelSpec, directory: str | Path, *, hf_source: str | Path
-) -> None:
+    model: nn.Module, spec: ModelSpec, directory: str | Path, *, hf_source: str | Path,
+    async_save: bool = False,
+):
     """Every rank of the job: write ``model`` into the empty or missing ``directory``.
 
-    ``hf_source`` is the HF checkpoint the model came from; its non-weight files are kept.
+    ``hf_source`` is the HF checkpoint the model came from; its non-weight files are kept. The
+    weights are written by every data-parallel rank (``parallel_save_strategy``). Returns None,
+    or with ``async_save`` megatron's ``AsyncRequest`` that writes the weight files (see the
+    module docstring); the checkpoint is complete once it has run.
     """
     directory = Path(directory)
     params_dtype = next(model.parameters()).dtype
@@ -127,7 +151,9 @@ def save_model_checkpoint(
         (directory / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     dist.barrier()
     with compat.dist_checkpoint_save_on_cpu():
-        dist_checkpointing.save(model.sharded_state_dict(), str(directory / WEIGHTS_DIR))
+        return dist_checkpointing.save(
+            model.sharded_state_dict(), str(directory / WEIGHTS_DIR),
+            sharded_strategy=parallel_save_strategy(), async_sharded_save=async_save)
 
 
 @torch.no_grad()
