@@ -156,8 +156,9 @@ def require(path: str | None = None) -> Bwrap:
             "kernels), `sysctl -w user.max_user_namespaces=15000` (where it is 0), "
             "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile for "
             "bwrap (Ubuntu 23.10+); in a container, a seccomp/AppArmor profile that allows "
-            "unshare/clone of namespaces and mounts (e.g. `docker run --security-opt "
-            "seccomp=unconfined --security-opt apparmor=unconfined`). The interpreter "
+            "unshare/clone of namespaces and mounts, and an unmasked /proc (e.g. `docker run "
+            "--security-opt seccomp=unconfined --security-opt apparmor=unconfined --security-opt "
+            "systempaths=unconfined`). The interpreter "
             f"{setup.interpreter.executable} must be readable by uid {NOBODY} when the caller is "
             "root. " + FIX
         )
