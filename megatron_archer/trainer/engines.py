@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 
+from megatron_archer.buckets import Bucket
 from megatron_archer.rollout import LocalEngine, RetryPolicy, RolloutEngine, SGLangEngine
 from megatron_archer.rollout.sglang_engine import CallPolicies
 from megatron_archer.trainer.config import ExperimentConfig, SGLangConfig
@@ -40,12 +42,14 @@ class ProgressLog:
             self.last = None if done == total else now
 
 
-def build_engine(config: ExperimentConfig) -> RolloutEngine:
+def build_engine(config: ExperimentConfig,
+                 weights_source: Callable[[], Iterable[Bucket]] | None = None) -> RolloutEngine:
     """``local``: transformers on this process's GPU (CPU without one), loading ``model.path``;
     ``sglang``: launched here or attached to by URL (``rollout.sglang``); with
     ``weight_sync: distributed``, joined to this process by the NCCL weight-update group
     (``master_address``/``master_port``, needs CUDA) before the first weight sync. Servers
-    launched here are stopped when that fails."""
+    launched here are stopped when that fails. ``weights_source``: the current weights, for a
+    server restarted mid-rollout (``SGLangEngine``)."""
     rollout, path = config.rollout, config.model.path
     if rollout.engine == "local":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -55,7 +59,7 @@ def build_engine(config: ExperimentConfig) -> RolloutEngine:
     options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,
                    base_model_path=path, weight_dtype=sg.weight_dtype,
                    policies=call_policies(sg), max_inflight=sg.max_inflight,
-                   max_restarts=sg.max_restarts,
+                   max_restarts=sg.max_restarts, weights_source=weights_source,
                    on_progress=ProgressLog() if config.logging.progress else None)
     if sg.launch:
         engine = SGLangEngine.launch(path, num_servers=sg.num_servers, base_port=sg.base_port,

@@ -17,6 +17,7 @@ together (``rank_zero``), naming the engine and step for engine failures.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from megatron_archer.actor import Actor, ReferenceModel
 from megatron_archer.data import PromptSampler, load_prompt_set
 from megatron_archer.models import hf_weight_buckets, load_hf_model
 from megatron_archer.rollout import RolloutEngine
+from megatron_archer.rollout.weight_buckets import gather_device_handles
 from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
 from megatron_archer.trainer.engines import build_engine
 from megatron_archer.trainer.metrics_logger import MetricsLogger
-from megatron_archer.trainer.rank_zero import on_rank_zero
+from megatron_archer.trainer.rank_zero import control_barrier, control_group, on_rank_zero
 from megatron_archer.trainer.reward_scoring import RewardScorer
 from megatron_archer.trainer.rollout_phase import collect_rollouts
 from megatron_archer.trainer.rollout_share import scatter_shares
@@ -69,8 +71,8 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(config.logging.dir)
         self.tokenizer = load_tokenizer(config)
-        # rank 0's data, engine and rewards; a failure there is raised on every rank
-        on_rank_zero(lambda: self._setup_rank_zero(engine), share=False)
+        # rank 0's data and rewards; a failure there is raised on every rank
+        on_rank_zero(self._setup_rank_zero, share=False)
         dtype = config.actor.torch_params_dtype
         loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
                                config_overrides=config.model.megatron_overrides())
@@ -82,11 +84,16 @@ class Trainer:
             self.reference = ReferenceModel(ref.model, ref.spec, config.actor, ref.backend)
         self.step = 0
         self.skipped_steps = 0
-        if config.checkpoint.resume:
-            self._resume()
-        on_rank_zero(self._open_run_dir, share=False)
+        self._start_engine(engine)
+        try:
+            if config.checkpoint.resume:
+                self._resume()
+            on_rank_zero(self._open_run_dir, share=False)
+        except BaseException:
+            self.close()
+            raise
 
-    def _setup_rank_zero(self, engine: RolloutEngine | None) -> None:
+    def _setup_rank_zero(self) -> None:
         config = self.config
         self.prompt_set = load_prompt_set(config.data, self.tokenizer)
         self.sampler = PromptSampler(len(self.prompt_set), config.rollout.prompts_per_step,
@@ -95,7 +102,31 @@ class Trainer:
         stop = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
         seed = config.rollout.seed if config.rollout.seed is not None else config.train.seed
         self.params = config.rollout.sampling_params(stop, seed)
-        self.engine = engine if engine is not None else build_engine(config)
+
+    def _start_engine(self, engine: RolloutEngine | None) -> None:
+        """Rank 0's engine, once every rank has loaded its actor: colocated servers then size
+        their memory (``rollout.sglang.mem_fraction_static``) around the trainer's. A server
+        restarted mid-rollout can be given the weights by rank 0 alone when the model is not
+        split (tensor = pipeline = 1). ``engine`` (tests) is used as given, and not stopped."""
+        self.engine, self._owns_engine = engine, engine is None
+        if self.config.rollout.colocated:
+            control_barrier()
+        parallel = self.config.parallel
+        source = None
+        if parallel.tensor == parallel.pipeline == 1:
+            def source():
+                return hf_weight_buckets(self.model.model, self.model.spec, self.model.backend)
+
+        def start():
+            if self.engine is None:
+                self.engine = build_engine(self.config, weights_source=source)
+
+        on_rank_zero(start, share=False)
+
+    def close(self) -> None:
+        """Stop the servers the engine launched (rank 0; attached servers keep running)."""
+        if self.rank0 and self._owns_engine and self.engine is not None:
+            self.engine.shutdown()
 
     def _open_run_dir(self) -> None:
         """Rank 0, once the start step is known: the resolved config (``config.yaml`` for a run
@@ -122,6 +153,7 @@ class Trainer:
         finally:
             if self.rank0:
                 self.logger.close()
+            self.close()
 
     def train_step(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """One RL step on every rank; rank 0's scalars and histograms (others: their actor and
@@ -183,13 +215,21 @@ class Trainer:
                          "response/lengths": lengths}
 
     def _sync_weights(self, version: int) -> None:
-        """The actor's weights into the engine (module docstring); raises on every rank."""
-        buckets = hf_weight_buckets(self.model.model, self.model.spec, self.model.backend)
+        """The actor's weights into the engine (module docstring); raises on every rank.
+        Colocated: every rank first returns its allocator's cached blocks to the driver and
+        waits for the others, then the engine takes back its weights' memory, loads the update,
+        and only then its KV cache (and CUDA graphs); a resume without a release (a restored
+        checkpoint) is a no-op in the engine."""
+        colocated = self.config.rollout.colocated
+        if colocated:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            control_barrier()
+            on_rank_zero(lambda: self.engine.resume_memory(["weights"]), share=False)
+        buckets = self._weight_buckets()
 
         def push():
             try:
-                if self.config.rollout.colocated:
-                    self.engine.resume_memory()
                 self.engine.update_weights(buckets, version)
             finally:
                 for _ in buckets:  # the other ranks are in the same collectives
@@ -199,6 +239,22 @@ class Trainer:
             for _ in buckets:
                 pass
         on_rank_zero(push, share=False)
+        if colocated:
+            on_rank_zero(lambda: self.engine.resume_memory(["cache"]), share=False)
+
+    def _weight_buckets(self):
+        """``hf_weight_buckets`` of the actor (collective), at the engine's bucket size; for
+        colocated SGLang with tensor sync, each bucket serialised on every rank's own GPU and
+        gathered to rank 0 (``DeviceHandles``), so each server loads from the GPU it shares."""
+        rollout = self.config.rollout
+        sg = rollout.sglang if rollout.engine == "sglang" else None
+        size = {} if sg is None else {"bucket_bytes": sg.bucket_bytes}
+        buckets = hf_weight_buckets(self.model.model, self.model.spec, self.model.backend, **size)
+        if sg is None or not rollout.colocated or sg.weight_sync != "tensor":
+            return buckets
+        device = torch.cuda.current_device() if torch.cuda.is_available() else \
+            int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return gather_device_handles(buckets, device, control_group())
 
     # ------------------------------------------------------------------ checkpoints
     def maybe_checkpoint(self) -> None:

@@ -48,13 +48,15 @@ class RolloutBatch:
     rounds: int
     all_groups: list[Group] = field(default_factory=list)  # every generated group, for metrics
     times: dict[str, float] = field(default_factory=dict)
+    engine_metrics: dict[str, float] = field(default_factory=dict)  # RolloutEngine.take_metrics
 
     def metrics(self) -> dict[str, float]:
         """SPEC 7 rollout metrics over every generated response (kept or not): reward mean and
         accuracy (share of raw rewards > 0), lengths (mean, max, share cut at the length limit),
         repetition ratio; dynamic sampling: the keep rate is the share of generated groups that
         passed the filter (SPEC 2), ``groups`` how many the step trains on (at most
-        ``prompts_per_step``), ``rounds`` the generation rounds run."""
+        ``prompts_per_step``), ``rounds`` the generation rounds run; the engine's counters
+        (``rollout/server_restarts``, ``rollout/requests_retried``) when it has any."""
         samples = [s for g in self.all_groups for s in g.samples]
         rewards = [r for g in self.all_groups for r in g.rewards]
         scores = [r for g in self.all_groups for r in g.scores]
@@ -73,6 +75,7 @@ class RolloutBatch:
             "dynamic_sampling/groups": float(len(self.groups)),
             "time/rollout": self.times["rollout"],
             "time/reward": self.times["reward"],
+            **self.engine_metrics,
         }
 
 
@@ -111,7 +114,7 @@ def collect_rollouts(engine: RolloutEngine, prompt_set: PromptSet, sampler: Prom
             break
     return RolloutBatch(groups=passed[:target], generated_groups=len(generated),
                         passed_groups=len(passed), rounds=rounds, all_groups=generated,
-                        times=times)
+                        times=times, engine_metrics=engine.take_metrics())
 
 
 def _reseed(params: SamplingParams, step: int, round_: int) -> SamplingParams:

@@ -1,0 +1,272 @@
+"""SGLangEngine at scale, against fake servers on 127.0.0.1: one request per prompt with a bound on
+those in flight, progress as prompts complete, a slow request retried alone, a launched server
+that dies mid-rollout restarted with the current weights (nothing generated lost, the restart
+counted), the child environment of launched servers, and a refused distributed update that is
+not retried and raises on every rank (real gloo processes)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_archer.rollout import sglang_engine
+from megatron_archer.rollout.engine import SamplingParams
+from megatron_archer.rollout.http_client import ServerError
+from megatron_archer.rollout.sglang_engine import SGLangEngine, child_environment
+from megatron_archer.rollout.weight_buckets import DeviceHandles, gather_device_handles
+from tests.distributed import run_distributed
+from tests.rollout.fake_server import (
+    FakeServer,
+    fake_generate,
+    fast_policies,
+    ok_script,
+    process_command,
+    read_log,
+)
+
+PARAMS = SamplingParams(max_new_tokens=2, n=2, temperature=1.0, seed=0)
+PROMPTS = [[10 * (i + 1)] for i in range(6)]
+EXPECTED = [[[p[0] + 1] * 2] * 2 for p in PROMPTS]
+
+
+def _tokens(samples):
+    return [[s.token_ids for s in group] for group in samples]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_requests_in_flight_are_bounded_and_progress_follows_completions():
+    lock, state, calls = threading.Lock(), {"now": 0, "peak": 0}, []
+
+    def counting(path, body):
+        if path != "/generate":
+            return ok_script(path, body)
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.5 if body["input_ids"][0][0] == 10 else 0.05)  # the first prompt is slow
+        with lock:
+            state["now"] -= 1
+        return 200, fake_generate(body)
+
+    with FakeServer(counting) as a, FakeServer(counting) as b:
+        engine = SGLangEngine([a.url, b.url], policies=fast_policies(), max_inflight=3,
+                              on_progress=lambda done, total: calls.append((done, total)))
+        assert _tokens(engine.generate(PROMPTS, PARAMS)) == EXPECTED
+    assert state["peak"] == 3, "fanned out, never more than max_inflight"
+    assert calls == [(2 * k, 12) for k in range(1, 7)]
+    assert len(a.requests) + len(b.requests) == 6 and a.requests and b.requests
+
+
+def test_a_request_past_its_timeout_is_retried_alone_on_another_server():
+    slow_once = {"left": 1}
+
+    def slow(path, body):
+        if path == "/generate" and body["input_ids"][0][0] == 30 and slow_once["left"]:
+            slow_once["left"] -= 1
+            time.sleep(1.5)  # past the 0.5 s request timeout; the server stays healthy
+        return ok_script(path, body)
+
+    with FakeServer(slow) as a, FakeServer(slow) as b:
+        engine = SGLangEngine([a.url, b.url], policies=fast_policies(timeout_s=0.5))
+        start = time.monotonic()
+        samples = engine.generate(PROMPTS, PARAMS)
+        elapsed = time.monotonic() - start
+    assert _tokens(samples) == EXPECTED
+    generates = [(s, body["input_ids"][0][0]) for s in (a, b) for p, body in s.requests
+                 if p == "/generate"]  # fmt: skip
+    firsts = sorted(first for _, first in generates)
+    assert firsts == [10, 20, 30, 30, 40, 50, 60], "only the timed-out request was sent again"
+    slow_server = next(s for s, first in generates if first == 30 and "/health" in s.paths())
+    retried_on = [s for s, first in generates if first == 30 and s is not slow_server]
+    assert retried_on, "the retry went to the other server"
+    assert engine.take_metrics() == {"rollout/requests_retried": 1.0}
+    assert elapsed < 1.5, "the retry did not wait for the slow answer"
+
+
+@pytest.mark.parametrize("weight_sync", ["disk", "tensor"])
+def test_a_launched_server_that_dies_is_restarted_with_the_current_weights(weight_sync, tmp_path):
+    from tests.rollout.test_sglang_http import _base_model
+
+    port, log, marker = _free_port(), str(tmp_path / "server.log"), str(tmp_path / "died")
+    command = process_command(port, log, die_after=2, die_once_file=marker)
+    weights = [[("w", torch.full((4,), 3.0))]]
+    options = dict(disk_dir=tmp_path / "disk", base_model_path=_base_model(tmp_path / "base")) \
+        if weight_sync == "disk" else dict(weights_source=lambda: weights)
+    process = subprocess.Popen(command)
+    engine = SGLangEngine([f"http://127.0.0.1:{port}"], weight_sync=weight_sync, max_inflight=1,
+                          policies=fast_policies(), processes=[process], commands=[command],
+                          **options)  # fmt: skip
+    try:
+        engine._wait_healthy(engine.servers[0], 10.0)
+        engine.update_weights(weights, version=5)
+        samples = engine.generate(PROMPTS, PARAMS)
+        assert engine.servers[0].process is not process and process.poll() is not None
+    finally:
+        engine.shutdown()
+    assert _tokens(samples) == EXPECTED
+    records = read_log(log)
+    starts = [i for i, r in enumerate(records) if "start" in r]
+    assert len(starts) == 2, "started, died, restarted once"
+    before, after = records[starts[0] + 1:starts[1]], records[starts[1] + 1:]
+    firsts = lambda rs: [r["body"]["input_ids"][0][0] for r in rs if r["path"] == "/generate"]  # noqa: E731
+    assert firsts(before) == [10, 20, 30], "it died during the third request"
+    assert firsts(after) == [30, 40, 50, 60], "only the unfinished request is sent again"
+    restore = [r for r in after if r["path"] != "/health"][:2]
+    path = "/update_weights_from_disk" if weight_sync == "disk" else "/update_weights_from_tensor"
+    assert [r["path"] for r in restore] == [path, "/flush_cache"], "weights before generation"
+    assert restore[0]["body"]["weight_version"] == "5"
+    assert engine.take_metrics() == {"rollout/requests_retried": 1.0, "rollout/server_restarts": 1.0}
+
+
+def test_a_restart_without_a_way_to_restore_the_weights_names_the_server(tmp_path):
+    port, log, marker = _free_port(), str(tmp_path / "server.log"), str(tmp_path / "died")
+    command = process_command(port, log, die_after=0, die_once_file=marker)
+    engine = SGLangEngine([f"http://127.0.0.1:{port}"], policies=fast_policies(),
+                          processes=[subprocess.Popen(command)], commands=[command])
+    try:
+        engine._wait_healthy(engine.servers[0], 10.0)
+        engine.update_weights([[("w", torch.zeros(2))]], version=1)
+        with pytest.raises(ServerError, match=rf"127.0.0.1:{port} was restarted but cannot be "
+                                              rf"given weight version 1"):
+            engine.generate([[1]], PARAMS)
+    finally:
+        engine.shutdown()
+
+
+def test_launched_servers_get_a_clean_environment_and_are_stopped_on_failure(tmp_path, monkeypatch):
+    for name, value in [("RANK", "3"), ("WORLD_SIZE", "8"), ("MASTER_ADDR", "10.0.0.1"),
+                        ("MASTER_PORT", "29500"), ("LOCAL_RANK", "3"), ("OMP_NUM_THREADS", "1"),
+                        ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("KEEP_ME", "1")]:
+        monkeypatch.setenv(name, value)
+    env = child_environment()
+    assert env["KEEP_ME"] == "1" and env["PATH"]
+    assert not any(sglang_engine.is_torchrun_variable(k) for k in env)
+    assert child_environment({"RANK": "0", "TORCHELASTIC_RUN_ID": "x", "HF_HOME": "/h"}) == {
+        "HF_HOME": "/h"}
+
+    ports = [_free_port(), _free_port()]
+    logs = [str(tmp_path / f"server{i}.log") for i in range(2)]
+    monkeypatch.setattr(sglang_engine, "launch_command",
+                        lambda model, port, *args: process_command(port, logs[ports.index(port)]))
+    engine = SGLangEngine.launch("/model", num_servers=1, base_port=ports[0], policies=fast_policies(),
+                                 startup_timeout_s=20.0)  # fmt: skip
+    try:
+        assert engine.health()
+    finally:
+        engine.shutdown()
+    child = read_log(logs[0])[0]["start"]
+    assert child["KEEP_ME"] == "1" and "RANK" not in child and "MASTER_PORT" not in child
+    assert not any(sglang_engine.is_torchrun_variable(k) for k in child)
+    assert engine.servers[0].process.poll() is not None, "stopped by shutdown"
+
+    # a server that never comes up: the started ones are stopped, the error names it
+    monkeypatch.setattr(sglang_engine, "launch_command", lambda model, port, *args: (
+        process_command(port, logs[0]) if port == ports[0] else ["false"]))
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(sglang_engine.subprocess, "Popen",
+                        lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    with pytest.raises(ServerError, match=rf"127.0.0.1:{ports[0] + 1}: the server process exited"):
+        SGLangEngine.launch("/model", num_servers=2, base_port=ports[0], policies=fast_policies(),
+                            startup_timeout_s=20.0)  # fmt: skip
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
+
+
+def test_the_weight_group_rendezvous_runs_without_torchrun_variables(monkeypatch):
+    import sglang.srt.utils as sglang_utils
+
+    seen = {}
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(sglang_utils, "init_custom_process_group", lambda **kwargs: seen.update(
+        kwargs, agent_store=sglang_engine.os.environ.get("TORCHELASTIC_USE_AGENT_STORE")))
+    with FakeServer(ok_script) as server:
+        engine = SGLangEngine([server.url], weight_sync="distributed", policies=fast_policies())
+        engine.init_weight_update_group("127.0.0.1", 29600)
+    assert seen["agent_store"] is None and seen["init_method"] == "tcp://127.0.0.1:29600"
+    assert seen["world_size"] == 2 and seen["timeout"].total_seconds() == 2.0
+    assert sglang_engine.os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True", "restored"
+    assert server.paths() == ["/init_weights_update_group"]
+
+
+def _refused_distributed_update_worker(rank, world_size):
+    from megatron_archer.trainer.rank_zero import (
+        RankZeroError,
+        destroy_control_group,
+        init_control_group,
+        on_rank_zero,
+    )
+
+    init_control_group(timeout_minutes=1.0)
+    refuse = lambda path, body: (400, {"success": False, "message": "shape mismatch"}) \
+        if path == "/update_weights_from_distributed" else ok_script(path, body)  # noqa: E731
+    group = dist.new_group([0])  # this process's end of the weight group (a size-1 stand-in)
+    server = FakeServer(refuse).__enter__() if rank == 0 else None
+    url = [server.url if server else None]
+    dist.broadcast_object_list(url, src=0)
+    engine = SGLangEngine([url[0]], weight_sync="distributed", policies=fast_policies())
+    engine._group = group if rank == 0 else None
+    expected = ServerError if rank == 0 else RankZeroError
+    with pytest.raises(expected, match=rf"{url[0]}/update_weights_from_distributed: "
+                                       rf"HTTP 400.*shape mismatch"):
+        on_rank_zero(lambda: engine.update_weights([[("w", torch.ones(3))]], 1), share=False)
+    if rank == 0:
+        server.__exit__(None, None, None)
+        assert server.paths() == ["/pause_generation", "/update_weights_from_distributed",
+                                  "/continue_generation"], "sent once, never retried"
+        assert engine.weight_version is None
+    destroy_control_group()
+
+
+def _device_handles_worker(rank, world_size):
+    from megatron_archer.trainer.rank_zero import (
+        control_group,
+        destroy_control_group,
+        init_control_group,
+    )
+    from tests.rollout.test_sglang_payloads import _deserialize
+
+    init_control_group(timeout_minutes=1.0)
+    buckets = [[("a", torch.full((2,), float(rank)))], [("b", torch.full((3,), 10.0 + rank))]]
+    got = list(gather_device_handles(buckets, device_index=rank, group=control_group()))
+    if rank == 0:
+        assert all(isinstance(h, DeviceHandles) and sorted(h.by_device) == [0, 1] for h in got)
+        for k, name in enumerate("ab"):
+            for device in (0, 1):
+                [(received, tensor)] = _deserialize(got[k].by_device[device])
+                assert received == name and torch.equal(tensor, buckets[k][0][1] * 0 + (
+                    device if name == "a" else 10.0 + device)), (name, device)
+        with FakeServer(ok_script) as a, FakeServer(ok_script) as b:
+            engine = SGLangEngine([a.url, b.url], policies=fast_policies())
+            engine.update_weights(got, version=1)
+        for server, device in ((a, 0), (b, 1)):
+            bodies = [body for path, body in server.requests if path == "/update_weights_from_tensor"]
+            assert [body["serialized_named_tensors"] for body in bodies] == [
+                [got[0].by_device[device]], [got[1].by_device[device]]], "its own GPU's copy"
+    else:
+        assert got == [None, None]
+    dist.barrier()  # rank 1's tensors stay alive until rank 0 has read them
+    destroy_control_group()
+
+
+def _two_rank_worker(rank, world_size):
+    _refused_distributed_update_worker(rank, world_size)
+    _device_handles_worker(rank, world_size)
+
+
+def test_refused_distributed_update_raises_on_every_rank_and_servers_get_their_gpus_handles():
+    """One spawned job (2 gloo ranks, the trainer's control group): a refused distributed
+    update is not retried and raises on every rank; each colocated server gets the handles
+    serialised on its own GPU."""
+    run_distributed(_two_rank_worker, 2)
