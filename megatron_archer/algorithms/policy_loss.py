@@ -15,7 +15,8 @@ correction of SPEC 8, ``rollout_weight``, 1 without it) and g_t the regulariser
 
 N: valid tokens of the step; D: N, or the step's selected-token count when forking normalises by
 selected tokens; S: responses of the step with a valid token; d_i: |o_i|, or the selected count of
-response i (a response with none contributes 0); L: ``norm_length``. N, D and S come from the
+response i (a response with none contributes 0), both over all of response i's tokens (on every
+context-parallel rank, ``cp_group``); L: ``norm_length``. N, D and S come from the
 StepContext (all micro-batches on all ranks). Under ``kl_aggregation="class_mean"`` (Archer's
 code) the KL term is instead sum_c beta_c sum_t m_ct KL_t / N_c, with class memberships
 m_high = high_share, m_low = 1 - high_share and N_c the step's class token counts.
@@ -28,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from megatron_archer.algorithms.config import LossConfig
+from megatron_archer.algorithms.sharded_rows import check_together, sharded_row_sums
 from megatron_archer.algorithms.step_context import StepContext
 from megatron_archer.algorithms.token_selection import TokenSelection
 from megatron_archer.algorithms.validation import (
@@ -146,6 +148,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     rollout_weight: torch.Tensor | None = None,
+    cp_group=None,
 ) -> PolicyLossOutput:
     """This micro-batch's share of the step loss; multiply by ``ctx.loss_scale`` for Megatron.
 
@@ -154,27 +157,36 @@ def policy_loss(
     policy's, with its gradient) when ``entropy_coef`` is. ``rollout_weight`` is the detached
     mismatch-correction factor on each token's policy term (SPEC 8, ``RolloutCorrection.weight``);
     the KL and entropy terms are not reweighted. Raises ValueError on non-finite inputs.
+    ``cp_group``: the context-parallel group holding disjoint tokens of these responses (SPEC 9);
+    the per-response counts |o_i| and d_i are then over all of a response's tokens.
     """
-    require_response_mask(response_mask)
-    require_token_tensor("logp", logp, response_mask)
-    require_token_tensor("old_logp", old_logp, response_mask)
-    if advantages.shape == response_mask.shape[:1]:
+    def check() -> None:
+        require_response_mask(response_mask)
+        require_token_tensor("logp", logp, response_mask)
+        require_token_tensor("old_logp", old_logp, response_mask)
+        if advantages.shape not in (response_mask.shape[:1], response_mask.shape):
+            raise ValueError(f"advantages must have shape [B] or [B, T] = "
+                             f"{tuple(response_mask.shape)}; got {tuple(advantages.shape)}")
+        expanded = advantages if advantages.dim() == 2 else advantages[:, None].expand(
+            response_mask.shape)
+        require_finite("advantages", expanded, response_mask)
+        uses_kl = bool((selection.kl_coef != 0).any()) or any(c != 0 for c in selection.class_kl_coef)
+        if uses_kl and ref_logp is None:
+            raise ValueError("ref_logp is required: a KL coefficient is non-zero")
+        if ref_logp is not None:
+            require_token_tensor("ref_logp", ref_logp, response_mask)
+        if config.entropy_coef != 0:
+            if entropy is None:
+                raise ValueError("entropy is required: entropy_coef is non-zero")
+            require_token_tensor("entropy", entropy, response_mask)
+        if rollout_weight is not None:
+            require_token_tensor("rollout_weight", rollout_weight, response_mask)
+
+    # per-response counts are the only collective: all ranks of the CP group raise together
+    row_group = cp_group if config.aggregation == "seq-mean-token-mean" else None
+    check_together(check, row_group)
+    if advantages.dim() == 1:
         advantages = advantages[:, None].expand(response_mask.shape)
-    elif advantages.shape != response_mask.shape:
-        raise ValueError(f"advantages must have shape [B] or [B, T] = {tuple(response_mask.shape)}; "
-                         f"got {tuple(advantages.shape)}")
-    require_finite("advantages", advantages, response_mask)
-    uses_kl = bool((selection.kl_coef != 0).any()) or any(c != 0 for c in selection.class_kl_coef)
-    if uses_kl and ref_logp is None:
-        raise ValueError("ref_logp is required: a KL coefficient is non-zero")
-    if ref_logp is not None:
-        require_token_tensor("ref_logp", ref_logp, response_mask)
-    if config.entropy_coef != 0:
-        if entropy is None:
-            raise ValueError("entropy is required: entropy_coef is non-zero")
-        require_token_tensor("entropy", entropy, response_mask)
-    if rollout_weight is not None:
-        require_token_tensor("rollout_weight", rollout_weight, response_mask)
 
     dtype = torch.promote_types(logp.dtype, torch.float32)
     valid = response_mask.to(dtype)
@@ -197,12 +209,14 @@ def policy_loss(
     if config.entropy_coef != 0:
         regulariser = regulariser - config.entropy_coef * masked(entropy)
 
+    seq_counts = sharded_row_sums(valid, row_group)
     if selection.normalize_by_selected:
-        pg_seq_counts, pg_token_count = selection.pg_weight.sum(dim=-1), ctx.num_selected
+        pg_seq_counts = sharded_row_sums(selection.pg_weight, row_group)
+        pg_token_count = ctx.num_selected
     else:
-        pg_seq_counts, pg_token_count = valid.sum(dim=-1), ctx.num_tokens
+        pg_seq_counts, pg_token_count = seq_counts, ctx.num_tokens
     loss = (_aggregate(pg, pg_seq_counts, pg_token_count, ctx, config)
-            + _aggregate(regulariser, valid.sum(dim=-1), ctx.num_tokens, ctx, config))
+            + _aggregate(regulariser, seq_counts, ctx.num_tokens, ctx, config))
     if kl is not None and config.kl_aggregation == "class_mean":
         loss = loss + _class_mean_kl(kl, selection, ctx)
     # padding has A = 0 and r = 1, so only the ratio needs masking

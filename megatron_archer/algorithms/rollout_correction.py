@@ -26,6 +26,7 @@ import torch
 from megatron_archer.algorithms.config import RolloutCorrectionConfig
 from megatron_archer.algorithms.order_stats import kth_largest, top_count
 from megatron_archer.algorithms.policy_loss import LOG_RATIO_BOUND
+from megatron_archer.algorithms.sharded_rows import check_together, sharded_row_sums
 from megatron_archer.algorithms.token_selection import TokenSelection
 from megatron_archer.algorithms.validation import require_response_mask, require_token_tensor
 from megatron_archer.distributed import all_reduce_
@@ -48,32 +49,40 @@ class RolloutCorrection:
 
 
 def log_importance_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
-                           response_mask: torch.Tensor, config: RolloutCorrectionConfig
-                           ) -> torch.Tensor:
-    """float [B, T] log w at the configured level (module docstring), 0 outside the mask."""
-    require_response_mask(response_mask)
-    require_token_tensor("old_logp", old_logp, response_mask)
-    require_token_tensor("rollout_logp", rollout_logp, response_mask)
+                           response_mask: torch.Tensor, config: RolloutCorrectionConfig,
+                           cp_group=None) -> torch.Tensor:
+    """float [B, T] log w at the configured level (module docstring), 0 outside the mask.
+
+    ``cp_group``: the context-parallel group holding disjoint tokens of these responses (SPEC 9);
+    a sequence-level w_i is then over all of response i's tokens.
+    """
+    def check() -> None:
+        require_response_mask(response_mask)
+        require_token_tensor("old_logp", old_logp, response_mask)
+        require_token_tensor("rollout_logp", rollout_logp, response_mask)
+
+    row_group = cp_group if config.level == "sequence" else None
+    check_together(check, row_group)  # every CP rank raises together before the row sums
     dtype = torch.promote_types(old_logp.dtype, torch.float32)
     zero = torch.zeros((), dtype=dtype)
     log_w = torch.where(response_mask, old_logp.detach().to(dtype) - rollout_logp.detach().to(dtype),
                         zero).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     if config.level == "token":
         return log_w
-    total = log_w.sum(dim=-1)
+    total = sharded_row_sums(log_w, row_group)
     if config.sequence_ratio == "geometric_mean":
-        per_response = total / response_mask.sum(dim=-1).clamp_min(1).to(dtype)
+        per_response = total / sharded_row_sums(response_mask.to(dtype), row_group).clamp_min(1)
     else:
         per_response = total.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     return torch.where(response_mask, per_response[:, None].expand(response_mask.shape), zero)
 
 
 def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
-                       response_mask: torch.Tensor, config: RolloutCorrectionConfig
-                       ) -> RolloutCorrection:
+                       response_mask: torch.Tensor, config: RolloutCorrectionConfig,
+                       cp_group=None) -> RolloutCorrection:
     """The correction weights of one micro-batch (module docstring); ``config.enabled`` is not
-    consulted: the caller decides whether to correct."""
-    log_w = log_importance_weights(old_logp, rollout_logp, response_mask, config)
+    consulted: the caller decides whether to correct. ``cp_group``: as ``log_importance_weights``."""
+    log_w = log_importance_weights(old_logp, rollout_logp, response_mask, config, cp_group)
     ratio = torch.exp(log_w) * response_mask
     threshold = config.threshold
     if config.mode == "truncate":
@@ -99,16 +108,18 @@ def correction_metric_sums(correction: RolloutCorrection, selection: TokenSelect
 
 
 def rollout_correction_summary(micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                               config: RolloutCorrectionConfig, group=None) -> dict[str, float]:
+                               config: RolloutCorrectionConfig, group=None, cp_group=None
+                               ) -> dict[str, float]:
     """Step metrics of w over all response tokens on all data-parallel ranks: mean, max, p99
     (nearest rank, float32, order_stats.kth_largest) and the corrected share.
 
     ``micro_batches``: this rank's ``(old_logp, rollout_logp, response_mask)``. Empty without
-    valid tokens.
+    valid tokens. Under context parallelism ``group`` is the DP x CP group and ``cp_group`` the
+    context-parallel one (as ``step_context.build_step_context``).
     """
     ratios, corrected = [], 0
     for old_logp, rollout_logp, mask in micro_batches:
-        correction = rollout_correction(old_logp, rollout_logp, mask, config)
+        correction = rollout_correction(old_logp, rollout_logp, mask, config, cp_group)
         ratios.append(correction.ratio[mask].to(torch.float32))
         corrected += int(correction.corrected.sum())
     local = torch.tensor([sum(r.numel() for r in ratios), sum(r.double().sum().item() for r in ratios),

@@ -19,6 +19,13 @@ count, k = ceil(rho n) per micro-batch, does not depend on entropy and is always
 
 Megatron divides each micro-batch loss by the number of micro-batches and DDP averages gradients
 over data-parallel ranks; multiply the loss by ``StepContext.loss_scale`` before handing it over.
+
+Context parallelism (SPEC 9): the step's tokens are spread over DP x CP ranks, and the CP ranks of
+one data-parallel replica hold disjoint tokens of the same responses. ``group`` is then the
+DP x CP group (megatron's ``get_data_parallel_group(with_context_parallel=True)``, over which DDP
+averages gradients), so token counts, selected counts and the forking threshold are over DP x CP
+and ``loss_scale`` undoes the 1/(DP x CP); ``cp_group`` makes each response count once in the
+sequence count and its per-response statistics exact over its CP ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 
 from megatron_archer.algorithms.config import SelectionConfig
 from megatron_archer.algorithms.order_stats import kth_largest, top_count
+from megatron_archer.algorithms.sharded_rows import sharded_row_sums
 from megatron_archer.algorithms.token_selection import classify_tokens
 from megatron_archer.algorithms.validation import require_response_mask, require_token_tensor
 from megatron_archer.distributed import all_reduce_, rank_and_size
@@ -50,7 +58,7 @@ class StepContext:
     class_tokens: tuple[float, float]
     forking_threshold: float | None
     num_microbatches: int
-    dp_size: int
+    dp_size: int  # ranks DDP averages over: data-parallel x context-parallel
 
     @property
     def loss_scale(self) -> int:
@@ -78,15 +86,18 @@ def build_step_context(
     micro_batches: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
     selection: SelectionConfig,
     group=None,
+    cp_group=None,
 ) -> StepContext:
     """The StepContext of one optimiser step from this rank's ``(entropy, response_mask)`` pairs.
 
     ``entropy`` is the detached [B, T] entropy available at step start (see the module docstring);
     it may be None when the selection method is ``none``. ``group`` is the data-parallel group
-    (None: one process). Every rank must call this with the same number of micro-batches; costs a
-    few small all-reduces, plus 32 for a global forking threshold.
+    (None: one process), the DP x CP group under context parallelism with ``cp_group`` the
+    context-parallel one (module docstring). Every rank must call this with the same number of
+    micro-batches; costs a few small all-reduces, plus 32 for a global forking threshold.
     """
     _, dp_size = rank_and_size(group)
+    cp_rank, _ = rank_and_size(cp_group)
     count = len(micro_batches)
     problem = _input_problem(micro_batches, selection)
     # one max-reduce: equal micro-batch counts, and every rank raises when any rank's input is bad
@@ -102,7 +113,10 @@ def build_step_context(
     # control values on the CPU, moved there explicitly (distributed.py's device rule)
     sizes = torch.zeros(2, dtype=torch.float64)
     for _, mask in micro_batches:
-        sizes += torch.tensor([mask.sum().item(), mask.any(dim=-1).sum().item()], dtype=torch.float64)
+        # a response held by several CP ranks counts once: on CP rank 0, if any rank has a token
+        row_tokens = sharded_row_sums(mask.to(torch.int64), cp_group)
+        held = int((row_tokens > 0).sum()) if cp_rank == 0 else 0
+        sizes += torch.tensor([mask.sum().item(), held], dtype=torch.float64)
     num_tokens, num_sequences = all_reduce_(sizes, group).tolist()
 
     threshold = None
@@ -112,7 +126,7 @@ def build_step_context(
 
     masses = torch.zeros(3, dtype=torch.float64)
     for entropy, mask in micro_batches:
-        pg_weight, high = classify_tokens(entropy, mask, selection, threshold)
+        pg_weight, high = classify_tokens(entropy, mask, selection, threshold, cp_group)
         masses += torch.stack(
             [pg_weight.sum(), (mask.to(high.dtype) - high).sum(), high.sum()]).double().cpu()
     num_selected, low_tokens, high_tokens = all_reduce_(masses, group).tolist()

@@ -19,6 +19,9 @@ Methods:
 - ``archer``: H > q_i, q_i the per-response ``quantile`` (linear interpolation); all tokens weight 1.
 - ``archer_soft``: high_share = clamp((u - quantile) / soft_width + 1/2, 0, 1), u the token's
   mid-rank fraction of entropy within its response; all tokens weight 1.
+
+Under context parallelism (``cp_group``) a response's tokens are spread over the CP ranks; the
+per-response statistics and a micro-batch's top-k are exact over all of them (SPEC 9).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_archer.algorithms.config import Constraints, LossConfig, SelectionConfig
-from megatron_archer.algorithms.order_stats import row_quantile, row_rank_fraction, top_count
+from megatron_archer.algorithms.order_stats import row_rank_fraction, top_count
+from megatron_archer.algorithms.sharded_rows import check_together, sharded_row_quantile, sharded_rows
 from megatron_archer.algorithms.validation import require_response_mask, require_token_tensor
 
 
@@ -67,8 +71,14 @@ def classify_tokens(
     response_mask: torch.Tensor,
     selection: SelectionConfig,
     forking_threshold: float | None = None,
+    cp_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pg_weight, high_share), float [B, T], from the detached entropy (None allowed for ``none``)."""
+    """(pg_weight, high_share), float [B, T], from the detached entropy (None allowed for ``none``).
+
+    ``cp_group``: the context-parallel group whose ranks hold disjoint tokens of these same
+    responses (``response_mask`` True at this rank's tokens, SPEC 9): per-response quantiles and
+    ranks, and a micro-batch's top-k, are then those of the whole responses (``sharded_rows``).
+    """
     require_response_mask(response_mask)
     valid = response_mask.float() if entropy is None else response_mask.to(
         torch.promote_types(entropy.dtype, torch.float32))
@@ -76,7 +86,9 @@ def classify_tokens(
         return valid, torch.zeros_like(valid)
     if entropy is None:
         raise ValueError(f"entropy is required by selection method {selection.method!r}")
-    require_token_tensor("entropy", entropy, response_mask)
+    uses_rows = selection.method != "forking" or selection.forking.scope != "global"
+    check_together(lambda: require_token_tensor("entropy", entropy, response_mask),
+                   cp_group if uses_rows else None)
     entropy = entropy.detach().to(valid.dtype)
     if selection.method == "forking":
         forking = selection.forking
@@ -86,14 +98,15 @@ def classify_tokens(
                                  "(StepContext.forking_threshold)")
             top = response_mask & (entropy.to(torch.float32) >= forking_threshold)
         else:
-            top = _top_micro_batch(entropy, response_mask, forking.rho)
+            top = response_mask & _top_micro_batch(*sharded_rows(entropy, response_mask, cp_group),
+                                                   forking.rho)
         high = top.to(valid.dtype)
         return (high if forking.keep == "top" else valid - high), high
     archer = selection.archer
     if selection.method == "archer":
-        quantile = row_quantile(entropy, response_mask, archer.quantile)
+        quantile = sharded_row_quantile(entropy, response_mask, archer.quantile, cp_group)
         return valid, (response_mask & (entropy > quantile[:, None])).to(valid.dtype)
-    rank = row_rank_fraction(entropy, response_mask)
+    rank = response_mask * row_rank_fraction(*sharded_rows(entropy, response_mask, cp_group))
     ramp = ((rank - archer.quantile) / archer.soft_width + 0.5).clamp(0.0, 1.0)
     return valid, ramp * valid
 
@@ -123,9 +136,12 @@ def select_tokens(
     selection: SelectionConfig,
     loss: LossConfig,
     forking_threshold: float | None = None,
+    cp_group=None,
 ) -> TokenSelection:
-    """Per-token policy-gradient weight, class, clip range and KL coefficient for one micro-batch."""
-    pg_weight, high_share = classify_tokens(entropy, response_mask, selection, forking_threshold)
+    """Per-token policy-gradient weight, class, clip range and KL coefficient for one micro-batch
+    (``cp_group``: see ``classify_tokens``)."""
+    pg_weight, high_share = classify_tokens(entropy, response_mask, selection, forking_threshold,
+                                            cp_group)
     low, high = class_constraints(selection, loss)
 
     def per_token(low_value: float, high_value: float) -> torch.Tensor:
