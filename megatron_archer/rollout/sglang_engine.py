@@ -492,9 +492,13 @@ class SGLangEngine(RolloutEngine):
             self._post_all("/update_weights_from_disk", body, self.policies.disk_update)
 
     def _as_sent(self, buckets: Iterable[Bucket | DeviceHandles]) -> Iterable[Bucket | DeviceHandles]:
-        """The buckets in ``weight_dtype``: fp8 quantises them (``DeviceHandles`` are refused:
-        quantise before serialising) and adds each ``weight_scale_inv``."""
-        return fp8_weights.fp8_weight_buckets(buckets) if self.weight_dtype == "fp8" else buckets
+        """The buckets in ``weight_dtype``: fp8 quantises plain buckets and adds each
+        ``weight_scale_inv``; ``DeviceHandles`` were quantised by their senders before
+        serialising (``trainer.loop``) and pass as they are."""
+        if self.weight_dtype != "fp8":
+            return buckets
+        first, buckets = _peek(buckets)
+        return buckets if isinstance(first, DeviceHandles) else fp8_weights.fp8_weight_buckets(buckets)
 
     def _load_tensor(self, buckets: Iterable[Bucket | DeviceHandles], version: int,
                      servers: Sequence[_Server]) -> None:
@@ -509,15 +513,11 @@ class SGLangEngine(RolloutEngine):
 
     def _tensor_buckets(self, buckets: Iterable[Bucket | DeviceHandles]):
         """``DeviceHandles`` as they come (bucketed by their senders); plain buckets re-bucketed."""
-        buckets = iter(buckets)
-        first = next(buckets, None)
-        if first is None:
-            return
-        rest = itertools.chain([first], buckets)
+        first, buckets = _peek(buckets)
         if isinstance(first, DeviceHandles):
-            yield from rest
+            yield from buckets
         else:
-            yield from bounded_buckets(itertools.chain.from_iterable(rest), self.bucket_bytes)
+            yield from bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes)
 
     def _handles_for(self, server: _Server, bucket: Bucket | DeviceHandles) -> list[str]:
         if not isinstance(bucket, DeviceHandles):
@@ -631,6 +631,13 @@ class SGLangEngine(RolloutEngine):
                 server.released.difference_update(plans[server.url])
         if errors:
             raise ServerError("; ".join(map(str, errors))) from errors[0]
+
+
+def _peek(items: Iterable) -> tuple[object, Iterable]:
+    """The first item (None when empty) and an iterable of all of them, that first included."""
+    items = iter(items)
+    first = next(items, None)
+    return first, (itertools.chain([first], items) if first is not None else ())
 
 
 def launch_command(model_path: str | Path, port: int, tp_size: int, base_gpu_id: int,

@@ -29,6 +29,7 @@ from megatron_archer.actor import Actor, ReferenceModel
 from megatron_archer.data import PromptSampler, load_prompt_set
 from megatron_archer.models import hf_weight_buckets, load_hf_model
 from megatron_archer.rollout import RolloutEngine
+from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
 from megatron_archer.rollout.weight_buckets import gather_device_handles
 from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
 from megatron_archer.trainer.engines import build_engine
@@ -252,6 +253,8 @@ class Trainer:
         buckets = hf_weight_buckets(self.model.model, self.model.spec, self.model.backend, **size)
         if sg is None or not rollout.colocated or sg.weight_sync != "tensor":
             return buckets
+        if sg.weight_dtype == "fp8":  # quantised where the tensors are, before serialising
+            buckets = fp8_weight_buckets(buckets)
         device = torch.cuda.current_device() if torch.cuda.is_available() else \
             int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         return gather_device_handles(buckets, device, control_group())

@@ -270,3 +270,20 @@ def test_refused_distributed_update_raises_on_every_rank_and_servers_get_their_g
     update is not retried and raises on every rank; each colocated server gets the handles
     serialised on its own GPU."""
     run_distributed(_two_rank_worker, 2)
+
+
+def test_fp8_sync_passes_device_handles_quantised_by_their_senders():
+    """Colocated fp8: each rank quantises before serialising (trainer.loop); the engine sends
+    the handles as they are, and still quantises plain buckets."""
+    handles = DeviceHandles({0: "handles-of-gpu-0"})
+    with FakeServer(ok_script) as server:
+        engine = SGLangEngine([server.url], weight_dtype="fp8", policies=fast_policies())
+        engine.update_weights([handles], version=1)
+        engine.update_weights([[("model.layers.0.mlp.down_proj.weight", torch.randn(128, 128))]], 2)
+    bodies = [body for path, body in server.requests if path == "/update_weights_from_tensor"]
+    assert bodies[0]["serialized_named_tensors"] == ["handles-of-gpu-0"]
+    from tests.rollout.test_sglang_payloads import _deserialize
+
+    names = [name for name, _ in _deserialize(bodies[1]["serialized_named_tensors"][0])]
+    assert names == ["model.layers.0.mlp.down_proj.weight",
+                     "model.layers.0.mlp.down_proj.weight_scale_inv"]
