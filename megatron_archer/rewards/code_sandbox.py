@@ -209,7 +209,12 @@ def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
             env={}, pass_fds=(program_fd,), start_new_session=True,
         )  # fmt: skip
         stack.callback(_close_streams, proc)
-        status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+        try:
+            status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+        except BaseException:  # the caller is interrupted: the run must not outlive it
+            _stop_sandbox(proc)
+            _reap(proc)
+            raise
         if status is not None:
             _stop_sandbox(proc)
         returncode, cpu = _reap(proc)
@@ -238,9 +243,9 @@ def _run_in_process(source: str, stdin: str, limits: SandboxLimits) -> SandboxRe
             )  # fmt: skip
         try:
             status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+        finally:
             _kill_group(proc)  # also after a normal exit: nothing it started survives
             returncode, cpu = _reap(proc)
-        finally:
             _close_streams(proc)
         signum = -returncode if returncode < 0 else None
         oom = False  # no cgroup here: a SIGKILL below the CPU limit is reported as a signal

@@ -7,7 +7,7 @@ listeners on 127.0.0.1).
 `programs(**params)` fills in what the caller knows: CALLER_PID, PORT (TCP listener), UDP_PORT,
 MARK (a unique name used for leftovers: files, sleep durations), SHM_KEY, OUTSIDE (a host
 directory anyone may write) and SECRET_FILE (a world-readable host file holding the secret).
-Each entry is (program, substring the reward's reason must contain).
+Each entry is (program, substring the reward's reason must contain, or a tuple of alternatives).
 """
 
 # Loads an extension module or package by file path under another name (no import by name).
@@ -26,7 +26,8 @@ def load(name, alias):
 
 ATTACKS = {
     # ---- the earlier seven ----
-    "busy_loop": ("while True:\n    pass\nprint('ok')", "CPU time limit of 1 s exceeded"),
+    # on a loaded machine the 4 s wall limit may come before 1 s of CPU (test_code_sandbox checks the CPU limit alone)
+    "busy_loop": ("while True:\n    pass\nprint('ok')", ("CPU time limit of 1 s exceeded", "wall-clock limit of 4 s exceeded")),
     "sleeping_loop": ("import time\nwhile True:\n    time.sleep(0.1)\nprint('ok')", "wall-clock limit of 4 s exceeded"),
     "fork_bomb": (
         "import os\nfor _ in range(64):\n    if os.fork() == 0:\n        os.execv('/bin/sleep', ['sleep', '{MARK}'])\nprint('ok')",

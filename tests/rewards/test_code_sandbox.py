@@ -110,7 +110,8 @@ def test_attack_suite_scores_zero_and_leaves_nothing(tmp_path):
     failures = []
     for name, (value, reason, elapsed) in results.items():
         limit = LIMITS.wall_seconds + SLACK_S
-        if value != 0 or expected[name][1] not in reason or elapsed > limit:
+        reasons = expected[name][1] if isinstance(expected[name][1], tuple) else (expected[name][1],)
+        if value != 0 or not any(r in reason for r in reasons) or elapsed > limit:
             failures.append((name, value, reason, round(elapsed, 2)))
     assert not failures, "\n".join(map(str, failures))
     assert secret not in out + err
@@ -327,12 +328,17 @@ def test_assert_cases_need_the_test_code_to_finish():
 
 @needs_bwrap
 def test_cases_run_in_parallel_on_the_pool():
+    """Four cases on a pool of two: two sandboxes at a time, never more (sampled from /proc)."""
     configure_sandbox("bwrap", workers=2)
-    start = time.monotonic()
-    reward = run_cases("import time\ntime.sleep(1.5)\nprint('ok')", [IOCase("", "ok\n")] * 4, LIMITS)
-    elapsed = time.monotonic() - start
-    assert reward.value == 1.0
-    assert elapsed < 4 * 1.5, elapsed  # four 1.5 s sleeps on two workers: about 3 s, not 6
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(run_cases, "import time\ntime.sleep(1.5)\nprint('ok')", [IOCase("", "ok\n")] * 4, LIMITS)
+        most = 0
+        while not run.done():
+            inits = [p for p in code_sandbox._descendants(os.getpid()) if code_sandbox._is_namespace_init(p)]
+            most = max(most, len(inits))
+            time.sleep(0.05)
+        assert run.result().value == 1.0
+    assert most == 2
 
 
 def test_responses_and_test_specs_are_checked():
