@@ -354,3 +354,19 @@ def test_responses_and_test_specs_are_checked():
         run_cases("print(1)", [], LIMITS)
     with pytest.raises(ValueError, match="wall_seconds must be positive"):
         SandboxLimits(wall_seconds=0)
+
+
+def test_reward_sandbox_config_is_validated_and_reaches_the_sandbox(monkeypatch):
+    from megatron_archer.config_fields import from_dict
+    from megatron_archer.trainer.config import RewardConfig
+    from megatron_archer.trainer.reward_scoring import RewardScorer
+
+    with pytest.raises(ValueError, match="reward.sandbox must be one of bwrap, in_process; got 'docker'"):
+        from_dict(RewardConfig, {"sandbox": "docker"}, "reward.")
+    monkeypatch.setattr(code_sandbox._settings, "warned", False)
+    monkeypatch.setattr(code_sandbox._settings, "sandbox", "bwrap")
+    with pytest.warns(RuntimeWarning, match="not a security boundary"):
+        RewardScorer(RewardConfig(function="code", sandbox="in_process"), tokenizer=None)
+    assert code_sandbox._settings.sandbox == "in_process"
+    RewardScorer(RewardConfig(function="code"), tokenizer=None)
+    assert code_sandbox._settings.sandbox == "bwrap"
