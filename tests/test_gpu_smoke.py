@@ -1,0 +1,43 @@
+"""tools/gpu_smoke.py is ready for a GPU: its dry run (what CI can check without one) passes and
+says that no GPU was used; its wheels list is strict."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "gpu_smoke.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_smoke", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_passes_without_a_gpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no GPU used: dry run only" in proc.stdout
+    report = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert report["ok"] and len(report["checks"]) == 3
+    assert all(check["ok"] for check in report["checks"])
+
+
+def test_wheels_list_is_pinned_and_unique(tmp_path):
+    gpu_smoke = _module()
+    assert gpu_smoke.read_wheels()["megatron-core"] == "0.16.1"
+    for text, match in (("megatron-core>=0.16\n", "expected name==version"),
+                        ("a==1\na==2\n", "listed twice")):
+        path = tmp_path / "wheels.txt"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            gpu_smoke.read_wheels(path)

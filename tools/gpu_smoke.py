@@ -1,0 +1,396 @@
+"""One command that proves the CUDA path on one GPU (an H200: under 8 minutes), or checks on a CPU
+machine that it is ready to (``--dry-run``).
+
+    python tools/gpu_smoke.py [--out DIR] [--stages abc]     # on the GPU machine
+    python tools/gpu_smoke.py --dry-run                       # anywhere; CI runs it
+
+Stages, each check reported pass/fail with its traceback, the next one run after a failure:
+
+(a) the fused LM-head op (Triton) against its torch path in bf16, forward and backward, and its
+    time against the bare LM-head matmul (SPEC target: forward within 1.25x) at 8192 tokens x
+    151,936 vocabulary, hidden 4096;
+(b) the actor under ``torchrun --nproc-per-node 1`` with ``distributed.init_process_group``
+    (NCCL + gloo): packed log-probs and entropy against transformers (logits and fused paths),
+    a bf16 train step with megatron's DistributedDataParallel and distributed optimizer, and a
+    model checkpoint saved and loaded;
+(c) ``megatron-archer train`` for 2 steps on the quick-start model architecture with the local
+    engine on CUDA, then ``checkpoint.resume=true`` to step 3.
+
+Needs neither Transformer Engine nor SGLang (the local layer spec, the local engine). What the
+GPU machine lacks travels as wheels: ``tools/gpu_wheels.txt``, downloaded by
+``tools/gpu_wheels.sh``. Results go to ``--out`` (default ``$OUT`` or ``runs/gpu_smoke``) as
+``gpu_smoke.json``; the exit status is 0 only when every check passed (or the dry run did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+WHEELS = ROOT / "tools" / "gpu_wheels.txt"
+QUICKSTART_CONFIG = ROOT / "examples" / "quickstart" / "archer.yaml"
+# modules the stages import; the dry run imports each
+MODULES = ("megatron.core", "math_verify", "transformers", "megatron_archer.actor",
+           "megatron_archer.models", "megatron_archer.ops", "megatron_archer.trainer",
+           "megatron_archer.cli", "megatron_archer.quickstart.build", "tests.actor.common",
+           "tests.models.checkpoints")
+TOKENS, VOCAB, HIDDEN = 8192, 151_936, 4096
+FUSED_FORWARD_TARGET = 1.25
+
+
+class Checks:
+    """Named checks, each run in ``with checks("name"):``, recorded pass/fail with traceback."""
+
+    def __init__(self, tag: str):
+        self.tag, self.results = tag, []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        record = {"check": f"{self.tag}: {name}", "ok": False, "details": {}}
+        try:
+            yield record["details"]
+            record["ok"] = True
+        except Exception:  # noqa: BLE001 - every failure is reported, then the next check runs
+            record["traceback"] = traceback.format_exc()
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        self.results.append(record)
+        status = "PASS" if record["ok"] else "FAIL"
+        print(f"[gpu_smoke] {status} {record['check']} ({record['seconds']} s) "
+              f"{json.dumps(record['details'])}", flush=True)
+        if not record["ok"]:
+            print(record["traceback"], flush=True)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+# ------------------------------------------------------------------------------ dry run
+def read_wheels(path: Path = WHEELS) -> dict[str, str]:
+    """``name==version`` lines of the wheels list (comments and blank lines skipped)."""
+    pins = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"{path}:{number}: expected name==version, got {line!r}")
+        if name.strip() in pins:
+            raise ValueError(f"{path}:{number}: {name.strip()} is listed twice")
+        pins[name.strip()] = version.strip()
+    return pins
+
+
+def stage_c_overrides(model: Path, data: Path, run_dir: Path, steps: int, resume: bool) -> list[str]:
+    """The quick-start config's overrides for stage (c): one process, small steps."""
+    return [f"model.path={model}", f"data.path={data}", f"logging.dir={run_dir}",
+            "parallel.tensor=1", "rollout.prompts_per_step=8", "rollout.n=4",
+            "train.mini_batch_size=4", f"train.steps={steps}", "checkpoint.interval=1",
+            "checkpoint.keep_last=2", f"checkpoint.resume={'true' if resume else 'false'}",
+            "reward.function=tests.trainer.rewards:digit_share", "logging.tensorboard=false"]
+
+
+def dry_run(checks: Checks) -> None:
+    """What can be checked without a GPU: the wheels list, the imports, stage (c)'s config."""
+    with checks("wheels list pins the versions installed here") as details:
+        pins = read_wheels()
+        installed = {name: importlib.metadata.version(name) for name in pins}
+        details.update(pins)
+        wrong = {n: (v, installed[n]) for n, v in pins.items() if installed[n] != v}
+        require(not wrong, f"pinned vs installed: {wrong}")
+    with checks("imports") as details:
+        for module in MODULES:
+            importlib.import_module(module)
+        details["modules"] = len(MODULES)
+    with checks("stage (c) config loads") as details:
+        from megatron_archer.trainer import load_config
+
+        config = load_config(QUICKSTART_CONFIG, stage_c_overrides(
+            Path("model"), Path("data.jsonl"), Path("run"), steps=3, resume=True))
+        details.update(steps=config.train.steps, backend=config.model.backend)
+
+
+# ------------------------------------------------------------------------------ stage (a)
+def _cuda_time(fn, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up, by CUDA events."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def stage_a(checks: Checks) -> None:
+    """The Triton fused op vs its torch path in bf16, and its speed vs the bare matmul."""
+    from megatron_archer.ops import fused_lm_head_logprobs_and_entropy as fused
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen).bfloat16()
+    weight = (torch.randn(VOCAB, HIDDEN, device="cuda", generator=gen) * 2 / HIDDEN**0.5).bfloat16()
+    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda", generator=gen)
+    g_logp = torch.randn(TOKENS, device="cuda", generator=gen)
+    g_entropy = torch.randn(TOKENS, device="cuda", generator=gen)
+
+    def run(implementation: str):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = fused(h, w, labels, implementation=implementation, entropy_grad=True)
+        torch.autograd.backward([logp, entropy], [g_logp, g_entropy])
+        return logp.detach(), entropy.detach(), h.grad, w.grad
+
+    with checks("fused op, Triton vs torch path, bf16 forward and backward") as details:
+        triton_out, torch_out = run("triton"), run("torch")
+        errors = {name: rel_err(a, b) for name, a, b in
+                  zip(("logp", "entropy", "d_hidden", "d_weight"), triton_out, torch_out)}
+        details.update({k: f"{v:.2e}" for k, v in errors.items()})
+        # forward: the same fp32 accumulation of exact bf16 products; backward: G rounded to bf16
+        require(errors["logp"] < 1e-4 and errors["entropy"] < 1e-4, f"forward {errors}")
+        require(errors["d_hidden"] < 2e-2 and errors["d_weight"] < 2e-2, f"backward {errors}")
+        del triton_out, torch_out
+    with checks("fused op speed vs the bare LM-head matmul (reported, not asserted)") as details:
+        with torch.no_grad():
+            matmul = _cuda_time(lambda: hidden @ weight.T)
+            forward = _cuda_time(lambda: fused(hidden, weight, labels, implementation="triton"))
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        grad_logits = torch.randn(TOKENS, VOCAB, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+        def matmul_step():
+            (h @ w.T).backward(grad_logits)
+
+        def fused_step():
+            logp, _ = fused(h, w, labels, implementation="triton")
+            logp.backward(g_logp)
+
+        matmul_both, fused_both = _cuda_time(matmul_step), _cuda_time(fused_step)
+        del grad_logits
+        ratio = forward / matmul
+        details.update(shape=f"{TOKENS}x{VOCAB}x{HIDDEN} bf16", matmul_s=round(matmul, 5),
+                       fused_forward_s=round(forward, 5), forward_ratio=round(ratio, 3),
+                       target=FUSED_FORWARD_TARGET, met=ratio <= FUSED_FORWARD_TARGET,
+                       matmul_fwd_bwd_s=round(matmul_both, 5), fused_fwd_bwd_s=round(fused_both, 5))
+
+
+# ------------------------------------------------------------------------------ stage (b)
+def actor_worker(out: Path) -> None:
+    """Runs under torchrun (1 process): the actor's CUDA path; writes ``out``/actor.json."""
+    from megatron.core import parallel_state
+
+    from megatron_archer import compat
+    from megatron_archer.actor import Actor, ActorConfig
+    from megatron_archer.actor.actor import _unwrap
+    from megatron_archer.distributed import init_process_group
+    from megatron_archer.models import load_hf_model
+    from megatron_archer.models.dist_checkpoint import load_model_checkpoint, save_model_checkpoint
+    from tests.actor.common import hf_logprobs, make_batch
+    from tests.models.checkpoints import write_checkpoint
+
+    checks = Checks("actor")
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare in real fp32
+    init_process_group()
+    parallel_state.initialize_model_parallel(1, 1)
+    compat.model_parallel_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="gpu_smoke_actor_"))
+    path = write_checkpoint(work / "hf", "qwen3")
+    batch = make_batch(9, seed=5)
+    expected = hf_logprobs(path, batch)
+
+    def loss_fn(mb, logp, entropy):
+        weights = torch.linspace(-1.0, 1.0, logp.numel(), device=logp.device).view_as(logp)
+        return (weights * logp * mb.response_mask).sum() / 50
+
+    def actor(dtype: torch.dtype, **config):
+        loaded = load_hf_model(path, params_dtype=dtype)
+        return loaded, Actor(loaded.model, loaded.spec, ActorConfig(
+            max_tokens_per_micro_batch=48, lr=1e-3, params_dtype=str(dtype).removeprefix("torch."),
+            **config), loaded.backend)
+
+    norms = {}
+    for impl in ("logits", "fused"):
+        with checks(f"fp32 packed log-probs and entropy ({impl}) vs transformers") as details:
+            _, runner = actor(torch.float32, logprob_impl=impl)
+            require(runner.on_cuda and len(runner.micro_batches(batch)) > 1, "not CUDA or 1 row")
+            result = runner.compute_logprobs_and_entropy(batch)
+            worst = 0.0
+            for i, (logp, entropy) in enumerate(expected):
+                n = logp.numel()
+                worst = max(worst, (result.logp[i, :n].cpu().double() - logp).abs().max().item(),
+                            (result.entropy[i, :n].cpu().double() - entropy).abs().max().item())
+            details["max_abs_err"] = f"{worst:.2e}"
+            require(worst < 1e-3, f"max abs error {worst}")
+            norms[impl] = runner.train_step(batch, loss_fn).grad_norm
+            details["fp32_grad_norm"] = norms[impl]
+    with checks("bf16 train steps: megatron DDP + distributed optimizer") as details:
+        loaded, bf16 = actor(torch.bfloat16)
+        require(type(bf16.chunks[0]).__name__ == "DistributedDataParallel", "no megatron DDP")
+        before = {k: v.detach().clone() for k, v in _unwrap(bf16.chunks[0]).state_dict().items()
+                  if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        steps = [bf16.train_step(batch, loss_fn) for _ in range(2)]
+        details.update(losses=[s.loss for s in steps], grad_norms=[s.grad_norm for s in steps])
+        require(not any(s.skipped for s in steps), "a step was skipped")
+        after = _unwrap(bf16.chunks[0]).state_dict()
+        moved = max((after[k].float() - v.float()).abs().max().item() for k, v in before.items())
+        details["max_weight_change"] = moved
+        require(moved > 0, "the weights did not change")
+        if "logits" in norms:
+            gap = abs(steps[0].grad_norm - norms["logits"]) / norms["logits"]
+            details["grad_norm_vs_fp32"] = f"{gap:.2e}"
+            require(gap < 5e-2, f"bf16 grad norm {steps[0].grad_norm} vs fp32 {norms['logits']}")
+    with checks("model checkpoint save (fully parallel) and load") as details:
+        model = _unwrap(bf16.chunks[0])
+        save_model_checkpoint(model, loaded.spec, work / "ckpt", hf_source=path)
+        back = load_model_checkpoint(work / "ckpt", backend="local").model
+        mine = model.state_dict()
+        diffs = [k for k, v in back.state_dict().items()
+                 if isinstance(v, torch.Tensor) and k in mine
+                 and not torch.equal(v.cpu(), mine[k].cpu())]
+        details["tensors"] = len(mine)
+        require(not diffs, f"differ after load: {diffs[:5]}")
+    (out / "actor.json").write_text(json.dumps(checks.results, indent=1))
+
+
+def _torchrun(args: list[str], log: Path) -> int:
+    """``python -m torch.distributed.run --nproc-per-node 1 ARGS``, output to ``log`` and stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "--master-port", str(_free_port()), *args]
+    print("[gpu_smoke] $ " + " ".join(command), flush=True)
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sink.write(line)
+            print("    " + line, end="", flush=True)
+        return proc.wait()
+
+
+def _free_port() -> int:
+    from megatron_archer.quickstart.pipeline import free_port
+
+    return free_port()
+
+
+def stage_b(checks: Checks, out: Path) -> None:
+    rc = _torchrun([__file__, "--worker", "actor", "--out", str(out)], out / "stage_b.log")
+    results = out / "actor.json"
+    if results.is_file():
+        checks.results.extend(json.loads(results.read_text()))
+    with checks("actor worker exited cleanly") as details:
+        details["returncode"] = rc
+        require(rc == 0 and results.is_file(), f"torchrun returned {rc}; see stage_b.log")
+
+
+# ------------------------------------------------------------------------------ stage (c)
+def _metric_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+def stage_c(checks: Checks, out: Path) -> None:
+    from megatron_archer.quickstart.build import build_base_model, write_datasets
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_smoke_train_"))
+    model = build_base_model(work / "model")
+    data = write_datasets(work / "data", sft=8, rl=64, eval=8, num_operations=1, max_operand=9)
+    run_dir = work / "run"
+    for name, steps, resume in (("2 steps", 2, False), ("resume to step 3", 3, True)):
+        with checks(f"megatron-archer train, local engine on CUDA: {name}") as details:
+            overrides = stage_c_overrides(model, data.rl, run_dir, steps, resume)
+            rc = _torchrun(["-m", "megatron_archer.cli", "train", str(QUICKSTART_CONFIG),
+                            *overrides], out / f"stage_c_{steps}.log")
+            require(rc == 0, f"train returned {rc}; see stage_c_{steps}.log")
+            logged = _metric_steps(run_dir)
+            details["logged_steps"] = logged
+            require(logged == list(range(1, steps + 1)), f"metrics.jsonl steps {logged}")
+
+
+# ------------------------------------------------------------------------------ main
+def environment() -> dict:
+    versions = {}
+    for name in ("torch", "triton", "transformers", "megatron-core", "math-verify"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cuda": torch.version.cuda, **versions}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="no GPU needed: wheels and imports")
+    parser.add_argument("--stages", default="abc", help="which of a, b, c to run (default abc)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_smoke"))
+    parser.add_argument("--worker", choices=["actor"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.worker == "actor":
+        actor_worker(args.out)
+        return 0
+    info = environment()
+    print(f"[gpu_smoke] {json.dumps(info)}", flush=True)
+    checks = Checks("dry-run" if args.dry_run else "smoke")
+    if args.dry_run:
+        dry_run(checks)
+    elif not torch.cuda.is_available():
+        print("[gpu_smoke] no GPU: CUDA is not available here; run with --dry-run", flush=True)
+        return 2
+    else:
+        start = time.perf_counter()
+        stages = {"a": lambda c: stage_a(c), "b": lambda c: stage_b(c, args.out),
+                  "c": lambda c: stage_c(c, args.out)}
+        for name in sorted(set(args.stages) & set(stages)):
+            stage_checks = Checks(name)
+            with stage_checks("stage completed"):  # a failure outside a check is reported too
+                stages[name](stage_checks)
+            checks.results.extend(stage_checks.results)
+            torch.cuda.empty_cache()
+        info["seconds"] = round(time.perf_counter() - start, 1)
+    ok = all(r["ok"] for r in checks.results)
+    (args.out / "gpu_smoke.json").write_text(json.dumps({**info, "ok": ok,
+                                                         "checks": checks.results}, indent=1))
+    passed = sum(r["ok"] for r in checks.results)
+    print(f"[gpu_smoke] {passed}/{len(checks.results)} checks passed; results in "
+          f"{args.out / 'gpu_smoke.json'}", flush=True)
+    if args.dry_run:
+        print("[gpu_smoke] no GPU used: dry run only (wheels list, imports, stage (c) config); "
+              "stages (a) (b) (c) need CUDA", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
