@@ -52,6 +52,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -169,14 +170,33 @@ class _Server:
         return self.process is None or self.process.poll() is None
 
 
+def _start_process(command: Sequence[str]) -> subprocess.Popen:
+    """``command`` with ``child_environment()``, in a session of its own: its process group
+    (SGLang's scheduler and detokenizer processes included) is stopped as one."""
+    process = subprocess.Popen(list(command), env=child_environment(), start_new_session=True)
+    process.own_group = True
+    return process
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the group ``process`` leads (``_start_process``; the group outlives a leader
+    that exited first), or to the process alone."""
+    if getattr(process, "own_group", False):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass  # every member has exited
+    elif process.poll() is None:
+        process.send_signal(sig)
+
+
 def _stop_process(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``."""
-    if process.poll() is None:
-        process.terminate()
+    """SIGTERM to the process's group, then SIGKILL after ``timeout_s``."""
+    _signal_group(process, signal.SIGTERM)
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        process.kill()
+        _signal_group(process, signal.SIGKILL)
         process.wait()
 
 
@@ -270,7 +290,7 @@ class SGLangEngine(RolloutEngine):
         processes = []
         try:
             for command in commands:
-                processes.append(subprocess.Popen(command, env=child_environment()))
+                processes.append(_start_process(command))
             engine = cls([f"http://127.0.0.1:{base_port + i}" for i in range(num_servers)],
                          tp_size=tp_size, processes=processes, commands=commands,
                          startup_timeout_s=startup_timeout_s, **engine_kwargs)  # fmt: skip
@@ -310,9 +330,14 @@ class SGLangEngine(RolloutEngine):
             if server.process is not None:
                 _stop_process(server.process)
 
+    def _count(self, name: str) -> None:
+        with self._pick_lock:
+            self._metrics[name] += 1
+
     def take_metrics(self) -> dict[str, float]:
-        metrics = {f"rollout/{k}": float(v) for k, v in self._metrics.items()}
-        self._metrics.clear()
+        with self._pick_lock:
+            metrics = {f"rollout/{k}": float(v) for k, v in self._metrics.items()}
+            self._metrics.clear()
         return metrics
 
     def _post(self, server: _Server, path: str, payload: dict | None, policy: RetryPolicy):
@@ -376,7 +401,7 @@ class SGLangEngine(RolloutEngine):
                 results = self._post(server, "/generate", body, policy)
             except ServerUnreachable as error:
                 last, avoid = error, server
-                self._metrics["requests_retried"] += 1
+                self._count("requests_retried")
                 self._recover(server, epoch, error)
                 time.sleep(self.policies.generate.backoff_s * 2**attempt)
                 continue
@@ -417,18 +442,19 @@ class SGLangEngine(RolloutEngine):
 
     def _restart(self, server: _Server, error: ServerError) -> None:
         """Stop ``server``'s process, start it again, give it the current weights."""
-        if self.restarts_left < 1:
-            raise ServerError(f"{server.url} failed again and no restarts are left "
-                              f"(rollout.sglang.max_restarts); last error: {error}") from error
-        self.restarts_left -= 1
+        with self._pick_lock:
+            if self.restarts_left < 1:
+                raise ServerError(f"{server.url} failed again and no restarts are left "
+                                  f"(rollout.sglang.max_restarts); last error: {error}") from error
+            self.restarts_left -= 1
         logger.warning("SGLang server %s is not healthy (%s): restarting it", server.url, error)
         _stop_process(server.process, timeout_s=30.0)
-        server.process = subprocess.Popen(server.command, env=child_environment())
+        server.process = _start_process(server.command)
         server.released.clear()
         self._wait_healthy(server, self.startup_timeout_s)
         self._restore_weights(server)
         server.epoch += 1
-        self._metrics["server_restarts"] += 1
+        self._count("server_restarts")
 
     def _restore_weights(self, server: _Server) -> None:
         """A restarted server gets weight version ``weight_version`` (it starts with the launch

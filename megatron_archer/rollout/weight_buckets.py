@@ -58,7 +58,8 @@ def gather_device_handles(
     for bucket in buckets:
         mine = (host, device_index, serialize_named_tensors(bucket))
         gathered = [None] * dist.get_world_size(group) if rank == 0 else None
-        dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, 0), group=group)
+        dst = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.gather_object(mine, gathered, dst=dst, group=group)
         if rank == 0:
             by_device: dict[int, str] = {}
             for sender_host, index, serialized in gathered:

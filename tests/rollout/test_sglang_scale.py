@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -103,7 +104,7 @@ def test_a_launched_server_that_dies_is_restarted_with_the_current_weights(weigh
     weights = [[("w", torch.full((4,), 3.0))]]
     options = dict(disk_dir=tmp_path / "disk", base_model_path=_base_model(tmp_path / "base")) \
         if weight_sync == "disk" else dict(weights_source=lambda: weights)
-    process = subprocess.Popen(command)
+    process = sglang_engine._start_process(command)
     engine = SGLangEngine([f"http://127.0.0.1:{port}"], weight_sync=weight_sync, max_inflight=1,
                           policies=fast_policies(), processes=[process], commands=[command],
                           **options)  # fmt: skip
@@ -133,7 +134,8 @@ def test_a_restart_without_a_way_to_restore_the_weights_names_the_server(tmp_pat
     port, log, marker = _free_port(), str(tmp_path / "server.log"), str(tmp_path / "died")
     command = process_command(port, log, die_after=0, die_once_file=marker)
     engine = SGLangEngine([f"http://127.0.0.1:{port}"], policies=fast_policies(),
-                          processes=[subprocess.Popen(command)], commands=[command])
+                          processes=[sglang_engine._start_process(command)],
+                          commands=[command])
     try:
         engine._wait_healthy(engine.servers[0], 10.0)
         engine.update_weights([[("w", torch.zeros(2))]], version=1)
@@ -287,3 +289,31 @@ def test_fp8_sync_passes_device_handles_quantised_by_their_senders():
     names = [name for name, _ in _deserialize(bodies[1]["serialized_named_tensors"][0])]
     assert names == ["model.layers.0.mlp.down_proj.weight",
                      "model.layers.0.mlp.down_proj.weight_scale_inv"]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stopping_a_launched_server_stops_its_child_processes(tmp_path):
+    """SGLang's server runs its scheduler and detokenizer as child processes: the whole group
+    goes, even after the parent has exited."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    process = sglang_engine._start_process([sys.executable, "-c", script])
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    assert _running(child)
+    sglang_engine._stop_process(process, timeout_s=10)
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child) and process.poll() is not None
