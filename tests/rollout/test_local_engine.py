@@ -204,3 +204,33 @@ def test_logprobs_match_the_actor_after_a_weight_update(tmp_path):
     engine_checkpoint = write_checkpoint(tmp_path / "engine", "qwen2_tied", seed=1)
     actor_checkpoint = write_checkpoint(tmp_path / "actor", "qwen2_tied", seed=2)
     run_distributed(_gap_worker, 1, engine_checkpoint, actor_checkpoint)
+
+
+def test_generation_uses_every_core_and_restores_the_thread_count(checkpoint, monkeypatch):
+    """On CPU generation runs on every core (``cpu_cores``) whatever the thread count outside,
+    which is restored after; the samples equal a one-thread engine's (tokens exactly, log-probs
+    up to float rounding)."""
+    from megatron_archer.rollout import local_engine
+
+    monkeypatch.setattr(local_engine, "cpu_cores", lambda: 3)
+    every, single = LocalEngine(checkpoint), LocalEngine(checkpoint, threads=1)
+    seen = []
+    forward = every.model.forward
+    monkeypatch.setattr(every.model, "forward", lambda *a, **k: (
+        seen.append(torch.get_num_threads()), forward(*a, **k))[1])
+    params = SamplingParams(max_new_tokens=5, n=3, temperature=1.0, seed=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = every.generate(PROMPTS, params)
+        assert torch.get_num_threads() == 1
+        want = single.generate(PROMPTS, params)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {3}
+    assert _tokens(got) == _tokens(want)
+    for group, ref in zip(got, want):
+        for s, r in zip(group, ref):
+            assert max(abs(a - b) for a, b in zip(s.logprobs, r.logprobs)) < 1e-5
+    with pytest.raises(ValueError, match="LocalEngine threads=0"):
+        LocalEngine(checkpoint, threads=0)
