@@ -36,6 +36,7 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 CORRECTION_LEVELS = ("token", "sequence")
 CORRECTION_MODES = ("truncate", "mask")
 SEQUENCE_RATIOS = ("geometric_mean", "product")
+MASK_NORMALIZERS = ("keep", "drop")
 OLD_LOGPROBS = ("recompute", "rollout")
 
 
@@ -213,9 +214,11 @@ class RolloutCorrectionConfig:
     ratios, or their ``product`` with the log clamped to [-20, 20]). ``mode="truncate"``
     multiplies each policy term by min(w, C), detached (the gradient flows through the policy ratio
     only); ``mode="mask"`` gives weight 0 to tokens (or whole responses) with w outside
-    [1/C, C]. C is ``threshold``. Masked tokens stay in every loss normaliser (SPEC 8's default),
-    so the normalisers remain constants of the step. Token-level truncation at C = 2 is the
-    recommended setting.
+    [1/C, C]. C is ``threshold``. ``mask_normalizer``: masked tokens ``keep`` their place in every
+    loss normaliser (SPEC 8's default: the normalisers stay those of the sampled batch), or
+    ``drop`` out of the step entirely (policy term, KL, entropy bonus, token and response counts,
+    forking threshold and Archer quantiles: as if never sampled). Token-level truncation at C = 2
+    is the recommended setting.
     """
 
     enabled: bool = False
@@ -223,6 +226,7 @@ class RolloutCorrectionConfig:
     mode: str = "truncate"
     threshold: float = 2.0
     sequence_ratio: str = "geometric_mean"
+    mask_normalizer: str = "keep"
 
     def __post_init__(self):
         boolean("enabled", self.enabled)
@@ -230,6 +234,9 @@ class RolloutCorrectionConfig:
         choice("mode", self.mode, CORRECTION_MODES)
         number("threshold", self.threshold, low=1.0, low_open=True)
         choice("sequence_ratio", self.sequence_ratio, SEQUENCE_RATIOS)
+        choice("mask_normalizer", self.mask_normalizer, MASK_NORMALIZERS)
+        if self.mask_normalizer == "drop" and self.mode != "mask":
+            raise ValueError("mask_normalizer 'drop' needs mode 'mask' (truncation keeps every token)")
 
 
 @dataclass(frozen=True)

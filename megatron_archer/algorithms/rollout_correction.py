@@ -9,7 +9,9 @@ log w_t = clamp(logp_old_t - logp_rollout_t, -20, 20) (the clamp of SPEC 3's log
 - ``level="sequence"``: one w_i per response from its valid tokens, exp(mean_t log w_t)
   (``geometric_mean``) or exp(clamp(sum_t log w_t, -20, 20)) (``product``), on all its tokens;
 - ``mode="truncate"``: the policy term L_t is multiplied by min(w, C), detached;
-- ``mode="mask"``: by 1[1/C <= w <= C]; the masked tokens stay in the loss normalisers.
+- ``mode="mask"``: by 1[1/C <= w <= C]; the masked tokens stay in the loss normalisers, or
+  with ``mask_normalizer="drop"`` leave the step (``loss_tokens``: the caller builds the step
+  context and the loss on that mask).
 
 Per-token [B, T] layout with a bool response mask, as policy_loss; values outside the mask are
 ignored. Every response lies whole in one micro-batch, so the per-response weights, and with them
@@ -94,11 +96,29 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
     return RolloutCorrection(weight=weight, ratio=ratio, corrected=corrected)
 
 
+def drops_tokens(config: RolloutCorrectionConfig) -> bool:
+    """Masked tokens leave the step (``mask_normalizer="drop"``, the correction on)."""
+    return config.enabled and config.mode == "mask" and config.mask_normalizer == "drop"
+
+
+def loss_tokens(old_logp: torch.Tensor, rollout_logp: torch.Tensor, response_mask: torch.Tensor,
+                config: RolloutCorrectionConfig, cp_group=None) -> torch.Tensor:
+    """bool [B, T]: the tokens that enter the loss and every normaliser of the step: the response
+    mask, less the masked ones when ``drops_tokens(config)``. The step context and the loss must
+    both be built on it (the normalisers then count the kept tokens only)."""
+    if not drops_tokens(config):
+        return response_mask
+    return response_mask & ~rollout_correction(old_logp, rollout_logp, response_mask, config,
+                                               cp_group).corrected
+
+
 def correction_metric_sums(correction: RolloutCorrection, selection: TokenSelection
                            ) -> dict[str, torch.Tensor]:
     """Per-class float64 sums of one micro-batch (added to ``loss_metric_sums``' dict): the
     weights w and the corrected tokens; ``metrics.reduce_loss_metrics`` turns them into
-    ``<scope>/rollout_is_mean`` and ``<scope>/rollout_is_corrected_frac``."""
+    ``<scope>/rollout_is_mean`` and ``<scope>/rollout_is_corrected_frac``. Under
+    ``mask_normalizer="drop"`` the dropped tokens belong to no class: these then describe the kept
+    tokens, and ``rollout_correction_summary``'s corrected share is the dropped share."""
     sums = {}
     for class_id, name in enumerate(CLASSES):
         members = selection.token_class == class_id

@@ -44,6 +44,8 @@ from megatron_archer.algorithms import (
 from megatron_archer.algorithms.metrics import CLASSES
 from megatron_archer.algorithms.rollout_correction import (
     correction_metric_sums,
+    drops_tokens,
+    loss_tokens,
     rollout_correction,
     rollout_correction_summary,
 )
@@ -170,6 +172,16 @@ def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
     return first_ranks(found)
 
 
+def _loss_tokens(micro, mb: MiniBatch, algorithm: AlgorithmConfig) -> torch.Tensor:
+    """The micro-batch's tokens in the loss and the step context: its response mask, less those
+    the mismatch correction drops (``rollout_correction.mask_normalizer: drop``)."""
+    mask, correction = micro.response_mask, algorithm.rollout_correction
+    if not drops_tokens(correction):
+        return mask
+    return loss_tokens(micro.gather(mb.old_logp.to(mask.device)),
+                       micro.gather(mb.rollout_logp.to(mask.device)), mask, correction)
+
+
 def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
     """The micro-batch loss: selection, the mismatch correction from the engine's log-probs when
     ``algorithm.rollout_correction`` is enabled (SPEC 8), the policy loss, and its metric sums."""
@@ -181,7 +193,7 @@ def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
     gather = (lambda micro, t: None if t is None else micro.gather(t))
 
     def loss_fn(micro, logp, entropy):
-        mask = micro.response_mask
+        mask = _loss_tokens(micro, mb, algorithm)
         chosen = selection_entropy(selection, entropy, gather(micro, old_entropy))
         tokens = select_tokens(chosen, mask, selection, loss_config, ctx.forking_threshold)
         weights = None if rollout_logp is None else rollout_correction(
@@ -226,7 +238,8 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
             old_entropy = mb.old_entropy  # None: old_logprobs rollout, selection none
             ctx = build_step_context([(None if old_entropy is None else
                                        m.gather(old_entropy.to(m.response_mask.device)),
-                                       m.response_mask) for m in micro], algorithm.selection,
+                                       _loss_tokens(m, mb, algorithm)) for m in micro],
+                                     algorithm.selection,
                                      dp_group)
             result = actor.train_step(mb.batch, _loss_fn(mb, algorithm, ctx, actor.device),
                                       entropy_grad=entropy_grad, micro_batches=micro)

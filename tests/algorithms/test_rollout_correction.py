@@ -20,6 +20,7 @@ from megatron_archer.algorithms.metrics import loss_metric_sums, reduce_loss_met
 from megatron_archer.algorithms.policy_loss import policy_loss
 from megatron_archer.algorithms.rollout_correction import (
     correction_metric_sums,
+    loss_tokens,
     rollout_correction,
     rollout_correction_summary,
 )
@@ -110,6 +111,43 @@ def test_policy_loss_multiplies_each_policy_term_by_the_weight(selection, aggreg
         want_loss, want_grad, _ = reference(batch, sel, ctx, cfg, pg_factor=correction.weight)
         assert out.loss.item() == pytest.approx(want_loss, rel=1e-12, abs=1e-14)
         np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dropped_tokens_leave_the_step_and_its_normalisers(level):
+    """mask_normalizer "drop": the loss is the float64 reference on the kept tokens only, with
+    the step context counted on them; for a pure token-mean policy loss it is the "keep" loss
+    rescaled from N_all to N_kept tokens."""
+    batch = rollout_batch(37)
+    keep_cfg = RolloutCorrectionConfig(True, level, "mask", 1.5)
+    drop_cfg = RolloutCorrectionConfig(True, level, "mask", 1.5, mask_normalizer="drop")
+    kept = loss_tokens(batch["old"], batch["rollout"], batch["mask"], drop_cfg)
+    corrected = rollout_correction(batch["old"], batch["rollout"], batch["mask"], keep_cfg).corrected
+    assert torch.equal(kept, batch["mask"] & ~corrected) and corrected.any()
+    assert torch.equal(loss_tokens(batch["old"], batch["rollout"], batch["mask"], keep_cfg), batch["mask"])
+    cfg = LossConfig(dual_clip=3.0)
+    for name in ("none", "forking_all", "archer"):
+        sel_cfg = SELECTIONS[name]
+        ctx = build_step_context([(batch["entropy"], kept)], sel_cfg)
+        sel = select_tokens(batch["entropy"], kept, sel_cfg, cfg, ctx.forking_threshold)
+        logp = batch["logp"].clone().requires_grad_(True)
+        weight = rollout_correction(batch["old"], batch["rollout"], kept, drop_cfg).weight
+        out = policy_loss(logp, batch["old"], batch["adv"], kept, sel, ctx, cfg,
+                          ref_logp=batch["ref"], rollout_weight=weight)
+        (grad,) = torch.autograd.grad(out.loss, [logp])
+        want_loss, want_grad, _ = reference({**batch, "mask": kept}, sel, ctx, cfg)
+        assert out.loss.item() == pytest.approx(want_loss, rel=1e-12, abs=1e-14), name
+        np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-10, atol=1e-14)
+    keep_ctx = build_step_context([(None, batch["mask"])], SelectionConfig())
+    drop_ctx = build_step_context([(None, kept)], SelectionConfig())
+    losses = []
+    for ctx, mask, weights in ((keep_ctx, batch["mask"], keep_cfg), (drop_ctx, kept, drop_cfg)):
+        sel = select_tokens(None, mask, SelectionConfig(), cfg)
+        w = rollout_correction(batch["old"], batch["rollout"], mask, weights).weight
+        losses.append(policy_loss(batch["logp"], batch["old"], batch["adv"], mask, sel, ctx, cfg,
+                                  rollout_weight=w).loss.item())
+    assert drop_ctx.num_tokens == batch["mask"].sum() - corrected.sum()
+    assert losses[1] * drop_ctx.num_tokens == pytest.approx(losses[0] * keep_ctx.num_tokens, rel=1e-12)
 
 
 def test_non_finite_correction_weight_raises_naming_it():
@@ -215,6 +253,10 @@ def test_config_validation_names_the_field():
          "rollout_correction.sequence_ratio must be one of geometric_mean, product"),
         ({"rollout_correction": {"enabled": 1}}, "rollout_correction.enabled must be true or false"),
         ({"old_logprobs": "engine"}, "old_logprobs must be one of recompute, rollout"),
+        ({"rollout_correction": {"mask_normalizer": "none"}},
+         "rollout_correction.mask_normalizer must be one of keep, drop"),
+        ({"rollout_correction": {"mask_normalizer": "drop"}},
+         "rollout_correction.mask_normalizer 'drop' needs mode 'mask'"),
         ({"old_logprobs": "rollout", "rollout_correction": {"enabled": True}},
          "rollout_correction.enabled has no effect with old_logprobs 'rollout'"),
     ]

@@ -24,6 +24,7 @@ from megatron_archer.algorithms import (
 from megatron_archer.algorithms.config import RolloutCorrectionConfig
 from megatron_archer.algorithms.rollout_correction import (
     correction_metric_sums,
+    loss_tokens,
     rollout_correction,
     rollout_correction_summary,
 )
@@ -48,7 +49,9 @@ AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 CORRECTIONS = [RolloutCorrectionConfig(True, "token", "truncate", 2.0),
                RolloutCorrectionConfig(True, "token", "mask", 1.5),
                RolloutCorrectionConfig(True, "sequence", "mask", 1.3, "geometric_mean"),
-               RolloutCorrectionConfig(True, "sequence", "truncate", 2.0, "product")]
+               RolloutCorrectionConfig(True, "sequence", "truncate", 2.0, "product"),
+               RolloutCorrectionConfig(True, "token", "mask", 1.5, mask_normalizer="drop"),
+               RolloutCorrectionConfig(True, "sequence", "mask", 1.3, mask_normalizer="drop")]
 
 
 def _responses(seed):
@@ -92,13 +95,15 @@ def _pad(responses):
 def _step(micro_batches, selection, loss_cfg, group, correction=AlgorithmConfig().rollout_correction):
     """Summed loss of this rank's micro-batches, per-response log-prob gradients, metric sums
     (with the mismatch correction's, and its step summary, when ``correction`` is enabled)."""
-    ctx = build_step_context([(mb["entropy"], mb["mask"]) for mb in micro_batches], selection, group)
+    # the tokens in the loss: all, or those the correction keeps (mask_normalizer "drop")
+    masks = [loss_tokens(mb["old"], mb["rollout"], mb["mask"], correction) for mb in micro_batches]
+    ctx = build_step_context([(mb["entropy"], m) for mb, m in zip(micro_batches, masks)], selection, group)
     total, grads, sums = 0.0, [], []
-    for mb in micro_batches:
-        sel = select_tokens(mb["entropy"], mb["mask"], selection, loss_cfg, ctx.forking_threshold)
+    for mb, mask in zip(micro_batches, masks):
+        sel = select_tokens(mb["entropy"], mask, selection, loss_cfg, ctx.forking_threshold)
         logp = mb["logp"].clone().requires_grad_(True)
-        weights = rollout_correction(mb["old"], mb["rollout"], mb["mask"], correction)
-        out = policy_loss(logp, mb["old"], mb["adv"], mb["mask"], sel, ctx, loss_cfg,
+        weights = rollout_correction(mb["old"], mb["rollout"], mask, correction)
+        out = policy_loss(logp, mb["old"], mb["adv"], mask, sel, ctx, loss_cfg,
                           ref_logp=mb["ref"], entropy=mb["entropy"],
                           rollout_weight=weights.weight if correction.enabled else None)
         (grad,) = torch.autograd.grad(out.loss, [logp])
@@ -144,8 +149,8 @@ def _worker(rank, world_size, seed):
         extra = () if correction is None else (correction,)
         want_loss, want_grads, want_metrics, want_ctx = _step(single, selection, cfg, None, *extra)
         loss, grads, metrics, ctx = _step(mine, selection, cfg, group, *extra)
-        if correction is not None:
-            assert 0 < metrics["all/rollout_is_corrected_frac"] < 1, what  # both sides reached
+        if correction is not None:  # both sides reached (dropped tokens: in the step summary)
+            assert 0 < metrics["rollout_is/corrected_share"] < 1, what
         summed = torch.tensor([loss], dtype=torch.float64)
         dist.all_reduce(summed, group=group)
         _close(summed.item(), want_loss, what)

@@ -2,7 +2,7 @@
 ``old_logprobs: rollout`` skips the old-policy forward (selection ``none``) or runs it for the
 entropy only (Archer), and trains exactly like ``recompute`` when the engine's log-probs are the
 trainer's; the mismatch correction is wired into the loss and its metrics (w = 1 changes
-nothing; a perturbed engine is corrected and reported)."""
+nothing; a perturbed engine is corrected and reported; dropped tokens leave the normaliser)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from megatron_archer.actor import Actor, ActorConfig
 from megatron_archer.algorithms import AlgorithmConfig, Constraints, LossConfig, preset
 from megatron_archer.algorithms.config import RolloutCorrectionConfig
+from megatron_archer.algorithms.rollout_correction import rollout_correction
 from megatron_archer.models import load_hf_model
 from megatron_archer.rollout import Sample
 from megatron_archer.trainer.rollout_phase import Group
@@ -131,6 +132,22 @@ def _worker(rank, world_size, path):
         assert 0.0 < metrics["rollout_is/corrected_share"] < 1.0
         assert 0.0 < out_d["actor/all/rollout_is_corrected_frac"] < 1.0
         assert any(not torch.equal(a, b) for a, b in zip(params_c, params_d))
+
+        # mask_normalizer drop: masked tokens leave the step context and the loss; for a pure
+        # token-mean policy loss on one mini-batch, the loss is the keep loss rescaled to them
+        masked = RolloutCorrectionConfig(True, "token", "mask", 1.5)
+        keep = replace(plain, rollout_correction=masked)
+        drop = replace(plain, rollout_correction=replace(masked, mask_normalizer="drop"))
+        _, _, _, out_keep, _, trained = _train(path, shares[:1], keep)
+        _, _, metrics, out_drop, _, _ = _train(path, shares[:1], drop)
+        mb = trained[0]
+        mask = mb.batch.response_layout_mask()
+        corrected = rollout_correction(mb.old_logp, mb.rollout_logp, mask, masked).corrected
+        n_all, n_kept = int(mask.sum()), int((mask & ~corrected).sum())
+        assert 0 < n_kept < n_all
+        assert metrics["rollout_is/corrected_share"] == pytest.approx(1 - n_kept / n_all)
+        assert out_drop["actor/loss"] * n_kept == pytest.approx(out_keep["actor/loss"] * n_all, rel=1e-5)
+        assert out_drop["actor/all/rollout_is_corrected_frac"] == 0.0  # the kept tokens only
 
 
 def test_old_logprobs_from_rollout_and_the_correction_in_the_training_phase(tmp_path):
