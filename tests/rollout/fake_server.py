@@ -93,12 +93,12 @@ def fast_policies(timeout_s: float = 2.0, attempts: int = 3, backoff_s: float = 
 
 
 def process_command(port: int, log: str, *, die_after: int | None = None,
-                    die_once_file: str | None = None) -> list[str]:
+                    die_once_file: str | None = None, hang: bool = False) -> list[str]:
     """A command line running this file as a server process on ``port`` (see ``main``)."""
     command = [sys.executable, os.path.abspath(__file__), "--port", str(port), "--log", log]
     if die_after is not None:
         command += ["--die-after", str(die_after), "--die-once-file", die_once_file]
-    return command
+    return command + (["--hang"] if hang else [])
 
 
 def read_log(log: str) -> list[dict]:
@@ -112,7 +112,9 @@ def main(argv=None) -> None:
     """A fake SGLang server in its own process (a stand-in for ``sglang.launch_server`` that a
     launched engine can restart): answers like ``ok_script``, appends its environment at start
     and every request to ``--log``; with ``--die-after N`` the process exits in the middle of
-    its (N+1)-th ``/generate`` (the connection is dropped), once: ``--die-once-file`` marks it."""
+    its (N+1)-th ``/generate`` (the connection is dropped), once: ``--die-once-file`` marks it;
+    with ``--hang`` as well it stops answering instead (every request from then on, ``/health``
+    included, waits forever while the process lives on)."""
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -120,8 +122,9 @@ def main(argv=None) -> None:
     parser.add_argument("--log", required=True)
     parser.add_argument("--die-after", type=int)
     parser.add_argument("--die-once-file")
+    parser.add_argument("--hang", action="store_true")
     args = parser.parse_args(argv)
-    lock, generates = threading.Lock(), [0]
+    lock, generates, hung = threading.Lock(), [0], threading.Event()
     dies = args.die_after is not None and not os.path.exists(args.die_once_file)
 
     def record(entry):
@@ -136,7 +139,11 @@ def main(argv=None) -> None:
                 dying = dies and generates[0] > args.die_after
             if dying:
                 open(args.die_once_file, "w").close()
-                os._exit(1)
+                if not args.hang:
+                    os._exit(1)
+                hung.set()
+        if hung.is_set():
+            threading.Event().wait()
         return ok_script(path, body)
 
     record({"start": dict(os.environ)})

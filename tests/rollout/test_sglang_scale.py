@@ -130,6 +130,22 @@ def test_a_launched_server_that_dies_is_restarted_with_the_current_weights(weigh
     assert engine.take_metrics() == {"rollout/requests_retried": 1.0, "rollout/server_restarts": 1.0}
 
 
+def test_a_launched_server_that_stops_answering_is_restarted(tmp_path):
+    """Hung, not dead: its process lives but neither /generate nor /health answers."""
+    port, log, marker = _free_port(), str(tmp_path / "server.log"), str(tmp_path / "hung")
+    command = process_command(port, log, die_after=1, die_once_file=marker, hang=True)
+    process = sglang_engine._start_process(command)
+    engine = SGLangEngine([f"http://127.0.0.1:{port}"], max_inflight=1, processes=[process],
+                          commands=[command], policies=fast_policies(timeout_s=0.5))
+    try:
+        engine._wait_healthy(engine.servers[0], 10.0)
+        samples = engine.generate(PROMPTS[:3], PARAMS)
+    finally:
+        engine.shutdown()
+    assert _tokens(samples) == EXPECTED[:3] and process.poll() is not None, "the hung one killed"
+    assert engine.take_metrics() == {"rollout/requests_retried": 1.0, "rollout/server_restarts": 1.0}
+
+
 def test_a_restart_without_a_way_to_restore_the_weights_names_the_server(tmp_path):
     port, log, marker = _free_port(), str(tmp_path / "server.log"), str(tmp_path / "died")
     command = process_command(port, log, die_after=0, die_once_file=marker)
