@@ -262,6 +262,7 @@ class SGLangEngine(RolloutEngine):
         self._failed_update: str | None = None
         self._group = None
         self._pick_lock = threading.Lock()
+        self._closed = False
         self._metrics: Counter[str] = Counter()
 
     # -- servers -------------------------------------------------------------------------------
@@ -305,6 +306,8 @@ class SGLangEngine(RolloutEngine):
     def _wait_healthy(self, server: _Server, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self._healthy(server):
+            if self._closed:
+                raise ServerError(f"{server.url}: the engine was shut down while it started")
             if not server.alive():
                 raise ServerError(f"{server.url}: the server process exited with code "
                                   f"{server.process.returncode} while starting")
@@ -325,7 +328,9 @@ class SGLangEngine(RolloutEngine):
 
     def shutdown(self) -> None:
         """Stop the servers this engine launched (SIGTERM, SIGKILL after 60 s); attached servers
-        are left running."""
+        are left running. A restart still under way in a generation thread stops its new
+        process itself."""
+        self._closed = True
         for server in self.servers:
             if server.process is not None:
                 _stop_process(server.process)
@@ -449,7 +454,11 @@ class SGLangEngine(RolloutEngine):
             self.restarts_left -= 1
         logger.warning("SGLang server %s is not healthy (%s): restarting it", server.url, error)
         _stop_process(server.process, timeout_s=30.0)
+        if self._closed:
+            raise ServerError(f"{server.url}: not restarted, the engine was shut down") from error
         server.process = _start_process(server.command)
+        if self._closed:  # shutdown() ran between the check and the start
+            _stop_process(server.process)
         server.released.clear()
         self._wait_healthy(server, self.startup_timeout_s)
         self._restore_weights(server)

@@ -333,3 +333,17 @@ def test_stopping_a_launched_server_stops_its_child_processes(tmp_path):
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(child) and process.poll() is not None
+
+
+def test_no_restart_after_shutdown(tmp_path):
+    """A generation thread that finds a dead server after the engine was shut down (the step
+    failed elsewhere) does not start a process that nobody would stop."""
+    port, log = _free_port(), str(tmp_path / "server.log")
+    command = process_command(port, log)
+    engine = SGLangEngine([f"http://127.0.0.1:{port}"], policies=fast_policies(),
+                          processes=[sglang_engine._start_process(command)], commands=[command])
+    engine._wait_healthy(engine.servers[0], 10.0)
+    engine.shutdown()
+    with pytest.raises(ServerError, match="not restarted, the engine was shut down"):
+        engine._restart(engine.servers[0], ServerError("gone"))
+    assert len([r for r in read_log(log) if "start" in r]) == 1
