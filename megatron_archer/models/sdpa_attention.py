@@ -11,11 +11,16 @@ Packed rows take the same route as with Transformer Engine: megatron's ``PackedS
 as [t, heads, d] (batch dimension squeezed, RoPE already applied per sequence from position 0) and
 reshapes the [t, heads * d] result back itself. Attention is computed per sequence (causal inside
 it), so its cost is the sum of the squared sequence lengths, never the square of the row length.
+
+Under context parallelism (``context_parallel_size`` > 1, packed rows only) each rank holds two
+chunks of every sequence; ``cp_attention.context_parallel_attention`` gathers keys and values over
+the CP group (``pg_collection.cp``, else megatron's) and masks by global positions.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +51,8 @@ class SDPACoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not support context parallelism")
+        self.cp_size = config.context_parallel_size
+        self.cp_group = getattr(pg_collection, "cp", None)
         self.attn_mask_type = attn_mask_type
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
@@ -71,7 +76,12 @@ class SDPACoreAttention(MegatronModule):
             if attention_mask is not None:
                 raise ValueError("SDPACoreAttention: packed_seq_params and attention_mask are "
                                  "exclusive (the packed sequences define the mask)")
+            if self.cp_size > 1:
+                return self._context_parallel(query, key, value, packed_seq_params)
             return self._packed(query, key, value, _sequence_lengths(packed_seq_params))
+        if self.cp_size > 1:
+            raise ValueError("SDPACoreAttention supports context parallelism for packed (thd) "
+                             "rows only: pass packed_seq_params")
         mask_type = attn_mask_type or self.attn_mask_type
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -96,6 +106,23 @@ class SDPACoreAttention(MegatronModule):
             for qi, ki, vi in zip(q, k, v)
         ], dim=1)  # fmt: skip
         return context.transpose(0, 1).flatten(1)
+
+    def _context_parallel(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """[t_local, h, d] of this CP rank's chunks -> [t_local, h * d] (module docstring)."""
+        from megatron.core import parallel_state
+
+        from megatron_archer.models.cp_attention import context_parallel_attention
+
+        p = packed_seq_params
+        _sequence_lengths(replace(p, cu_seqlens_q_padded=None, cu_seqlens_kv_padded=None))  # checks
+        if p.cu_seqlens_q_padded is None or not torch.equal(p.cu_seqlens_kv_padded, p.cu_seqlens_q_padded):
+            raise ValueError("SDPACoreAttention with context parallelism needs equal "
+                             "cu_seqlens_q_padded and cu_seqlens_kv_padded (the CP split of each "
+                             "sequence)")
+        group = self.cp_group or parallel_state.get_context_parallel_group()
+        return context_parallel_attention(
+            query, key, value, p.cu_seqlens_q_padded, group,
+            lambda q, k, v, masked: self._sdpa(q, k, v, attention_mask=masked, causal=False))
 
     def _sdpa(self, q, k, v, attention_mask, causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(
