@@ -109,6 +109,12 @@ def _padded(entropy: list[torch.Tensor]):
     return values, mask
 
 
+def _runner(budget: int, device):
+    """What ``ModelRunner.micro_batches`` reads of its actor, without a model."""
+    return SimpleNamespace(config=ActorConfig(max_tokens_per_micro_batch=budget), device=device,
+                           pack_multiple=1)
+
+
 def _algorithm_results(rank: int, device):
     """Step contexts, k-th largest values and entropy metrics of this rank's micro-batches."""
     entropy = _responses(rank, 7)
@@ -143,7 +149,7 @@ def _trainer_data_path(rank: int, device):
                      old_entropy=torch.rand(rows, width, generator=gen),
                      ref_logp=-torch.rand(rows, width, generator=gen))
     algorithm = preset("archer")
-    runner = SimpleNamespace(config=ActorConfig(max_tokens_per_micro_batch=12), device=device)
+    runner = _runner(12, device)
     micro = ModelRunner.micro_batches(runner, mini.batch)
     ctx = build_step_context([(m.gather(mini.old_entropy.to(m.response_mask.device)),
                                m.response_mask) for m in micro], algorithm.selection,
@@ -172,23 +178,26 @@ def _worker(rank: int, world_size: int):
         assert wrapped_step[0] == plain_step[0] and wrapped_step[2] == plain_step[2]
         assert all(torch.equal(a, b) for a, b in zip(wrapped_step[1], plain_step[1]))
         # the same micro-batching with an NCCL-only group: its CPU token count is refused
-        runner = SimpleNamespace(config=ActorConfig(max_tokens_per_micro_batch=12), device=FAKE_DEVICE)
+        runner = _runner(12, FAKE_DEVICE)
         batch = SequenceBatch([torch.arange(5)], [torch.arange(5) > 2])
         with fake_cuda(backend="nccl"):
             with pytest.raises(CollectiveDeviceError, match="device type cpu"):
                 ModelRunner.micro_batches(runner, batch)
 
+        # a collective whose tensor is on CUDA on one rank and on the CPU on the other
+        with fake_cuda():
+            value = torch.ones(2).cuda() if rank == 0 else torch.ones(2)
+            with pytest.raises(CollectiveDeviceError, match="CUDA on some ranks"):
+                distributed.all_reduce_(value, dist.group.WORLD)
+        # a sequence over the token budget on rank 1 only raises on both ranks
+        length = 12 if rank == 1 else 4
+        batch = SequenceBatch([torch.arange(length)], [torch.arange(length) > 1])
+        with fake_cuda():
+            with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
+                ModelRunner.micro_batches(_runner(8, FAKE_DEVICE), batch)
+
 
 def test_cuda_data_paths_on_two_ranks_equal_the_cpu_run():
+    """Also: a collective on different devices on different ranks, and a too-long sequence on
+    one rank, raise on every rank (no rank is left waiting in a collective)."""
     run_distributed(_worker, 2)
-
-
-def _device_mismatch_worker(rank: int, world_size: int):
-    with fake_cuda():
-        value = torch.ones(2).cuda() if rank == 0 else torch.ones(2)
-        with pytest.raises(CollectiveDeviceError, match="CUDA on some ranks"):
-            distributed.all_reduce_(value, dist.group.WORLD)
-
-
-def test_a_collective_on_different_devices_raises_on_every_rank():
-    run_distributed(_device_mismatch_worker, 2)

@@ -157,12 +157,20 @@ class ModelRunner:
         Every data-parallel rank gets the same number (the largest any rank needs; one
         all-reduce), as megatron's schedules and ``build_step_context`` require. Deterministic,
         so a trainer calling it before ``train_step`` sees the micro-batches ``loss_fn`` gets.
+        A sequence over the token budget on any rank raises on every rank (after the all-reduce,
+        so no rank is left waiting in it).
         """
         lengths = batch.lengths
-        plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch)
-        count = torch.tensor([len(plan)], dtype=torch.int64)
+        try:
+            plan, problem = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch), None
+        except ValueError as error:
+            plan, problem = [], str(error)
+        count = torch.tensor([len(plan), problem is not None], dtype=torch.int64)
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
-        plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch, int(count))
+        if count[1]:
+            raise ValueError(problem or "another data-parallel rank has a sequence longer than "
+                             "ActorConfig.max_tokens_per_micro_batch")
+        plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch, int(count[0]))
         return [pack(batch, indices, device=self.device, multiple=self.pack_multiple)
                 for indices in plan]
 
