@@ -128,9 +128,10 @@ _settings = _Settings()
 _settings_lock = threading.Lock()
 
 
-def configure_sandbox(sandbox: str = BWRAP, workers: int | None = None) -> None:
+def configure_sandbox(sandbox: str = BWRAP, workers: int | None = None, check: bool = False) -> None:
     """Choose the sandbox for runs that do not name one, and the size of `run_many`'s pool.
-    "in_process" warns (once per process) that it is not a security boundary."""
+    "in_process" warns (once per process) that it is not a security boundary; `check` makes
+    "bwrap" probe the machine now (raising SandboxUnavailable) rather than at the first run."""
     if sandbox not in SANDBOXES:
         raise ValueError(f"sandbox must be one of {', '.join(SANDBOXES)}; got {sandbox!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -144,6 +145,8 @@ def configure_sandbox(sandbox: str = BWRAP, workers: int | None = None) -> None:
             _settings.workers = workers
     if sandbox == IN_PROCESS:
         _warn_in_process()
+    elif check:
+        bwrap.require()
 
 
 def run_python(

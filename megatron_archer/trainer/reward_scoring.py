@@ -13,10 +13,12 @@ from megatron_archer.trainer.config import RewardConfig
 class RewardScorer:
     """``RewardConfig.function`` for every prompt, or the one ``by_data_source`` names; the
     response text is decoded without special tokens. Functions are loaded once, at construction,
-    so a bad spec fails before any generation. ``config.sandbox`` is where code rewards run programs."""
+    so a bad spec fails before any generation. ``config.sandbox`` is where code rewards run
+    programs; with the built-in ``code`` reward configured, a machine that cannot build the
+    bwrap sandbox fails here too, saying how to fix it."""
 
     def __init__(self, config: RewardConfig, tokenizer):
-        configure_sandbox(config.sandbox)
+        configure_sandbox(config.sandbox, check="code" in {config.function, *config.by_data_source.values()})
         self.tokenizer = tokenizer
         self.default = load_reward_fn(config.function)
         self.by_source = {source: load_reward_fn(spec) for source, spec in config.by_data_source.items()}

@@ -370,6 +370,15 @@ def test_reward_sandbox_config_is_validated_and_reaches_the_sandbox(monkeypatch)
     assert code_sandbox._settings.sandbox == "in_process"
     RewardScorer(RewardConfig(function="code"), tokenizer=None)
     assert code_sandbox._settings.sandbox == "bwrap"
+    # with the code reward configured, a machine without bubblewrap fails at start, not mid-run
+    monkeypatch.setenv("PATH", "/nonexistent")
+    bwrap.require.cache_clear()  # the probe is cached per process
+    try:
+        with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+            RewardScorer(RewardConfig(function="math", by_data_source={"apps": "code"}), tokenizer=None)
+    finally:
+        bwrap.require.cache_clear()
+    RewardScorer(RewardConfig(function="math"), tokenizer=None)  # math only: no sandbox needed
 
 
 def test_in_process_cleanup_survives_a_very_deep_tree(monkeypatch):
