@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron_archer import distributed
 from megatron_archer.actor import ActorConfig, SequenceBatch
 from megatron_archer.actor.actor import ModelRunner
+from megatron_archer.actor.packing import scatter_to_batch
 from megatron_archer.algorithms import (
     SelectionConfig,
     build_step_context,
@@ -155,13 +156,17 @@ def _trainer_data_path(rank: int, device):
                                m.response_mask) for m in micro], algorithm.selection,
                              dist.group.WORLD)
     loss_fn = _loss_fn(mini, algorithm, ctx, device)
-    losses, grads, sums = [], [], []
+    # the actor's per-label results -> response layout -> the batch layout (compute_logprobs_...)
+    per_label = [torch.arange(m.labels.numel(), dtype=torch.float32) for m in micro]
+    laid_out = [m.to_layout(v.to(m.labels.device)) for m, v in zip(micro, per_label)]
+    scattered = scatter_to_batch(rows, micro, laid_out, width).cpu()
+    losses, grads, sums = [scattered], [], []
     for m in micro:
         logp = (m.gather(mini.old_logp) + 0.1).to(m.response_mask.device).requires_grad_(True)
         entropy = m.gather(mini.old_entropy).to(m.response_mask.device)
         loss, metric_sums = loss_fn(m, logp, entropy)
         loss.backward()
-        losses.append(loss.item())
+        losses.append(torch.tensor(loss.item()))
         grads.append(logp.grad.cpu())
         sums.append(metric_sums)
     return losses, grads, reduce_loss_metrics(sums, dist.group.WORLD)
@@ -175,7 +180,8 @@ def _worker(rank: int, world_size: int):
             wrapped = _algorithm_results(rank, FAKE_DEVICE)
             wrapped_step = _trainer_data_path(rank, FAKE_DEVICE)
         assert wrapped == plain
-        assert wrapped_step[0] == plain_step[0] and wrapped_step[2] == plain_step[2]
+        assert all(torch.equal(a, b) for a, b in zip(wrapped_step[0], plain_step[0]))
+        assert wrapped_step[2] == plain_step[2]
         assert all(torch.equal(a, b) for a, b in zip(wrapped_step[1], plain_step[1]))
         # the same micro-batching with an NCCL-only group: its CPU token count is refused
         runner = _runner(12, FAKE_DEVICE)
