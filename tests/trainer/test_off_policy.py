@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +18,6 @@ from megatron_archer.algorithms import AlgorithmConfig, Constraints, LossConfig,
 from megatron_archer.algorithms.config import RolloutCorrectionConfig
 from megatron_archer.algorithms.rollout_correction import rollout_correction
 from megatron_archer.models import load_hf_model
-from megatron_archer.rollout import Sample
-from megatron_archer.trainer.rollout_phase import Group
 from megatron_archer.trainer.step import (
     build_shares,
     compute_old_and_reference,
@@ -30,22 +27,7 @@ from megatron_archer.trainer.step import (
 from tests.distributed import run_distributed
 from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
-
-
-def _groups(num_groups: int, n: int, seed: int) -> list[Group]:
-    """Random prompts and responses with rewards 0/1 alternating (every group has a signal)."""
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for _ in range(num_groups):
-        prompt = SimpleNamespace(input_ids=tuple(torch.randint(0, 250, (4,), generator=g).tolist()))
-        samples = []
-        for _ in range(n):
-            length = int(torch.randint(1, 12, (), generator=g))
-            samples.append(Sample(token_ids=torch.randint(0, 250, (length,), generator=g).tolist(),
-                                  logprobs=[0.0] * length, finish_reason="stop"))
-        rewards = [float(k % 2) for k in range(n)]
-        groups.append(Group(prompt, samples, rewards, rewards))
-    return groups
+from tests.trainer.common import random_groups
 
 
 def _actor(path):
@@ -60,7 +42,8 @@ def _params(actor):
 
 def _agreeing_shares(path, algorithm):
     """Mini-batches whose engine log-probs are exactly the trainer's at step start."""
-    shares = build_shares(_groups(4, 4, seed=5), algorithm, 2, 1)[0]
+    groups = random_groups(4, 4, seed=5, max_length=11, engine_logprobs=False)
+    shares = build_shares(groups, algorithm, 2, 1)[0]
     compute_old_and_reference(_actor(path), None, shares, offload_reference=False)
     for mb in shares:
         mb.rollout_logp = mb.old_logp.clone()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +17,6 @@ from megatron_archer.actor import Actor, ActorConfig
 from megatron_archer.algorithms import preset
 from megatron_archer.models import load_hf_model
 from megatron_archer.nonfinite import NonFiniteError
-from megatron_archer.rollout import Sample
-from megatron_archer.trainer.rollout_phase import Group
 from megatron_archer.trainer.rollout_share import scatter_shares
 from megatron_archer.trainer.step import (
     MiniBatch,
@@ -32,22 +29,7 @@ from megatron_archer.trainer.step import (
 from tests.distributed import run_distributed
 from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
-
-
-def _groups(num_groups: int, n: int, seed: int) -> list[Group]:
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for _ in range(num_groups):
-        prompt = SimpleNamespace(input_ids=tuple(torch.randint(0, 250, (4,), generator=g).tolist()))
-        samples, rewards = [], []
-        for k in range(n):
-            length = int(torch.randint(1, 14, (), generator=g))
-            samples.append(Sample(token_ids=torch.randint(0, 250, (length,), generator=g).tolist(),
-                                  logprobs=(-torch.rand(length, generator=g)).tolist(),
-                                  finish_reason="stop"))
-            rewards.append(float(k % 2))
-        groups.append(Group(prompt, samples, rewards, rewards))
-    return groups
+from tests.trainer.common import random_groups
 
 
 def _params(actor):
@@ -69,7 +51,7 @@ def _worker(rank, world_size, path):
                             selection=replace(algorithm.selection, archer=replace(
                                 algorithm.selection.archer,
                                 knowledge=replace(algorithm.selection.archer.knowledge, kl_coef=0.0))))
-        shares = build_shares(_groups(4, 4, seed=3), algorithm, 2, 2) if rank == 0 else None
+        shares = build_shares(random_groups(4, 4, seed=3), algorithm, 2, 2) if rank == 0 else None
         mini_batches, moved = scatter_shares(shares, MiniBatch)
         assert moved > 0 and len(mini_batches) == 2
         every = [None, None]
