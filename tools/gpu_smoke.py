@@ -19,7 +19,14 @@ Stages, each check reported pass/fail with its traceback, the next one run after
 Needs neither Transformer Engine nor SGLang (the local layer spec, the local engine). What the
 GPU machine lacks travels as wheels: ``tools/gpu_wheels.txt``, downloaded by
 ``tools/gpu_wheels.sh``. Results go to ``--out`` (default ``$OUT`` or ``runs/gpu_smoke``) as
-``gpu_smoke.json``; the exit status is 0 only when every check passed (or the dry run did).
+``gpu_smoke.json`` (with device, date and versions for benchmarks/RESULTS.md) beside the stage
+logs, 5 files; the exit status is 0 only when every check passed (or the dry run did).
+
+On the GPU machine, after ``tools/gpu_wheels.sh`` here, in one call that carries ``.whl``:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+    PYTHONUNBUFFERED=1 timeout 560 python3 tools/gpu_smoke.py --out "$OUT"
 """
 
 from __future__ import annotations
@@ -277,6 +284,7 @@ def actor_worker(out: Path) -> None:
         details["tensors"] = len(mine)
         require(not diffs, f"differ after load: {diffs[:5]}")
     (out / "actor.json").write_text(json.dumps(checks.results, indent=1))
+    torch.distributed.destroy_process_group()
 
 
 def _torchrun(args: list[str], log: Path) -> int:
