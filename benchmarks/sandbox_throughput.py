@@ -41,10 +41,10 @@ def code_rows(programs: int, workers: int) -> list[tuple[str, float, float]]:
         assert all(r.status == "ok" for r in run_many(batch[:4], sandbox="in_process"))
     rows = []
     for name, batch in jobs.items():
-        new = _rate(lambda: run_many(batch, sandbox="bwrap"), programs)
-        old_pool = _rate(lambda: run_many(batch, sandbox="in_process"), programs)
+        new = _rate(lambda batch=batch: run_many(batch, sandbox="bwrap"), programs)
+        old_pool = _rate(lambda batch=batch: run_many(batch, sandbox="in_process"), programs)
         configure_sandbox("bwrap", workers=1)
-        old_serial = _rate(lambda: run_many(batch, sandbox="in_process"), programs)
+        old_serial = _rate(lambda batch=batch: run_many(batch, sandbox="in_process"), programs)
         configure_sandbox("bwrap", workers=workers)
         rows.append((name, new, old_pool, old_serial))
     return rows
@@ -95,7 +95,7 @@ def main() -> None:
     logging.getLogger("megatron_archer.rewards.code_sandbox").setLevel(logging.ERROR)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     print(f"code sandbox, programs/s ({args.programs} programs; pool of {args.workers} workers unless noted)")
-    print(f"| program | bwrap | in_process, same pool | x | in_process, one at a time | x |")
+    print("| program | bwrap | in_process, same pool | x | in_process, one at a time | x |")
     print("|---|---|---|---|---|---|")
     for name, new, old_pool, old_serial in code_rows(args.programs, args.workers):
         print(f"| {name} | {new:.1f} | {old_pool:.1f} | {new / old_pool:.2f} | {old_serial:.1f} | {new / old_serial:.2f} |")

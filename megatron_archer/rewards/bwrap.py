@@ -123,7 +123,7 @@ class Bwrap:
         return outer_args(self.bwrap, self.setpriv, self.interpreter, NOBODY, NOBODY) + inner
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def require(path: str | None = None) -> Bwrap:
     """The bubblewrap setup for this machine, checked once per process (and per PATH) by running
     the interpreter in the sandbox; raises SandboxUnavailable with how to fix it otherwise."""
@@ -145,7 +145,7 @@ def require(path: str | None = None) -> Bwrap:
     setup = Bwrap(bwrap, setpriv, Interpreter.current())
     argv = [setup.interpreter.executable, "-I", "-S", "-c", "print('sandbox ok')"]
     try:
-        probe = subprocess.run(setup.command(argv, 1 << 20), env={}, capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(setup.command(argv, 1 << 20), env={}, capture_output=True, text=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         raise SandboxUnavailable("bubblewrap did not start the interpreter within 60 s. " + FIX) from None
     if probe.returncode != 0 or probe.stdout != "sandbox ok\n":

@@ -16,7 +16,12 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from megatron_archer.rewards.code_sandbox import OK, SandboxLimits, SandboxResult, run_many
+from megatron_archer.rewards.code_sandbox import (
+    OK,
+    SandboxLimits,
+    SandboxResult,
+    run_many,
+)
 from megatron_archer.rewards.result import RewardResult
 
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)

@@ -260,7 +260,7 @@ def _remove_tree(path: str) -> None:
     """Delete the in_process work directory with GNU `rm -rf` (no recursion or path-length limit
     here: a program's 3000-deep tree cannot crash the caller); what it cannot delete (an immutable
     file a root program made) is logged."""
-    subprocess.run(["rm", "-rf", "--one-file-system", "--", path], capture_output=True, timeout=60)
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", path], capture_output=True, timeout=60, check=False)
     if os.path.lexists(path):
         logger.warning("the in_process sandbox left %s behind (files it could not delete)", path)
 

@@ -84,7 +84,9 @@ def _close(golds: list, answers: list, tolerance: float) -> bool:
     """Whether some numeric gold and answer differ by at most `tolerance` relative to the gold."""
     from sympy.core.basic import Basic
 
-    numbers = lambda items: [x for x in items if isinstance(x, Basic) and x.is_number and not _is_relation(x)]  # noqa: E731
+    def numbers(items: list) -> list:
+        return [x for x in items if isinstance(x, Basic) and x.is_number and not _is_relation(x)]
+
     for g in numbers(golds):
         g_value = complex(g.evalf())
         for a in numbers(answers):

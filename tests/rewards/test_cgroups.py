@@ -4,6 +4,7 @@ process joins and that is removed afterwards."""
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -47,8 +48,7 @@ def test_a_v2_run_cgroup_writes_its_limits_and_counts_oom_kills(tmp_path):
     group = cgroups.RunCgroup(layout, memory_bytes=123 << 20, max_processes=8)
     (directory,) = group.dirs.values()
     assert os.path.dirname(directory) == str(tmp_path) and "archer-sandbox-" in directory
-    assert (open(os.path.join(directory, "memory.max")).read(), open(os.path.join(directory, "pids.max")).read()) == (
-        str(123 << 20), "8")
+    assert (Path(directory, "memory.max").read_text(), Path(directory, "pids.max").read_text()) == (str(123 << 20), "8")
     assert not os.path.exists(os.path.join(directory, "memory.swap.max"))  # only written where the kernel offers it
     assert group.procs_files == [os.path.join(directory, "cgroup.procs")]
     with open(os.path.join(directory, "memory.events"), "w") as events:
@@ -70,8 +70,8 @@ def test_a_real_run_cgroup_is_joined_and_removed():
         name = os.path.basename(next(iter(group.dirs.values())))
         assert all(name in line for line in inside.splitlines() if any(c in line for c in ("memory", "pids")))
         if layout.version == 1:
-            assert open(os.path.join(group.dirs["memory"], "memory.limit_in_bytes")).read().strip() == str(64 << 20)
-            assert open(os.path.join(group.dirs["pids"], "pids.max")).read().strip() == "4"
+            assert Path(group.dirs["memory"], "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+            assert Path(group.dirs["pids"], "pids.max").read_text().strip() == "4"
     finally:
         group.remove()
     assert not any(os.path.exists(d) for d in group.dirs.values())

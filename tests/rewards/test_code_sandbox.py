@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 from megatron_archer.rewards import bwrap, cgroups, code_sandbox
-from megatron_archer.rewards.code_reward import AssertCase, IOCase, code_reward, parse_cases, run_cases
+from megatron_archer.rewards.code_reward import (
+    AssertCase,
+    IOCase,
+    code_reward,
+    parse_cases,
+    run_cases,
+)
 from megatron_archer.rewards.code_sandbox import (
     CPU_LIMIT,
     MEMORY_LIMIT,
@@ -152,7 +158,7 @@ print(repr({'ns': ns, 'caps': [status[k].strip() for k in ('CapInh', 'CapPrm', '
 """
     result = run_python(probe, "", LIMITS)
     assert result.status == "ok", result
-    seen = eval(result.stdout)  # noqa: S307 - our own probe's repr
+    seen = eval(result.stdout)  # our own probe's repr
     for name, inode in seen["ns"].items():
         assert inode != os.readlink(f"/proc/self/ns/{name}"), name
     assert seen["caps"] == ["0000000000000000"] * 5

@@ -4,7 +4,11 @@ import time
 
 import pytest
 
-from megatron_archer.rewards.answer_extraction import FinalAnswer, extract_final_answer, last_boxed
+from megatron_archer.rewards.answer_extraction import (
+    FinalAnswer,
+    extract_final_answer,
+    last_boxed,
+)
 from megatron_archer.rewards.math_reward import MathVerifier
 
 # (response, reference, expected reward): fractions, decimals, LaTeX, sets, intervals, units,
