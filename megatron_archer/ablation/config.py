@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from megatron_archer.config_fields import (
-    boolean,
     from_dict,
     instance,
     integer,
@@ -173,7 +172,6 @@ class AblationConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
-    progress: bool = True
 
     def __post_init__(self):
         if not isinstance(self.experiment, str) or not self.experiment:
@@ -204,7 +202,6 @@ class AblationConfig:
                           ("warm_start", WarmStartConfig), ("eval", EvalConfig),
                           ("entropy", EntropyConfig)):
             instance(name, getattr(self, name), cls)
-        boolean("progress", self.progress)
 
 
 def load_ablation_config(path: str | os.PathLike, overrides=()) -> AblationConfig:
