@@ -3,8 +3,6 @@ so colocated servers size their memory around it)."""
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,8 +11,6 @@ from megatron_archer.buckets import Bucket
 from megatron_archer.rollout import LocalEngine, RetryPolicy, RolloutEngine, SGLangEngine
 from megatron_archer.rollout.sglang_engine import CallPolicies
 from megatron_archer.trainer.config import ExperimentConfig, SGLangConfig
-
-logger = logging.getLogger(__name__)
 
 
 def call_policies(sg: SGLangConfig) -> CallPolicies:
@@ -28,18 +24,26 @@ def call_policies(sg: SGLangConfig) -> CallPolicies:
     )
 
 
-class ProgressLog:
-    """``on_progress(done, total)`` as log lines: at the end, and at most one every
-    ``every_s`` seconds before it (a paper-scale rollout runs for an hour)."""
+class ResponseProgress:
+    """``on_progress(done, total)`` as a transient progress bar of responses, one per generation
+    (tqdm, like the trainer's other bars: ``logging.progress``); ``bar`` makes one."""
 
-    def __init__(self, every_s: float = 30.0, clock=time.monotonic):
-        self.every_s, self.clock, self.last = every_s, clock, None
+    def __init__(self, bar=None):
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            def bar(total):
+                return tqdm(total=total, leave=False, dynamic_ncols=True, desc="rollout",
+                            unit="response")
+        self.make_bar, self.bar = bar, None
 
     def __call__(self, done: int, total: int) -> None:
-        now = self.clock()
-        if done == total or self.last is None or now - self.last >= self.every_s:
-            logger.info("rollout: %d/%d responses", done, total)
-            self.last = None if done == total else now
+        if self.bar is None:
+            self.bar = self.make_bar(total)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
+            self.bar = None
 
 
 def build_engine(config: ExperimentConfig,
@@ -60,7 +64,7 @@ def build_engine(config: ExperimentConfig,
                    base_model_path=path, weight_dtype=sg.weight_dtype,
                    policies=call_policies(sg), max_inflight=sg.max_inflight,
                    max_restarts=sg.max_restarts, weights_source=weights_source,
-                   on_progress=ProgressLog() if config.logging.progress else None)
+                   on_progress=ResponseProgress() if config.logging.progress else None)
     if sg.launch:
         engine = SGLangEngine.launch(path, num_servers=sg.num_servers, base_port=sg.base_port,
                                      tp_size=sg.tp_size, mem_fraction_static=sg.mem_fraction_static,

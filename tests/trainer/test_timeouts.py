@@ -1,11 +1,10 @@
 """Timeouts and progress of a paper-scale rollout: ``parallel.timeout_minutes`` reaches the
 process group, ``parallel.rank_zero_timeout_minutes`` the gloo control group the other ranks wait
-on, ``rollout.sglang`` timeouts the engine's call policies, and rollout progress is logged as
-responses complete, at most every 30 s."""
+on, ``rollout.sglang`` timeouts the engine's call policies, and rollout progress follows
+responses as they complete."""
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -13,7 +12,7 @@ import torch.distributed as dist
 from megatron_archer import distributed
 from megatron_archer.trainer import load_config
 from megatron_archer.trainer import rank_zero
-from megatron_archer.trainer.engines import ProgressLog, call_policies
+from megatron_archer.trainer.engines import ResponseProgress, call_policies
 from tests.trainer.common import CPU_CONFIG
 
 
@@ -47,12 +46,24 @@ def test_engine_call_policies_follow_the_config():
     assert (policies.disk_update.timeout_s, policies.disk_update.idempotent) == (5400, False)
 
 
-def test_progress_is_logged_as_responses_complete_at_most_every_30_s(caplog):
-    now = [0.0]
-    log = ProgressLog(clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="megatron_archer.trainer.engines"):
-        for done, t in [(16, 1.0), (32, 10.0), (48, 31.5), (64, 40.0), (80, 41.0)]:
-            now[0] = t
-            log(done, 80)
-    assert [r.getMessage() for r in caplog.records] == [
-        "rollout: 16/80 responses", "rollout: 48/80 responses", "rollout: 80/80 responses"]
+class _Bar:
+    def __init__(self, total, log):
+        self.total, self.n, self.log = total, 0, log
+        log.append(("open", total))
+
+    def update(self, k):
+        self.n += k
+        self.log.append(("at", self.n))
+
+    def close(self):
+        self.log.append(("close", self.n))
+
+
+def test_progress_follows_responses_with_one_bar_per_generation():
+    log = []
+    progress = ResponseProgress(bar=lambda total: _Bar(total, log))
+    for done in (16, 32, 48):
+        progress(done, 48)
+    progress(8, 16)
+    assert log == [("open", 48), ("at", 16), ("at", 32), ("at", 48), ("close", 48),
+                   ("open", 16), ("at", 8)]
