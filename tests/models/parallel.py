@@ -10,11 +10,12 @@ from megatron.core import parallel_state
 
 
 @contextmanager
-def model_parallel(tensor_parallel: int, pipeline_parallel: int = 1):
+def model_parallel(tensor_parallel: int, pipeline_parallel: int = 1, context_parallel: int = 1):
     """Megatron's groups for the given sizes, torn down afterwards so a worker can loop sizes."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
     )
     try:
         yield
