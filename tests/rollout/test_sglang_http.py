@@ -6,6 +6,7 @@ an update succeeds), and disk weight sync (the checkpoint written, loaded, prune
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -234,3 +235,22 @@ def test_disk_sync_refused_by_one_server_keeps_the_version_and_the_checkpoints(t
         engine.update_weights([[("a", torch.full((4,), 3.0))]], version=3)
         assert engine.weight_version == 3
         assert [p.name for p in (tmp_path / "disk").iterdir()] == ["version-3"]
+
+
+def test_a_call_that_is_not_idempotent_is_repeated_only_when_never_delivered():
+    from megatron_archer.rollout.http_client import RetryPolicy, ServerUnreachable, request_json
+
+    once = RetryPolicy(timeout_s=1.0, attempts=3, backoff_s=0.0, idempotent=False)
+    again = RetryPolicy(timeout_s=1.0, attempts=3, backoff_s=0.0)
+    with FakeServer(lambda path, body: "drop") as server:
+        with pytest.raises(ServerUnreachable, match="not retried: the call is not safe to repeat"):
+            request_json(server.url, "/update_weights_from_tensor", {}, once)
+        assert len(server.requests) == 1
+        with pytest.raises(ServerUnreachable, match="no answer after 3 attempts"):
+            request_json(server.url, "/flush_cache", None, again)
+        assert len(server.requests) == 4
+    with socket.socket() as sock:  # a port nobody listens on: refused, so safe to repeat
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(ServerUnreachable, match="no answer after 3 attempts.*refused"):
+        request_json(url, "/update_weights_from_tensor", {}, once)
