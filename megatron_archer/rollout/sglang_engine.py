@@ -406,9 +406,10 @@ class SGLangEngine(RolloutEngine):
                 results = self._post(server, "/generate", body, policy)
             except ServerUnreachable as error:
                 last, avoid = error, server
-                self._count("requests_retried")
                 self._recover(server, epoch, error)
-                time.sleep(self.policies.generate.backoff_s * 2**attempt)
+                if attempt + 1 < self.policies.generate.attempts:
+                    self._count("requests_retried")
+                    time.sleep(self.policies.generate.backoff_s * 2**attempt)
                 continue
             finally:
                 with self._pick_lock:

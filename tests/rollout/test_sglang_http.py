@@ -254,3 +254,15 @@ def test_a_call_that_is_not_idempotent_is_repeated_only_when_never_delivered():
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with pytest.raises(ServerUnreachable, match="no answer after 3 attempts.*refused"):
         request_json(url, "/update_weights_from_tensor", {}, once)
+
+
+def test_a_request_that_never_gets_an_answer_fails_after_its_attempts():
+    def busy(path, body):
+        return (503, {"error": "busy"}) if path == "/generate" else ok_script(path, body)
+
+    with FakeServer(busy) as server:
+        engine = SGLangEngine([server.url], policies=FAST)
+        with pytest.raises(ServerError, match="/generate of one prompt failed 3 times, last: .*503"):
+            engine.generate([[1]], PARAMS)
+    assert server.paths().count("/generate") == 3
+    assert engine.take_metrics() == {"rollout/requests_retried": 2.0}
