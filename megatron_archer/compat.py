@@ -1,7 +1,10 @@
 """Every CPU workaround for megatron-core, in one place, applied only where CUDA is absent.
 
 megatron-core assumes CUDA in a few spots that a CPU GPTModel (portable layer spec, gloo) reaches.
-Each patch below says what megatron does and why it is replaced. On a machine with CUDA,
+Each patch below names the megatron code it replaces, why, and the megatron-core versions it was
+checked against. They are installed once per process; none swaps anything per training call
+(only the once-per-model-build embedding setup and the once-per-save checkpoint writer serve
+CUDA requests on CPU for the duration of their call). On a machine with CUDA,
 ``apply_cpu_patches`` does nothing and megatron runs unchanged. Layer-spec choices (the SDPA
 ``core_attention`` instead of megatron's CUDA-buffered ``DotProductAttention``) are not patches:
 they live in ``megatron_archer.models.layer_spec``.
@@ -10,7 +13,6 @@ they live in ``megatron_archer.models.layer_spec``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -38,11 +40,13 @@ def apply_cpu_patches() -> None:
 def _patch_rotary_embedding_device() -> None:
     """RoPE frequencies stay on the device they were created on.
 
-    ``RotaryEmbedding.get_emb`` (megatron/core/models/common/embeddings/rotary_pos_embedding.py)
-    moves ``inv_freq`` to ``torch.cuda.current_device()`` at the first forward whenever it is on
-    CPU, which raises without CUDA. The replacement computes the same embedding from
-    ``get_freqs_non_repeated`` without the move; the frequencies themselves (including llama3
-    scaling, applied in ``__init__``) are megatron's.
+    Replaces ``RotaryEmbedding.get_emb`` (megatron/core/models/common/embeddings/
+    rotary_pos_embedding.py), which moves ``inv_freq`` to ``torch.cuda.current_device()`` at the
+    first forward whenever it is on CPU, which raises without CUDA. The replacement computes the
+    same embedding from ``get_freqs_non_repeated`` without the move; the frequencies themselves
+    (including llama3 scaling, applied in ``__init__``) are megatron's. Checked against
+    megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0 (the same ``get_emb`` body in each).
+    Installed once per process, on the class.
     """
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -60,12 +64,14 @@ def _patch_rotary_embedding_device() -> None:
 def _patch_shared_embedding_sync() -> None:
     """Tied embeddings under pipeline parallelism are synchronised on their own device.
 
-    With ``share_embeddings_and_output_weights`` and more than one pipeline stage, the last stage
-    holds a copy of the word embeddings; ``LanguageModule.setup_embeddings_and_output_layer``
-    (megatron/core/models/common/language_module/language_module.py) all-reduces it over the
-    embedding group after ``weight.data = weight.data.cuda()``, which raises without CUDA.
-    The replacement runs megatron's method with ``Tensor.cuda`` made the identity for CPU tensors
-    during the call only, so the all-reduce itself (gloo) is megatron's.
+    Wraps ``LanguageModule.setup_embeddings_and_output_layer`` (megatron/core/models/common/
+    language_module/language_module.py): with ``share_embeddings_and_output_weights`` and more
+    than one pipeline stage, the last stage holds a copy of the word embeddings, which megatron
+    all-reduces over the embedding group after ``weight.data = weight.data.cuda()``; that raises
+    without CUDA. The wrapper runs megatron's method with ``Tensor.cuda`` made the identity for
+    the duration of the call, so the all-reduce itself (gloo) is megatron's. Checked against
+    megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0. The method runs once per model build, so
+    the per-call swap costs nothing per step.
     """
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
@@ -82,23 +88,55 @@ def _patch_shared_embedding_sync() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+_torch_zeros = torch.zeros
+
+
+def _cpu_zeros(*args, **kwargs) -> torch.Tensor:
+    """``torch.zeros`` with a CUDA ``device`` request served on CPU."""
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cuda":
+        kwargs["device"] = "cpu"
+    return _torch_zeros(*args, **kwargs)
+
+
+class _CudaServedOnCpu:
+    """``torch.cuda`` with ``current_device()`` -> the CPU device and ``synchronize()`` -> no-op;
+    every other attribute is ``torch.cuda``'s."""
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+
+class _TorchServedOnCpu:
+    """``torch`` with ``zeros(device="cuda")`` -> CPU and ``cuda`` -> ``_CudaServedOnCpu``; every
+    other attribute is torch's own (the same objects: ``torch.Tensor``, ``torch.distributed``...).
+    """
+
+    zeros = staticmethod(_cpu_zeros)
+    cuda = _CudaServedOnCpu()
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
 @contextlib.contextmanager
 def _cuda_requests_served_on_cpu():
-    """During the call: ``torch.zeros(..., device="cuda")`` -> CPU, ``torch.cuda.current_device()``
-    -> the CPU device, ``torch.cuda.synchronize()`` -> nothing. Only reached without CUDA, where
-    each of them would raise."""
+    """During the block, process-wide: ``torch.zeros(..., device="cuda")`` -> CPU,
+    ``torch.cuda.current_device()`` -> the CPU device, ``torch.cuda.synchronize()`` -> nothing.
+    Only reached without CUDA, where each of them would raise."""
     zeros = torch.zeros
     current_device, synchronize = torch.cuda.current_device, torch.cuda.synchronize
-
-    def cpu_zeros(*args, **kwargs):
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs["device"] = "cpu"
-        return zeros(*args, **kwargs)
-
-    torch.zeros = cpu_zeros
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.zeros = _cpu_zeros
+    torch.cuda.current_device = _CudaServedOnCpu.current_device
+    torch.cuda.synchronize = _CudaServedOnCpu.synchronize
     try:
         yield
     finally:
@@ -111,31 +149,22 @@ def _patch_pipeline_schedules_device() -> None:
 
     ``forward_backward_no_pipelining`` and both pipelined schedules
     (megatron/core/pipeline_parallel/schedules.py) create their token counter with
-    ``torch.zeros([], device="cuda")``, and the pipeline p2p layer (p2p_communication.py) allocates
-    its receive buffers and shape messages on ``torch.cuda.current_device()`` and calls
-    ``torch.cuda.synchronize()``: all raise without CUDA. The schedule functions are wrapped so
-    that, for the duration of a call, those three requests are served on CPU
-    (``_cuda_requests_served_on_cpu``). The schedules themselves (micro-batch order, 1F1B, loss
-    division by the number of micro-batches, p2p over gloo, ``finalize_model_grads_func``) are
-    megatron's. ``get_forward_backward_func`` looks the functions up by module global, so it
-    returns the wrapped ones.
+    ``torch.zeros([], device="cuda")``, and the pipeline p2p layer (p2p_communication.py)
+    allocates its receive buffers and shape messages on ``torch.cuda.current_device()`` and calls
+    ``torch.cuda.synchronize()``: all raise without CUDA. Those two modules are the only callers
+    on the schedules' path (checked in megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0: the
+    same three requests, nothing else CUDA-bound outside CUDA-graph and autocast options the CPU
+    path leaves off). Their module global ``torch`` is replaced, once per process, by
+    ``_TorchServedOnCpu``, which serves exactly those requests on CPU and forwards everything
+    else to torch. Nothing is patched per call and nothing outside the two modules changes
+    (the model's forward and the loss see torch itself). The schedules themselves (micro-batch
+    order, 1F1B, loss division by the number of micro-batches, p2p over gloo,
+    ``finalize_model_grads_func``) are megatron's.
     """
-    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
 
-    def on_cpu(schedule):
-        @functools.wraps(schedule)
-        def wrapped(*args, **kwargs):
-            with _cuda_requests_served_on_cpu():
-                return schedule(*args, **kwargs)
-
-        return wrapped
-
-    for name in (
-        "forward_backward_no_pipelining",
-        "forward_backward_pipelining_without_interleaving",
-        "forward_backward_pipelining_with_interleaving",
-    ):
-        setattr(schedules, name, on_cpu(getattr(schedules, name)))
+    for module in (schedules, p2p_communication):
+        module.torch = _TorchServedOnCpu()
 
 
 def _qk_or_sequence_parallel_partial(name: str, param: torch.nn.Parameter, config) -> bool:

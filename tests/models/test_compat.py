@@ -32,3 +32,52 @@ def _init_worker(rank: int, world_size: int) -> None:
 
 def test_seeded_cpu_init_is_independent_of_tensor_parallel_size():
     run_distributed(_init_worker, 2)
+
+
+def _schedule_worker(rank: int, world_size: int) -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func, p2p_communication
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    original = (torch.zeros, torch.cuda.current_device, torch.cuda.synchronize)
+    compat.apply_cpu_patches()
+    compat.apply_cpu_patches()  # idempotent
+    seen = []
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)
+            self.model_type = ModelType.encoder_or_decoder
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+        def set_input_tensor(self, tensor):
+            pass
+
+    def forward_step(data, model):
+        seen.append((torch.zeros, torch.cuda.current_device, torch.cuda.synchronize))
+        out = model.weight * next(data)
+        return out, lambda output: (output.sum(), {"sum": output.sum().detach()})
+
+    with model_parallel(1):
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([torch.ones(3), torch.ones(3)]),
+            model=Tiny(), num_microbatches=2, seq_length=3, micro_batch_size=1,
+            forward_only=True)
+    assert [float(o["sum"]) for o in outputs] == [3.0, 3.0]
+    # the model's forward (and everything outside megatron's two schedule modules) sees torch
+    assert seen == [original, original]
+    assert (torch.zeros, torch.cuda.current_device, torch.cuda.synchronize) == original
+    for module in (schedules, p2p_communication):
+        shim = module.torch
+        assert shim.zeros([], device="cuda").device.type == "cpu"
+        assert shim.cuda.current_device() == torch.device("cpu") and shim.cuda.synchronize() is None
+        assert shim.Tensor is torch.Tensor and shim.distributed is torch.distributed
+        assert shim.cuda.is_available is torch.cuda.is_available
+
+
+def test_schedule_cuda_requests_are_served_on_cpu_in_megatrons_modules_only():
+    """The schedules run on CPU; no torch function is swapped during the call (patched once, in
+    megatron's schedules and p2p modules only)."""
+    run_distributed(_schedule_worker, 1)
