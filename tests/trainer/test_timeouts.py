@@ -67,3 +67,40 @@ def test_progress_follows_responses_with_one_bar_per_generation():
     progress(8, 16)
     assert log == [("open", 48), ("at", 16), ("at", 32), ("at", 48), ("close", 48),
                    ("open", 16), ("at", 8)]
+
+
+def _rank_zero_wait_worker(rank, world_size, port):
+    import os
+    import time
+
+    import pytest
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    distributed.init_process_group(timeout_minutes=0.05)  # 3 s for every default-group collective
+    rank_zero.init_control_group(timeout_minutes=1.0)
+    try:
+        # rank 0 works 6 s alone, twice the default group's timeout: the others wait on the
+        # control group and get its result
+        assert rank_zero.on_rank_zero(lambda: time.sleep(6) or "rolled out") == "rolled out"
+        # guard: the same wait in a default-group collective times out
+        if rank == 0:
+            time.sleep(6)
+        with pytest.raises(RuntimeError, match="(?i)timed out|timeout|connection closed"):
+            dist.broadcast_object_list([None], src=0)
+    finally:
+        rank_zero.destroy_control_group()
+        dist.destroy_process_group()
+
+
+def test_the_other_ranks_wait_for_rank_zero_on_the_control_group():
+    """Real gloo processes: a rank-0 phase longer than ``parallel.timeout_minutes`` is waited
+    out on the control group, where a default-group collective would time out."""
+    import torch.multiprocessing as mp
+
+    from tests.distributed import _free_port
+
+    mp.start_processes(_rank_zero_wait_worker, args=(2, _free_port()), nprocs=2, join=True,
+                       start_method="spawn")
