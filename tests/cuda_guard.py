@@ -1,10 +1,12 @@
 """A CPU stand-in for CUDA tensors that enforces ``megatron_archer.distributed``'s device rule.
 
-``FakeCuda`` is a wrapper tensor subclass whose ``.device`` reads ``cuda:0`` while it computes on
-an inner CPU tensor (``__torch_dispatch__`` unwraps, runs the op, rewraps). Unlike
-``FakeTensorMode`` it runs data-dependent code (``.item()``, ``bool()``, finiteness checks). Like a
-real CUDA tensor it refuses to meet a plain CPU tensor of one or more dimensions in one op
-(``MixedDeviceError``); 0-dim CPU tensors act as scalars, as torch allows.
+``FakeCuda`` is a wrapper tensor subclass (``torch.Tensor._make_wrapper_subclass``) whose
+``.device`` reads ``cuda:0`` while it computes on an inner CPU tensor: inside ``fake_cuda()`` a
+torch-function mode unwraps every op's FakeCuda arguments, runs the op, and rewraps the results.
+Unlike ``FakeTensorMode`` it runs data-dependent code (``.item()``, ``bool()``, finiteness checks).
+Like a real CUDA tensor it refuses to meet a plain CPU tensor of one or more dimensions in one op
+(``MixedDeviceError``; CPU index tensors and explicit copies excepted, as on CUDA); 0-dim CPU
+tensors act as scalars, as torch allows; ``.numpy()`` refuses.
 
 ``fake_cuda()`` is the context a test runs code in:
 
@@ -12,7 +14,7 @@ real CUDA tensor it refuses to meet a plain CPU tensor of one or more dimensions
   ``t.to("cuda")``, ``t.cuda()``) make ``FakeCuda`` tensors instead of failing on the CPU build;
 - ``torch.distributed`` collectives are patched as the process group of ``init_process_group`` on
   a CUDA machine would behave: a tensor on a device the group's backend
-  (``PROCESS_GROUP_BACKEND_CUDA``) does not serve is refused, as an NCCL-only group refuses CPU
+  (``distributed.process_group_backend(cuda=True)``) does not serve is refused, as an NCCL-only group refuses CPU
   tensors ("No backend type associated with device type cpu"), and a collective whose tensor
   sits on different devices on different ranks raises on every rank (it would hang);
   ``FakeCuda`` tensors are reduced through their inner CPU tensor over the real gloo group.
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from megatron_archer.distributed import PROCESS_GROUP_BACKEND_CUDA
+from megatron_archer.distributed import process_group_backend
 
 FAKE_DEVICE = torch.device("cuda", 0)
 
@@ -183,7 +185,9 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _guarded(name: str, real, served: set[str]):
+def _guarded(name: str, real, backend: str, real_all_reduce):
+    served = served_devices(backend)
+
     def collective(*args, **kwargs):
         tensors = _tensors(list(args) + list(kwargs.values()))
         devices = {t.device.type for t in tensors}
@@ -197,7 +201,7 @@ def _guarded(name: str, real, served: set[str]):
         if refused:
             raise CollectiveDeviceError(
                 f"{name}: no backend for device type {', '.join(sorted(refused))} in a group "
-                f"created with backend {PROCESS_GROUP_BACKEND_CUDA!r}")
+                f"created with backend {backend!r}")
         unwrap = (lambda x: x.inner if isinstance(x, FakeCuda) else x)
         return real(*[tree_map(unwrap, a) for a in args],
                     **{k: tree_map(unwrap, v) for k, v in kwargs.items()})
@@ -205,18 +209,16 @@ def _guarded(name: str, real, served: set[str]):
     return collective
 
 
-real_all_reduce = dist.all_reduce
-
-
 @contextlib.contextmanager
-def fake_cuda(backend: str = PROCESS_GROUP_BACKEND_CUDA) -> Iterator[None]:
+def fake_cuda(backend: str | None = None) -> Iterator[None]:
     """Run the block as if on a CUDA machine (see the module docstring). ``backend`` is the
-    process-group backend the collectives emulate; ``"nccl"`` models an NCCL-only group."""
-    served = served_devices(backend)
+    process-group backend the collectives emulate: by default the one ``init_process_group``
+    uses on CUDA; ``"nccl"`` models an NCCL-only group."""
+    backend = backend or process_group_backend(cuda=True)
     saved = {name: getattr(dist, name) for name in _COLLECTIVES}
     try:
         for name, real in saved.items():
-            setattr(dist, name, _guarded(name, real, served))
+            setattr(dist, name, _guarded(name, real, backend, saved["all_reduce"]))
         with _FakeCudaMode():
             yield
     finally:

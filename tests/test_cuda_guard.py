@@ -11,7 +11,6 @@ tensor that lives on the GPU in a real run wrapped, and its results equal the pl
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from megatron_archer.algorithms import (
     reduce_loss_metrics,
 )
 from megatron_archer.algorithms.order_stats import kth_largest
+from megatron_archer.models import load_hf_model
 from megatron_archer.trainer.step import MiniBatch, _loss_fn
 from tests.cuda_guard import (
     FAKE_DEVICE,
@@ -39,6 +39,7 @@ from tests.cuda_guard import (
     served_devices,
 )
 from tests.distributed import run_distributed
+from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
 
 
@@ -110,10 +111,14 @@ def _padded(entropy: list[torch.Tensor]):
     return values, mask
 
 
-def _runner(budget: int, device):
-    """What ``ModelRunner.micro_batches`` reads of its actor, without a model."""
-    return SimpleNamespace(config=ActorConfig(max_tokens_per_micro_batch=budget), device=device,
-                           pack_multiple=1)
+def _runner(path, budget: int, device) -> ModelRunner:
+    """A ModelRunner of the tiny model at ``path`` whose micro-batches go to ``device`` (what
+    its constructor sets on CUDA)."""
+    loaded = load_hf_model(path, params_dtype=torch.float32)
+    runner = ModelRunner(loaded.model, loaded.spec,
+                         ActorConfig(max_tokens_per_micro_batch=budget), loaded.backend)
+    runner.device = device
+    return runner
 
 
 def _algorithm_results(rank: int, device):
@@ -132,7 +137,7 @@ def _algorithm_results(rank: int, device):
     return out
 
 
-def _trainer_data_path(rank: int, device):
+def _trainer_data_path(rank: int, runner: ModelRunner):
     """A trainer step's data path without the model: a mini-batch as the trainer holds it (on the
     CPU), the actor's micro-batching, the step context as train_on_mini_batches builds it, the
     loss closure with its gradient, and the loss metrics."""
@@ -150,8 +155,8 @@ def _trainer_data_path(rank: int, device):
                      old_entropy=torch.rand(rows, width, generator=gen),
                      ref_logp=-torch.rand(rows, width, generator=gen))
     algorithm = preset("archer")
-    runner = _runner(12, device)
-    micro = ModelRunner.micro_batches(runner, mini.batch)
+    device = runner.device
+    micro = runner.micro_batches(mini.batch)
     ctx = build_step_context([(m.gather(mini.old_entropy.to(m.response_mask.device)),
                                m.response_mask) for m in micro], algorithm.selection,
                              dist.group.WORLD)
@@ -172,24 +177,24 @@ def _trainer_data_path(rank: int, device):
     return losses, grads, reduce_loss_metrics(sums, dist.group.WORLD)
 
 
-def _worker(rank: int, world_size: int):
+def _worker(rank: int, world_size: int, path):
     with model_parallel(1):
         plain = _algorithm_results(rank, None)
-        plain_step = _trainer_data_path(rank, None)
+        runner = _runner(path, 12, None)
+        plain_step = _trainer_data_path(rank, runner)
         with fake_cuda():
             wrapped = _algorithm_results(rank, FAKE_DEVICE)
-            wrapped_step = _trainer_data_path(rank, FAKE_DEVICE)
+            runner.device = FAKE_DEVICE
+            wrapped_step = _trainer_data_path(rank, runner)
         assert wrapped == plain
         assert all(torch.equal(a, b) for a, b in zip(wrapped_step[0], plain_step[0]))
         assert wrapped_step[2] == plain_step[2]
         assert all(torch.equal(a, b) for a, b in zip(wrapped_step[1], plain_step[1]))
         # the same micro-batching with an NCCL-only group: its CPU token count is refused
-        runner = _runner(12, FAKE_DEVICE)
         batch = SequenceBatch([torch.arange(5)], [torch.arange(5) > 2])
         with fake_cuda(backend="nccl"):
             with pytest.raises(CollectiveDeviceError, match="device type cpu"):
-                ModelRunner.micro_batches(runner, batch)
-
+                runner.micro_batches(batch)
         # a collective whose tensor is on CUDA on one rank and on the CPU on the other
         with fake_cuda():
             value = torch.ones(2).cuda() if rank == 0 else torch.ones(2)
@@ -198,12 +203,13 @@ def _worker(rank: int, world_size: int):
         # a sequence over the token budget on rank 1 only raises on both ranks
         length = 12 if rank == 1 else 4
         batch = SequenceBatch([torch.arange(length)], [torch.arange(length) > 1])
+        small = _runner(path, 8, FAKE_DEVICE)
         with fake_cuda():
             with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
-                ModelRunner.micro_batches(_runner(8, FAKE_DEVICE), batch)
+                small.micro_batches(batch)
 
 
-def test_cuda_data_paths_on_two_ranks_equal_the_cpu_run():
+def test_cuda_data_paths_on_two_ranks_equal_the_cpu_run(tmp_path):
     """Also: a collective on different devices on different ranks, and a too-long sequence on
     one rank, raise on every rank (no rank is left waiting in a collective)."""
-    run_distributed(_worker, 2)
+    run_distributed(_worker, 2, write_checkpoint(tmp_path / "qwen3", "qwen3"))
