@@ -107,9 +107,6 @@ class _HiddenStatesHead:
     """
 
     def __init__(self, gpt: nn.Module):
-        if gpt.config.sequence_parallel:
-            raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
-                             "the output layer would all-gather the sequence-sharded hidden states")
         self.gpt = gpt
         gpt.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (
             hidden, None)
@@ -148,6 +145,9 @@ class ModelRunner:
         _check_packed_attention(backend, model_config.params_dtype)
         # fp8 GEMMs need token counts that are multiples of 16 (packing.filler_tokens)
         self.pack_multiple = 16 if model_config.fp8 else 1
+        if config.logprob_impl == "fused" and model_config.sequence_parallel:  # on every rank
+            raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
+                             "the output layer would all-gather the sequence-sharded hidden states")
         self._head = _hidden_states_head(self.chunks) if config.logprob_impl == "fused" else None
 
     # ---------------------------------------------------------------- micro-batches
