@@ -71,17 +71,18 @@ class SDPACoreAttention(MegatronModule):
             raise NotImplementedError(
                 "SDPACoreAttention does not support attention_bias; use the Transformer Engine "
                 "layer spec")
-        key, value = _repeat_kv(query, key, value)
         if packed_seq_params is not None:
             if attention_mask is not None:
                 raise ValueError("SDPACoreAttention: packed_seq_params and attention_mask are "
                                  "exclusive (the packed sequences define the mask)")
             if self.cp_size > 1:
-                return self._context_parallel(query, key, value, packed_seq_params)
+                return self._context_parallel(query, *_repeat_kv(query, key, value),
+                                              packed_seq_params)
             return self._packed(query, key, value, _sequence_lengths(packed_seq_params))
         if self.cp_size > 1:
             raise ValueError("SDPACoreAttention supports context parallelism for packed (thd) "
                              "rows only: pass packed_seq_params")
+        key, value = _repeat_kv(query, key, value)
         mask_type = attn_mask_type or self.attn_mask_type
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -99,13 +100,18 @@ class SDPACoreAttention(MegatronModule):
                              f"packed query has {t}")
         if not lengths:  # an empty micro-batch (t == 0)
             return query.flatten(1)
-        # [t, h, d] -> [h, t, d], then one [1, h, s_i, d] slice per sequence
+        if not NATIVE_GQA:
+            key, value = _repeat_kv(query, key, value)
+        gqa = key.size(1) != query.size(1)
+        # [t, h, d] -> [h, t, d], one [1, h, s_i, d] slice per sequence; each result back as
+        # [s_i, h, d], so the concatenation is the contiguous [t, h, d] output (no extra copy)
         q, k, v = (x.transpose(0, 1).split(lengths, dim=1) for x in (query, key, value))
         context = torch.cat([
-            self._sdpa(qi[None], ki[None], vi[None], attention_mask=None, causal=True)[0]
+            self._sdpa(qi[None], ki[None], vi[None], attention_mask=None, causal=True,
+                       gqa=gqa)[0].transpose(0, 1)
             for qi, ki, vi in zip(q, k, v)
-        ], dim=1)  # fmt: skip
-        return context.transpose(0, 1).flatten(1)
+        ], dim=0)  # fmt: skip
+        return context.flatten(1)
 
     def _context_parallel(self, query, key, value, packed_seq_params) -> torch.Tensor:
         """[t_local, h, d] of this CP rank's chunks -> [t_local, h * d] (module docstring)."""
@@ -124,7 +130,9 @@ class SDPACoreAttention(MegatronModule):
             query, key, value, p.cu_seqlens_q_padded, group,
             lambda q, k, v, masked: self._sdpa(q, k, v, attention_mask=masked, causal=False))
 
-    def _sdpa(self, q, k, v, attention_mask, causal: bool) -> torch.Tensor:
+    def _sdpa(self, q, k, v, attention_mask, causal: bool, gqa: bool = False) -> torch.Tensor:
+        """SDPA on [b, h, s, d]; ``gqa``: k/v hold fewer heads, each serving a block of query
+        heads (SDPA's ``enable_gqa``, torch >= 2.5, saves the per-head copies of k and v)."""
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -133,7 +141,12 @@ class SDPACoreAttention(MegatronModule):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal,
             scale=self.softmax_scale,
+            **({"enable_gqa": True} if gqa else {}),
         )
+
+
+# SDPA's own grouped-query attention (``enable_gqa``) exists from torch 2.5
+NATIVE_GQA = torch.__version__ >= "2.5"
 
 
 def _repeat_kv(query, key, value):

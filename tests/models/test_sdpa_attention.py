@@ -57,8 +57,12 @@ def _random_lengths(generator: torch.Generator) -> list[int]:
     return lengths + [1] if 1 not in lengths else lengths  # always a 1-token sequence
 
 
+@pytest.mark.parametrize("native_gqa", [True, False])  # SDPA's enable_gqa, or k/v repeated
 @pytest.mark.parametrize("seed", range(6))
-def test_packed_equals_block_mask_and_float64(seed):
+def test_packed_equals_block_mask_and_float64(seed, native_gqa, monkeypatch):
+    from megatron_archer.models import sdpa_attention
+
+    monkeypatch.setattr(sdpa_attention, "NATIVE_GQA", native_gqa)
     generator = torch.Generator().manual_seed(seed)
     lengths = _random_lengths(generator)
     lengths.insert(int(torch.randint(0, len(lengths), (), generator=generator)), 1)
