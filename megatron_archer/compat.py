@@ -212,7 +212,9 @@ def finalize_model_grads_cpu(model_chunks, num_tokens=None, pg_collection=None,
                 shared.append(chunk.shared_embedding_or_output_weight().grad)
         if shared and parallel_state.is_rank_in_embedding_group():
             _all_reduce_coalesced(shared, parallel_state.get_embedding_group())
-    dp_group = parallel_state.get_data_parallel_group()
+    # DDP's group is data x context parallel (its dp_cp group): under CP a rank's gradient
+    # covers its own tokens only, and the sum over the group is the whole gradient
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = dist.get_world_size(dp_group)
     if dp_size > 1:
         grads = [p.grad for _, p in params]

@@ -15,6 +15,14 @@ optionally with a dict of metrics. The actor multiplies it by num_micro_batches 
 handing it to the schedule, which undoes megatron's 1/num_micro_batches and DDP's 1/dp averaging:
 the gradient is d(step loss)/d(params) however the step is split over micro-batches and ranks.
 
+Context parallelism (``initialize_model_parallel(context_parallel_size=N)``, SPEC 9): every
+packed micro-batch is split by ``context_parallel.split_for_context_parallel``; on each CP rank
+``loss_fn`` gets the micro-batch's response layout with ``response_mask`` True at the tokens that
+rank scores (give the algorithms ``cp_group`` and the data x context parallel group);
+``compute_logprobs_and_entropy`` returns every token on every CP rank; the step loss is summed
+over data x context parallel ranks. DDP averages gradients over them, megatron's schedule
+multiplies each loss by the CP size, and the scale above undoes the rest.
+
 Where results live: the logits, hence log-probs and the loss, exist on the last pipeline stage.
 ``compute_logprobs_and_entropy`` broadcasts its [B, R] results from the last stage to every
 pipeline stage, so every rank holds the results for its own data-parallel share of the batch.
@@ -37,6 +45,7 @@ from torch import nn
 
 from megatron_archer import compat
 from megatron_archer.actor.config import ActorConfig
+from megatron_archer.actor.context_parallel import split_for_context_parallel
 from megatron_archer.actor.packing import (
     MicroBatch,
     SequenceBatch,
@@ -44,6 +53,7 @@ from megatron_archer.actor.packing import (
     plan_micro_batches,
     scatter_to_batch,
 )
+from megatron_archer.algorithms.sharded_rows import check_together
 from megatron_archer.nonfinite import NonFiniteError, first_ranks
 from megatron_archer.ops import (
     fused_lm_head_logprobs_and_entropy,
@@ -149,6 +159,8 @@ class ModelRunner:
             raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
                              "the output layer would all-gather the sequence-sharded hidden states")
         self._head = _hidden_states_head(self.chunks) if config.logprob_impl == "fused" else None
+        # context parallelism (SPEC 9): every CP rank runs its chunks of each packed row
+        self.cp_size = parallel_state.get_context_parallel_world_size()
 
     # ---------------------------------------------------------------- micro-batches
     def micro_batches(self, batch: SequenceBatch) -> list[MicroBatch]:
@@ -171,8 +183,14 @@ class ModelRunner:
             raise ValueError(problem or "another data-parallel rank has a sequence longer than "
                              "ActorConfig.max_tokens_per_micro_batch")
         plan = plan_micro_batches(lengths, self.config.max_tokens_per_micro_batch, int(count[0]))
-        return [pack(batch, indices, device=self.device, multiple=self.pack_multiple)
-                for indices in plan]
+        if self.cp_size == 1:
+            return [pack(batch, indices, device=self.device, multiple=self.pack_multiple)
+                    for indices in plan]
+        # under CP the split pads every sequence (to 2 CP x pack_multiple) and labels come from
+        # the unsplit row: actor.context_parallel
+        cp_rank = parallel_state.get_context_parallel_rank()
+        return [split_for_context_parallel(pack(batch, indices, device=self.device), self.cp_size,
+                                           cp_rank, self.pack_multiple) for indices in plan]
 
     def _model_inputs(self, mb: MicroBatch) -> dict:
         # both backends take the packed row's cu_seqlens (packing.MicroBatch.packed_seq_params)
@@ -194,6 +212,15 @@ class ModelRunner:
             logp, entropy = vocab_parallel_logprobs_and_entropy(
                 selected, mb.labels, chunk_size=self.config.logprob_chunk_size, **options)
         return mb.to_layout(logp), mb.to_layout(entropy)
+
+    def _logprobs_together(self, mb: MicroBatch, output: torch.Tensor, entropy_grad: bool):
+        """``_logprobs``, raising NonFiniteError on every CP rank when any of them found
+        non-finite logits: a loss function's per-response statistics are collectives over the CP
+        group (``algorithms.sharded_rows``), which a rank skipping its loss would leave waiting."""
+        results = []
+        group = parallel_state.get_context_parallel_group() if self.cp_size > 1 else None
+        check_together(lambda: results.append(self._logprobs(mb, output, entropy_grad)), group)
+        return results[0]
 
     def _forward_step(self, loss_func_factory, data_iterator, model):
         mb = next(data_iterator)
@@ -248,6 +275,9 @@ class ModelRunner:
             logp = scatter_to_batch(len(batch), micro_batches, [o["logp"] for o in outputs], width)
             entropy = scatter_to_batch(
                 len(batch), micro_batches, [o["entropy"] for o in outputs], width)
+            if self.cp_size > 1:  # each token was scored on one CP rank, the others hold 0 there
+                for tensor in (logp, entropy):
+                    dist.all_reduce(tensor, group=parallel_state.get_context_parallel_group())
         else:
             logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
             entropy = torch.zeros_like(logp)
@@ -372,6 +402,8 @@ class Actor(ModelRunner):
         """
         if micro_batches is None:
             micro_batches = self.micro_batches(batch)
+        # DDP averages over data x context parallel ranks; megatron's schedule multiplies each
+        # loss by the CP size itself (forward_step_calc_loss), so the scale is over DP only
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
         for chunk in self.chunks:
             chunk.train()
@@ -380,7 +412,7 @@ class Actor(ModelRunner):
 
         def loss_func(mb, output):
             try:
-                logp, entropy = self._logprobs(mb, output, entropy_grad=entropy_grad)
+                logp, entropy = self._logprobs_together(mb, output, entropy_grad)
                 result = loss_fn(mb, logp, entropy)
             except NonFiniteError as error:
                 found.add(error.tensor)
@@ -400,7 +432,8 @@ class Actor(ModelRunner):
                 local += out["loss"].double()
         if not bool(torch.isfinite(local)):  # this rank's share, before the sum names nobody
             found.add("loss")
-        dist.all_reduce(local, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(local,
+                        group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         self._broadcast_from_last_stage([local])
         loss = local.item()
         grad_norm = self._grad_norm()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -46,7 +47,7 @@ def cp_rank_positions(padded_cu_seqlens: torch.Tensor, cp_size: int, cp_rank: in
         raise ValueError(f"cp_rank must be in [0, {cp_size}); got {cp_rank}")
     bounds = padded_cu_seqlens.tolist()
     pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in pairwise(bounds):
         if (end - start) % (2 * cp_size):
             raise ValueError(f"a sequence of {end - start} padded tokens is not a multiple of "
                              f"2 x cp_size = {2 * cp_size}")

@@ -22,10 +22,12 @@ over data-parallel ranks; multiply the loss by ``StepContext.loss_scale`` before
 
 Context parallelism (SPEC 9): the step's tokens are spread over DP x CP ranks, and the CP ranks of
 one data-parallel replica hold disjoint tokens of the same responses. ``group`` is then the
-DP x CP group (megatron's ``get_data_parallel_group(with_context_parallel=True)``, over which DDP
-averages gradients), so token counts, selected counts and the forking threshold are over DP x CP
-and ``loss_scale`` undoes the 1/(DP x CP); ``cp_group`` makes each response count once in the
-sequence count and its per-response statistics exact over its CP ranks.
+DP x CP group (megatron's ``get_data_parallel_group(with_context_parallel=True)``), so token
+counts, selected counts and the forking threshold are over DP x CP; ``cp_group`` makes each
+response count once in the sequence count and its per-response statistics exact over its CP
+ranks. DDP averages gradients over DP x CP; megatron's schedule already multiplies each loss by
+the CP size (``forward_step_calc_loss``, for a loss function returning (loss, metrics)), so
+``loss_scale`` stays num_microbatches x DP: together they undo both averages exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class StepContext:
     class_tokens: tuple[float, float]
     forking_threshold: float | None
     num_microbatches: int
-    dp_size: int  # ranks DDP averages over: data-parallel x context-parallel
+    dp_size: int  # data-parallel ranks (without context parallelism, see the module docstring)
 
     @property
     def loss_scale(self) -> int:
@@ -96,8 +98,9 @@ def build_step_context(
     context-parallel one (module docstring). Every rank must call this with the same number of
     micro-batches; costs a few small all-reduces, plus 32 for a global forking threshold.
     """
-    _, dp_size = rank_and_size(group)
-    cp_rank, _ = rank_and_size(cp_group)
+    _, group_size = rank_and_size(group)
+    cp_rank, cp_size = rank_and_size(cp_group)
+    dp_size = group_size // cp_size
     count = len(micro_batches)
     problem = _input_problem(micro_batches, selection)
     # one max-reduce: equal micro-batch counts, and every rank raises when any rank's input is bad

@@ -3,6 +3,8 @@ helpers, labels across chunk boundaries, padding out of every label."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _get_thd_freqs_on_this_cp_rank
@@ -101,7 +103,7 @@ def test_positions_are_megatrons_thd_rope_positions_and_padding_is_never_scored(
         padded = shard.cu_seqlens_padded.long()
         local = (padded // cp_size).tolist()
         longest = int((padded[1:] - padded[:-1]).max())
-        for s, (start, end) in enumerate(zip(local[:-1], local[1:])):
+        for s, (start, end) in enumerate(pairwise(local)):
             x = shard.position_ids[0, start:end]
             want = _get_thd_freqs_on_this_cp_rank(rank, cp_size, x, torch.arange(longest))
             assert torch.equal(x, want)

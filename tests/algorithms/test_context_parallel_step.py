@@ -1,7 +1,8 @@
 """The step loss under context parallelism (SPEC 3, 9), with real gloo processes: one rank,
 (DP 2, CP 1), (DP 1, CP 2) and, on 4 ranks, (DP 2, CP 2) and (DP 1, CP 4) give the same step
-loss, the same gradient after megatron's 1/micro-batches and DDP's averaging over DP x CP, the
-same per-token gradients and the same metrics, for every selection method and aggregation.
+loss, the same gradient after ``loss_scale`` (num_microbatches x DP), megatron's schedule (x CP,
+1/num_microbatches) and DDP's average over DP x CP, the same per-token gradients and the same
+metrics, for every selection method and aggregation.
 
 Under CP every rank of a CP group holds all of its replica's micro-batches in the same [B, T]
 layout but only its own tokens (random per token, one response wholly on one rank, one cut in
@@ -93,7 +94,8 @@ def _cp_share(mb, cp_size, cp_rank):
 def _step(micro_batches, selection, loss_cfg, correction, group, cp_group):
     """This rank's summed micro-batch losses, theta's gradient after megatron's 1/M and DDP's
     average over ``group``, per-token log-prob gradients of the step loss, metrics, context."""
-    _, size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+    size = 1 if group is None else dist.get_world_size(group)
+    cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
     ctx = build_step_context([(mb["entropy"], mb["mask"]) for mb in micro_batches], selection,
                              group, cp_group)
     theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
@@ -110,10 +112,10 @@ def _step(micro_batches, selection, loss_cfg, correction, group, cp_group):
                           ref_logp=mb["ref"], entropy=entropy,
                           rollout_weight=None if weights is None else weights.weight,
                           cp_group=cp_group)
-        # what megatron does with the loss handed to it: 1/num_microbatches, then backward
-        (out.loss * ctx.loss_scale / len(micro_batches)).backward()
+        # what megatron's schedule does with the loss handed to it: x CP size, 1/num_microbatches
+        (out.loss * ctx.loss_scale * cp_size / len(micro_batches)).backward()
         total += out.loss.item()
-        token_grads.append(leaf.grad * len(micro_batches) / ctx.loss_scale)
+        token_grads.append(leaf.grad * len(micro_batches) / (ctx.loss_scale * cp_size))
         sums.append(loss_metric_sums(out.terms, sel))
         if weights is not None:
             sums[-1].update(correction_metric_sums(weights, sel))
@@ -166,7 +168,8 @@ def _layouts(rank, world_size):
 
 def _worker(rank, world_size, seed):
     step = _micro_batches(seed)
-    layouts = [(name, [_cp_share(step[i], cp_size, cp_rank) for i in indices], group, cp_group)
+    layouts = [(name, [_cp_share(step[i], cp_size, cp_rank) for i in indices], cp_size, group,
+                cp_group)
                for name, indices, cp_size, cp_rank, group, cp_group in _layouts(rank, world_size)]
     worst = 0.0
     for selection_name, aggregation, kl_aggregation, correction in _cases(world_size == 2):
@@ -175,18 +178,18 @@ def _worker(rank, world_size, seed):
                          kl_aggregation=kl_aggregation, entropy_coef=0.003, aggregation=aggregation,
                          norm_length=MAX_LEN if aggregation == "seq-mean-token-sum-norm" else None)
         want = _step(step, selection, cfg, correction, None, None)
-        for layout, mine, group, cp_group in layouts:
+        for layout, mine, cp_size, group, cp_group in layouts:
             what = f"{layout}: {selection_name} / {aggregation} / {kl_aggregation} / {correction}"
             loss, grad, token_grads, metrics, ctx = _step(mine, selection, cfg, correction,
                                                           group, cp_group)
             _close(loss, want[0], what)
-            torch.testing.assert_close(grad, want[1], rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(grad, want[1], rtol=1e-9, atol=1e-12, msg=lambda m, what=what: f"{what}: {m}")
             worst = max(worst, ((grad - want[1]).abs() / want[1].abs().clamp_min(1e-12)).max().item())
             for share, got_grad in zip(mine, token_grads):
                 index = next(i for i, mb in enumerate(step) if mb["draw"] is share["draw"])
                 expected = torch.where(share["mask"], want[2][index], torch.zeros((), dtype=torch.float64))
                 torch.testing.assert_close(torch.where(share["mask"], got_grad, 0.0), expected,
-                                           rtol=1e-10, atol=1e-13, msg=lambda m: f"{what}: {m}")
+                                           rtol=1e-10, atol=1e-13, msg=lambda m, what=what: f"{what}: {m}")
             assert metrics.keys() == want[3].keys(), what
             for key in metrics:
                 _close(metrics[key], want[3][key], f"{what}: {key}")
@@ -195,7 +198,8 @@ def _worker(rank, world_size, seed):
             _close(ctx.num_selected, want[4].num_selected, what)
             for got_class, want_class in zip(ctx.class_tokens, want[4].class_tokens):
                 _close(got_class, want_class, what)
-            assert ctx.loss_scale == len(mine) * world_size, what
+            # num_microbatches x DP (megatron's schedule multiplies by the CP size itself)
+            assert ctx.loss_scale == len(mine) * world_size // cp_size, what
     assert worst < 1e-9, worst
     if rank == 0:
         print(f"{world_size} ranks: largest relative gradient difference to one rank {worst:.2e}")

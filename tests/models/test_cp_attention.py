@@ -78,7 +78,7 @@ def _worker(rank, size, seed):
     torch.testing.assert_close(got[held], want.detach()[source], rtol=1e-12, atol=1e-12)
     for name, got_x, want_x in zip("qkv", local, unsplit):
         torch.testing.assert_close(got_x.grad[held], want_x.grad[source], rtol=1e-11, atol=1e-12,
-                                   msg=lambda m: f"d{name}: {m}")
+                                   msg=lambda m, name=name: f"d{name}: {m}")
         assert torch.all(torch.isfinite(got_x.grad))
 
     with pytest.raises(ValueError, match="packed \\(thd\\) rows only"):

@@ -1,0 +1,60 @@
+"""The actor at context parallel 2 (SPEC 9), real gloo processes: log-probs and entropy of a
+packed batch (responses cut by chunk boundaries) equal a transformers float64 reference on every
+CP rank, and three optimiser steps end with the weights, gradient norms and losses of the single
+process transformers + AdamW loop (tests/actor/test_train_step.py's reference)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_archer.actor import Actor, ActorConfig
+from megatron_archer.models import hf_weight_buckets, load_hf_model
+from tests.actor.common import hf_logprobs, make_batch
+from tests.actor.test_train_step import (
+    CONFIG,
+    STEPS,
+    TOLERANCE,
+    _advantages,
+    _loss_fn,
+    _reference,
+)
+from tests.distributed import run_distributed
+from tests.models.checkpoints import write_checkpoint
+from tests.models.parallel import model_parallel
+
+
+def _worker(rank, world_size, path):
+    batch = make_batch(9, seed=5)
+    config = ActorConfig(**CONFIG)
+    expected, norms, losses = _reference(path, batch, config)
+    with model_parallel(1, context_parallel=world_size):
+        loaded = load_hf_model(path, params_dtype=torch.float32)
+        actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
+        micro = actor.micro_batches(batch)
+        assert all(mb.cp_size == world_size and mb.cp_rank == rank for mb in micro)
+        assert any(0 < int(mb.response_mask.sum()) < int(mb.full_response_mask.sum()) for mb in micro)
+
+        result = actor.compute_logprobs_and_entropy(batch)
+        for i, (logp, entropy) in enumerate(hf_logprobs(path, batch)):
+            n = logp.numel()
+            assert torch.allclose(result.logp[i, :n].double(), logp, atol=2e-5), i
+            assert torch.allclose(result.entropy[i, :n].double(), entropy, atol=2e-5), i
+
+        # this rank's share of the loss is over its own tokens; the actor's scale undoes DDP's
+        # average over data x context parallel ranks
+        loss_fn = _loss_fn(sum(batch.response_counts), _advantages(batch))
+        for step in range(STEPS):
+            out = actor.train_step(batch, loss_fn)
+            assert not out.skipped
+            assert abs(out.grad_norm - norms[step]) <= 1e-4 * norms[step], (step, out.grad_norm)
+            assert abs(out.loss - losses[step]) <= 1e-5 * max(1, abs(losses[step])), step
+        got = dict(pair for bucket in hf_weight_buckets(loaded.model, loaded.spec, loaded.backend)
+                   for pair in bucket)
+        worst = max((tensor - expected[name]).abs().max().item() for name, tensor in got.items())
+        assert worst <= TOLERANCE, worst
+        if rank == 0:
+            print(f"CP {world_size}: weights after {STEPS} steps within {worst:.2g} of the reference")
+
+
+def test_actor_at_cp2_equals_single_process_transformers(tmp_path):
+    run_distributed(_worker, 2, write_checkpoint(tmp_path / "qwen3", "qwen3"))
