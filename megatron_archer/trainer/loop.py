@@ -75,13 +75,16 @@ class Trainer:
         # rank 0's data and rewards; a failure there is raised on every rank
         on_rank_zero(self._setup_rank_zero, share=False)
         dtype = config.actor.torch_params_dtype
+        # the reference gets the actor's numerics (fp8 included), so KL starts at 0
+        overrides = config.model.megatron_overrides()
         loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
-                               config_overrides=config.model.megatron_overrides())
+                               config_overrides=overrides)
         self.model = loaded
         self.actor = Actor(loaded.model, loaded.spec, config.actor, loaded.backend)
         self.reference = None
         if needs_reference(config.algorithm):
-            ref = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype)
+            ref = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
+                                config_overrides=overrides)
             self.reference = ReferenceModel(ref.model, ref.spec, config.actor, ref.backend)
         self.step = 0
         self.skipped_steps = 0
