@@ -168,9 +168,12 @@ def load_checkpoint(path: str | Path, actor: Actor) -> ResumeState:
 
 # ------------------------------------------------------------------------------ layout, manifest
 def _layout() -> dict[str, int]:
-    return {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-            "data_parallel": parallel_state.get_data_parallel_world_size()}
+    layout = {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+              "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+              "data_parallel": parallel_state.get_data_parallel_world_size()}
+    if parallel_state.get_context_parallel_world_size() > 1:  # absent without CP (older runs)
+        layout["context_parallel"] = parallel_state.get_context_parallel_world_size()
+    return layout
 
 
 def _optimizer_format(actor: Actor) -> str:
@@ -227,9 +230,12 @@ def _complete_checkpoints(checkpoints: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------ optimizer
 def _optimizer_file() -> str:
+    # context-parallel ranks share a data-parallel rank: each writes its own file
+    cp = (f"_cp{parallel_state.get_context_parallel_rank()}"
+          if parallel_state.get_context_parallel_world_size() > 1 else "")
     return (f"tp{parallel_state.get_tensor_model_parallel_rank()}"
             f"_pp{parallel_state.get_pipeline_model_parallel_rank()}"
-            f"_dp{parallel_state.get_data_parallel_rank()}.pt")
+            f"_dp{parallel_state.get_data_parallel_rank()}{cp}.pt")
 
 
 def _save_optimizer(actor: Actor, directory: Path) -> None:

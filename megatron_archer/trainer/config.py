@@ -133,14 +133,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline). Checked against
-    the world size at start. ``timeout_minutes``: the process group's collective timeout (NCCL's
+    """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline * context).
+    Checked against the world size at start. ``context``: context-parallel size (SPEC 9; each
+    sequence split in 2 x context chunks over as many ranks, per-response statistics exact). ``timeout_minutes``: the process group's collective timeout (NCCL's
     watchdog; torch's default is 10); ``rank_zero_timeout_minutes``: how long the other ranks wait
     for work done by rank 0 alone (rollout, rewards, weight pushes: ``trainer.rank_zero``), on a
     CPU group of its own, so no NCCL collective is left pending for a whole rollout."""
 
     tensor: int = 1
     pipeline: int = 1
+    context: int = 1
     data: int | None = None
     timeout_minutes: float = 30.0
     rank_zero_timeout_minutes: float = 720.0
@@ -148,6 +150,7 @@ class ParallelConfig:
     def __post_init__(self):
         integer("tensor", self.tensor, low=1)
         integer("pipeline", self.pipeline, low=1)
+        integer("context", self.context, low=1)
         if self.data is not None:
             integer("data", self.data, low=1)
         number("timeout_minutes", self.timeout_minutes, low=0.0, low_open=True)
@@ -156,11 +159,12 @@ class ParallelConfig:
 
     def data_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` processes; raises when the layout does not fit."""
-        model = self.tensor * self.pipeline
+        model = self.tensor * self.pipeline * self.context
         data = self.data if self.data is not None else world_size // model
         if model * data != world_size:
             raise ValueError(
                 f"parallel.tensor ({self.tensor}) x parallel.pipeline ({self.pipeline}) x "
+                f"parallel.context ({self.context}) x "
                 f"parallel.data ({self.data if self.data is not None else 'auto'}) must equal the "
                 f"world size {world_size}")
         return data

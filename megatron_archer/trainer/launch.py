@@ -19,7 +19,8 @@ def run_training(config: ExperimentConfig, engine: RolloutEngine | None = None) 
     parallel = config.parallel
     parallel.data_size(dist.get_world_size())  # raises, naming the fields, when it does not fit
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline)
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
+        context_parallel_size=parallel.context)
     init_control_group(parallel.rank_zero_timeout_minutes)
     try:
         compat.model_parallel_seed(config.train.seed)

@@ -172,6 +172,14 @@ def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
     return first_ranks(found)
 
 
+def _cp_group():
+    """The context-parallel group when CP > 1, else None: a micro-batch's responses are then
+    spread over its ranks, and the per-response statistics of the loss span them (SPEC 9)."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
 def _loss_tokens(micro, mb: MiniBatch, algorithm: AlgorithmConfig) -> torch.Tensor:
     """The micro-batch's tokens in the loss and the step context: its response mask, less those
     the mismatch correction drops (``rollout_correction.mask_normalizer: drop``)."""
@@ -179,7 +187,7 @@ def _loss_tokens(micro, mb: MiniBatch, algorithm: AlgorithmConfig) -> torch.Tens
     if not drops_tokens(correction):
         return mask
     return loss_tokens(micro.gather(mb.old_logp.to(mask.device)),
-                       micro.gather(mb.rollout_logp.to(mask.device)), mask, correction)
+                       micro.gather(mb.rollout_logp.to(mask.device)), mask, correction, _cp_group())
 
 
 def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
@@ -191,18 +199,20 @@ def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
     ref_logp = on(mb.ref_logp)
     rollout_logp = on(mb.rollout_logp) if correction.enabled else None
     gather = (lambda micro, t: None if t is None else micro.gather(t))
+    cp_group = _cp_group()
 
     def loss_fn(micro, logp, entropy):
         mask = _loss_tokens(micro, mb, algorithm)
         chosen = selection_entropy(selection, entropy, gather(micro, old_entropy))
-        tokens = select_tokens(chosen, mask, selection, loss_config, ctx.forking_threshold)
+        tokens = select_tokens(chosen, mask, selection, loss_config, ctx.forking_threshold,
+                               cp_group=cp_group)
         weights = None if rollout_logp is None else rollout_correction(
-            micro.gather(old_logp), micro.gather(rollout_logp), mask, correction)
+            micro.gather(old_logp), micro.gather(rollout_logp), mask, correction, cp_group)
         out = policy_loss(
             logp, micro.gather(old_logp), micro.gather(advantages), mask, tokens, ctx,
             loss_config, ref_logp=gather(micro, ref_logp),
             entropy=entropy if loss_config.entropy_coef else None,
-            rollout_weight=None if weights is None else weights.weight)
+            rollout_weight=None if weights is None else weights.weight, cp_group=cp_group)
         sums = loss_metric_sums(out.terms, tokens)
         if weights is not None:
             sums.update(correction_metric_sums(weights, tokens))
@@ -227,7 +237,8 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
     away from rho as the policy changes within a step: ``actor/high/token_share_update_min`` /
     ``_max`` report the share each update actually selected.
     """
-    dp_group = parallel_state.get_data_parallel_group()
+    # every rank holding tokens of the step: data x context parallel (SPEC 9)
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     entropy_grad = algorithm.loss.entropy_coef > 0
     sums, results, update_sums, nonfinite = [], [], [], Counter()
     updates = [(e, u) for e in range(epochs) for u in range(len(mini_batches))]
@@ -240,7 +251,7 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
                                        m.gather(old_entropy.to(m.response_mask.device)),
                                        _loss_tokens(m, mb, algorithm)) for m in micro],
                                      algorithm.selection,
-                                     dp_group)
+                                     dp_group, _cp_group())
             result = actor.train_step(mb.batch, _loss_fn(mb, algorithm, ctx, actor.device),
                                       entropy_grad=entropy_grad, micro_batches=micro)
             bad = result.nonfinite

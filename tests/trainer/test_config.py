@@ -97,8 +97,15 @@ def test_missing_sections_and_files(tmp_path):
 def test_parallel_layout_is_checked_against_the_world_size():
     assert ParallelConfig(tensor=2).data_size(4) == 2
     with pytest.raises(ValueError, match=r"parallel.tensor \(2\) x parallel.pipeline \(1\) x "
+                                         r"parallel.context \(1\) x "
                                          r"parallel.data \(2\) must equal the world size 2"):
         ParallelConfig(tensor=2, data=2).data_size(2)
+    assert ParallelConfig(tensor=2, context=2).data_size(8) == 2
+    with pytest.raises(ValueError, match=r"parallel.context \(2\) x parallel.data \(auto\) "
+                                         r"must equal the world size 6"):
+        ParallelConfig(tensor=2, context=2).data_size(6)
+    with pytest.raises(ValueError, match="context must be"):
+        ParallelConfig(context=0)
 
 
 def test_resolved_config_reloads_to_the_same_config(tmp_path):
