@@ -8,6 +8,7 @@ with a message a user can act on (``rho must be in (0.0, 1.0]; got 1.5``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, get_type_hints
 
@@ -19,9 +20,12 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def number(name: str, value: Any, *, low: float, high: float = float("inf"),
            low_open: bool = False, high_open: bool = False) -> None:
-    """``value`` is a real number in the interval low..high (open or closed at each end)."""
+    """``value`` is a finite real number in the interval low..high (open or closed at each end);
+    NaN and +-inf are refused whatever the interval."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number; got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
     if not (above and below):

@@ -1,17 +1,21 @@
-"""ActorConfig: the actor's hyper-parameters, typed and validated at construction.
-
-Every error names the offending field, so a bad YAML/CLI value is found without a traceback hunt.
+"""ActorConfig: the actor's hyper-parameters, typed and validated at construction
+(``config_fields``): every error names the field, the value and what it allows, so a bad YAML/CLI
+value is found without a traceback hunt.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from megatron_archer.config_fields import choice, integer, number
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LR_SCHEDULES = ("constant", "cosine")
+PARAMS_DTYPES = tuple(_DTYPES)
+LOGPROB_IMPLS = ("logits", "fused")
 
 
 @dataclass(frozen=True)
@@ -44,55 +48,37 @@ class ActorConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     lr_decay_steps: int | None = None
     min_lr: float = 0.0
-    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    params_dtype: str = "float32"
     temperature: float = 1.0
     logprob_chunk_size: int = 1024
-    logprob_impl: Literal["logits", "fused"] = "logits"
+    logprob_impl: str = "logits"
 
     def __post_init__(self) -> None:
-        def bad(field: str, why: str) -> None:
-            raise ValueError(f"ActorConfig.{field}={getattr(self, field)!r}: {why}")
-
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                bad(f.name, "must be finite")
-        budget = self.max_tokens_per_micro_batch
-        if not isinstance(budget, int) or budget < 2:
-            bad("max_tokens_per_micro_batch", "must be an int >= 2")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
+        integer("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=2)
+        number("lr", self.lr, low=0.0, low_open=True)
+        number("weight_decay", self.weight_decay, low=0.0)
         for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "must be in [0, 1)")
-        if not self.adam_eps > 0:
-            bad("adam_eps", "must be > 0")
-        if self.clip_grad < 0:
-            bad("clip_grad", "must be >= 0 (0 disables clipping)")
-        if self.lr_schedule not in ("constant", "cosine"):
-            bad("lr_schedule", "must be 'constant' or 'cosine'")
-        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
-            bad("lr_warmup_steps", "must be an int >= 0")
+            number(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        number("adam_eps", self.adam_eps, low=0.0, low_open=True)
+        number("clip_grad", self.clip_grad, low=0.0)  # 0 disables clipping
+        choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        integer("lr_warmup_steps", self.lr_warmup_steps, low=0)
         if self.lr_schedule == "cosine":
             decay = self.lr_decay_steps
-            if not isinstance(decay, int) or decay <= self.lr_warmup_steps:
-                bad("lr_decay_steps", "cosine needs an int greater than lr_warmup_steps")
-        if not 0 <= self.min_lr <= self.lr:
-            bad("min_lr", "must be in [0, lr]")
-        if self.params_dtype not in ("float32", "bfloat16"):
-            bad("params_dtype", "must be 'float32' or 'bfloat16'")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0")
-        if not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 1:
-            bad("logprob_chunk_size", "must be an int >= 1 (tokens per fp32 working chunk)")
-        if self.logprob_impl not in ("logits", "fused"):
-            bad("logprob_impl", "must be 'logits' or 'fused'")
+            if isinstance(decay, bool) or not isinstance(decay, int) \
+                    or decay <= self.lr_warmup_steps:
+                raise ValueError(f"lr_decay_steps must be an integer > lr_warmup_steps "
+                                 f"({self.lr_warmup_steps}) with lr_schedule 'cosine'; "
+                                 f"got {decay!r}")
+        number("min_lr", self.min_lr, low=0.0, high=self.lr)
+        choice("params_dtype", self.params_dtype, PARAMS_DTYPES)
+        number("temperature", self.temperature, low=0.0, low_open=True)
+        integer("logprob_chunk_size", self.logprob_chunk_size, low=1)
+        choice("logprob_impl", self.logprob_impl, LOGPROB_IMPLS)
 
     @property
     def torch_params_dtype(self) -> torch.dtype:

@@ -11,16 +11,27 @@ computes in training, and the one SGLang returns by default. Greedy decoding
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_archer.buckets import Bucket
+from megatron_archer.config_fields import integer, number
 
 FinishReason = Literal["stop", "length"]
 MemoryPart = Literal["weights", "cache"]
 MEMORY_PARTS: tuple[MemoryPart, ...] = ("weights", "cache")
+
+
+def check_sampling(*, max_new_tokens, n, temperature, top_p, top_k) -> None:
+    """The sampling fields' rules, in one place: ``SamplingParams`` and the trainer's
+    ``RolloutConfig`` both call this. ``temperature=0`` (greedy) passes; ``top_k=-1`` is off."""
+    integer("max_new_tokens", max_new_tokens, low=1)
+    integer("n", n, low=1)
+    number("temperature", temperature, low=0.0)
+    number("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k == 0 or top_k < -1:
+        raise ValueError(f"top_k must be -1 (off) or an integer >= 1; got {top_k!r}")
 
 
 @dataclass(frozen=True)
@@ -33,12 +44,9 @@ class EntropyAwareDecoding:
     t_low: float
 
     def __post_init__(self):
-        if not (math.isfinite(self.threshold) and self.threshold >= 0):
-            raise ValueError(f"threshold={self.threshold} must be finite and >= 0")
+        number("threshold", self.threshold, low=0.0)
         for name in ("t_high", "t_low"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}={value} must be finite and > 0")
+            number(name, getattr(self, name), low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -61,20 +69,14 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.n < 1:
-            raise ValueError(f"n={self.n} must be >= 1")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature} must be finite and >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k={self.top_k} must be -1 (off) or >= 1")
+        check_sampling(max_new_tokens=self.max_new_tokens, n=self.n,
+                       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids={self.stop_token_ids} must be non-negative")
+            raise ValueError(f"stop_token_ids must be non-negative token ids; "
+                             f"got {self.stop_token_ids!r}")
         if self.entropy_aware is not None and self.temperature == 0:
-            raise ValueError("entropy_aware needs sampling: temperature=0 (greedy) conflicts")
+            raise ValueError("entropy_aware needs sampling: temperature must be > 0 with it; "
+                             "got 0 (greedy)")
 
     @property
     def greedy(self) -> bool:

@@ -3,6 +3,7 @@ the right tokens; the gap metric is a mean / max over masked tokens."""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -14,16 +15,16 @@ from megatron_archer.rollout.sampling import truncate
 
 @pytest.mark.parametrize("field, value", [
     ("max_new_tokens", 0), ("n", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", 0),
-    ("stop_token_ids", (-1,)),
+    ("stop_token_ids", (-1,)), ("temperature", float("inf")), ("max_new_tokens", 2.0),
 ])  # fmt: skip
 def test_sampling_params_errors_name_the_field(field, value):
     kwargs = {"max_new_tokens": 4, field: value}
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field} must .*; got {re.escape(repr(value))}$"):
         SamplingParams(**kwargs)
 
 
 def test_entropy_rule_and_sample_are_checked():
-    with pytest.raises(ValueError, match="t_low"):
+    with pytest.raises(ValueError, match=r"^t_low must be in \(0.0, inf\]; got 0.0$"):
         EntropyAwareDecoding(threshold=1.0, t_high=1.0, t_low=0.0)
     with pytest.raises(ValueError, match="logprobs"):
         Sample(token_ids=[1, 2], logprobs=[0.0], finish_reason="stop")

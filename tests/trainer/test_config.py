@@ -41,7 +41,7 @@ def test_load_with_overrides_on_the_preset():
     ("rollout.bogus=1", "rollout.bogus is not a field; allowed: engine, prompts_per_step"),
     ("algorithm.preset=ppo", "algorithm.preset must be one of grpo, dapo, forking_80_20, archer"),
     ("algorithm.selection.forking.rho=1.5", r"algorithm.selection.forking.rho must be in \(0.0, 1.0\]"),
-    ("actor.lr=-1", "actor.ActorConfig.lr=-1: must be > 0"),
+    ("actor.lr=-1", r"actor.lr must be in \(0.0, inf\]; got -1"),
     ("data.on_malformed=ignore", "data.on_malformed must be one of skip, error"),
     ("train.mini_batch_size=3", r"train.mini_batch_size \(3\) must divide rollout.prompts_per_step"),
     ("rollout.temperature=0.6", r"actor.temperature \(1.0\) must equal rollout.temperature"),

@@ -32,7 +32,7 @@ TE_BF16 = ["model.backend=te", "actor.params_dtype=bfloat16"]
      "model.fp8_amax_compute_algo must be one of most_recent, max; got 'mean'"),
     (["model.backend=te", "actor.params_dtype=float32"],
      "model.backend='te' with actor.params_dtype='float32'"),
-    (["actor.logprob_impl=vocab"], "actor.ActorConfig.logprob_impl='vocab': must be 'logits' or 'fused'"),
+    (["actor.logprob_impl=vocab"], "actor.logprob_impl must be one of logits, fused; got 'vocab'"),
 ])
 def test_bad_values_name_the_field(overrides, message):
     with pytest.raises(ValueError) as error:
