@@ -102,6 +102,37 @@ def test_memory_terms():
     assert pp2["activations"] == pytest.approx(chunked["activations"])
 
 
+def test_context_and_sequence_parallel_terms():
+    arch, tokens = me.MODELS["Qwen3-32B"], 32768
+    plain = me.Layout(tp=8, pp=2, dp=2, tokens=tokens, chunk=4096)
+    base, cp2 = me.estimate(arch, plain), me.estimate(arch, replace(plain, dp=1, cp=2))
+    # a CP rank holds half of every sequence; the distributed optimizer shards over dp x cp
+    for key in ("activations", "logits"):
+        assert cp2[key] == pytest.approx(base[key] / 2), key
+    for key in ("weights", "grads", "optimizer", "logprob_work"):
+        assert cp2[key] == pytest.approx(base[key]), key
+    assert me.estimate(arch, replace(plain, cp=2))["optimizer"] == pytest.approx(base["optimizer"] / 2)
+    # sequence parallelism splits the 4 h norm activations a token and layer over tp
+    saved = (me.activation_bytes_per_token_layer(arch, 8)
+             - me.activation_bytes_per_token_layer(arch, 8, sp=True))
+    assert saved == pytest.approx(2 * 4 * arch.hidden * (1 - 1 / 8))
+    sp = me.estimate(arch, replace(plain, sp=True))
+    assert sp["activations"] == pytest.approx(base["activations"] - arch.layers * saved * tokens / me.GIB)
+    # full recompute keeps each layer's input, 2 h bytes a token (2 h / tp under SP)
+    for sp_on, split in ((False, 1), (True, 8)):
+        kept = me.estimate(arch, replace(plain, recompute=True, sp=sp_on))["activations"]
+        one_layer = me.activation_bytes_per_token_layer(arch, 8, sp=sp_on) * tokens / me.GIB
+        assert kept - one_layer == pytest.approx(arch.layers * 2 * arch.hidden / split * tokens / me.GIB)
+    with pytest.raises(ValueError, match="needs tp > 1"):
+        me.estimate(arch, me.Layout(sp=True))
+    # the 32B forking config's layout (CP 2 with recompute) is a row of the table
+    config = load_config(SCALE / "forking_80_20_qwen3_32b.yaml")
+    row = me.Layout(tp=config.parallel.tensor, pp=config.parallel.pipeline, dp=1,
+                    cp=config.parallel.context, tokens=config.actor.max_tokens_per_micro_batch,
+                    chunk=config.actor.logprob_chunk_size, recompute=config.model.recompute == "full")
+    assert ("Qwen3-32B", row) in me.TABLE and me.estimate(arch, row)["total"] < 40
+
+
 def test_markdown_table_has_every_row():
     lines = me.markdown().splitlines()
     assert len(lines) == 2 + len(me.TABLE)

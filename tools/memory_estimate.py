@@ -11,26 +11,30 @@ Terms, per GPU of the pipeline stage that holds the most (GiB = 2^30 bytes):
 - grads: megatron's DDP gradient buffer in fp32 (``grad_reduce_in_fp32``), 4 bytes a parameter,
   not sharded (the distributed optimizer reduce-scatters into it).
 - optimizer: the distributed optimizer's fp32 main parameters and Adam m, v: 12 bytes a
-  parameter, sharded over data parallel (dp).
+  parameter, sharded over data x context parallel (dp x cp: megatron's dp_cp group).
 - reference: a second bf16 copy of the weights, when the loss has a KL term and the reference
   stays on the GPU (disaggregated rollout; colocated runs offload it to CPU between uses).
 - activations: one micro-batch of ``tokens`` packed tokens (the actor's token budget, one whole
-  sequence at least), bf16, flash/fused attention (no s x s matrix), no dropout, no sequence
-  parallel (so what sits outside the tensor-parallel GEMMs is replicated over tp). Stored per
-  token and layer, in bytes:
-      2 x [4 h  +  (heads + 2 kv_heads) d / tp  +  heads d / tp  +  3 ffn / tp]
-  (2 norm inputs and 2 norm outputs of width h; q, k, v; the attention output; gate and up
-  projections and the SwiGLU output). With full recompute only each layer's input (2 h bytes) is
-  kept, plus one layer's full set while it is recomputed. 1F1B pipelining keeps up to pp
+  sequence at least), of which a context-parallel rank holds ``tokens / cp`` (SPEC 9: 2 cp
+  chunks per sequence, two per rank), bf16, flash/fused attention (no s x s matrix), no dropout.
+  Stored per token and layer, in bytes:
+      2 x [4 h / s  +  (heads + 2 kv_heads) d / tp  +  heads d / tp  +  3 ffn / tp]
+  with s = tp under sequence parallelism, else 1 (2 norm inputs and 2 norm outputs of width h,
+  replicated over tp unless sequence parallel splits them; q, k, v; the attention output; gate
+  and up projections and the SwiGLU output). With full recompute only each layer's input
+  (2 h / s bytes) is kept, plus one layer's full set while it is recomputed. 1F1B pipelining keeps up to pp
   micro-batches in flight on the first stage, each over num_layers / pp layers: the same
   num_layers x per-layer total as pp = 1.
-- log-prob: the last stage's logits ``tokens x padded_vocab / tp`` in bf16 and their bf16
-  gradient (4 bytes an element), plus the fp32 working set of ``vocab_parallel_logprobs_and_entropy``:
-  ``chunk x V/tp x 4`` bytes with ``actor.logprob_chunk_size = chunk``, ``tokens x V/tp x 4``
-  (a full fp32 copy of the logits) without.
+- log-prob: the last stage's logits ``tokens / cp x padded_vocab / tp`` in bf16 and their bf16
+  gradient (4 bytes an element; sequence parallelism gathers the sequence before the output
+  layer, so the logits are the same), plus the fp32 working set of
+  ``vocab_parallel_logprobs_and_entropy``: ``min(chunk, tokens / cp) x V/tp x 4`` bytes with
+  ``actor.logprob_chunk_size = chunk``, ``tokens / cp x V/tp x 4`` (a full fp32 copy) without.
 
 Not counted: CUDA context and NCCL buffers (1-3 GiB), allocator fragmentation, a colocated SGLang
-engine (its weights and KV cache are released during training), CPU memory.
+engine (its weights and KV cache are released during training), CPU memory; under context
+parallelism Transformer Engine's ring keeps one layer's key/value chunk in flight
+(2 x 2 x kv_heads d / tp bytes a local token, a few hundred MiB for one layer).
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
-    tokens: int = 4096              # actor.max_tokens_per_micro_batch
+    cp: int = 1                     # parallel.context
+    sp: bool = False                # sequence parallelism (needs tp > 1)
+    tokens: int = 4096              # actor.max_tokens_per_micro_batch (before the CP split)
     recompute: bool = False
     chunk: int | None = None        # actor.logprob_chunk_size
     reference: bool = False         # a resident bf16 reference model
@@ -103,29 +109,33 @@ def stage_params(arch: Arch, layout: Layout) -> float:
     return layers + table + arch.hidden  # last stage: final norm and output layer
 
 
-def activation_bytes_per_token_layer(arch: Arch, tp: int) -> float:
-    d, h = arch.head_dim, arch.hidden
-    return 2 * (4 * h + (arch.heads + 2 * arch.kv_heads) * d / tp + arch.heads * d / tp
+def activation_bytes_per_token_layer(arch: Arch, tp: int, sp: bool = False) -> float:
+    d, h, s = arch.head_dim, arch.hidden, tp if sp else 1
+    return 2 * (4 * h / s + (arch.heads + 2 * arch.kv_heads) * d / tp + arch.heads * d / tp
                 + 3 * arch.ffn / tp)
 
 
 def estimate(arch: Arch, layout: Layout) -> dict[str, float]:
     """The terms of the module docstring, in GiB, and their ``total``."""
+    if layout.sp and layout.tp == 1:
+        raise ValueError("sequence parallelism needs tp > 1")
     params = stage_params(arch, layout)
-    per_layer = activation_bytes_per_token_layer(arch, layout.tp) * layout.tokens
+    tokens = layout.tokens / layout.cp  # this context-parallel rank's share of the micro-batch
+    per_layer = activation_bytes_per_token_layer(arch, layout.tp, layout.sp) * tokens
     if layout.recompute:
-        activations = arch.layers * 2 * arch.hidden * layout.tokens + per_layer
+        stored_input = 2 * arch.hidden / (layout.tp if layout.sp else 1)
+        activations = arch.layers * stored_input * tokens + per_layer
     else:
         activations = arch.layers * per_layer
     vocab_local = arch.padded_vocab(layout.tp) / layout.tp
-    working = (layout.chunk or layout.tokens) * vocab_local * 4
+    working = min(layout.chunk or tokens, tokens) * vocab_local * 4
     terms = {
         "weights": 2 * params,
         "grads": 4 * params,
-        "optimizer": 12 * params / layout.dp,
+        "optimizer": 12 * params / (layout.dp * layout.cp),
         "reference": 2 * params if layout.reference else 0.0,
         "activations": activations,
-        "logits": layout.tokens * vocab_local * 4,
+        "logits": tokens * vocab_local * 4,
         "logprob_work": working,
     }
     terms = {k: v / GIB for k, v in terms.items()}
@@ -152,18 +162,25 @@ TABLE = [
     ("Qwen3-14B", Layout(tp=8, pp=1, dp=2, tokens=24576, chunk=4096, recompute=True)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=2, tokens=24576, chunk=4096)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=2, tokens=24576, chunk=4096, recompute=True)),
+    # long responses (SPEC 9): context parallel 2 on the same 32 GPUs, 20480-token responses
+    # (the config) and 29k (tokens 32768); sequence parallelism rows are estimates only (the
+    # actor does not offer it yet)
+    ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, tokens=24576, chunk=4096, recompute=True)),
+    ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, tokens=32768, chunk=4096, recompute=True)),
+    ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=24576, chunk=4096)),
+    ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=32768, chunk=4096)),
 ]
 
 
 def markdown(rows=TABLE) -> str:
-    head = ("| model | params | tp | pp | dp | tokens | recompute | chunk | weights | grads | "
-            "optimizer | reference | activations | logits | log-prob work | total GiB |")
+    head = ("| model | params | tp | pp | dp | cp | sp | tokens | recompute | chunk | weights | "
+            "grads | optimizer | reference | activations | logits | log-prob work | total GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, layout in rows:
         arch, t = MODELS[name], estimate(MODELS[name], layout)
         lines.append(
             f"| {name} | {arch.parameters() / 1e9:.2f}B | {layout.tp} | {layout.pp} | {layout.dp} "
-            f"| {layout.tokens} | {'yes' if layout.recompute else 'no'} | {layout.chunk or 'none'} "
+            f"| {layout.cp} | {'yes' if layout.sp else 'no'} | {layout.tokens} | {'yes' if layout.recompute else 'no'} | {layout.chunk or 'none'} "
             f"| {t['weights']:.1f} | {t['grads']:.1f} | {t['optimizer']:.1f} | {t['reference']:.1f} "
             f"| {t['activations']:.1f} | {t['logits']:.1f} | {t['logprob_work']:.1f} "
             f"| {t['total']:.1f} |")
