@@ -68,6 +68,7 @@ from typing import Literal
 import torch
 
 from megatron_archer.buckets import bounded_buckets
+from megatron_archer.config_fields import choice, integer
 from megatron_archer.rollout import fp8_weights
 from megatron_archer.rollout import sglang_payloads as payloads
 from megatron_archer.rollout.engine import (
@@ -93,6 +94,18 @@ from megatron_archer.rollout.weight_buckets import (
 
 logger = logging.getLogger(__name__)
 WeightSync = Literal["tensor", "distributed", "disk"]
+WEIGHT_SYNCS: tuple[WeightSync, ...] = ("tensor", "distributed", "disk")
+
+
+def check_engine_settings(*, weight_sync, tp_size, bucket_bytes, max_inflight,
+                          weight_dtype) -> None:
+    """The engine settings' rules, in one place: ``SGLangEngine`` and the trainer's
+    ``SGLangConfig`` both call this."""
+    choice("weight_sync", weight_sync, WEIGHT_SYNCS)
+    integer("tp_size", tp_size, low=1)
+    integer("bucket_bytes", bucket_bytes, low=1)
+    integer("max_inflight", max_inflight, low=1)
+    choice("weight_dtype", weight_dtype, fp8_weights.WEIGHT_DTYPES)
 GROUP_NAME = "megatron_archer_weights"
 _VERSION_DIR = re.compile(r"version-\d+")
 _CACHE_TAGS = (payloads.KV_CACHE, payloads.CUDA_GRAPH)
@@ -230,19 +243,13 @@ class SGLangEngine(RolloutEngine):
     ):
         if not server_urls:
             raise ValueError("server_urls is empty")
-        if weight_sync not in ("tensor", "distributed", "disk"):
-            raise ValueError(f"weight_sync={weight_sync!r} must be tensor, distributed or disk")
+        check_engine_settings(weight_sync=weight_sync, tp_size=tp_size, bucket_bytes=bucket_bytes,
+                              max_inflight=max_inflight, weight_dtype=weight_dtype)
         if weight_sync == "disk" and (disk_dir is None or base_model_path is None):
             raise ValueError("weight_sync='disk' needs disk_dir and base_model_path")
-        if weight_dtype not in fp8_weights.WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype={weight_dtype!r} must be bf16 or fp8")
         if weight_dtype == "fp8" and base_model_path is not None:
             fp8_weights.require_fp8_checkpoint(base_model_path)
         self.weight_dtype = weight_dtype  # fp8: every sync sends fp8_weights.fp8_weight_buckets
-        for name, value in (("tp_size", tp_size), ("bucket_bytes", bucket_bytes),
-                            ("max_inflight", max_inflight)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be positive")
         urls = [u.rstrip("/") for u in server_urls]
         self.servers = [
             _Server(url, tuple(range(k * tp_size, (k + 1) * tp_size)),

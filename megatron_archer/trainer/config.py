@@ -36,10 +36,10 @@ from megatron_archer.config_fields import (
 from megatron_archer.data import DataConfig
 from megatron_archer.rewards.code_sandbox import SANDBOXES
 from megatron_archer.rollout import SamplingParams
-from megatron_archer.rollout.fp8_weights import WEIGHT_DTYPES
+from megatron_archer.rollout.engine import check_sampling
+from megatron_archer.rollout.sglang_engine import check_engine_settings
 
 ENGINES = ("local", "sglang")
-WEIGHT_SYNC = ("tensor", "distributed", "disk")
 BACKENDS = ("auto", "te", "local")
 RECOMPUTE = ("none", "selective", "full")
 FP8_FORMATS = ("off", "hybrid", "e4m3")
@@ -228,9 +228,9 @@ class SGLangConfig:
         boolean("launch", self.launch)
         integer("num_servers", self.num_servers, low=1)
         integer("base_port", self.base_port, low=1)
-        integer("tp_size", self.tp_size, low=1)
-        choice("weight_sync", self.weight_sync, WEIGHT_SYNC)
-        integer("bucket_bytes", self.bucket_bytes, low=1)
+        check_engine_settings(weight_sync=self.weight_sync, tp_size=self.tp_size,
+                              bucket_bytes=self.bucket_bytes, max_inflight=self.max_inflight,
+                              weight_dtype=self.weight_dtype)
         _optional_str("disk_dir", self.disk_dir)
         _optional_str("master_address", self.master_address)
         if self.master_port is not None:
@@ -241,7 +241,6 @@ class SGLangConfig:
                      "update_timeout_s", "disk_update_timeout_s", "startup_timeout_s"):
             number(name, getattr(self, name), low=0.0, low_open=True)
         integer("request_attempts", self.request_attempts, low=1)
-        integer("max_inflight", self.max_inflight, low=1)
         integer("max_restarts", self.max_restarts, low=0)
         if self.mem_fraction_static is not None:
             number("mem_fraction_static", self.mem_fraction_static, low=0.0, high=1.0,
@@ -249,7 +248,6 @@ class SGLangConfig:
             if "--mem-fraction-static" in self.extra_args:
                 raise ValueError("mem_fraction_static is set and extra_args has "
                                  "--mem-fraction-static too: keep one")
-        choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         _optional_str("model_path", self.model_path)
         if self.weight_dtype == "fp8" and self.model_path is None:
             raise ValueError("model_path is required with weight_dtype 'fp8': the block-FP8 "
@@ -293,13 +291,9 @@ class RolloutConfig:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         choice("engine", self.engine, ENGINES)
         integer("prompts_per_step", self.prompts_per_step, low=1)
-        integer("n", self.n, low=1)
-        integer("max_new_tokens", self.max_new_tokens, low=1)
-        number("temperature", self.temperature, low=0.0, low_open=True)
-        number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k == 0 \
-                or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or an integer >= 1; got {self.top_k!r}")
+        check_sampling(max_new_tokens=self.max_new_tokens, n=self.n,
+                       temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        number("temperature", self.temperature, low=0.0, low_open=True)  # RL samples: no greedy
         if self.seed is not None:
             integer("seed", self.seed, low=0)
         boolean("colocated", self.colocated)

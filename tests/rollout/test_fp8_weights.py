@@ -165,7 +165,7 @@ def test_config_fields_are_validated_and_the_engine_checks_the_served_checkpoint
     src = write_checkpoint(tmp_path / "qwen3", "qwen3")
     with pytest.raises(ValueError, match="must serve a block-FP8 checkpoint"):
         SGLangEngine(["http://x"], weight_dtype="fp8", base_model_path=src)
-    with pytest.raises(ValueError, match="weight_dtype='int8' must be bf16 or fp8"):
+    with pytest.raises(ValueError, match="^weight_dtype must be one of bf16, fp8; got 'int8'$"):
         SGLangEngine(["http://x"], weight_dtype="int8")
     engine = SGLangEngine(["http://x"], weight_dtype="fp8", base_model_path=write_fp8_checkpoint(
         src, tmp_path / "fp8"))
