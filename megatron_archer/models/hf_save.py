@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from megatron_archer.buckets import bounded_buckets
 from megatron_archer.models.output_dir import atomic_output_dir
 
 INDEX = "model.safetensors.index.json"
@@ -76,34 +77,30 @@ def write_hf_checkpoint(
 
 
 def _write_shards(buckets, directory: Path, dtype, max_shard_bytes: int):
-    """Shard files under provisional names; [(file, [(name, nbytes)])] and the tensors' dtype."""
-    shards: list[tuple[Path, list[tuple[str, int]]]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
+    """Shard files under provisional names; [(file, [(name, nbytes)])] and the tensors' dtype.
+    Shards are ``buckets.bounded_buckets`` of the cast tensors."""
     written_dtype = None
 
-    def flush() -> None:
-        path = directory / f"shard-{len(shards):05d}.tmp"
-        save_file(pending, path, metadata={"format": "pt"})
-        shards.append((path, [(n, t.numel() * t.element_size()) for n, t in pending.items()]))
-        pending.clear()
+    def cast_tensors():
+        nonlocal written_dtype
+        for bucket in buckets:
+            for name, tensor in bucket:
+                tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+                if not _fp8_data(name, tensor):  # FP8 checkpoints keep bf16 as the model dtype
+                    if written_dtype not in (None, tensor.dtype):
+                        raise ValueError(f"{name}: dtype {tensor.dtype}, earlier tensors "
+                                         f"{written_dtype}")
+                    written_dtype = tensor.dtype
+                yield name, tensor
 
-    for bucket in buckets:
-        for name, tensor in bucket:
-            tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
-            if not _fp8_data(name, tensor):  # FP8 checkpoints keep bf16 as the model dtype
-                if written_dtype not in (None, tensor.dtype):
-                    raise ValueError(f"{name}: dtype {tensor.dtype}, earlier tensors {written_dtype}")
-                written_dtype = tensor.dtype
-            nbytes = tensor.numel() * tensor.element_size()
-            if pending and pending_bytes + nbytes > max_shard_bytes:
-                flush()
-                pending_bytes = 0
-            pending[name] = tensor
-            pending_bytes += nbytes
-    if not pending:
+    shards: list[tuple[Path, list[tuple[str, int]]]] = []
+    for shard in bounded_buckets(cast_tensors(), max_shard_bytes):
+        path = directory / f"shard-{len(shards):05d}.tmp"
+        tensors = dict(shard)
+        save_file(tensors, path, metadata={"format": "pt"})
+        shards.append((path, [(n, t.nbytes) for n, t in tensors.items()]))
+    if not shards:
         raise ValueError("no tensors to write")
-    flush()
     return shards, written_dtype
 
 
