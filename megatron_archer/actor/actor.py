@@ -90,7 +90,8 @@ class StepResult:
     nonfinite: dict[str, int] = field(default_factory=dict)
 
 
-def _unwrap(chunk: nn.Module) -> nn.Module:
+def unwrap_chunk(chunk: nn.Module) -> nn.Module:
+    """The model inside a chunk's wrappers (DDP, Float16Module, ...): each keeps it as ``module``."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
@@ -129,7 +130,7 @@ class _HiddenStatesHead:
 
 def _hidden_states_head(chunks: list[nn.Module]) -> _HiddenStatesHead | None:
     """The head of this rank's last-stage chunk (None on other pipeline stages)."""
-    last = [_unwrap(c) for c in chunks if getattr(_unwrap(c), "post_process", False)]
+    last = [unwrap_chunk(c) for c in chunks if getattr(unwrap_chunk(c), "post_process", False)]
     return _HiddenStatesHead(last[-1]) if last else None
 
 
@@ -146,12 +147,12 @@ class ModelRunner:
         compat.apply_cpu_patches()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else None
         for chunk in self.chunks:
-            model_config = _unwrap(chunk).config
+            model_config = unwrap_chunk(chunk).config
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
                 model_config.variable_seq_lengths = True  # packed rows differ in length
             if not self.on_cuda:
                 model_config.finalize_model_grads_func = compat.finalize_model_grads_cpu
-        model_config = _unwrap(self.chunks[0]).config
+        model_config = unwrap_chunk(self.chunks[0]).config
         _check_packed_attention(backend, model_config.params_dtype)
         # fp8 GEMMs need token counts that are multiples of 16 (packing.filler_tokens)
         self.pack_multiple = 16 if model_config.fp8 else 1

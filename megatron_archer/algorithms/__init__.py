@@ -41,6 +41,7 @@ from megatron_archer.algorithms.policy_loss import (
 from megatron_archer.algorithms.step_context import StepContext, build_step_context
 from megatron_archer.algorithms.token_selection import (
     TokenSelection,
+    class_constraints,
     classify_tokens,
     select_tokens,
     selection_entropy,
@@ -50,8 +51,8 @@ __all__ = [
     "AdvantageConfig", "AlgorithmConfig", "ArcherConfig", "Constraints", "DynamicSamplingConfig",
     "DynamicSamplingResult", "ForkingConfig", "LossConfig", "LossTerms", "OverlongConfig",
     "PolicyLossOutput", "SelectionConfig", "StepContext", "TokenSelection", "build_step_context",
-    "classify_tokens", "clipped_pg_loss", "config_from_dict", "dynamic_sampling_filter",
-    "entropy_summary", "group_advantages", "groups_with_signal", "kl_penalty", "kth_largest",
-    "loss_metric_sums", "overlong_penalty", "policy_loss", "preset", "reduce_loss_metrics",
-    "select_tokens", "selection_entropy", "top_count",
+    "class_constraints", "classify_tokens", "clipped_pg_loss", "config_from_dict",
+    "dynamic_sampling_filter", "entropy_summary", "group_advantages", "groups_with_signal",
+    "kl_penalty", "kth_largest", "loss_metric_sums", "overlong_penalty", "policy_loss", "preset",
+    "reduce_loss_metrics", "select_tokens", "selection_entropy", "top_count",
 ]

@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_archer.actor import Actor
-from megatron_archer.actor.actor import _unwrap
+from megatron_archer.actor import Actor, unwrap_chunk
 from megatron_archer.models.dist_checkpoint import load_model_weights, save_model_checkpoint
 from megatron_archer.models.output_dir import atomic_output_dir
 
@@ -110,7 +109,7 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: 
             (tmp / OPTIMIZER_DIR).mkdir()
             (tmp / RNG_DIR).mkdir()
         dist.barrier()
-        save_model_checkpoint(_unwrap(actor.chunks[0]), actor.spec, tmp / MODEL_DIR,
+        save_model_checkpoint(unwrap_chunk(actor.chunks[0]), actor.spec, tmp / MODEL_DIR,
                               hf_source=hf_source)
         _save_optimizer(actor, tmp / OPTIMIZER_DIR)
         torch.save(rng_state, tmp / RNG_DIR / _rng_file())
@@ -158,7 +157,7 @@ def load_checkpoint(path: str | Path, actor: Actor) -> ResumeState:
         if not file.is_file():
             raise CheckpointNotUsable(f"{file}: missing (this rank's state)")
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    load_model_weights(_unwrap(actor.chunks[0]), path / MODEL_DIR)
+    load_model_weights(unwrap_chunk(actor.chunks[0]), path / MODEL_DIR)
     _load_optimizer(actor, path / OPTIMIZER_DIR)
     actor.steps_taken = trainer_state["schedule_steps"]
     _load_rng(path / RNG_DIR / _rng_file())

@@ -33,7 +33,7 @@ from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
 from megatron_archer.rollout.weight_buckets import gather_device_handles
 from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
 from megatron_archer.trainer.engines import build_engine
-from megatron_archer.trainer.metrics_logger import MetricsLogger
+from megatron_archer.trainer.metrics_logger import MetricsLogger, timed
 from megatron_archer.trainer.rank_zero import control_barrier, control_group, on_rank_zero
 from megatron_archer.trainer.reward_scoring import RewardScorer
 from megatron_archer.trainer.rollout_phase import collect_rollouts
@@ -44,7 +44,6 @@ from megatron_archer.trainer.step import (
     compute_old_and_reference,
     needs_reference,
     rollout_batch_metrics,
-    timed,
     train_on_mini_batches,
 )
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +27,16 @@ SUMMARY = (
     ("actor/all/kl_mean", "kl", ".3g"), ("rollout/logprob_abs_diff_mean", "gap", ".2g"),
     ("perf/tokens_per_s", "tok/s", ".0f"), ("time/step", "s", ".1f"),
 )
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to ``times[name]`` (the step's ``time/...`` metrics)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
 class MetricsLogger:

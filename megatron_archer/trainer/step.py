@@ -19,10 +19,8 @@ rank. With ``error`` either stops the run on every rank with the tensor and rank
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +31,7 @@ from megatron_archer.actor import Actor, ReferenceModel, SequenceBatch
 from megatron_archer.algorithms import (
     AlgorithmConfig,
     build_step_context,
+    class_constraints,
     entropy_summary,
     group_advantages,
     loss_metric_sums,
@@ -49,7 +48,6 @@ from megatron_archer.algorithms.rollout_correction import (
     rollout_correction,
     rollout_correction_summary,
 )
-from megatron_archer.algorithms.token_selection import class_constraints
 from megatron_archer.distributed import all_reduce_
 from megatron_archer.nonfinite import NonFiniteError, describe, first_ranks
 from megatron_archer.rollout import logprob_gap
@@ -335,13 +333,3 @@ def rollout_batch_metrics(mini_batches: list[MiniBatch], unusable: Sequence[dict
     if not with_entropy:
         return metrics, torch.zeros(0)
     return metrics, torch.cat([mb.old_entropy[m] for mb, m in zip(usable, masks)])
-
-
-@contextmanager
-def timed(times: dict[str, float], name: str):
-    """Add the block's wall time to ``times[name]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[name] = times.get(name, 0.0) + time.perf_counter() - start
