@@ -2,6 +2,7 @@
 parallel 1 and 2, on identical work, in one invocation.
 
     python -m benchmarks.rl_step [--steps 12] [--warmup 2] [--runs 3] [--systems trl,tp1,tp2]
+                                 [--threads N]
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: TRL, pinned). The work is the quick
 start's: its tiny Qwen3 warm start (built once under ``--work-dir``, ``--warm-start-steps``
@@ -14,8 +15,11 @@ TRL has none). The algorithms' per-token arithmetic differs (ours: Archer; TRL: 
 beta = 1e-3); the model work (generation, three forward passes and one backward per sequence)
 is the same.
 
-Each run is a fresh process (TRL: one; ours at TP 1: one; ours at TP 2: ``torchrun`` with two),
-the systems alternate run by run, and the first ``--warmup`` steps of every run are dropped.
+Each run is a fresh process (TRL: one; ours at TP 1: one; ours at TP 2: ``torchrun`` with two,
+one thread each), with torch's default thread count unless ``--threads`` sets OMP_NUM_THREADS
+for all (our local engine generates on every core either way: its design, see
+``rollout.local_engine``). The systems alternate run by run, and the first ``--warmup`` steps of
+every run are dropped.
 Per system: seconds per step over all kept steps of all runs (median, min, max), the median
 phases, and the ratio of medians to TRL's. Phases: ``rollout`` is generation; ``train`` the
 optimiser updates (forward, backward, step); ``other`` the rest of the step (rewards, old and
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_rl_step"))
     parser.add_argument("--warm-start-steps", type=int, default=250,
                         help="supervised steps of the warm start (the quick start's: 250)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for every process (default: each system's own; "
+                        "1 is steadier on a shared machine)")
     parser.add_argument("--json", help="also write the table as JSON here")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -264,6 +271,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                      f"--warmup={args.warmup} --runs={args.runs}")
     if "trl" in systems and importlib.util.find_spec("trl") is None:
         parser.error("--systems includes trl but TRL is not installed: pip install -e '.[bench]'")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads={args.threads}: expected a positive integer")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the runs inherit it
     work = prepare(Path(args.work_dir), args.warm_start_steps)
     results: dict[str, list] = {s: [] for s in systems}
     for run in range(args.runs):
@@ -277,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                   + " ".join(f"{r['step']:.2f}" for r in steps), flush=True)
     table = summarise(results, args.warmup)
     print(f"\n{args.runs} runs x {args.steps} steps per system, steps {args.warmup + 1}-"
-          f"{args.steps} of each run kept; os.cpu_count()={os.cpu_count()}\n")
+          f"{args.steps} of each run kept; os.cpu_count()={os.cpu_count()}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
     print(format_table(table))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
