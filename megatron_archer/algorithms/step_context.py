@@ -100,6 +100,9 @@ def build_step_context(
     """
     _, group_size = rank_and_size(group)
     cp_rank, cp_size = rank_and_size(cp_group)
+    if group_size % cp_size:
+        raise ValueError(f"group has {group_size} ranks, not a multiple of cp_group's {cp_size}: "
+                         "pass the data x context parallel group as group")
     dp_size = group_size // cp_size
     count = len(micro_batches)
     problem = _input_problem(micro_batches, selection)

@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_archer.algorithms import ArcherConfig, ForkingConfig, LossConfig, SelectionConfig
+from megatron_archer.algorithms import (
+    ArcherConfig,
+    ForkingConfig,
+    LossConfig,
+    SelectionConfig,
+    build_step_context,
+)
 from megatron_archer.algorithms.order_stats import row_quantile
 from megatron_archer.algorithms.sharded_rows import (
     check_together,
@@ -157,6 +163,8 @@ def _quantile_worker(rank, size):
         check_together(lambda: require_token_tensor("logp", local[:, :3] if rank == 0 else local, mine),
                        group)
     check_together(lambda: None, group)  # still in step
+    with pytest.raises(ValueError, match="not a multiple of cp_group's"):
+        build_step_context([(local, mine)], SelectionConfig("archer"), None, group)
 
     # on CUDA tensors (a CPU stand-in enforcing distributed.py's device rule): the same results
     selections = (SelectionConfig("archer"), SelectionConfig("archer_soft"),
