@@ -1,7 +1,7 @@
 """The frozen reference policy for the KL term: same sharding as the actor, no gradients.
 
-On CUDA its parameters can live in CPU memory between uses (``offload`` / ``onload``, or
-``compute_logprobs_and_entropy`` with ``offload_after=True``); on CPU both are no-ops.
+On CUDA its parameters can live in CPU memory between uses (``offload``; the next
+``compute_logprobs_and_entropy`` brings them back); on CPU both are no-ops.
 """
 
 from __future__ import annotations
@@ -37,12 +37,6 @@ class ReferenceModel(ModelRunner):
                 chunk.to(self.device)
             self.offloaded = False
 
-    def compute_logprobs_and_entropy(
-        self, batch: SequenceBatch, offload_after: bool = False
-    ) -> LogprobResult:
+    def compute_logprobs_and_entropy(self, batch: SequenceBatch) -> LogprobResult:
         self.onload()
-        try:
-            return super().compute_logprobs_and_entropy(batch)
-        finally:
-            if offload_after:
-                self.offload()
+        return super().compute_logprobs_and_entropy(batch)

@@ -22,7 +22,6 @@ from megatron_archer.algorithms.metrics import entropy_summary
 from megatron_archer.algorithms.order_stats import top_count
 
 PERCENTILES = (0.5, 0.8, 0.9, 0.95, 0.99)
-FORKING_PERCENTILE = 0.8  # the forking threshold: the top 20% entropy tokens lie above it
 
 
 def distribution_summary(entropy: np.ndarray, percentiles: Sequence[float] = PERCENTILES) -> dict:

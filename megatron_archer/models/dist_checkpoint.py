@@ -78,10 +78,6 @@ class ModelCheckpoint:
     def hf_dir(self) -> Path:
         return self.directory / HF_DIR
 
-    @property
-    def weights_dir(self) -> Path:
-        return self.directory / WEIGHTS_DIR
-
 
 def read_model_checkpoint(directory: str | Path) -> ModelCheckpoint:
     """Check that ``directory`` is a model checkpoint and read its spec and dtype."""

@@ -69,7 +69,7 @@ def _worker(rank, world_size, path):
             result = actor.train_step(batch, _loss)
             assert not result.skipped and actor.steps_taken == 2 and result.lr == config.lr_at(1)
 
-            ref_after = reference.compute_logprobs_and_entropy(batch, offload_after=True)
+            ref_after = reference.compute_logprobs_and_entropy(batch)
             assert torch.equal(ref_after.logp, ref_before.logp)
             assert torch.equal(ref_after.entropy, ref_before.entropy)
             trained = actor.compute_logprobs_and_entropy(batch).logp
