@@ -1,9 +1,11 @@
 """The actor at context parallel 2 (SPEC 9), real gloo processes: log-probs and entropy of a
 packed batch (responses cut by chunk boundaries) equal a transformers float64 reference on every
-CP rank, and three optimiser steps end with the weights, gradient norms and losses of the single
+CP rank, from the logits and with ``logprob_impl: fused``, and three optimiser steps end with the weights, gradient norms and losses of the single
 process transformers + AdamW loop (tests/actor/test_train_step.py's reference)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -34,11 +36,16 @@ def _worker(rank, world_size, path):
         assert all(mb.cp_size == world_size and mb.cp_rank == rank for mb in micro)
         assert any(0 < int(mb.response_mask.sum()) < int(mb.full_response_mask.sum()) for mb in micro)
 
-        result = actor.compute_logprobs_and_entropy(batch)
-        for i, (logp, entropy) in enumerate(hf_logprobs(path, batch)):
-            n = logp.numel()
-            assert torch.allclose(result.logp[i, :n].double(), logp, atol=2e-5), i
-            assert torch.allclose(result.entropy[i, :n].double(), entropy, atol=2e-5), i
+        reference = hf_logprobs(path, batch)
+        fused = load_hf_model(path, params_dtype=torch.float32)
+        fused_actor = Actor(fused.model, fused.spec, replace(config, logprob_impl="fused"),
+                            fused.backend)
+        for result in (actor.compute_logprobs_and_entropy(batch),
+                       fused_actor.compute_logprobs_and_entropy(batch)):
+            for i, (logp, entropy) in enumerate(reference):
+                n = logp.numel()
+                assert torch.allclose(result.logp[i, :n].double(), logp, atol=2e-5), i
+                assert torch.allclose(result.entropy[i, :n].double(), entropy, atol=2e-5), i
 
         # this rank's share of the loss is over its own tokens; the actor's scale undoes DDP's
         # average over data x context parallel ranks
