@@ -16,7 +16,7 @@ from megatron_archer.ablation.config import WARM_START, AblationConfig
 from megatron_archer.ablation.plan import Layout, run_specs
 from megatron_archer.ablation.prepare import prepare, prepare_fingerprint
 from megatron_archer.ablation.records import read_record
-from megatron_archer.ablation.report import write_report
+from megatron_archer.ablation.report import markdown_table, write_report
 from megatron_archer.ablation.runs import SUMMARY, run, run_fingerprint
 
 
@@ -54,6 +54,8 @@ def ablate(config: AblationConfig, report_only: bool = False) -> dict:
     if summaries:
         report = write_report(layout.report, summaries, config.eval.k, config.entropy.rho,
                               config.seeds, missing)
+    if report:
+        print(markdown_table(report["table"], config.eval.k, config.entropy.rho), flush=True)
     print(f"[ablate] {len(ran)} runs done now, {len(reused)} found finished, {len(missing)} "
           f"missing; {time.perf_counter() - start:.0f}s; report in {layout.report}", flush=True)
     return {**report, "ran": ran, "reused": reused}

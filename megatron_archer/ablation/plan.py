@@ -13,6 +13,7 @@ checkpoints are evaluated alike.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def _variant_overrides(config: AblationConfig, variant: Variant, index: int, see
                        run_dir: Path) -> list[str]:
     layout = Layout(Path(config.out))
     sampling = variant.algorithm.get("dynamic_sampling") or {}
-    rounds = sampling.get("max_gen_rounds", 1) if isinstance(sampling, dict) else 1
+    rounds = sampling.get("max_gen_rounds", 1) if isinstance(sampling, Mapping) else 1
     if rounds != 1:
         raise ValueError(f"variants[{index}].algorithm.dynamic_sampling.max_gen_rounds must be 1 "
                          f"(one generation round a step, so every run has the same rollout "

@@ -126,6 +126,20 @@ def plot_final(table: Mapping[str, Mapping], k: int, path: Path) -> Path:
     return path
 
 
+def markdown_table(table: Mapping[str, Mapping], k: int, rho: float) -> str:
+    """The table with "mean ± std" cells, accuracies and the overlap in percent."""
+    names = metric_names(k)
+    headers = ["variant", "seeds", f"avg@{k} (%)", f"pass@{k} (%)", "mean length (tokens)",
+               f"top-{100 * rho:g}% entropy positions shared with the warm start (%)"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for variant, row in table.items():
+        cells = [variant, str(row[names[0]]["n"]), _format(row[names[0]], True),
+                 _format(row[names[1]], True), _format(row[names[2]], False),
+                 _format(row[names[3]], True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: int, rho: float,
                  seeds: Sequence[int], missing: Sequence[str]) -> dict:
     """Every report file under ``out``; returns what ``summary.json`` holds. ``summaries``:
@@ -139,23 +153,18 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: i
     bands = {v: curve_bands(by_seed) for v, by_seed in summaries.items() if v != WARM_START}
     plot_curves(bands, out / "curves.png")
     plot_final(table, k, out / "final.png")
-    headers = ["variant", "seeds", f"avg@{k} (%)", f"pass@{k} (%)", "mean length (tokens)",
-               f"top-{100 * rho:g}% entropy positions shared with the warm start (%)"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for variant, row in table.items():
-        cells = [variant, str(row[names[0]]["n"]), _format(row[names[0]], True),
-                 _format(row[names[1]], True), _format(row[names[2]], False),
-                 _format(row[names[3]], True)]
-        lines.append("| " + " | ".join(cells) + " |")
     text = ["# Ablation report", "",
             f"avg@{k} and pass@{k} at T = 1 on held-out problems, mean ± sample std over the "
-            f"seeds that finished (seeds {list(seeds)}).", "", *lines, "",
+            f"seeds that finished (seeds {list(seeds)}).", "", markdown_table(table, k, rho), "",
             "![curves](curves.png)", "", "![final](final.png)", ""]
     if missing:
         text += ["Not finished yet: " + ", ".join(missing), ""]
     (out / "README.md").write_text("\n".join(text), encoding="utf-8")
+    times = [s["time"]["total"] for by_seed in summaries.values() for s in by_seed.values()]
     summary = {"k": k, "rho": rho, "seeds": list(seeds), "metrics": list(names), "table": table,
                "curves": bands, "missing": list(missing),
+               "time": {"runs": len(times), "wall_s": sum(t["wall_s"] for t in times),
+                        "cpu_s": sum(t["cpu_s"] for t in times)},
                "files": ["README.md", "table.md", "table.csv", "curves.png", "final.png"]}
     write_json(summary, out / "summary.json")
     return summary

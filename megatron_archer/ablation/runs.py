@@ -16,6 +16,7 @@ from pathlib import Path
 from megatron_archer.ablation.config import AblationConfig
 from megatron_archer.ablation.plan import Layout, RunSpec
 from megatron_archer.ablation.records import fingerprint, read_record, write_record
+from megatron_archer.config_fields import to_plain
 from megatron_archer.trainer.config import resolved_yaml
 
 SUMMARY = "summary.json"
@@ -23,10 +24,14 @@ CURVES = {"accuracy": "reward/accuracy", "entropy": "entropy/mean"}  # from metr
 
 
 def run_fingerprint(config: AblationConfig, spec: RunSpec, prepared: str) -> str:
-    """What a run's summary depends on: the prepared start, its experiment and evaluation."""
+    """What a run's summary depends on: the prepared start, its experiment, and what its
+    evaluation reads (``trainer.evaluate``: model, data, rollout, reward, seed; so the warm
+    start's rows survive a change of, say, ``train.steps``)."""
     experiment = None if spec.experiment is None else resolved_yaml(spec.experiment)
-    return fingerprint(prepared, experiment, resolved_yaml(spec.evaluation),
-                       asdict(config.eval), asdict(config.entropy))
+    e = spec.evaluation
+    evaluation = [to_plain(getattr(e, name)) for name in ("model", "data", "rollout", "reward")]
+    return fingerprint(prepared, experiment, evaluation, e.train.seed, asdict(config.eval),
+                       asdict(config.entropy))
 
 
 def read_curves(metrics_jsonl: Path) -> dict[str, list]:
