@@ -21,8 +21,12 @@ $(VENV)/sglang-newest/.installed: requirements/sglang-newest.txt | $(VENV)/.inst
 
 install: $(VENV)/.installed $(VENV)/sglang-newest/.installed
 
-test: $(VENV)/.installed $(VENV)/sglang-newest/.installed
+test: lint $(VENV)/sglang-newest/.installed
 	$(PY) -m pytest -q
+
+# ruff's rule set and line length are in pyproject.toml
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 example: $(VENV)/.installed
 	$(VENV)/bin/torchrun --nproc-per-node 2 examples/vocab_parallel_logprobs.py
@@ -34,4 +38,4 @@ bench: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(PY) -m megatron_archer.quickstart
 
-.PHONY: install test example bench quickstart
+.PHONY: install lint test example bench quickstart

@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.
-        "dev": ["pytest>=8", "pytest-timeout", "triton>=3.0; platform_machine == 'x86_64'"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6",
+                "triton>=3.0; platform_machine == 'x86_64'"],
         # benchmarks/rl_step.py: Hugging Face TRL's GRPOTrainer as the baseline (pinned: the
         # figures in benchmarks/RESULTS.md are for this version)
         "bench": ["trl==1.16.0"],

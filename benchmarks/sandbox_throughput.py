@@ -20,7 +20,8 @@ import time
 import warnings
 
 TRIVIAL = "print(1)"
-TASK = "import sys\nnums = sorted(map(int, sys.stdin.read().split()))\nprint(sum(n * i for i, n in enumerate(nums)) % 1000003)"
+TASK = ("import sys\nnums = sorted(map(int, sys.stdin.read().split()))\n"
+        "print(sum(n * i for i, n in enumerate(nums)) % 1000003)")
 
 
 def _rate(fn, count: int) -> float:
@@ -72,8 +73,8 @@ def math_rows(calls: int, workers: int) -> tuple[float, float, float]:
 
     def plain():
         for gold, answer in pairs:
-            verify(parse(f"\\boxed{{{gold}}}", parsing_timeout=None), parse(f"\\boxed{{{answer}}}", parsing_timeout=None),
-                   timeout_seconds=None)
+            verify(parse(f"\\boxed{{{gold}}}", parsing_timeout=None),
+                   parse(f"\\boxed{{{answer}}}", parsing_timeout=None), timeout_seconds=None)
 
     def strict():
         for gold, answer in pairs:
@@ -98,7 +99,8 @@ def main() -> None:
     print("| program | bwrap | in_process, same pool | x | in_process, one at a time | x |")
     print("|---|---|---|---|---|---|")
     for name, new, old_pool, old_serial in code_rows(args.programs, args.workers):
-        print(f"| {name} | {new:.1f} | {old_pool:.1f} | {new / old_pool:.2f} | {old_serial:.1f} | {new / old_serial:.2f} |")
+        print(f"| {name} | {new:.1f} | {old_pool:.1f} | {new / old_pool:.2f} | {old_serial:.1f} "
+              f"| {new / old_serial:.2f} |")
     end_to_end, strict, plain = math_rows(args.math_calls, args.workers)
     print(f"\nmath: MathVerifier at {args.workers} workers: {end_to_end:.0f} calls/s")
     print(f"math judge in one process: strict {strict:.0f} calls/s, math-verify parse+verify {plain:.0f} calls/s "

@@ -202,7 +202,10 @@ def _guarded(name: str, real, backend: str, real_all_reduce):
             raise CollectiveDeviceError(
                 f"{name}: no backend for device type {', '.join(sorted(refused))} in a group "
                 f"created with backend {backend!r}")
-        unwrap = (lambda x: x.inner if isinstance(x, FakeCuda) else x)
+
+        def unwrap(x):
+            return x.inner if isinstance(x, FakeCuda) else x
+
         return real(*[tree_map(unwrap, a) for a in args],
                     **{k: tree_map(unwrap, v) for k, v in kwargs.items()})
 

@@ -200,7 +200,6 @@ def stage_a(checks: Checks) -> None:
             logp.backward(g_logp)
 
         matmul_both, fused_both = _cuda_time(matmul_step), _cuda_time(fused_step)
-        del grad_logits
         ratio = forward / matmul
         details.update(shape=f"{TOKENS}x{VOCAB}x{HIDDEN} bf16", matmul_s=round(matmul, 5),
                        fused_forward_s=round(forward, 5), forward_ratio=round(ratio, 3),

@@ -199,7 +199,10 @@ def pack(batch: SequenceBatch, indices: list[int], device=None, multiple: int = 
         scored = torch.nonzero(mask, as_tuple=False).flatten()  # tokens t >= 1
         positions.append(offset + scored - 1)
         layout.append(row * width + torch.arange(scored.numel()))
-    cat = (lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype))
+
+    def cat(xs, dtype):
+        return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)
+
     input_ids = cat(ids + [torch.zeros(filler, dtype=torch.long)], torch.long)
     label_positions = cat(positions, torch.long)
     return MicroBatch(

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from megatron_archer.analysis import report, stats
-from megatron_archer.analysis.config import AnalysisConfig
 from megatron_archer.analysis.collect import collect_entropy, load_runner, model_parallel_groups
+from megatron_archer.analysis.config import AnalysisConfig
 from megatron_archer.analysis.responses import (
     Response,
     generate_responses,

@@ -26,6 +26,7 @@ from megatron_archer.models.weight_map import (
     weight_mappings,
 )
 
+
 def hf_weight_buckets(
     model: nn.Module, spec: ModelSpec, backend: Backend, bucket_bytes: int = 512 << 20
 ) -> Iterator[Bucket]:

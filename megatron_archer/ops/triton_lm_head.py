@@ -22,7 +22,6 @@ backward. Every pointer offset is computed in int64.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

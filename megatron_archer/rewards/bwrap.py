@@ -145,7 +145,8 @@ def require(path: str | None = None) -> Bwrap:
     setup = Bwrap(bwrap, setpriv, Interpreter.current())
     argv = [setup.interpreter.executable, "-I", "-S", "-c", "print('sandbox ok')"]
     try:
-        probe = subprocess.run(setup.command(argv, 1 << 20), env={}, capture_output=True, text=True, timeout=60, check=False)
+        probe = subprocess.run(setup.command(argv, 1 << 20), env={}, capture_output=True, text=True,
+                               timeout=60, check=False)
     except subprocess.TimeoutExpired:
         raise SandboxUnavailable("bubblewrap did not start the interpreter within 60 s. " + FIX) from None
     if probe.returncode != 0 or probe.stdout != "sandbox ok\n":

@@ -104,7 +104,8 @@ def machine_layout() -> tuple[Layout | None, str]:
         if layout is not None:
             group = RunCgroup(layout, 64 << 20, 4)
             try:
-                probe = subprocess.run(join_command(group.procs_files) + ["true"], capture_output=True, timeout=30, check=False)
+                probe = subprocess.run(join_command(group.procs_files) + ["true"], capture_output=True,
+                                       timeout=30, check=False)
             finally:
                 group.remove()
             if probe.returncode != 0:

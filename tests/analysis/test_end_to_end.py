@@ -11,9 +11,9 @@ import json
 import math
 
 import numpy as np
-from PIL import Image  # matplotlib's dependency: reports need both
 import pytest
 import torch
+from PIL import Image  # matplotlib's dependency: reports need both
 
 from megatron_archer.actor import SequenceBatch
 from megatron_archer.analysis import AnalysisConfig, analyze_entropy, read_responses

@@ -3,8 +3,14 @@
 from transformers import AutoTokenizer
 
 from megatron_archer.data import (
-    DataConfig, Message, PromptRecord, build_tiny_tokenizer, format_prompt, load_prompt_set,
-    write_arithmetic_jsonl)
+    DataConfig,
+    Message,
+    PromptRecord,
+    build_tiny_tokenizer,
+    format_prompt,
+    load_prompt_set,
+    write_arithmetic_jsonl,
+)
 from megatron_archer.rewards.synthetic import arithmetic_problems, arithmetic_reward
 
 DIFFICULTIES = [(1, 9), (2, 9), (3, 20), (5, 99), (8, 1000)]

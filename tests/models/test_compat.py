@@ -35,9 +35,8 @@ def test_seeded_cpu_init_is_independent_of_tensor_parallel_size():
 
 
 def _schedule_worker(rank: int, world_size: int) -> None:
-    from megatron.core.pipeline_parallel import get_forward_backward_func, p2p_communication
-    from megatron.core.pipeline_parallel import schedules
     from megatron.core.enums import ModelType
+    from megatron.core.pipeline_parallel import get_forward_backward_func, p2p_communication, schedules
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     original = (torch.zeros, torch.cuda.current_device, torch.cuda.synchronize)

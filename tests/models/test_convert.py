@@ -21,8 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from megatron_archer.data.tiny_tokenizer import build_tiny_tokenizer
-from megatron_archer.models import CheckpointError, UnsupportedModelError
-from megatron_archer.models import hf_save
+from megatron_archer.models import CheckpointError, UnsupportedModelError, hf_save
 from megatron_archer.models.convert import hf_to_megatron, main, megatron_to_hf
 from megatron_archer.models.hf_import import SafetensorsCheckpoint
 from megatron_archer.models.hf_save import parse_size, write_hf_checkpoint

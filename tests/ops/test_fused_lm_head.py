@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_archer.ops import fused_lm_head_logprobs_and_entropy as op
 from megatron_archer.distributed import rank_and_size
+from megatron_archer.ops import fused_lm_head_logprobs_and_entropy as op
 from tests.distributed import run_distributed
 from tests.ops.reference import reference_logprobs_entropy, rel_err
 

@@ -257,7 +257,8 @@ def _tp_worker(rank, world):
         assert rel_err(logp, logp_ref) < FP32_TOL, case
         assert rel_err(entropy, entropy_ref) < FP32_TOL, case
         g = torch.Generator().manual_seed(7)
-        g_lp, g_h = torch.randn(2, 9, generator=g, dtype=torch.float64), torch.randn(2, 9, generator=g, dtype=torch.float64)
+        g_lp = torch.randn(2, 9, generator=g, dtype=torch.float64)
+        g_h = torch.randn(2, 9, generator=g, dtype=torch.float64)
         (logp * g_lp.float() + entropy * g_h.float()).sum().backward()
         (logp_ref * g_lp + entropy_ref * g_h).sum().backward()
         grad_tol = BF16_GRAD_TOL if case["dtype"] == torch.bfloat16 else FP32_TOL

@@ -391,7 +391,8 @@ def test_in_process_cleanup_survives_a_very_deep_tree(monkeypatch):
     """1200 levels: deeper than shutil.rmtree's recursion (RecursionError in Python 3.11)."""
     monkeypatch.setattr(code_sandbox._settings, "warned", True)
     before = set(Path("/tmp").glob("archer-sandbox-*"))
-    deep = "import os\nfor _ in range(1200):\n    os.mkdir('d')\n    os.chdir('d')\nopen('f', 'w').write('x')\nprint('built')"
+    deep = ("import os\nfor _ in range(1200):\n    os.mkdir('d')\n    os.chdir('d')\n"
+            "open('f', 'w').write('x')\nprint('built')")
     result = run_python(deep, "", dataclasses.replace(LIMITS, wall_seconds=30.0, cpu_seconds=20), sandbox="in_process")
     assert result.status == "ok" and result.stdout == "built\n", result
     assert set(Path("/tmp").glob("archer-sandbox-*")) == before

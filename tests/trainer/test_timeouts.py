@@ -10,8 +10,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from megatron_archer import distributed
-from megatron_archer.trainer import load_config
-from megatron_archer.trainer import rank_zero
+from megatron_archer.trainer import load_config, rank_zero
 from megatron_archer.trainer.engines import ResponseProgress, call_policies
 from tests.trainer.common import CPU_CONFIG
 
