@@ -24,8 +24,10 @@ from megatron_archer.config_fields import (
     merge,
     number,
 )
-from megatron_archer.trainer.config import _yaml  # the trainer's YAML: 1e-6 is a float
-from megatron_archer.trainer.config import parse_overrides
+from megatron_archer.trainer.config import (
+    _yaml,  # the trainer's YAML: 1e-6 is a float
+    parse_overrides,
+)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 WARM_START = "warm_start"  # the table's row of the starting checkpoint; no variant may take it
