@@ -5,8 +5,8 @@ through megatron's ``get_forward_backward_func`` schedules (no pipelining, or 1F
 with pipeline parallelism). On CUDA the model is wrapped in megatron's DistributedDataParallel
 and optimised by ``get_megatron_optimizer`` (distributed optimizer, bf16 with fp32 main params
 when ``params_dtype="bfloat16"``). On CPU ``megatron_archer.compat`` makes the same schedules run
-and replaces what needs CUDA: DDP's gradient sync and ``finalize_model_grads``
-(``compat.finalize_model_grads_cpu``) and the gradient norm (``compat.grad_norm_cpu``); the
+and ``actor.cpu_ddp`` replaces what needs CUDA: DDP's gradient sync and ``finalize_model_grads``
+(``cpu_ddp.finalize_model_grads_cpu``) and the gradient norm (``cpu_ddp.grad_norm_cpu``); the
 optimiser is torch's AdamW with megatron's weight-decay grouping and clipping rule.
 
 Loss contract of ``train_step(batch, loss_fn)``: ``loss_fn(micro_batch, logp, entropy)`` returns
@@ -44,6 +44,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from megatron_archer import compat
+from megatron_archer.actor import cpu_ddp
 from megatron_archer.actor.config import ActorConfig
 from megatron_archer.actor.context_parallel import split_for_context_parallel
 from megatron_archer.actor.packing import (
@@ -151,7 +152,7 @@ class ModelRunner:
             if parallel_state.get_pipeline_model_parallel_world_size() > 1:
                 model_config.variable_seq_lengths = True  # packed rows differ in length
             if not self.on_cuda:
-                model_config.finalize_model_grads_func = compat.finalize_model_grads_cpu
+                model_config.finalize_model_grads_func = cpu_ddp.finalize_model_grads_cpu
         model_config = unwrap_chunk(self.chunks[0]).config
         _check_packed_attention(backend, model_config.params_dtype)
         # fp8 GEMMs need token counts that are multiples of 16 (packing.filler_tokens)
@@ -364,7 +365,7 @@ class Actor(ModelRunner):
         if self.on_cuda:
             self.optimizer.prepare_grads()
             return float(self.optimizer.get_grad_norm())
-        return compat.grad_norm_cpu(self.chunks)
+        return cpu_ddp.grad_norm_cpu(self.chunks)
 
     def _apply_update(self, lr: float, grad_norm: float) -> None:
         for group in self.optimizer.param_groups:
