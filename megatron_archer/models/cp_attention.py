@@ -4,8 +4,10 @@ CP group, causal mask by global positions inside each sequence (SPEC 9).
 Each CP rank holds, per sequence, chunks i and 2N-1-i of its 2N chunks
 (``actor.context_parallel``). Its queries need the keys and values of every earlier position of
 their sequence, some of which other ranks hold, so keys and values are all-gathered (autograd:
-the gradient of the gather is the sum of every rank's gradient for this rank's part, which
-``torch.distributed.nn.functional.all_gather`` computes), put back in the padded row's order,
+the gradient of the gather is the sum of every rank's gradient for this rank's part, a
+reduce-scatter; ``torch.distributed.nn.functional.all_gather`` is not used because its gloo
+backward scatters from group ranks as if they were global ranks, which fails on a CP group that
+does not start at global rank 0), put back in the padded row's order,
 and each sequence's local queries attend to its keys at global positions <= their own. This is
 megatron's "all_gather" CP communication pattern without Transformer Engine: O(row) key/value
 memory per rank, balanced causal work. Transformer Engine's CP attention replaces it on CUDA.
@@ -20,7 +22,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_gather
 
 from megatron_archer.actor.context_parallel import cp_rank_positions
 
@@ -28,10 +29,30 @@ from megatron_archer.actor.context_parallel import cp_rank_positions
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class _GatherRanks(torch.autograd.Function):
+    """[t, ...] on every rank of ``group`` -> [size x t, ...] in rank order; backward: the sum over
+    ranks of the gradient of this rank's part (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = local.new_empty((size * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size = dist.get_world_size(ctx.group)
+        part = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(part, grad.contiguous(), group=ctx.group)
+        return part, None
+
+
 def _padded_row(local: torch.Tensor, padded_cu_seqlens: torch.Tensor, group) -> torch.Tensor:
     """[t_local, ...] of every CP rank -> the padded row [t_padded, ...] in sequence order."""
     size = dist.get_world_size(group)
-    gathered = torch.cat(all_gather(local.contiguous(), group=group))  # rank by rank
+    gathered = _GatherRanks.apply(local, group)  # rank by rank
     held = torch.cat([cp_rank_positions(padded_cu_seqlens, size, j) for j in range(size)])
     order = torch.empty_like(held)
     order[held] = torch.arange(held.numel())

@@ -1,5 +1,5 @@
 """Portable context-parallel attention (SPEC 9) with real gloo processes: SDPACoreAttention at CP
-2 and 3 on packed rows of unequal sequences (1-token ones, sequences cut by chunk boundaries,
+3 and at CP 2 on a group without global rank 0, on packed rows of unequal sequences (1-token ones, sequences cut by chunk boundaries,
 random padding) equals the unsplit packed attention in float64, values and the gradients of
 query, key and value (the keys' gradient crosses ranks through the all-gather)."""
 
@@ -33,8 +33,8 @@ def _cu(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _worker(rank, size, seed):
-    group = dist.group.WORLD
+def _check(rank, size, group, seed):
+    """CP attention over ``group`` (``rank`` of ``size``) against the unsplit row."""
     gen = torch.Generator().manual_seed(seed)
     lengths = [1, 7, 2 * size + 1, 1, 13, 2 * size]
     n = sum(lengths)
@@ -88,6 +88,13 @@ def _worker(rank, size, seed):
         _attention(size, group)(*local, None, packed_seq_params=unpadded)
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_context_parallel_attention_equals_the_unsplit_row(size):
-    run_distributed(_worker, size, 5 + size)
+def _worker(rank, world_size):
+    _check(rank, world_size, dist.group.WORLD, 8)
+    # a CP group that does not start at global rank 0 (as under DP x CP or PP x CP)
+    pair = dist.new_group([1, 2])
+    if rank in (1, 2):
+        _check(rank - 1, 2, pair, 7)
+
+
+def test_context_parallel_attention_equals_the_unsplit_row():
+    run_distributed(_worker, 3)
