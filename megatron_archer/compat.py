@@ -174,6 +174,8 @@ def model_parallel_seed(seed: int) -> None:
     ``use_cpu_initialization`` (one master weight from the default generator, then sliced), so
     the same ``torch.manual_seed`` on every rank gives consistent shards; no CUDA tracker exists
     (megatron forks it only for sequence-parallel dropout, which the CPU path does not use).
+    Checked against megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0 (``torch.cuda.manual_seed``
+    and the CUDA RNG tracker in each).
     """
     if cpu_patches_needed():
         torch.manual_seed(seed)
@@ -194,7 +196,8 @@ def dist_checkpoint_save_on_cpu():
     broadcasts its failure flag in a tensor on ``torch.cuda.current_device()``; both raise without
     CUDA. During the call they are served on CPU (``_cuda_requests_served_on_cpu``); the planning,
     the files and the metadata are megatron's. A no-op when CUDA is available. Loading needs no
-    patch.
+    patch. Checked against megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0 (the same two requests
+    in ``preload_tensors`` and ``save_state_dict_async_finalize``).
     """
     if not cpu_patches_needed():
         yield
