@@ -24,7 +24,6 @@ from megatron_archer.rollout.engine import (
 )
 from megatron_archer.rollout.sampling import sample_step
 
-
 # fp32 elements of one sampling chunk: sample_step makes a few fp32 [rows, V] copies, so rows are
 # sampled in chunks of SAMPLE_CHUNK_ELEMENTS // V (441 rows, 256 MiB a copy, at V = 151,936)
 SAMPLE_CHUNK_ELEMENTS = 1 << 26

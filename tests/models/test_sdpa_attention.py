@@ -21,8 +21,9 @@ HEADS, GROUPS, HEAD_DIM = 4, 2, 16
 
 
 def _attention() -> SDPACoreAttention:
-    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-                               num_query_groups=GROUPS, kv_channels=HEAD_DIM, attention_dropout=0.0)
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM,
+                               num_attention_heads=HEADS, num_query_groups=GROUPS,
+                               kv_channels=HEAD_DIM, attention_dropout=0.0)
     return SDPACoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
                              attention_type="self")
 
