@@ -1,6 +1,6 @@
 """The actor at context parallel 2 (SPEC 9), real gloo processes: log-probs and entropy of a
 packed batch (responses cut by chunk boundaries) equal a transformers float64 reference on every
-CP rank, from the logits and with ``logprob_impl: fused``, and three optimiser steps end with the weights, gradient norms and losses of the single
+CP rank, from the logits and with ``logprob_impl: fused``, at CP 2 and at PP 2 x CP 2, and three optimiser steps end with the weights, gradient norms and losses of the single
 process transformers + AdamW loop (tests/actor/test_train_step.py's reference)."""
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
 
 
-def _worker(rank, world_size, path):
+def _worker(rank, world_size, path, pipeline):
     batch = make_batch(9, seed=5)
     config = ActorConfig(**CONFIG)
     expected, norms, losses = _reference(path, batch, config)
-    with model_parallel(1, context_parallel=world_size):
+    cp_size, cp_rank = world_size // pipeline, rank % (world_size // pipeline)
+    with model_parallel(1, pipeline, context_parallel=cp_size):
         loaded = load_hf_model(path, params_dtype=torch.float32)
         actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
         micro = actor.micro_batches(batch)
-        assert all(mb.cp_size == world_size and mb.cp_rank == rank for mb in micro)
+        assert all(mb.cp_size == cp_size and mb.cp_rank == cp_rank for mb in micro)
         assert any(0 < int(mb.response_mask.sum()) < int(mb.full_response_mask.sum()) for mb in micro)
 
         reference = hf_logprobs(path, batch)
@@ -60,8 +61,13 @@ def _worker(rank, world_size, path):
         worst = max((tensor - expected[name]).abs().max().item() for name, tensor in got.items())
         assert worst <= TOLERANCE, worst
         if rank == 0:
-            print(f"CP {world_size}: weights after {STEPS} steps within {worst:.2g} of the reference")
+            print(f"PP {pipeline} x CP {cp_size}: weights after {STEPS} steps within {worst:.2g} "
+                  f"of the reference")
 
 
 def test_actor_at_cp2_equals_single_process_transformers(tmp_path):
-    run_distributed(_worker, 2, write_checkpoint(tmp_path / "qwen3", "qwen3"))
+    run_distributed(_worker, 2, write_checkpoint(tmp_path / "qwen3", "qwen3"), 1)
+
+
+def test_actor_at_pp2_cp2_equals_single_process_transformers(tmp_path):
+    run_distributed(_worker, 4, write_checkpoint(tmp_path / "qwen3", "qwen3"), 2)
