@@ -191,12 +191,18 @@ def _loss_tokens(micro, mb: MiniBatch, algorithm: AlgorithmConfig) -> torch.Tens
 def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
     """The micro-batch loss: selection, the mismatch correction from the engine's log-probs when
     ``algorithm.rollout_correction`` is enabled (SPEC 8), the policy loss, and its metric sums."""
-    selection, loss_config, correction = algorithm.selection, algorithm.loss, algorithm.rollout_correction
-    on = (lambda t: None if t is None else t.to(device) if device is not None else t)
+    selection, loss_config = algorithm.selection, algorithm.loss
+    correction = algorithm.rollout_correction
+
+    def on(t):
+        return None if t is None else t.to(device) if device is not None else t
+
+    def gather(micro, t):
+        return None if t is None else micro.gather(t)
+
     old_logp, old_entropy, advantages = on(mb.old_logp), on(mb.old_entropy), on(mb.advantages)
     ref_logp = on(mb.ref_logp)
     rollout_logp = on(mb.rollout_logp) if correction.enabled else None
-    gather = (lambda micro, t: None if t is None else micro.gather(t))
     cp_group = _cp_group()
 
     def loss_fn(micro, logp, entropy):
