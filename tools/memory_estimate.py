@@ -180,7 +180,8 @@ def markdown(rows=TABLE) -> str:
         arch, t = MODELS[name], estimate(MODELS[name], layout)
         lines.append(
             f"| {name} | {arch.parameters() / 1e9:.2f}B | {layout.tp} | {layout.pp} | {layout.dp} "
-            f"| {layout.cp} | {'yes' if layout.sp else 'no'} | {layout.tokens} | {'yes' if layout.recompute else 'no'} | {layout.chunk or 'none'} "
+            f"| {layout.cp} | {'yes' if layout.sp else 'no'} | {layout.tokens} "
+            f"| {'yes' if layout.recompute else 'no'} | {layout.chunk or 'none'} "
             f"| {t['weights']:.1f} | {t['grads']:.1f} | {t['optimizer']:.1f} | {t['reference']:.1f} "
             f"| {t['activations']:.1f} | {t['logits']:.1f} | {t['logprob_work']:.1f} "
             f"| {t['total']:.1f} |")

@@ -135,8 +135,9 @@ class ModelConfig:
 class ParallelConfig:
     """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline * context).
     Checked against the world size at start. ``context``: context-parallel size (SPEC 9; each
-    sequence split in 2 x context chunks over as many ranks, per-response statistics exact). ``timeout_minutes``: the process group's collective timeout (NCCL's
-    watchdog; torch's default is 10); ``rank_zero_timeout_minutes``: how long the other ranks wait
+    sequence split in 2 x context chunks over as many ranks, per-response statistics exact).
+    ``timeout_minutes``: the process group's collective timeout (NCCL's watchdog; torch's
+    default is 10); ``rank_zero_timeout_minutes``: how long the other ranks wait
     for work done by rank 0 alone (rollout, rewards, weight pushes: ``trainer.rank_zero``), on a
     CPU group of its own, so no NCCL collective is left pending for a whole rollout."""
 

@@ -1,7 +1,8 @@
-"""The actor at context parallel 2 (SPEC 9), real gloo processes: log-probs and entropy of a
-packed batch (responses cut by chunk boundaries) equal a transformers float64 reference on every
-CP rank, from the logits and with ``logprob_impl: fused``, at CP 2 and at PP 2 x CP 2, and three optimiser steps end with the weights, gradient norms and losses of the single
-process transformers + AdamW loop (tests/actor/test_train_step.py's reference)."""
+"""The actor under context parallelism (SPEC 9), real gloo processes, at CP 2 and at PP 2 x CP 2:
+log-probs and entropy of a packed batch (responses cut by chunk boundaries) equal a transformers
+float64 reference on every CP rank, from the logits and with ``logprob_impl: fused``, and three
+optimiser steps end with the weights, gradient norms and losses of the single-process
+transformers + AdamW loop (tests/actor/test_train_step.py's reference)."""
 
 from __future__ import annotations
 
