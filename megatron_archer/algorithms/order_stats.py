@@ -37,8 +37,11 @@ def _sorted_rows(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
 def row_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
     """[B] quantile ``q`` of each row's valid values, linear interpolation (as torch.nanquantile).
 
-    Rows without a valid value give NaN (no token compares above it).
+    Rows without a valid value give NaN (no token compares above it), also when the layout has
+    no column at all (every response of the micro-batch empty).
     """
+    if values.shape[-1] == 0:
+        return values.new_full(values.shape[:-1], float("nan"))
     ordered, counts = _sorted_rows(values, mask)
     position = q * (counts - 1).clamp_min(0).to(values.dtype)
     below = position.floor().long()

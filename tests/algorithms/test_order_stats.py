@@ -77,3 +77,10 @@ def test_kth_largest_is_exact_in_float32_for_close_values():
     got = kth_largest(values, [1, 4, 7])
     flat = np.sort(values[0].numpy())[::-1]
     assert got == [float(flat[0]), float(flat[3]), float(flat[6])]
+
+
+def test_rows_without_any_column_give_nan_and_zero():
+    """A micro-batch whose responses are all empty has a [B, 0] layout."""
+    values, mask = torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool)
+    assert torch.isnan(row_quantile(values, mask, 0.8)).all() and row_quantile(values, mask, 0.8).shape == (3,)
+    assert row_rank_fraction(values, mask).shape == (3, 0)
