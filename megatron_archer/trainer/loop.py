@@ -39,7 +39,6 @@ from megatron_archer.trainer.reward_scoring import RewardScorer
 from megatron_archer.trainer.rollout_phase import collect_rollouts
 from megatron_archer.trainer.rollout_share import scatter_shares
 from megatron_archer.trainer.step import (
-    MiniBatch,
     build_shares,
     compute_old_and_reference,
     needs_reference,
@@ -180,7 +179,7 @@ class Trainer:
                                        config.train.mini_batch_size, dp)
 
         batch, shares = on_rank_zero(rollout_and_shares, share=False) or (None, None)
-        mini_batches, moved = scatter_shares(shares, MiniBatch)
+        mini_batches, moved = scatter_shares(shares)
         scalars = batch.metrics() if self.rank0 else {}
         scalars["rollout/share_bytes"] = float(moved)
         if not mini_batches:  # every rank gets none together

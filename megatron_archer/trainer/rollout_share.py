@@ -25,12 +25,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_archer.actor import SequenceBatch
+from megatron_archer.trainer.step import MiniBatch
 
 SIZES = 2  # int32 and float32 buffer lengths
 
 
-def pack_share(mini_batches: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[MiniBatch(batch, advantages, rollout_logp)]`` -> (int32 buffer, float32 buffer).
+def pack_share(mini_batches: Sequence[MiniBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mini-batches (their batch, advantages and rollout log-probs) -> (int32, float32 buffer).
 
     int32: [num_mini_batches, then per mini-batch: num_sequences, then per sequence:
     prompt_length, response_length, then its token ids]; float32: per mini-batch its advantages
@@ -48,9 +49,9 @@ def pack_share(mini_batches: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(ints, dtype=torch.int32), torch.tensor(floats, dtype=torch.float32)
 
 
-def unpack_share(ints: torch.Tensor, floats: torch.Tensor, mini_batch_type) -> list:
-    """The inverse of ``pack_share``: ``mini_batch_type(batch, advantages, rollout_logp)`` each."""
-    ints, floats = ints.tolist(), floats
+def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> list[MiniBatch]:
+    """The inverse of ``pack_share``."""
+    ints = ints.tolist()
     pos, fpos = 1, 0
     out = []
     for _ in range(ints[0]):
@@ -68,8 +69,8 @@ def unpack_share(ints: torch.Tensor, floats: torch.Tensor, mini_batch_type) -> l
                                     torch.ones(responses, dtype=torch.bool)]))
             rollout.append(floats[fpos:fpos + responses].clone())
             fpos += responses
-        out.append(mini_batch_type(SequenceBatch(ids, masks), advantages,
-                                   torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True)))
+        out.append(MiniBatch(SequenceBatch(ids, masks), advantages,
+                             torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True)))
     return out
 
 
@@ -81,7 +82,7 @@ def _data_parallel_ranks() -> list[int]:
     return [int(t) for t in every]
 
 
-def scatter_shares(shares: Sequence[Sequence] | None, mini_batch_type) -> tuple[list, int]:
+def scatter_shares(shares: Sequence[Sequence[MiniBatch]] | None) -> tuple[list[MiniBatch], int]:
     """Global rank 0 passes ``shares[d]``, data-parallel rank d's mini-batches, for every d; every
     rank (rank 0 included) returns its own share and the bytes the scatters moved."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -110,7 +111,7 @@ def scatter_shares(shares: Sequence[Sequence] | None, mini_batch_type) -> tuple[
     dist.scatter(floats, float_list, src=0)
     moved = world * (SIZES * 8 + 16 + 4 * int_width + 4 * float_width)
     n_int, n_float = sizes.tolist()
-    return unpack_share(ints[:n_int], floats[:n_float], mini_batch_type), moved
+    return unpack_share(ints[:n_int], floats[:n_float]), moved
 
 
 def _padded(tensor: torch.Tensor, width: int) -> torch.Tensor:

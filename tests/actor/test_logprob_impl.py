@@ -71,5 +71,5 @@ def test_fused_logprobs_and_padded_rows_equal_the_logits_path(tmp_path):
 
 
 def test_logprob_impl_is_validated():
-    with pytest.raises(ValueError, match="logprob_impl='vocab'.*'logits' or 'fused'"):
+    with pytest.raises(ValueError, match="^logprob_impl must be one of logits, fused; got 'vocab'$"):
         ActorConfig(logprob_impl="vocab")

@@ -27,6 +27,9 @@ class ScriptedEngine:
         return [[Sample(token_ids=[1 + correct] * length, logprobs=[-0.5] * length,
                         finish_reason="stop") for correct, length in group] for group in groups]
 
+    def take_metrics(self):
+        return {}
+
 
 class CorrectIfTwos:
     """Reward 1 for a response of token 2 (the engine's 'correct' ones), else 0."""

@@ -19,7 +19,6 @@ from megatron_archer.models import load_hf_model
 from megatron_archer.nonfinite import NonFiniteError
 from megatron_archer.trainer.rollout_share import scatter_shares
 from megatron_archer.trainer.step import (
-    MiniBatch,
     build_shares,
     compute_old_and_reference,
     rollout_batch_metrics,
@@ -52,7 +51,7 @@ def _worker(rank, world_size, path):
                                 algorithm.selection.archer,
                                 knowledge=replace(algorithm.selection.archer.knowledge, kl_coef=0.0))))
         shares = build_shares(random_groups(4, 4, seed=3), algorithm, 2, 2) if rank == 0 else None
-        mini_batches, moved = scatter_shares(shares, MiniBatch)
+        mini_batches, moved = scatter_shares(shares)
         assert moved > 0 and len(mini_batches) == 2
         every = [None, None]
         dist.all_gather_object(every, [(mb.batch.input_ids, mb.advantages, mb.rollout_logp)
