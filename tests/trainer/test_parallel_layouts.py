@@ -1,7 +1,9 @@
-"""The trainer end to end at data-parallel 2 and pipeline-parallel 2 (2 gloo processes each, TP 1)
-against the same run on one process (TP 1 x DP 1): the objectives are split-invariant, so the
-losses and the trained weights agree to float32 reduction-order rounding. And resume at DP 2:
-a run stopped after step 2 and resumed equals the uninterrupted DP 2 run bitwise.
+"""The trainer end to end at data-parallel 2, pipeline-parallel 2 and context-parallel 2 (2 gloo
+processes each, TP 1) against the same run on one process (TP 1 x DP 1): the objectives are
+split-invariant (at CP 2 Archer's per-response quantiles span both CP ranks, SPEC 9), so the
+losses, the reasoning-token share and the trained weights agree to float32 reduction-order
+rounding. And resume at DP 2 and at CP 2 (per-CP-rank optimizer files): a run stopped after
+step 2 and resumed equals the uninterrupted one bitwise.
 
 Archer on the CPU quick-start config (examples/configs/archer_arithmetic_cpu.yaml), 3 steps of
 2 updates; the engine (on rank 0) holds the full Hugging Face weights after each sync, so runs of
@@ -20,7 +22,8 @@ from tests.trainer.common import CPU_CONFIG, tiny_run
 
 REWARD = "reward.function=tests.trainer.rewards:digit_share"
 STEPS = 3
-# float32 sums in another order, amplified by 6 Adam updates at lr 1e-3: measured 6.4e-6 at DP 2
+# float32 sums in another order, amplified by 6 Adam updates at lr 1e-3: measured 6.4e-6 at DP 2,
+# 6.9e-6 at CP 2
 # (PP 2 sums in the same order as one process: bitwise equal)
 PARAM_ATOL = 1e-4
 LOSS_RTOL = 1e-3
@@ -45,6 +48,10 @@ def _pair_worker(rank, world_size, root, base):
     _train(root, base, "dp2_resumed", "parallel.tensor=1", "train.steps=2")
     _train(root, base, "dp2_resumed", "parallel.tensor=1", f"train.steps={STEPS}",
            "checkpoint.resume=true")
+    cp = ["parallel.tensor=1", "parallel.context=2"]
+    _train(root, base, "cp2", *cp, f"train.steps={STEPS}")
+    _train(root, base, "cp2_resumed", *cp, "train.steps=2")
+    _train(root, base, "cp2_resumed", *cp, f"train.steps={STEPS}", "checkpoint.resume=true")
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +71,13 @@ def _engine(root, name):
     return torch.load(root / f"{name}.engine.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("layout", ["dp2", "pp2"])
+LAYOUTS = {"dp2": (1, 1, 1), "pp2": (1, 2, 1), "cp2": (1, 1, 2)}  # tensor, pipeline, context
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_equals_one_process(runs, layout):
     resolved = load_config(runs / layout / "config.yaml").parallel
-    assert (resolved.tensor, resolved.pipeline) == ((1, 1) if layout == "dp2" else (1, 2))
+    assert (resolved.tensor, resolved.pipeline, resolved.context) == LAYOUTS[layout]
     single, other = _metrics(runs, "single"), _metrics(runs, layout)
     assert [m["step"] for m in other] == list(range(1, STEPS + 1))
     for a, b in zip(single, other):
@@ -75,7 +85,7 @@ def test_layout_equals_one_process(runs, layout):
         # the same rollouts: the engine's weights agree closely enough to sample the same tokens
         for key in ("reward/mean", "response/length_mean", "dynamic_sampling/groups"):
             assert a[key] == b[key], (a["step"], key)
-        for key in ("actor/loss", "entropy/mean", "actor/high/token_share"):
+        for key in ("actor/loss", "entropy/mean", "actor/high/token_share", "actor/grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
     expected, got = _engine(runs, "single"), _engine(runs, layout)
     assert got.keys() == expected.keys()
@@ -83,8 +93,9 @@ def test_layout_equals_one_process(runs, layout):
         assert torch.allclose(got[name], tensor, rtol=0, atol=PARAM_ATOL), name
 
 
-def test_dp2_resume_is_bitwise(runs):
-    full, resumed = _metrics(runs, "dp2"), _metrics(runs, "dp2_resumed")
+@pytest.mark.parametrize("layout", ["dp2", "cp2"])
+def test_resume_is_bitwise(runs, layout):
+    full, resumed = _metrics(runs, layout), _metrics(runs, f"{layout}_resumed")
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
 
     def deterministic(record):
@@ -92,6 +103,9 @@ def test_dp2_resume_is_bitwise(runs):
 
     for a, b in zip(full, resumed):
         assert deterministic(a) == deterministic(b)
-    expected, got = _engine(runs, "dp2"), _engine(runs, "dp2_resumed")
+    expected, got = _engine(runs, layout), _engine(runs, f"{layout}_resumed")
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+    if layout == "cp2":  # one optimizer file per context-parallel rank
+        files = {p.name for p in (runs / "cp2").rglob("tp0_pp0_dp0_cp*.pt")}
+        assert {"tp0_pp0_dp0_cp0.pt", "tp0_pp0_dp0_cp1.pt"} <= files
