@@ -3,8 +3,9 @@
 Rank 0 holds the generated groups. Every other rank needs only its data-parallel share of each
 mini-batch: token ids, response masks, the engine's log-probs and the advantages. Rank 0 packs
 each share into two flat buffers (int32: counts, lengths and token ids; float32: advantages and
-rollout log-probs), and two scatters over the world group deliver them: first the buffer sizes,
-then the buffers, padded to the largest share (a scatter sends equal sizes). The ranks of one
+rollout log-probs), and scatters over the world group deliver them: first the buffer sizes
+(with the padded widths), then the buffers, padded to the largest share (a scatter sends equal
+sizes). The ranks of one
 model-parallel group (tensor and pipeline ranks of the same data-parallel rank) receive the same
 share. No Python object is pickled.
 
@@ -27,7 +28,7 @@ from megatron.core import parallel_state
 from megatron_archer.actor import SequenceBatch
 from megatron_archer.trainer.step import MiniBatch
 
-SIZES = 2  # int32 and float32 buffer lengths
+SIZES = 4  # int32 and float32 buffer lengths, and the widths every rank's buffers are padded to
 
 
 def pack_share(mini_batches: Sequence[MiniBatch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,18 +90,15 @@ def scatter_shares(shares: Sequence[Sequence[MiniBatch]] | None) -> tuple[list[M
     if world == 1:
         return list(shares[0]), 0
     owners = _data_parallel_ranks()
-    sizes = torch.zeros(SIZES, dtype=torch.int64)
+    sizes = torch.zeros(SIZES, dtype=torch.int64)  # this share's lengths, then the padded widths
     size_list = packed = None
     if rank == 0:
         packed = [pack_share(share) for share in shares]
-        size_list = [torch.tensor([packed[d][0].numel(), packed[d][1].numel()], dtype=torch.int64)
-                     for d in owners]
+        widths = [max(p[0].numel() for p in packed), max(p[1].numel() for p in packed)]
+        size_list = [torch.tensor([packed[d][0].numel(), packed[d][1].numel(), *widths],
+                                  dtype=torch.int64) for d in owners]
     dist.scatter(sizes, size_list, src=0)
-    widths = torch.tensor(
-        [max(int(s[0]) for s in size_list), max(int(s[1]) for s in size_list)]
-        if rank == 0 else [0, 0], dtype=torch.int64)
-    dist.broadcast(widths, src=0)
-    int_width, float_width = widths.tolist()
+    n_int, n_float, int_width, float_width = sizes.tolist()
     ints = torch.zeros(int_width, dtype=torch.int32)
     floats = torch.zeros(float_width, dtype=torch.float32)
     int_list = float_list = None
@@ -109,8 +107,7 @@ def scatter_shares(shares: Sequence[Sequence[MiniBatch]] | None) -> tuple[list[M
         float_list = [_padded(packed[d][1], float_width) for d in owners]
     dist.scatter(ints, int_list, src=0)
     dist.scatter(floats, float_list, src=0)
-    moved = world * (SIZES * 8 + 16 + 4 * int_width + 4 * float_width)
-    n_int, n_float = sizes.tolist()
+    moved = world * (SIZES * 8 + 4 * int_width + 4 * float_width)
     return unpack_share(ints[:n_int], floats[:n_float]), moved
 
 
