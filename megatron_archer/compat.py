@@ -33,6 +33,8 @@ def apply_cpu_patches() -> None:
     _patch_rotary_embedding_device()
     _patch_shared_embedding_sync()
     _patch_pipeline_schedules_device()
+    _patch_sequence_parallel_device()
+    _patch_rng_tracker_fork()
     _applied = True
 
 
@@ -166,6 +168,47 @@ def _patch_pipeline_schedules_device() -> None:
         module.torch = _TorchServedOnCpu()
 
 
+def _patch_sequence_parallel_device() -> None:
+    """megatron's sequence-parallel communication allocates its buffers on CPU.
+
+    Under ``sequence_parallel`` the tensor-parallel mappings (megatron/core/tensor_parallel/
+    mappings.py: gather / reduce-scatter along the sequence) and the parallel linears' forward and
+    backward (tensor_parallel/layers.py, ``LinearWithGradAccumulationAndAsyncCommunication``)
+    allocate their outputs with ``device=torch.cuda.current_device()``, some through megatron's
+    ``GlobalMemoryBuffer`` (core/utils.py), which does the same: all raise without CUDA. As for
+    the schedules, the module global ``torch`` of those three modules is replaced, once per
+    process, by ``_TorchServedOnCpu`` (``current_device()`` -> CPU; everything else torch's own),
+    so the collectives (``all_gather_into_tensor``, ``reduce_scatter_tensor`` over gloo) and the
+    arithmetic are megatron's. The other ``current_device()`` calls of those modules (parameters
+    allocated without ``use_cpu_initialization``, expert-parallel all-to-all, batch helpers in
+    utils) are served on CPU too; none is on the CPU path's way. Checked against megatron-core
+    0.16.1, 0.17.1, 0.18.2 and 0.19.0 (5, 8 and 2-13 ``torch.cuda.current_device()`` calls).
+    """
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    for module in (mappings, layers, utils):
+        module.torch = _TorchServedOnCpu()
+
+
+def _patch_rng_tracker_fork() -> None:
+    """megatron's CUDA RNG tracker's ``fork`` is a no-op context on CPU.
+
+    With ``sequence_parallel`` the embedding's dropout and the whole transformer block run inside
+    ``get_cuda_rng_tracker().fork()`` (models/common/embeddings/language_model_embedding.py,
+    transformer/transformer_block.py), which switches to the tracker's model-parallel CUDA
+    generator; that generator exists only after ``model_parallel_cuda_manual_seed``, which needs
+    CUDA (``model_parallel_seed``), so ``fork`` raises. On CPU there is one generator, the default
+    one, and the fork leaves it in use. Exact for the models built here, whose dropout is 0
+    (``models.builder``); a CPU run with dropout would draw the same masks on every
+    tensor-parallel rank's own tokens. Replaces ``CudaRNGStatesTracker.fork`` (tensor_parallel/
+    random.py) once per process; checked against megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0.
+    """
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+
+
 def model_parallel_seed(seed: int) -> None:
     """Seed weight initialisation and dropout consistently across model-parallel ranks.
 
@@ -173,7 +216,7 @@ def model_parallel_seed(seed: int) -> None:
     its CUDA RNG tracker, which needs CUDA. On CPU, weights are initialised with
     ``use_cpu_initialization`` (one master weight from the default generator, then sliced), so
     the same ``torch.manual_seed`` on every rank gives consistent shards; no CUDA tracker exists
-    (megatron forks it only for sequence-parallel dropout, which the CPU path does not use).
+    (megatron forks it around sequence-parallel regions: ``_patch_rng_tracker_fork``).
     Checked against megatron-core 0.16.1, 0.17.1, 0.18.2 and 0.19.0 (``torch.cuda.manual_seed``
     and the CUDA RNG tracker in each).
     """

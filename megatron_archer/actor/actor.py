@@ -23,6 +23,13 @@ rank scores (give the algorithms ``cp_group`` and the data x context parallel gr
 over data x context parallel ranks. DDP averages gradients over them, megatron's schedule
 multiplies each loss by the CP size, and the scale above undoes the rest.
 
+Sequence parallelism (the models' ``sequence_parallel``, TP > 1): every packed row (under CP,
+every sequence's chunk) is padded to a multiple of the TP size (``pack_multiple``; the filler
+enters no loss or metric). Megatron's output layer all-gathers the sequence before its
+column-parallel matmul, so the last stage's output is the whole row's vocab-sharded logits, as
+without it, which the vocab-parallel op takes unchanged; the norms' weight gradients, partial
+on each TP rank, are summed over TP by ``finalize_model_grads`` (``cpu_ddp`` on CPU).
+
 Where results live: the logits, hence log-probs and the loss, exist on the last pipeline stage.
 ``compute_logprobs_and_entropy`` broadcasts its [B, R] results from the last stage to every
 pipeline stage, so every rank holds the results for its own data-parallel share of the batch.
@@ -135,6 +142,16 @@ def _hidden_states_head(chunks: list[nn.Module]) -> _HiddenStatesHead | None:
     return _HiddenStatesHead(last[-1]) if last else None
 
 
+def pack_multiple(model_config) -> int:
+    """What every packed row's token count (under CP, every sequence's chunk) must be a multiple
+    of: 16 for fp8 GEMMs, the TP size under sequence parallelism (megatron's embedding scatters
+    the row's tokens evenly over the TP ranks); the filler (``packing.filler_tokens``) or the CP
+    padding makes it so and enters no loss or metric."""
+    fp8 = 16 if model_config.fp8 else 1
+    sp = model_config.tensor_model_parallel_size if model_config.sequence_parallel else 1
+    return math.lcm(fp8, sp)
+
+
 class ModelRunner:
     """Forward-only log-probs and entropy of model chunks (shared by Actor and ReferenceModel)."""
 
@@ -155,8 +172,7 @@ class ModelRunner:
                 model_config.finalize_model_grads_func = cpu_ddp.finalize_model_grads_cpu
         model_config = unwrap_chunk(self.chunks[0]).config
         _check_packed_attention(backend, model_config.params_dtype)
-        # fp8 GEMMs need token counts that are multiples of 16 (packing.filler_tokens)
-        self.pack_multiple = 16 if model_config.fp8 else 1
+        self.pack_multiple = pack_multiple(model_config)
         if config.logprob_impl == "fused" and model_config.sequence_parallel:  # on every rank
             raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
                              "the output layer would all-gather the sequence-sharded hidden states")

@@ -17,7 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_archer import compat
-from megatron_archer.models.layer_spec import Backend, transformer_layer_spec
+from megatron_archer.models.layer_spec import Backend, decoder_block_spec
 from megatron_archer.models.spec import ModelSpec
 
 
@@ -101,7 +101,7 @@ def build_gpt_model(
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=transformer_layer_spec(spec, backend),
+        transformer_layer_spec=decoder_block_spec(spec, backend, config),
         vocab_size=spec.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

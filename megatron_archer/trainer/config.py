@@ -136,6 +136,9 @@ class ParallelConfig:
     """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline * context).
     Checked against the world size at start. ``context``: context-parallel size (SPEC 9; each
     sequence split in 2 x context chunks over as many ranks, per-response statistics exact).
+    ``sequence_parallel``: megatron's sequence parallelism inside tensor parallelism (needs
+    ``tensor`` > 1): norms and residuals hold 1/tensor of each packed row's tokens, which is padded
+    to a multiple of ``tensor`` by a filler that enters no loss or metric (actor.packing).
     ``timeout_minutes``: the process group's collective timeout (NCCL's watchdog; torch's
     default is 10); ``rank_zero_timeout_minutes``: how long the other ranks wait
     for work done by rank 0 alone (rollout, rewards, weight pushes: ``trainer.rank_zero``), on a
@@ -144,6 +147,7 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
+    sequence_parallel: bool = False
     data: int | None = None
     timeout_minutes: float = 30.0
     rank_zero_timeout_minutes: float = 720.0
@@ -152,6 +156,10 @@ class ParallelConfig:
         integer("tensor", self.tensor, low=1)
         integer("pipeline", self.pipeline, low=1)
         integer("context", self.context, low=1)
+        boolean("sequence_parallel", self.sequence_parallel)
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("sequence_parallel=true needs tensor parallelism: parallel.tensor is "
+                             "1, set it > 1 or sequence_parallel to false")
         if self.data is not None:
             integer("data", self.data, low=1)
         number("timeout_minutes", self.timeout_minutes, low=0.0, low_open=True)
@@ -169,6 +177,10 @@ class ParallelConfig:
                 f"parallel.data ({self.data if self.data is not None else 'auto'}) must equal the "
                 f"world size {world_size}")
         return data
+
+    def megatron_overrides(self) -> dict[str, Any]:
+        """TransformerConfig fields for ``sequence_parallel`` (passed to ``models.load_hf_model``)."""
+        return {"sequence_parallel": True} if self.sequence_parallel else {}
 
 
 @dataclass(frozen=True)
@@ -273,6 +285,11 @@ class RolloutConfig:
     ``colocated``: the engine shares the actor's GPUs, so its memory is released during training
     and resumed for weight sync and generation; false for engines on their own GPUs or nodes.
     ``stop_token_ids`` are added to the tokenizer's EOS. ``dtype``: the local engine's weights.
+
+    ``async`` (``async_`` in Python): one-step-asynchronous training (``trainer.async_rollout``):
+    the rollout of step k + 1 runs while step k trains, so its samples are one weight version
+    old; a group with a sample more than ``max_staleness`` versions behind the trainer is dropped
+    and counted. Needs ``colocated: false`` (the engine keeps its memory while training runs).
     """
 
     engine: str = "local"
@@ -287,6 +304,8 @@ class RolloutConfig:
     colocated: bool = True
     dtype: str = "float32"
     sglang: SGLangConfig | None = None
+    async_: bool = False
+    max_staleness: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -299,6 +318,11 @@ class RolloutConfig:
             integer("seed", self.seed, low=0)
         boolean("colocated", self.colocated)
         choice("dtype", self.dtype, ENGINE_DTYPES)
+        boolean("async", self.async_)
+        integer("max_staleness", self.max_staleness, low=1)
+        if self.async_ and self.colocated:
+            raise ValueError("async needs colocated: false: a colocated engine gives its memory "
+                             "to training, so it cannot generate meanwhile")
         if isinstance(self.sglang, Mapping):
             object.__setattr__(self, "sglang", from_dict(SGLangConfig, self.sglang, "sglang."))
         if self.engine == "sglang":
@@ -422,6 +446,11 @@ class ExperimentConfig:
                 "attention backend for packed (thd) batches in float32 (flash and fused attention "
                 "need bf16/fp16, unfused attention rejects thd); use actor.params_dtype="
                 "'bfloat16' or model.backend='local' ('auto' picks local for float32)")
+        if self.parallel.sequence_parallel and self.actor.logprob_impl == "fused":
+            raise ValueError(
+                "actor.logprob_impl='fused' with parallel.sequence_parallel=true: the fused LM-head "
+                "op takes the whole row's hidden states, which sequence parallelism shards; use "
+                "actor.logprob_impl='logits'")
         if self.rollout.prompts_per_step % self.train.mini_batch_size:
             raise ValueError(
                 f"train.mini_batch_size ({self.train.mini_batch_size}) must divide "

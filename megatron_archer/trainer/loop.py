@@ -12,6 +12,10 @@ Weight sync: every rank walks ``models.hf_weight_buckets`` (it gathers tensor-pa
 and pipeline stages collectively); rank 0 hands the buckets to ``engine.update_weights`` with
 version = the step number. Any rank-0 failure (engine, rewards, data) is raised on every rank
 together (``rank_zero``), naming the engine and step for engine failures.
+
+Asynchronous (``rollout.async``): rank 0 generates the next step's rollout in a worker thread
+while this step trains (``async_rollout``: the order, the versions, the stale-sample drop, the
+in-flight rollout in checkpoints); the other ranks see no difference.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from megatron_archer.models import hf_weight_buckets, load_hf_model
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
 from megatron_archer.rollout.weight_buckets import gather_device_handles
+from megatron_archer.trainer.async_rollout import RolloutsAhead, drop_stale
 from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
 from megatron_archer.trainer.engines import build_engine
 from megatron_archer.trainer.metrics_logger import MetricsLogger, timed
@@ -73,8 +78,8 @@ class Trainer:
         # rank 0's data and rewards; a failure there is raised on every rank
         on_rank_zero(self._setup_rank_zero, share=False)
         dtype = config.actor.torch_params_dtype
-        # the reference gets the actor's numerics (fp8 included), so KL starts at 0
-        overrides = config.model.megatron_overrides()
+        # the reference gets the actor's numerics (fp8, sequence parallelism), so KL starts at 0
+        overrides = {**config.model.megatron_overrides(), **config.parallel.megatron_overrides()}
         loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
                                config_overrides=overrides)
         self.model = loaded
@@ -86,8 +91,10 @@ class Trainer:
             self.reference = ReferenceModel(ref.model, ref.spec, config.actor, ref.backend)
         self.step = 0
         self.skipped_steps = 0
+        self.ahead: RolloutsAhead | None = None
         self._start_engine(engine)
         try:
+            on_rank_zero(self._start_rollouts_ahead, share=False)
             if config.checkpoint.resume:
                 self._resume()
             on_rank_zero(self._open_run_dir, share=False)
@@ -125,8 +132,23 @@ class Trainer:
 
         on_rank_zero(start, share=False)
 
+    def _start_rollouts_ahead(self) -> None:
+        """Rank 0, ``rollout.async``: the worker that generates one step ahead."""
+        config = self.config
+        if not config.rollout.async_:
+            return
+
+        def collect(step: int):
+            return collect_rollouts(self.engine, self.prompt_set, self.sampler, self.params,
+                                    self.scorer, config.algorithm, step, False)
+
+        self.ahead = RolloutsAhead(collect, not self.engine.updates_during_generation)
+
     def close(self) -> None:
-        """Stop the servers the engine launched (rank 0; attached servers keep running)."""
+        """Stop the rollout worker, then the servers the engine launched (rank 0; attached
+        servers keep running)."""
+        if self.ahead is not None:
+            self.ahead.close()
         if self.rank0 and self._owns_engine and self.engine is not None:
             self.engine.shutdown()
 
@@ -165,22 +187,24 @@ class Trainer:
         progress = config.logging.progress and self.rank0
 
         def rollout():
+            if self.ahead is not None:
+                return self._rollout_ahead(step)
             batch = collect_rollouts(self.engine, self.prompt_set, self.sampler, self.params,
                                      self.scorer, config.algorithm, step, progress)
             if config.rollout.colocated:
                 self.engine.release_memory()
-            return batch
+            return batch, {}
 
         dp = parallel_state.get_data_parallel_world_size()
 
         def rollout_and_shares():
-            batch = rollout()
-            return batch, build_shares(batch.groups, config.algorithm,
-                                       config.train.mini_batch_size, dp)
+            batch, stale = rollout()
+            return batch, stale, build_shares(batch.groups, config.algorithm,
+                                              config.train.mini_batch_size, dp)
 
-        batch, shares = on_rank_zero(rollout_and_shares, share=False) or (None, None)
+        batch, stale, shares = on_rank_zero(rollout_and_shares, share=False) or (None,) * 3
         mini_batches, moved = scatter_shares(shares)
-        scalars = batch.metrics() if self.rank0 else {}
+        scalars = {**batch.metrics(), **stale} if self.rank0 else {}
         scalars["rollout/share_bytes"] = float(moved)
         if not mini_batches:  # every rank gets none together
             self.skipped_steps += 1
@@ -216,6 +240,14 @@ class Trainer:
         return scalars, {"entropy/tokens": entropies, "reward/values": rewards,
                          "response/lengths": lengths}
 
+    def _rollout_ahead(self, step: int):
+        """Rank 0, async: rollout ``step`` without its stale groups, and the next one started
+        (after the last step only when it saves a checkpoint: ``async_rollout``)."""
+        batch = self.ahead.take(step)
+        if step < self.config.train.steps or self.config.checkpoint.interval:
+            self.ahead.submit(step + 1)
+        return drop_stale(batch, step - 1, self.config.rollout.max_staleness)
+
     def _sync_weights(self, version: int) -> None:
         """The actor's weights into the engine (module docstring); raises on every rank.
         Colocated: every rank first returns its allocator's cached blocks to the driver and
@@ -228,6 +260,8 @@ class Trainer:
                 torch.cuda.empty_cache()
             control_barrier()
             on_rank_zero(lambda: self.engine.resume_memory(["weights"]), share=False)
+        if self.config.rollout.async_:
+            on_rank_zero(lambda: self.ahead.before_update(), share=False)
         buckets = self._weight_buckets()
 
         def push():
@@ -268,18 +302,21 @@ class Trainer:
             return
         from megatron_archer.trainer.checkpoint import save_checkpoint
 
+        extra = {"skipped_steps": self.skipped_steps}
+        if self.config.rollout.async_:  # first: it waits for the draws of the rollout in flight
+            extra["rollout_ahead"] = on_rank_zero(lambda: self.ahead.state_dict(), share=False)
         sampler = on_rank_zero(lambda: self.sampler.state_dict())
         save_checkpoint(self.config.checkpoint_root, self.step, self.actor,
                         hf_source=self.config.model.path, sampler_state=sampler,
-                        extra_state={"skipped_steps": self.skipped_steps},
-                        keep_last=self.config.checkpoint.keep_last)
+                        extra_state=extra, keep_last=self.config.checkpoint.keep_last)
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint under ``checkpoint_root`` (incomplete ones
         are ignored; none: start at step 1): actor, optimiser, RNG, sampler position, skipped
         steps; then the engine gets the restored weights. The reference model stays the initial
         policy (``model.path``). Rollouts are reproducible across the restart: each generation
-        round's seed is a function of (seed, step, round) (``rollout_phase``)."""
+        round's seed is a function of (seed, step, round) (``rollout_phase``); async, the
+        recorded rollout in flight is put back (``async_rollout``)."""
         from megatron_archer.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
         path = latest_checkpoint(self.config.checkpoint_root)
@@ -292,6 +329,9 @@ class Trainer:
         self.step = state.step
         self.skipped_steps = int(state.extra_state.get("skipped_steps", 0))
         on_rank_zero(lambda: self.sampler.load_state_dict(state.sampler_state), share=False)
+        if self.config.rollout.async_:
+            on_rank_zero(lambda: self.ahead.load_state_dict(
+                state.extra_state.get("rollout_ahead"), self.prompt_set), share=False)
         self._sync_weights(self.step)
         if self.rank0:
             logger.info("resumed from %s at step %d", path, self.step)

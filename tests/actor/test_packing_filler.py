@@ -1,10 +1,14 @@
-"""Packed rows are never empty and can be padded to a token multiple (fp8 GEMMs need 16): the
-filler is a sequence of its own, with no labels and no place in the response layout."""
+"""Packed rows are never empty and can be padded to a token multiple (fp8 GEMMs need 16, sequence
+parallelism the TP size): the filler is a sequence of its own, with no labels and no place in the
+response layout."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+from megatron_archer.actor.actor import pack_multiple
 from megatron_archer.actor.packing import filler_tokens, pack, plan_micro_batches
 from tests.actor.common import make_batch
 
@@ -32,3 +36,13 @@ def test_rows_padded_to_a_multiple_keep_labels_and_layout():
     for name in ("label_positions", "labels", "response_mask", "layout_index"):
         assert torch.equal(getattr(padded, name), getattr(plain, name)), name
     assert filler_tokens(32, 16) == 0 and filler_tokens(0, 16) == 16 and filler_tokens(0, 1) == 1
+
+
+def test_the_row_multiple_covers_fp8_and_sequence_parallelism():
+    def multiple(fp8, tp, sp):
+        return pack_multiple(SimpleNamespace(fp8=fp8, tensor_model_parallel_size=tp,
+                                             sequence_parallel=sp))
+
+    assert multiple(None, 4, False) == 1 and multiple("hybrid", 4, False) == 16
+    assert multiple(None, 2, True) == 2 and multiple(None, 3, True) == 3
+    assert multiple("e4m3", 8, True) == 16 and multiple("e4m3", 3, True) == 48

@@ -68,15 +68,21 @@ def _schedule_worker(rank: int, world_size: int) -> None:
     # the model's forward (and everything outside megatron's two schedule modules) sees torch
     assert seen == [original, original]
     assert (torch.zeros, torch.cuda.current_device, torch.cuda.synchronize) == original
-    for module in (schedules, p2p_communication):
+    from megatron.core import tensor_parallel, utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    # the sequence-parallel communication's modules are served the same way
+    for module in (schedules, p2p_communication, mappings, layers, utils):
         shim = module.torch
         assert shim.zeros([], device="cuda").device.type == "cpu"
         assert shim.cuda.current_device() == torch.device("cpu") and shim.cuda.synchronize() is None
         assert shim.Tensor is torch.Tensor and shim.distributed is torch.distributed
         assert shim.cuda.is_available is torch.cuda.is_available
+    with tensor_parallel.get_cuda_rng_tracker().fork():  # no CUDA generator: a no-op on CPU
+        pass
 
 
 def test_schedule_cuda_requests_are_served_on_cpu_in_megatrons_modules_only():
     """The schedules run on CPU; no torch function is swapped during the call (patched once, in
-    megatron's schedules and p2p modules only)."""
+    megatron's schedules, p2p, tensor-parallel mappings / layers and utils modules only)."""
     run_distributed(_schedule_worker, 1)

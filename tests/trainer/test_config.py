@@ -108,6 +108,22 @@ def test_parallel_layout_is_checked_against_the_world_size():
         ParallelConfig(context=0)
 
 
+def test_sequence_parallel_is_checked_at_load():
+    config = load_config(CPU_CONFIG, ["parallel.sequence_parallel=true"])  # tensor 2
+    assert config.parallel.megatron_overrides() == {"sequence_parallel": True}
+    assert load_config(CPU_CONFIG).parallel.megatron_overrides() == {}
+    for overrides, message in [
+        (["parallel.tensor=1", "parallel.sequence_parallel=true"],
+         "parallel.sequence_parallel=true needs tensor parallelism: parallel.tensor is 1"),
+        (["parallel.sequence_parallel=yes please"],
+         "parallel.sequence_parallel must be true or false; got 'yes please'"),
+        (["parallel.sequence_parallel=true", "actor.logprob_impl=fused"],
+         "actor.logprob_impl='fused' with parallel.sequence_parallel=true"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(CPU_CONFIG, overrides)
+
+
 def test_resolved_config_reloads_to_the_same_config(tmp_path):
     config = load_config(CPU_CONFIG, ["rollout.stop_token_ids=[3]"])
     path = tmp_path / "resolved.yaml"
