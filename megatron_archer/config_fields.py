@@ -8,6 +8,7 @@ with a message a user can act on (``rho must be in (0.0, 1.0]; got 1.5``).
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 from collections.abc import Mapping
 from typing import Any, get_type_hints
@@ -48,23 +49,32 @@ def instance(name: str, value: Any, cls: type) -> None:
         raise ValueError(f"{name} must be a {cls.__name__}; got {value!r}")
 
 
+def key_of(field_name: str) -> str:
+    """A field's key in YAML: its name, less the trailing underscore PEP 8 adds to a Python
+    keyword (field ``async_`` is the key ``async``)."""
+    stem = field_name[:-1] if field_name.endswith("_") else field_name
+    return stem if keyword.iskeyword(stem) else field_name
+
+
 def from_dict(cls: type, data: Any, path: str = ""):
-    """Dataclass ``cls`` from a mapping, recursing into nested dataclass fields.
+    """Dataclass ``cls`` from a mapping (keys: ``key_of`` each field), recursing into nested
+    dataclass fields.
 
     Unknown keys and invalid values raise ValueError naming the field by its dotted ``path``.
     """
     if not isinstance(data, Mapping):
         raise ValueError(f"{path.rstrip('.') or 'config'} must be a mapping; got {data!r}")
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    fields = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{path}{unknown[0]} is not a field; allowed: {', '.join(names)}")
+        raise ValueError(f"{path}{unknown[0]} is not a field; allowed: {', '.join(fields)}")
     kwargs = {}
-    for name, value in data.items():
+    for key, value in data.items():
+        name = fields[key]
         nested = hints[name]
         if dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
-            value = from_dict(nested, value, f"{path}{name}.")
+            value = from_dict(nested, value, f"{path}{key}.")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -73,8 +83,9 @@ def from_dict(cls: type, data: Any, path: str = ""):
 
 
 def to_plain(config) -> dict:
-    """A (nested) dataclass as plain dicts, e.g. to save the resolved config."""
-    return {f.name: (to_plain(v) if dataclasses.is_dataclass(v) else v)
+    """A (nested) dataclass as plain dicts keyed by ``key_of``, e.g. to save the resolved
+    config."""
+    return {key_of(f.name): (to_plain(v) if dataclasses.is_dataclass(v) else v)
             for f in dataclasses.fields(config) for v in [getattr(config, f.name)]}
 
 

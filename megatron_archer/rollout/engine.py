@@ -86,12 +86,15 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Sample:
     """One response: its tokens, the engine's log-prob of each (see the module docstring), the
-    temperature each was sampled at, and why it ended."""
+    temperature each was sampled at, and why it ended. ``weight_version``: the weights its
+    generation started with (an update mid-request serves its later tokens newer ones); None
+    when the engine does not say (the rollout phase then tags it, ``rollout_phase``)."""
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
     temperatures: list[float] = field(default_factory=list)
+    weight_version: int | None = None
 
     def __post_init__(self):
         if len(self.logprobs) != len(self.token_ids):
@@ -119,7 +122,13 @@ def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
 
 
 class RolloutEngine(abc.ABC):
-    """Generates responses with the policy's current weights, which the trainer pushes in."""
+    """Generates responses with the policy's current weights, which the trainer pushes in.
+
+    ``updates_during_generation``: ``update_weights`` may run while ``generate`` does (from
+    another thread) and the generation continues on the new weights, nothing lost; otherwise
+    the caller updates only between generations (``trainer.async_rollout``)."""
+
+    updates_during_generation: bool = False
 
     @abc.abstractmethod
     def generate(

@@ -33,7 +33,10 @@ Weight sync, ``weight_sync``:
   rolled back from the new directory may still refer to it. ``disk_dir`` thus holds the current
   version plus any failed attempts since.
 
-Every update is wrapped in ``/pause_generation``, then ``/flush_cache`` and
+Every update is wrapped in ``/pause_generation`` (``pause_mode``: ``abort``, or ``retract``
+for asynchronous training, where generation runs while the trainer updates: the running
+requests go back to the queue and continue on the new weights, none lost, and each sample's
+``weight_version`` is the one its request started with), then ``/flush_cache`` and
 ``/continue_generation``; every server is sent ``/continue_generation`` even when the update
 fails. Weight-update and memory calls are not idempotent and are never repeated blindly
 (``http_client.RetryPolicy.idempotent``). A failed update leaves ``weight_version`` unchanged and
@@ -240,6 +243,7 @@ class SGLangEngine(RolloutEngine):
         processes: Sequence[subprocess.Popen] = (),
         commands: Sequence[list[str]] = (),
         weight_dtype: str = "bf16",
+        pause_mode: str = "abort",
     ):
         if not server_urls:
             raise ValueError("server_urls is empty")
@@ -250,6 +254,8 @@ class SGLangEngine(RolloutEngine):
         if weight_dtype == "fp8" and base_model_path is not None:
             fp8_weights.require_fp8_checkpoint(base_model_path)
         self.weight_dtype = weight_dtype  # fp8: every sync sends fp8_weights.fp8_weight_buckets
+        self.pause = payloads.pause_payload(pause_mode)  # checks the mode
+        self.updates_during_generation = pause_mode == "retract"
         urls = [u.rstrip("/") for u in server_urls]
         self.servers = [
             _Server(url, tuple(range(k * tp_size, (k + 1) * tp_size)),
@@ -500,7 +506,7 @@ class SGLangEngine(RolloutEngine):
         """Pause, load (``weight_sync``), flush, continue: see the module docstring."""
         error = None
         try:
-            self._post_all("/pause_generation", payloads.pause_payload(), self.policies.control)
+            self._post_all("/pause_generation", self.pause, self.policies.control)
             self._load(buckets, version)
             self._post_all("/flush_cache", None, self.policies.control)
         except BaseException as caught:

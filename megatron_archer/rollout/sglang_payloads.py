@@ -62,7 +62,20 @@ def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: s
         logprobs=[float(t[0]) for t in triples],
         finish_reason=kind,
         temperatures=[temperature] * len(token_ids),
+        weight_version=_first_version(meta.get("weight_versions")),
     )
+
+
+def _first_version(spans) -> int | None:
+    """The version a request started with: the first of SGLang's ``meta_info.weight_versions``
+    spans (``{"version", "start", "end"}`` per run of tokens, later 0.5.x), when it is a version
+    this trainer sent (an integer); else None."""
+    if not spans:
+        return None
+    try:
+        return int(spans[0]["version"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def update_from_tensor_payload(serialized: Sequence[str], version: int) -> dict[str, Any]:
@@ -118,11 +131,18 @@ def memory_payload(tags: Sequence[str]) -> dict[str, Any]:
     return {"tags": list(tags)}
 
 
-def pause_payload() -> dict[str, Any]:
+PAUSE_MODES = ("abort", "retract")
+
+
+def pause_payload(mode: str = "abort") -> dict[str, Any]:
     """``/pause_generation``: SGLang 0.5.5 reads no body, later 0.5.x require one
-    (``PauseGenerationReqInput``); ``abort`` is 0.5.5's only behaviour (running requests are
-    aborted; the engine pauses only between generations, when none run)."""
-    return {"mode": "abort"}
+    (``PauseGenerationReqInput``). ``abort`` is 0.5.5's only behaviour (running requests are
+    aborted; the engine pauses only between generations, when none run); ``retract`` (later
+    0.5.x; asynchronous training) puts the running requests back in the queue, the KV cache may
+    be flushed, and they resume on the new weights after ``/continue_generation``."""
+    if mode not in PAUSE_MODES:
+        raise ValueError(f"pause mode must be one of {', '.join(PAUSE_MODES)}; got {mode!r}")
+    return {"mode": mode}
 
 
 def continue_payload() -> dict[str, Any]:

@@ -9,6 +9,8 @@ import torch
 
 from megatron_archer.buckets import Bucket
 from megatron_archer.rollout import LocalEngine, RetryPolicy, RolloutEngine, SGLangEngine
+from megatron_archer.rollout.local_engine import cpu_cores
+from megatron_archer.rollout.process_engine import ProcessEngine
 from megatron_archer.rollout.sglang_engine import CallPolicies
 from megatron_archer.trainer.config import ExperimentConfig, SGLangConfig
 
@@ -49,21 +51,29 @@ class ResponseProgress:
 def build_engine(config: ExperimentConfig,
                  weights_source: Callable[[], Iterable[Bucket]] | None = None) -> RolloutEngine:
     """``local``: transformers on this process's GPU (CPU without one), loading ``model.path``;
+    with ``rollout.async`` in a process of its own (``ProcessEngine``; on CPU half the cores,
+    at least one, so that training keeps the rest);
     ``sglang``: launched here or attached to by URL (``rollout.sglang``); with
     ``weight_sync: distributed``, joined to this process by the NCCL weight-update group
     (``master_address``/``master_port``, needs CUDA) before the first weight sync. Servers
-    launched here are stopped when that fails. ``weights_source``: the current weights, for a
-    server restarted mid-rollout (``SGLangEngine``)."""
+    launched here are stopped when that fails; with ``rollout.async`` an update pauses the
+    servers in ``retract`` mode (their requests resume on the new weights). ``weights_source``:
+    the current weights, for a server restarted mid-rollout (``SGLangEngine``)."""
     rollout, path = config.rollout, config.model.path
     if rollout.engine == "local":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        return LocalEngine(path, device=device, dtype=getattr(torch, rollout.dtype))
+        dtype = getattr(torch, rollout.dtype)
+        if rollout.async_:
+            threads = max(1, cpu_cores() // 2) if device == "cpu" else None
+            return ProcessEngine(path, device=device, dtype=dtype, threads=threads)
+        return LocalEngine(path, device=device, dtype=dtype)
     sg = rollout.sglang
     path = sg.model_path or path  # what the servers serve (a block-FP8 copy for weight_dtype fp8)
     options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,
                    base_model_path=path, weight_dtype=sg.weight_dtype,
                    policies=call_policies(sg), max_inflight=sg.max_inflight,
                    max_restarts=sg.max_restarts, weights_source=weights_source,
+                   pause_mode="retract" if rollout.async_ else "abort",
                    on_progress=ResponseProgress() if config.logging.progress else None)
     if sg.launch:
         engine = SGLangEngine.launch(path, num_servers=sg.num_servers, base_port=sg.base_port,

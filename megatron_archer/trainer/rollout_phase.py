@@ -7,6 +7,10 @@ that advantages use) and, with dynamic sampling, groups whose verifier rewards a
 (all right or all wrong, judged before any shaping: SPEC 2) are dropped. Rounds continue until
 ``prompts_per_step`` groups passed or ``max_gen_rounds`` rounds ran; the batch keeps at most
 ``prompts_per_step`` groups, possibly fewer (none: the step is skipped).
+
+Every sample carries the weight version it was generated with: the engine's own tag where it
+gives one (SGLang's per-request version spans), else the engine's ``weight_version`` when its
+generation round started (0 for the launch weights, which are the initial policy).
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ class RolloutError(RuntimeError):
 
 @dataclass
 class Group:
-    """One prompt and its responses: raw rewards and the scores advantages use."""
+    """One prompt (``index``: its position in the prompt set) and its responses: raw rewards
+    and the scores advantages use."""
 
     prompt: Prompt
     samples: list[Sample]
     rewards: list[float]
     scores: list[float]
+    index: int | None = None
 
 
 @dataclass
@@ -92,18 +98,21 @@ def collect_rollouts(engine: RolloutEngine, prompt_set: PromptSet, sampler: Prom
     rounds = 0
     bar = progress(range(max_rounds), show_progress, desc=f"step {step} rollout", unit="round")
     for rounds in (r + 1 for r in bar):
-        prompts = [prompt_set[i] for i in sampler.next_batch()]
+        indices = sampler.next_batch()
+        prompts = [prompt_set[i] for i in indices]
         start = time.perf_counter()
         seeded = params if params.seed is None else _reseed(params, step, rounds)
+        version = engine.weight_version or 0
         try:
-            samples = engine.generate([list(p.input_ids) for p in prompts], seeded)
+            samples = _tagged(engine.generate([list(p.input_ids) for p in prompts], seeded),
+                              version)
         except Exception as error:
             raise RolloutError(f"rollout engine {type(engine).__name__} failed at step {step}, "
                                f"generation round {rounds}: {type(error).__name__}: {error}"
                                ) from error
         times["rollout"] += time.perf_counter() - start
         start = time.perf_counter()
-        groups = _score(prompts, samples, scorer, algorithm)
+        groups = _score(prompts, indices, samples, scorer, algorithm)
         times["reward"] += time.perf_counter() - start
         generated.extend(groups)
         if dynamic.enabled:  # on correctness, not on the shaped score (SPEC 2)
@@ -122,7 +131,14 @@ def _reseed(params: SamplingParams, step: int, round_: int) -> SamplingParams:
     return replace(params, seed=params.seed + 1000 * step + round_)
 
 
-def _score(prompts, samples, scorer: RewardScorer, algorithm: AlgorithmConfig) -> list[Group]:
+def _tagged(samples: list[list[Sample]], version: int) -> list[list[Sample]]:
+    """Samples without the engine's own version tag get ``version``."""
+    return [[s if s.weight_version is not None else replace(s, weight_version=version)
+             for s in group] for group in samples]
+
+
+def _score(prompts, indices, samples, scorer: RewardScorer, algorithm: AlgorithmConfig
+           ) -> list[Group]:
     flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
     results = scorer.score(flat_prompts, [s.token_ids for group in samples for s in group])
     rewards = torch.tensor([r.value for r in results], dtype=torch.float64)
@@ -132,9 +148,9 @@ def _score(prompts, samples, scorer: RewardScorer, algorithm: AlgorithmConfig) -
         lengths = torch.tensor([len(s.token_ids) for group in samples for s in group])
         scores = rewards + overlong_penalty(lengths, overlong.max_length, overlong.cache_length)
     groups, offset = [], 0
-    for prompt, group in zip(prompts, samples):
+    for prompt, index, group in zip(prompts, indices, samples):
         end = offset + len(group)
         groups.append(Group(prompt, list(group), rewards[offset:end].tolist(),
-                            scores[offset:end].tolist()))
+                            scores[offset:end].tolist(), int(index)))
         offset = end
     return groups
