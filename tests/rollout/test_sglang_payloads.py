@@ -52,6 +52,7 @@ def _cases() -> list[tuple[str, dict]]:
         ("ResumeMemoryOccupationReqInput", payloads.memory_payload([payloads.WEIGHTS])),
         ("ResumeMemoryOccupationReqInput", payloads.memory_payload(["kv_cache", "cuda_graph"])),
         ("PauseGenerationReqInput", payloads.pause_payload()),
+        ("PauseGenerationReqInput", payloads.pause_payload("retract")),  # rollout.async
         ("ContinueGenerationReqInput", payloads.continue_payload()),
     ]  # fmt: skip
 
@@ -91,7 +92,7 @@ def test_every_payload_is_a_valid_request_at_both_versions(newest, tmp_path):
         allowed = {"ok", "absent"} if not newest and result["cls"] in BODYLESS_IN_055 else {"ok"}
         assert result["status"] in allowed, result
     assert [r["status"] for r in good if r["status"] == "absent"] == (
-        [] if newest else ["absent", "absent"])
+        [] if newest else ["absent"] * 3)
     assert "no field ['modelpath']" in broken[0]["error"]
     assert "master_port" in broken[1]["error"]
     assert broken[2]["status"] == ("error" if newest else "absent")
