@@ -10,6 +10,15 @@ the same). Old log-probs and entropy (and reference log-probs when a KL coeffici
 are computed for every mini-batch before the first update; then ``train.epochs`` passes run one
 optimiser step per mini-batch.
 
+The step's first update is on-policy: its old policy is the current one. With
+``compute_old_and_reference(defer_first=True)`` its mini-batch skips the separate old-policy
+forward when that forward and the update's training forward compute bitwise the same numbers
+(``defers_old_forward``: one micro-batch, no dropout, one rank holding the step's tokens, one
+pipeline stage, CPU): the update's loss function takes the old log-probs and entropy from its
+own forward, detached, and builds the step context from them before the loss. Results are
+identical (tests/trainer/test_deferred_old_forward.py); the forward is then timed in the train
+phase, and the batch metrics (``rollout_batch_metrics``) are taken after training.
+
 Non-finite values (``train.on_nonfinite``): a mini-batch whose old-policy or reference results
 are non-finite on any rank is not trained on (its updates count as skipped, the tensor named);
 an update whose training forward or gradient is non-finite is skipped by the actor on every
@@ -27,7 +36,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_archer.actor import Actor, ReferenceModel, SequenceBatch
+from megatron_archer.actor import (
+    Actor,
+    ReferenceModel,
+    SequenceBatch,
+    plan_micro_batches,
+    unwrap_chunk,
+)
+from megatron_archer.actor.packing import scatter_to_batch
 from megatron_archer.algorithms import (
     AlgorithmConfig,
     build_step_context,
@@ -67,6 +83,8 @@ class MiniBatch:
     old_logp: torch.Tensor | None = None
     old_entropy: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    # the old-policy results come from the first update's forward (``defers_old_forward``)
+    old_deferred: bool = False
 
 
 def needs_reference(algorithm: AlgorithmConfig) -> bool:
@@ -139,32 +157,79 @@ def runs_old_forward(algorithm: AlgorithmConfig) -> bool:
     return algorithm.old_logprobs == "recompute" or algorithm.selection.method != "none"
 
 
+def defers_old_forward(actor: Actor, mb: MiniBatch, algorithm: AlgorithmConfig) -> bool:
+    """Whether the step's first update, on ``mb``, can take its old-policy results from its own
+    training forward (module docstring). The two forwards compute bitwise the same numbers when
+    the update is one micro-batch (the step context, which needs every micro-batch's old entropy
+    before the first loss, can then be built inside the loss function), the model has no dropout,
+    one rank holds the step's tokens (no data- or context-parallel peer would have to join the
+    context's collectives from inside the loss), there is one pipeline stage, and on CPU (where
+    the equality is tested; on CUDA the kernels' training and inference paths are not known to
+    agree bitwise, so the separate forward runs)."""
+    if not runs_old_forward(algorithm) or actor.on_cuda:
+        return False
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 or \
+            parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        return False
+    if any(unwrap_chunk(c).config.hidden_dropout or unwrap_chunk(c).config.attention_dropout
+           for c in actor.chunks):
+        return False
+    try:
+        plan = plan_micro_batches(mb.batch.lengths, actor.config.max_tokens_per_micro_batch)
+    except ValueError:  # a sequence over the budget: the actor raises it in the update
+        return False
+    return len(plan) == 1
+
+
+def _nonfinite_inputs(mb: MiniBatch) -> set[str]:
+    """The per-token inputs of ``mb`` that hold NaN or inf at a response token."""
+    mask = mb.batch.response_layout_mask()
+    return {name for name, t in (("old_logp", mb.old_logp), ("old_entropy", mb.old_entropy),
+                                 ("ref_logp", mb.ref_logp))
+            if t is not None and not bool(torch.isfinite(t[mask]).all())}
+
+
+def _set_old(mb: MiniBatch, logp: torch.Tensor, entropy: torch.Tensor,
+             algorithm: AlgorithmConfig) -> None:
+    """The old-policy results of ``mb`` from a forward's [B, R] results (the engine's log-probs
+    instead with ``old_logprobs: rollout``)."""
+    mb.old_logp = mb.rollout_logp if algorithm.old_logprobs == "rollout" else logp.cpu()
+    mb.old_entropy = entropy.cpu()
+
+
+def _old_forward(actor: Actor, mb: MiniBatch, algorithm: AlgorithmConfig) -> None:
+    old = actor.compute_logprobs_and_entropy(mb.batch)
+    _set_old(mb, old.logp, old.entropy, algorithm)
+
+
 def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
                               mini_batches: list[MiniBatch], offload_reference: bool, *,
-                              algorithm: AlgorithmConfig = AlgorithmConfig()
-                              ) -> list[dict[str, int]]:
+                              algorithm: AlgorithmConfig = AlgorithmConfig(),
+                              defer_first: bool = False) -> list[dict[str, int]]:
     """Fill ``old_logp`` / ``old_entropy`` (and ``ref_logp``) of every mini-batch, forward only.
 
     ``algorithm`` (default: recompute, no correction) sets the off-policy handling. With
     ``algorithm.old_logprobs: rollout`` the old log-probs are the engine's (SPEC 8); the
     forward then runs only for the entropy (``runs_old_forward``), and with selection ``none``
-    not at all (``old_entropy`` stays None: no entropy metrics from it). Returns, per mini-batch,
-    the tensors found non-finite on some rank (``nonfinite.first_ranks``: the same on every rank;
-    empty for a usable mini-batch)."""
+    not at all (``old_entropy`` stays None: no entropy metrics from it). ``defer_first``: the
+    first mini-batch's old-policy forward is left to its update when ``defers_old_forward``
+    allows and its other inputs are finite (``old_deferred`` set; ``train_on_mini_batches``
+    fills the results). Returns, per mini-batch, the tensors found non-finite on some rank
+    (``nonfinite.first_ranks``: the same on every rank; empty for a usable mini-batch)."""
     found = []
-    for mb in mini_batches:
-        if runs_old_forward(algorithm):
-            old = actor.compute_logprobs_and_entropy(mb.batch)
-            mb.old_logp, mb.old_entropy = old.logp.cpu(), old.entropy.cpu()
+    for u, mb in enumerate(mini_batches):
+        defer = defer_first and u == 0 and defers_old_forward(actor, mb, algorithm)
+        if runs_old_forward(algorithm) and not defer:
+            _old_forward(actor, mb, algorithm)
         if algorithm.old_logprobs == "rollout":
             mb.old_logp = mb.rollout_logp
         if reference is not None:
             mb.ref_logp = reference.compute_logprobs_and_entropy(mb.batch).logp.cpu()
-        mask = mb.batch.response_layout_mask()
-        found.append({name for name, t in (("old_logp", mb.old_logp),
-                                           ("old_entropy", mb.old_entropy),
-                                           ("ref_logp", mb.ref_logp))
-                      if t is not None and not bool(torch.isfinite(t[mask]).all())})
+        if defer and _nonfinite_inputs(mb):  # the forward runs after all: the same names
+            _old_forward(actor, mb, algorithm)
+            defer = False
+        mb.old_deferred = defer
+        found.append(_nonfinite_inputs(mb))
     if reference is not None and offload_reference:
         reference.offload()
     return first_ranks(found)
@@ -186,6 +251,38 @@ def _loss_tokens(micro, mb: MiniBatch, algorithm: AlgorithmConfig) -> torch.Tens
         return mask
     return loss_tokens(micro.gather(mb.old_logp.to(mask.device)),
                        micro.gather(mb.rollout_logp.to(mask.device)), mask, correction, _cp_group())
+
+
+def _step_context(micro, mb: MiniBatch, algorithm: AlgorithmConfig, dp_group):
+    """``build_step_context`` of one update from its micro-batches' old entropy (None with
+    ``old_logprobs: rollout`` and selection ``none``) and loss tokens."""
+    old_entropy = mb.old_entropy
+    return build_step_context([(None if old_entropy is None else
+                                m.gather(old_entropy.to(m.response_mask.device)),
+                                _loss_tokens(m, mb, algorithm)) for m in micro],
+                              algorithm.selection, dp_group, _cp_group())
+
+
+def _on_policy_loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, dp_group, device):
+    """The loss function of a deferred mini-batch's first update (``defers_old_forward``: one
+    micro-batch): this forward's log-probs and entropy, detached, become ``mb``'s old-policy
+    results, then the step context is built from them and the usual loss (``_loss_fn``) runs.
+    Non-finite old results raise NonFiniteError, so the actor skips the update."""
+    width = mb.batch.response_layout_mask().shape[1]
+
+    def loss_fn(micro, logp, entropy):
+        def to_batch(t):
+            return scatter_to_batch(len(mb.batch), [micro], [t.detach()], width)
+
+        _set_old(mb, to_batch(logp), to_batch(entropy), algorithm)
+        bad = _nonfinite_inputs(mb)
+        if bad:
+            name = "old_logp" if "old_logp" in bad else "old_entropy"
+            raise NonFiniteError(name, f"{name} of the first update is non-finite")
+        ctx = _step_context([micro], mb, algorithm, dp_group)
+        return _loss_fn(mb, algorithm, ctx, device)(micro, logp, entropy)
+
+    return loss_fn
 
 
 def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
@@ -227,12 +324,15 @@ def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
 
 def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm: AlgorithmConfig,
                           epochs: int, show_progress: bool, on_nonfinite: str = "skip",
-                          unusable: Sequence[dict[str, int]] = ()) -> dict[str, float]:
+                          unusable: list[dict[str, int]] | None = None) -> dict[str, float]:
     """``epochs`` passes of one optimiser step per mini-batch; the step's actor metrics.
 
     ``unusable[u]`` names the non-finite inputs of mini-batch u (``compute_old_and_reference``):
-    its updates are not run and count as skipped. ``on_nonfinite``: ``skip`` (count, log, go
-    on) or ``error`` (raise NonFiniteError on every rank together, naming tensor and rank).
+    its updates are not run and count as skipped. A deferred mini-batch (``old_deferred``) gets
+    its old-policy results from its first update; when they are non-finite, its entry of
+    ``unusable`` is set in place, as ``compute_old_and_reference`` would have set it.
+    ``on_nonfinite``: ``skip`` (count, log, go on) or ``error`` (raise NonFiniteError on every
+    rank together, naming tensor and rank).
     The entropy carries a gradient exactly when the loss has an entropy bonus.
 
     The forking threshold (``ctx.forking_threshold``) is taken once per update from the *old*
@@ -249,16 +349,22 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
     for _, u in progress(updates, show_progress, desc="train", unit="update"):
         mb, bad = mini_batches[u], unusable[u] if unusable else {}
         if not bad:
-            micro = actor.micro_batches(mb.batch)
-            old_entropy = mb.old_entropy  # None: old_logprobs rollout, selection none
-            ctx = build_step_context([(None if old_entropy is None else
-                                       m.gather(old_entropy.to(m.response_mask.device)),
-                                       _loss_tokens(m, mb, algorithm)) for m in micro],
-                                     algorithm.selection,
-                                     dp_group, _cp_group())
-            result = actor.train_step(mb.batch, _loss_fn(mb, algorithm, ctx, actor.device),
-                                      entropy_grad=entropy_grad, micro_batches=micro)
+            micro, deferred = actor.micro_batches(mb.batch), mb.old_deferred
+            loss_fn = (_on_policy_loss_fn(mb, algorithm, dp_group, actor.device) if deferred else
+                       _loss_fn(mb, algorithm, _step_context(micro, mb, algorithm, dp_group),
+                                actor.device))
+            result = actor.train_step(mb.batch, loss_fn, entropy_grad=entropy_grad,
+                                      micro_batches=micro)
             bad = result.nonfinite
+            if deferred:
+                mb.old_deferred = False
+                if result.skipped:  # perhaps before its loss saw the old results: the separate
+                    # forward (the weights are unchanged) names them as it would have
+                    found = compute_old_and_reference(actor, None, [mb], False,
+                                                      algorithm=algorithm)[0]
+                    if found and unusable:
+                        unusable[u] = found
+                    bad = found or bad
             if not result.skipped:
                 results.append(result)
                 mine = [{k: v for k, v in out.items() if k != "loss"}
