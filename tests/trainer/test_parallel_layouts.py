@@ -1,5 +1,6 @@
-"""The trainer end to end at data-parallel 2, pipeline-parallel 2 and context-parallel 2 (2 gloo
-processes each, TP 1) against the same run on one process (TP 1 x DP 1): the objectives are
+"""The trainer end to end at data-parallel 2, pipeline-parallel 2, context-parallel 2 (TP 1) and
+tensor-parallel 2 with sequence parallelism (2 gloo processes each) against the same run on one
+process (TP 1 x DP 1): the objectives are
 split-invariant (at CP 2 Archer's per-response quantiles span both CP ranks, SPEC 9), so the
 losses, the reasoning-token share and the trained weights agree to float32 reduction-order
 rounding. And resume at DP 2 and at CP 2 (per-CP-rank optimizer files): a run stopped after
@@ -23,7 +24,8 @@ from tests.trainer.common import CPU_CONFIG, tiny_run
 REWARD = "reward.function=tests.trainer.rewards:digit_share"
 STEPS = 3
 # float32 sums in another order, amplified by 6 Adam updates at lr 1e-3: measured 6.4e-6 at DP 2,
-# 6.9e-6 at CP 2
+# 6.9e-6 at CP 2, 4.1e-5 at TP 2 + SP (TP 2 without SP: the same 4.1e-5; TP 2 + SP against TP 2:
+# 2.4e-7, so SP adds only the norm gradients' reduction order)
 # (PP 2 sums in the same order as one process: bitwise equal)
 PARAM_ATOL = 1e-4
 LOSS_RTOL = 1e-3
@@ -48,6 +50,8 @@ def _pair_worker(rank, world_size, root, base):
     _train(root, base, "dp2_resumed", "parallel.tensor=1", "train.steps=2")
     _train(root, base, "dp2_resumed", "parallel.tensor=1", f"train.steps={STEPS}",
            "checkpoint.resume=true")
+    _train(root, base, "tp2_sp", "parallel.tensor=2", "parallel.sequence_parallel=true",
+           f"train.steps={STEPS}")
     cp = ["parallel.tensor=1", "parallel.context=2"]
     _train(root, base, "cp2", *cp, f"train.steps={STEPS}")
     _train(root, base, "cp2_resumed", *cp, "train.steps=2")
@@ -71,13 +75,16 @@ def _engine(root, name):
     return torch.load(root / f"{name}.engine.pt", weights_only=True)
 
 
-LAYOUTS = {"dp2": (1, 1, 1), "pp2": (1, 2, 1), "cp2": (1, 1, 2)}  # tensor, pipeline, context
+# tensor, pipeline, context, sequence parallel
+LAYOUTS = {"dp2": (1, 1, 1, False), "pp2": (1, 2, 1, False), "cp2": (1, 1, 2, False),
+           "tp2_sp": (2, 1, 1, True)}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_equals_one_process(runs, layout):
     resolved = load_config(runs / layout / "config.yaml").parallel
-    assert (resolved.tensor, resolved.pipeline, resolved.context) == LAYOUTS[layout]
+    assert (resolved.tensor, resolved.pipeline, resolved.context,
+            resolved.sequence_parallel) == LAYOUTS[layout]
     single, other = _metrics(runs, "single"), _metrics(runs, layout)
     assert [m["step"] for m in other] == list(range(1, STEPS + 1))
     for a, b in zip(single, other):
