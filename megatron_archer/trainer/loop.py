@@ -217,12 +217,13 @@ class Trainer:
         with timed(times, "time/logprob"):
             unusable = compute_old_and_reference(self.actor, self.reference, mini_batches,
                                                  offload_reference=config.rollout.colocated,
-                                                 algorithm=config.algorithm)
-        batch_metrics, entropies = rollout_batch_metrics(mini_batches, unusable, config.algorithm)
+                                                 algorithm=config.algorithm, defer_first=True)
         with timed(times, "time/train"):
             train_metrics = train_on_mini_batches(
                 self.actor, mini_batches, config.algorithm, config.train.epochs, progress,
                 on_nonfinite=config.train.on_nonfinite, unusable=unusable)
+        # after training: the first mini-batch's old-policy results may come from its update
+        batch_metrics, entropies = rollout_batch_metrics(mini_batches, unusable, config.algorithm)
         with timed(times, "time/weight_sync"):
             self._sync_weights(step)
         elapsed = time.perf_counter() - start
