@@ -13,6 +13,8 @@ import pytest
 import transformers
 from PIL import Image
 
+from megatron_archer.data.splits import split_of
+from megatron_archer.quickstart.build import file_expressions, overlap, write_datasets
 from megatron_archer.quickstart.pipeline import Settings, parse_args, run
 from megatron_archer.trainer import load_config
 
@@ -61,3 +63,27 @@ def test_arguments():
     assert settings.rl_overrides == ["train.steps=3"]
     with pytest.raises(SystemExit):
         parse_args(["--no-such-option", "1"])
+
+
+def test_evaluation_expressions_are_held_out(tmp_path):
+    """The documented run's evaluation set: distinct expressions, none of them in the warm-start
+    or RL files (of any seed), read back from the files the runs consume."""
+    s = Settings()
+    sizes = {"sft": s.sft_problems, "rl": s.rl_problems, "eval": s.eval_problems,
+             "num_operations": s.num_operations, "max_operand": s.max_operand,
+             "eval_fraction": s.eval_fraction}
+    runs = [write_datasets(tmp_path / str(seed), **sizes, seed=seed) for seed in (0, 1)]
+    training = {e for data in runs for path in (data.sft, data.rl) for e in file_expressions(path)}
+    for data in runs:
+        held = file_expressions(data.eval)
+        assert len(held) == len(set(held)) == s.eval_problems
+        assert training.isdisjoint(held)
+        assert overlap(data) == 0.0
+    # the training files cover (nearly) all of their part of the expression space: the split,
+    # not a lucky draw, keeps the sets apart
+    space = {f"{a} {op} {b}" for a in range(1, s.max_operand + 1)
+             for b in range(1, s.max_operand + 1) for op in "+-*"}
+    train_part = {e for e in space if split_of(e, s.eval_fraction) == "train"}
+    assert training <= train_part and len(training) >= 0.95 * len(train_part)
+    with pytest.raises(ValueError, match="raise max_operand or eval_fraction"):
+        write_datasets(tmp_path / "small", **{**sizes, "eval_fraction": 0.05})

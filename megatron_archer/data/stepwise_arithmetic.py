@@ -16,14 +16,13 @@ the digits of each result. That is the entropy structure the papers describe for
 a minority of "forking" positions among many near-deterministic ones.
 
 Splits: every expression belongs to ``train`` or ``eval`` by a hash of its text
-(``split_of``), so evaluation problems are different expressions from the warm-start and RL
-problems by construction, not a separate draw of the same ones. Problem i of a stream depends only
-on (seed, split, difficulty, i), identically on every machine.
+(``data.splits.split_of``), so evaluation problems are different expressions from the warm-start
+and RL problems by construction, not a separate draw of the same ones. Problem i of a stream
+depends only on (seed, split, difficulty, i), identically on every machine.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_archer.data.records import PromptRecord
+from megatron_archer.data.splits import SPLITS, split_of
 from megatron_archer.rewards.synthetic import PROMPT
 
 STEPWISE_DATA_SOURCE = "stepwise_arithmetic"  # the built-in reward of the same name checks these
-SPLITS = ("train", "eval")
 OPERATORS = "+-*"
 _PROMPT_HEAD, _PROMPT_TAIL = PROMPT.format(expression="\0").split("\0")
 _MAX_DRAWS = 10_000  # rejection sampling per problem; a split this rare is a configuration error
@@ -48,13 +47,6 @@ class StepwiseProblem:
     expression: str
     answer: str
     solution: str
-
-
-def split_of(expression: str, eval_fraction: float) -> str:
-    """``eval`` for the expressions whose SHA-256 maps below ``eval_fraction`` in [0, 1), else
-    ``train``: a fixed partition of the expression space, independent of any seed."""
-    digest = hashlib.sha256(expression.encode("utf-8")).digest()
-    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
 def solve(expression: str) -> tuple[list[str], int]:

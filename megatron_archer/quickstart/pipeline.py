@@ -1,12 +1,13 @@
 """The quick start end to end (``python -m megatron_archer.quickstart``, ``make quickstart``).
 
 1. build: tiny Qwen3 (random, seeded) + the tiny tokenizer -> ``<out>/base``; arithmetic data
-   -> ``<out>/data`` (warm start, RL prompts, evaluation);
+   -> ``<out>/data`` (warm start, RL prompts, and evaluation on held-out expressions);
 2. warm start: a short SFT -> ``<out>/warm_start`` (the RL starting checkpoint, HF format);
-3. accuracy before: avg@k / pass@k on the evaluation set (``trainer.evaluate``, as ``eval``);
+3. accuracy before: avg@k / pass@k on the held-out evaluation set and, for contrast, on as many
+   RL prompts (``trainer.evaluate``, as ``eval``);
 4. RL: ``torchrun --nproc-per-node 2 -m megatron_archer.cli train examples/quickstart/archer.yaml``
    (Archer, tensor parallel 2, local engine) -> ``<out>/rl`` (metrics.jsonl, tensorboard/,
-   the last step's checkpoint), converted to HF -> ``<out>/final``; accuracy after, same set;
+   the last step's checkpoint), converted to HF -> ``<out>/final``; accuracy after, same sets;
 5. ``<out>/curves.png`` (reward, accuracy, entropy per step) and ``<out>/summary.json``.
 """
 
@@ -36,12 +37,14 @@ class Settings:
     hidden: int = 128
     layers: int = 2
     intermediate: int = 384
-    # task: one operation (+, -, *) on integers in [1, 9]
+    # task: one operation (+, -, *) on integers in [1, 9]; eval_fraction of the expression space
+    # (by a hash of the text) is held out for evaluation, the rest is the warm-start and RL data
     num_operations: int = 1
     max_operand: int = 9
+    eval_fraction: float = 0.5  # 123 of the 243 expressions
     sft_problems: int = 4000
     rl_problems: int = 1000
-    eval_problems: int = 200
+    eval_problems: int = 120  # distinct held-out expressions (and as many RL prompts, ``seen``)
     # warm start
     sft_steps: int = 250
     sft_batch: int = 64
@@ -136,7 +139,8 @@ def run(settings: Settings) -> dict:
                             intermediate=settings.intermediate, seed=settings.seed)
     data = write_datasets(out / "data", sft=settings.sft_problems, rl=settings.rl_problems,
                           eval=settings.eval_problems, num_operations=settings.num_operations,
-                          max_operand=settings.max_operand, seed=settings.seed)
+                          max_operand=settings.max_operand,
+                          eval_fraction=settings.eval_fraction, seed=settings.seed)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"[quickstart] model: {params / 1e6:.2f}M parameters -> {base}", flush=True)
     clock.stage("build")
@@ -149,9 +153,11 @@ def run(settings: Settings) -> dict:
                      label_smoothing=settings.sft_label_smoothing, seed=settings.seed)
     clock.stage("warm_start")
 
-    _banner(f"3/5 accuracy before RL ({settings.eval_problems} problems, k={settings.k}, T=1)")
-    before = _eval(settings, data.eval, warm)
-    print(f"[quickstart] before: {json.dumps(before)}", flush=True)
+    _banner(f"3/5 accuracy before RL ({settings.eval_problems} held-out problems and as many RL "
+            f"prompts, k={settings.k}, T=1)")
+    before, seen_before = _eval(settings, data.eval, warm), _eval(settings, data.seen, warm)
+    print(f"[quickstart] before: held out {json.dumps(before)}, seen {json.dumps(seen_before)}",
+          flush=True)
     clock.stage("eval_before")
 
     _banner(f"4/5 Archer RL: torchrun, {settings.nproc} processes, tensor parallel 2")
@@ -167,8 +173,9 @@ def run(settings: Settings) -> dict:
     run_command([sys.executable, "-m", "megatron_archer.cli", "convert", "megatron-to-hf",
           "--megatron", str(checkpoint), "--out", str(final), "--tp", "1"])
     clock.stage("convert")
-    after = _eval(settings, data.eval, final)
-    print(f"[quickstart] after: {json.dumps(after)}", flush=True)
+    after, seen_after = _eval(settings, data.eval, final), _eval(settings, data.seen, final)
+    print(f"[quickstart] after: held out {json.dumps(after)}, seen {json.dumps(seen_after)}",
+          flush=True)
     clock.stage("eval_after")
 
     _banner("5/5 curves")
@@ -179,7 +186,8 @@ def run(settings: Settings) -> dict:
 
     summary = {
         "accuracy_before": before, "accuracy_after": after,
-        "eval_overlap_with_warm_start": round(overlap(data), 3),
+        "seen_accuracy_before": seen_before, "seen_accuracy_after": seen_after,
+        "eval_overlap_with_training_data": round(overlap(data), 3),
         "warm_start": sft, "rl_steps": steps, "time": {**clock.stages, "total": clock.total()},
         "settings": asdict(settings),
         "outputs": {"base_model": str(base), "warm_start": str(warm), "data": str(data.sft.parent),
@@ -190,9 +198,10 @@ def run(settings: Settings) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     total = summary["time"]["total"]
     print(f"\n[quickstart] accuracy before {100 * before[key]:.1f}% -> after "
-          f"{100 * after[key]:.1f}% ({key} at T=1 on {before['problems']} problems; pass@"
+          f"{100 * after[key]:.1f}% ({key} at T=1 on {before['problems']} held-out problems; pass@"
           f"{settings.k} {100 * before[f'pass@{settings.k}']:.1f}% -> "
-          f"{100 * after[f'pass@{settings.k}']:.1f}%)")
+          f"{100 * after[f'pass@{settings.k}']:.1f}%); on RL prompts {100 * seen_before[key]:.1f}%"
+          f" -> {100 * seen_after[key]:.1f}%")
     print(f"[quickstart] total {total['wall_s']:.0f}s wall, {total['cpu_s']:.0f}s CPU")
     print(f"[quickstart] outputs in {out}: curves.png, summary.json, rl/metrics.jsonl, "
           f"rl/tensorboard (tensorboard --logdir {run_dir / 'tensorboard'}), final/ (HF model)",

@@ -40,7 +40,7 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
     if before is not None and after is not None and records:
         last = max(r["step"] for r in records)
         axes[1].scatter([0, last], [before, after], color="black", zorder=3,
-                        label="eval set avg@k (before, after)")
+                        label="held-out eval avg@k (before, after)")
     for ax in axes:
         if ax.lines or ax.collections:
             ax.legend(fontsize=8)

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from megatron_archer.data import DataConfig, build_tiny_tokenizer, load_prompt_set
+from megatron_archer.data.splits import split_of
 from megatron_archer.data.stepwise_arithmetic import (
     STEPWISE_DATA_SOURCE,
     StepwiseProblem,
@@ -13,7 +14,6 @@ from megatron_archer.data.stepwise_arithmetic import (
     solution_target,
     solution_text,
     solve,
-    split_of,
     stepwise_problems,
     write_stepwise_jsonl,
 )
