@@ -16,6 +16,10 @@ log w_t = clamp(logp_old_t - logp_rollout_t, -20, 20) (the clamp of SPEC 3's log
 Per-token [B, T] layout with a bool response mask, as policy_loss; values outside the mask are
 ignored. Every response lies whole in one micro-batch, so the per-response weights, and with them
 the step loss, do not depend on how the step is split.
+
+Asynchronous training (``rollout.async``): a sample comes from an older weight version; its
+engine log-probs are that version's, pi_old is the trainer's weights at the start of the step,
+so w also holds the staleness (``trainer.async_rollout``).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ exactly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -81,6 +82,7 @@ class RolloutsAhead:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")
         self._step: int | None = None
         self._future: Future | None = None
+        self._waited = 0.0
 
     def submit(self, step: int) -> None:
         """Start rollout ``step`` (one at a time)."""
@@ -95,12 +97,25 @@ class RolloutsAhead:
         if self._step != step:
             raise RuntimeError(f"rollout {self._step} is in flight, step {step} asked for")
         future, self._step, self._future = self._future, None, None
-        return future.result()
+        return self._wait(future)
 
     def before_update(self) -> None:
         """Called before each weight sync: waits for the rollout in flight if the engine needs."""
         if self.wait_before_update and self._future is not None:
-            self._future.result()
+            self._wait(self._future)
+
+    def pop_wait(self) -> float:
+        """Seconds the trainer waited for rollouts since the last call (``time/rollout_wait``:
+        the part of the rollout that training did not hide)."""
+        waited, self._waited = self._waited, 0.0
+        return waited
+
+    def _wait(self, future: Future) -> RolloutBatch:
+        start = time.perf_counter()
+        try:
+            return future.result()
+        finally:
+            self._waited += time.perf_counter() - start
 
     def state_dict(self) -> dict[str, Any] | None:
         """The rollout in flight, finished (waited for), as JSON-able data; None if none."""

@@ -224,9 +224,13 @@ class Trainer:
                 on_nonfinite=config.train.on_nonfinite, unusable=unusable)
         # after training: the first mini-batch's old-policy results may come from its update
         batch_metrics, entropies = rollout_batch_metrics(mini_batches, unusable, config.algorithm)
+        if config.rollout.async_:  # the rollout in flight first, timed apart from the sync
+            on_rank_zero(lambda: self.ahead.before_update(), share=False)
         with timed(times, "time/weight_sync"):
             self._sync_weights(step)
         elapsed = time.perf_counter() - start
+        if self.ahead is not None:
+            times["time/rollout_wait"] = self.ahead.pop_wait()
         if not self.rank0:
             return {**batch_metrics, **train_metrics}, {}
         tokens = sum(len(g.prompt.input_ids) + len(s.token_ids)

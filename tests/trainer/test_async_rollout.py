@@ -1,7 +1,8 @@
 """One-step-asynchronous training (``rollout.async``, trainer.async_rollout).
 
-Pure parts: the stale-group drop and its metrics on constructed versions, the in-flight batch's
-exact JSON round trip, the worker's order (one rollout ahead, errors raised where taken), the
+Pure parts: the version each sample carries (the engine's tag, else the engine's version when
+its round started), the stale-group drop and its metrics on constructed versions, the in-flight
+batch's exact JSON round trip, the worker's order (one rollout ahead, errors raised where taken), the
 config fields. End to end at data-parallel 2 (2 gloo processes, the local engine in its own
 process on rank 0): step 1 trains on version-0 samples, every later step on samples one version
 behind (staleness 1, nothing dropped); the rollout of step k + 1 is served by version k - 1
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megatron_archer.rollout import Sample
+from megatron_archer.algorithms import DynamicSamplingConfig, preset
+from megatron_archer.rollout import Sample, SamplingParams
 from megatron_archer.trainer import load_config, run_training
 from megatron_archer.trainer.async_rollout import (
     RolloutsAhead,
@@ -25,7 +29,7 @@ from megatron_archer.trainer.async_rollout import (
     drop_stale,
 )
 from megatron_archer.trainer.config import resolved_yaml
-from megatron_archer.trainer.rollout_phase import Group, RolloutBatch
+from megatron_archer.trainer.rollout_phase import Group, RolloutBatch, collect_rollouts
 from tests.distributed import run_distributed
 from tests.trainer.common import CPU_CONFIG, tiny_run
 
@@ -72,6 +76,43 @@ def test_the_in_flight_batch_round_trips_exactly_through_json():
                                                              b.index)
     assert (back.rounds, back.times, back.engine_metrics) == (2, batch.times,
                                                               batch.engine_metrics)
+
+
+def test_samples_carry_the_engine_version_of_their_round_unless_the_engine_tags_them():
+    class Engine:
+        weight_version, calls = 4, 0
+
+        def generate(self, prompts, params):
+            self.calls += 1
+            own = 2 if self.calls == 1 else None  # round 1: the engine's own tag (SGLang spans)
+            return [[Sample(token_ids=[2], logprobs=[-0.5], finish_reason="stop",
+                            weight_version=own), Sample(token_ids=[1], logprobs=[-0.5],
+                                                        finish_reason="stop")] for _ in prompts]
+
+        def take_metrics(self):
+            return {}
+
+    class Sampler:
+        batch_size = 2
+
+        def next_batch(self):
+            return [3, 1]
+
+    class Scorer:
+        def score(self, prompts, responses):
+            return [SimpleNamespace(value=float(ids[0] == 2)) for ids in responses]
+
+    prompts = [SimpleNamespace(input_ids=(5, 6)) for _ in range(4)]
+    algorithm = replace(preset("archer"), dynamic_sampling=DynamicSamplingConfig(True, 2))
+    engine = Engine()
+    batch = collect_rollouts(engine, prompts, Sampler(), SamplingParams(max_new_tokens=1, n=2),
+                             Scorer(), algorithm, step=1, show_progress=False)
+    assert [[s.weight_version for s in g.samples] for g in batch.groups] == [[2, 4], [2, 4]]
+    assert [g.index for g in batch.groups] == [3, 1]
+    engine.weight_version, engine.calls = None, 1  # the launch weights are version 0
+    batch = collect_rollouts(engine, prompts, Sampler(), SamplingParams(max_new_tokens=1, n=2),
+                             Scorer(), algorithm, step=1, show_progress=False)
+    assert {s.weight_version for g in batch.groups for s in g.samples} == {0}
 
 
 def test_the_worker_runs_one_rollout_ahead_and_raises_where_taken():

@@ -18,6 +18,8 @@ from megatron_archer.trainer.rollout_phase import collect_rollouts
 class ScriptedEngine:
     """Generation round r returns ``rounds[r]``: per prompt, the responses as (correct, length)."""
 
+    weight_version = None  # the launch weights (RolloutEngine.weight_version)
+
     def __init__(self, rounds):
         self.rounds = list(rounds)
 
