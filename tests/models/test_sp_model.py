@@ -4,13 +4,17 @@ around every parallel linear, all through compat on CPU) on a packed row of uneq
 padded to a multiple of TP gives the logits of TP 2 without it and of the unsplit model; the
 vocab-parallel op gets the whole row's vocab-sharded logits from the output layer, so log-probs
 and entropy agree too; and after ``finalize_model_grads`` every parameter gradient equals TP 2's,
-the norm weights' included (each TP rank sees only its own tokens' part of their gradient)."""
+the norm weights' included (each TP rank sees only its own tokens' part of their gradient).
+With context parallelism too (TP 2 x CP 2, each sequence padded to 2 CP x TP), log-probs,
+entropy and gradients equal TP 2's."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_archer.actor.context_parallel import split_for_context_parallel
 from megatron_archer.actor.cpu_ddp import finalize_model_grads_cpu
 from megatron_archer.actor.packing import pack
 from megatron_archer.ops import vocab_parallel_logprobs_and_entropy
@@ -20,30 +24,49 @@ from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import gather_vocab, model_parallel
 
 
-def _run(path, tp, mb, weight, sequence_parallel=False):
-    """Full-vocabulary logits, log-probs, entropy and finalized gradients of sum(weight * logp)."""
+def _batch():
+    batch = make_batch(5, seed=19, min_len=3, max_len=29)
+    assert sum(batch.lengths) % 2  # the filler really pads the row
+    return batch
+
+
+def _run(path, tp, mb, weight, sequence_parallel=False, cp=1):
+    """Full-vocabulary logits, layout log-probs and entropy (summed over CP), and finalized
+    gradients of sum(weight * logp); under CP ``mb`` is split here (2 CP x TP multiples)."""
     from megatron_archer.models import load_hf_model
 
-    with model_parallel(tp):
+    with model_parallel(tp, context_parallel=cp):
         model = load_hf_model(path, params_dtype=torch.float32,
                               config_overrides={"sequence_parallel": sequence_parallel}).model
         assert model.config.sequence_parallel == sequence_parallel
+        if cp > 1:
+            mb = split_for_context_parallel(mb, cp, parallel_state.get_context_parallel_rank(), tp)
         logits = model(mb.input_ids, mb.position_ids, attention_mask=None,
                        packed_seq_params=mb.packed_seq_params())
         logp, entropy = vocab_parallel_logprobs_and_entropy(
             logits[0, mb.label_positions], mb.labels,
             tp_group=parallel_state.get_tensor_model_parallel_group(), vocab_size=250)
+        logp, entropy = mb.to_layout(logp), mb.to_layout(entropy)
         (logp * weight).sum().backward()
         finalize_model_grads_cpu([model])
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        return gather_vocab(logits.detach()), logp.detach(), entropy, grads
+        logp, entropy = logp.detach().clone(), entropy.clone()
+        if cp > 1:  # each token is scored on one CP rank
+            for tensor in (logp, entropy):
+                dist.all_reduce(tensor, group=parallel_state.get_context_parallel_group())
+        return gather_vocab(logits.detach()), logp, entropy, grads
+
+
+def _grad_error(got, want, scale=1.0):
+    """The largest gradient difference relative to each parameter's largest gradient."""
+    return max(((got[n] * scale - g).abs().max() / (g.abs().max() + 1e-6)).item()
+               for n, g in want.items())
 
 
 def _worker(rank, world_size, checkpoints):
-    batch = make_batch(5, seed=19, min_len=3, max_len=29)
-    assert sum(batch.lengths) % world_size  # the filler really pads the row
+    batch = _batch()
     mb = pack(batch, list(range(5)), multiple=world_size)
-    weight = torch.randn(mb.labels.shape, generator=torch.Generator().manual_seed(3))
+    weight = torch.randn(mb.response_mask.shape, generator=torch.Generator().manual_seed(3))
     failures = []
     for case, path in checkpoints.items():
         unsplit = _run(path, 1, mb, weight)
@@ -57,17 +80,36 @@ def _worker(rank, world_size, checkpoints):
                 failures.append(f"{case}: {name} vs unsplit {diff:.3g}")
         if not torch.equal(sp[0], tp2[0]):
             failures.append(f"{case}: logits differ from TP 2 without SP")
-        worst = 0.0
-        for name, want in tp2[3].items():
-            diff = (sp[3][name] - want).abs().max().item() / (want.abs().max().item() + 1e-6)
-            worst = max(worst, diff)
-            if diff > 1e-5:
-                failures.append(f"{case}: grad {name} {diff:.3g}")
+        error = _grad_error(sp[3], tp2[3])
         if rank == 0:
-            print(f"{case}: TP 2 + SP gradients differ from TP 2 by {worst:.2g} (relative)")
+            print(f"{case}: TP 2 + SP gradients differ from TP 2 by {error:.2g} (relative)")
+        if error > 1e-5:
+            failures.append(f"{case}: gradients {error:.3g}")
     assert not failures, "; ".join(failures)
 
 
 def test_model_at_tp2_with_sequence_parallel_equals_tp2_and_the_unsplit_model(tmp_path):
     cases = ("qwen3", "llama3")  # q/k norms and GQA 8:2; llama3 RoPE scaling
     run_distributed(_worker, 2, {c: write_checkpoint(tmp_path / c, c) for c in cases})
+
+
+def _cp_worker(rank, world_size, path):
+    batch = _batch()
+    mb = pack(batch, list(range(5)))
+    weight = torch.randn(mb.response_mask.shape, generator=torch.Generator().manual_seed(3))
+    tp2 = _run(path, 2, pack(batch, list(range(5)), multiple=2), weight)  # DP 2 x TP 2
+    both = _run(path, 2, mb, weight, sequence_parallel=True, cp=2)  # TP 2 x CP 2
+    failures = [f"{name} {diff:.3g}" for name, got, want in zip(("logp", "entropy"), both[1:3], tp2[1:3])
+                for diff in [(got - want).abs().max().item()] if diff > 2e-5]
+    # DDP averages over DP x CP: each of TP 2's two DP ranks holds the whole step's gradient, each
+    # CP rank half of it summed (the actor's loss scale and megatron's x CP undo both)
+    error = _grad_error(both[3], tp2[3], scale=2.0)
+    if rank == 0:
+        print(f"TP 2 x CP 2 + SP gradients differ from TP 2 by {error:.2g} (relative)")
+    if error > 1e-5:
+        failures.append(f"gradients {error:.3g}")
+    assert not failures, "; ".join(failures)
+
+
+def test_sequence_and_context_parallel_together_equal_tp2(tmp_path):
+    run_distributed(_cp_worker, 4, write_checkpoint(tmp_path / "qwen3", "qwen3"))
