@@ -163,10 +163,13 @@ TABLE = [
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=2, tokens=24576, chunk=4096)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=2, tokens=24576, chunk=4096, recompute=True)),
     # long responses (SPEC 9): context parallel 2 on the same 32 GPUs, 20480-token responses
-    # (the config) and 29k (tokens 32768); sequence parallelism rows are estimates only (the
-    # actor does not offer it yet)
+    # (tokens 24576) and 29k (tokens 32768); the config adds sequence parallelism to recompute
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, tokens=24576, chunk=4096, recompute=True)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, tokens=32768, chunk=4096, recompute=True)),
+    ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=24576, chunk=4096,
+                         recompute=True)),
+    ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=32768, chunk=4096,
+                         recompute=True)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=24576, chunk=4096)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=32768, chunk=4096)),
 ]
