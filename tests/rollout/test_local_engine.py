@@ -234,3 +234,28 @@ def test_generation_uses_every_core_and_restores_the_thread_count(checkpoint, mo
             assert max(abs(a - b) for a, b in zip(s.logprobs, r.logprobs)) < 1e-5
     with pytest.raises(ValueError, match="LocalEngine threads=0"):
         LocalEngine(checkpoint, threads=0)
+
+
+def test_each_prompt_is_prefilled_once_for_its_n_rows(engine, monkeypatch):
+    """The prefill runs on the distinct prompts only; its cache and logits serve each prompt's
+    n rows: the samples equal those of every row prefilled on its own (the prompts repeated,
+    n = 1: the same rows in the same order, so the same draws), tokens exactly, log-probs up to
+    float rounding (the matmuls see fewer rows)."""
+    prompts = [[5, 6, 7, 8, 9], [3], [11, 12]]  # prompts of different lengths: left padding
+    batches = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **k: (
+        batches.append(tuple(k["input_ids"].shape)), forward(*a, **k))[1])
+    params = SamplingParams(max_new_tokens=7, n=4, temperature=1.2, seed=9)
+    got = engine.generate(prompts, params)
+    assert batches[0] == (3, 5) and set(batches[1:]) == {(12, 1)}
+    rows = engine.generate([p for p in prompts for _ in range(4)],
+                           SamplingParams(**{**params.__dict__, "n": 1}))
+    assert (12, 5) in batches  # the reference prefilled every row
+    want = [[g[0] for g in rows[i:i + 4]] for i in range(0, 12, 4)]
+    assert _tokens(got) == _tokens(want)
+    assert len({tuple(s.token_ids) for g in got for s in g}) > 3, "guard: the rows differ"
+    for group, ref in zip(got, want):
+        for s, r in zip(group, ref):
+            assert s.finish_reason == r.finish_reason
+            assert max(abs(a - b) for a, b in zip(s.logprobs, r.logprobs)) < 1e-5
