@@ -8,14 +8,17 @@ The work is ``benchmarks.rl_step``'s (the quick start's tiny Qwen3, its prompts,
 8 samples a step at T = 1, 2 updates a step, dynamic sampling off), on one process (tensor
 parallel 1), the local engine not colocated in both modes; async runs it in its own process
 (half the cores), sync in the trainer's (every core); ``--threads`` sets the trainer's
-OMP_NUM_THREADS (multi-threaded processes suffer most on a loaded machine). Two parts:
+OMP_NUM_THREADS and ``rollout.threads``, the engine's, in both modes (equal engines; a
+multi-threaded process suffers most on a loaded machine). Two parts:
 
 - overlap: the quick start's *base* model (before its warm start: it rarely stops, so every
   response has ``--new-tokens`` tokens and generation weighs about what training does; the warm
   start answers in ~6 tokens, so its rollout is a sixth of the step and there is little to hide),
   ``--runs`` runs per mode, alternating, the first ``--warmup`` steps of each dropped;
 - learning: the warm start at the quick start's 10 new tokens, ``--learning-steps`` steps per
-  mode: the reward curves, and the same timing table.
+  mode: the reward curves, and the same timing table; a third mode, async with token-level
+  truncated importance sampling at C = 2 (``algorithm.rollout_correction``), which corrects for
+  the stale samples.
 
 Per mode, the medians over kept steps: ``step`` (``time/step``), ``rollout`` (generation and
 rewards: ``time/rollout + time/reward``; async: in the worker, hidden behind training),
@@ -41,6 +44,9 @@ from benchmarks.rl_step import CONFIG, ROOT, our_overrides, prepare
 
 MODES = {"sync": ["rollout.colocated=false"],
          "async": ["rollout.colocated=false", "rollout.async=true"]}
+TIS = ["algorithm.rollout_correction.enabled=true", "algorithm.rollout_correction.level=token",
+       "algorithm.rollout_correction.mode=truncate", "algorithm.rollout_correction.threshold=2.0"]
+LEARNING_MODES = {**MODES, "async+tis": [*MODES["async"], *TIS]}
 WINDOW = 5
 
 
@@ -48,9 +54,10 @@ def run(work: dict[str, str], mode: str, steps: int, new_tokens: int, threads: i
         ) -> list[dict]:
     """One single-process ``megatron-archer train`` run in ``mode``; its metrics records."""
     env = dict(os.environ, **({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
+    extra = [] if threads is None else [f"rollout.threads={threads}"]
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
         run_dir = Path(tmp) / "run"
-        overrides = [*our_overrides(work, 1, steps, run_dir), *MODES[mode],
+        overrides = [*our_overrides(work, 1, steps, run_dir), *LEARNING_MODES[mode], *extra,
                      f"rollout.max_new_tokens={new_tokens}",
                      f"actor.max_tokens_per_micro_batch={max(1024, 80 + new_tokens)}"]
         done = subprocess.run([sys.executable, "-m", "megatron_archer.cli", "train", str(CONFIG),
@@ -80,20 +87,20 @@ def summarise(records: list[list[dict]], warmup: int) -> dict[str, float]:
 
 
 def compare(work: dict[str, str], steps: int, new_tokens: int, runs: int, warmup: int,
-            threads: int | None, title: str) -> dict[str, list[list[dict]]]:
+            threads: int | None, title: str, modes=tuple(MODES)) -> dict[str, list[list[dict]]]:
     """``runs`` runs per mode, alternating; prints the timing table; the records."""
-    results = {mode: [] for mode in MODES}
+    results = {mode: [] for mode in modes}
     for _ in range(runs):
-        for mode in MODES:
+        for mode in modes:
             results[mode].append(run(work, mode, steps, new_tokens, threads))
             print(f"{title}: {mode} run done", flush=True)
     tables = {mode: summarise(records, warmup) for mode, records in results.items()}
     print(f"\n{title}: median seconds per step ({steps} steps, first {warmup} dropped, {runs} "
           f"run(s) per mode, at most {new_tokens} new tokens)")
     columns = ["step", "rollout", "train side", "sum", "max", "rollout wait"]
-    print(f"{'mode':<6}" + "".join(f"{c:>14}" for c in columns))
+    print(f"{'mode':<10}" + "".join(f"{c:>14}" for c in columns))
     for mode, table in tables.items():
-        print(f"{mode:<6}" + "".join(f"{table[c]:>14.3f}" if c in table else f"{'-':>14}"
+        print(f"{mode:<10}" + "".join(f"{table[c]:>14.3f}" if c in table else f"{'-':>14}"
                                      for c in columns))
     sync, asynchronous = tables["sync"], tables["async"]
     print(f"async / sync step: {asynchronous['step'] / sync['step']:.2f}; async step / its own "
@@ -122,12 +129,13 @@ def main(argv=None) -> None:
     compare(base, args.steps, args.new_tokens, args.runs, args.warmup, args.threads, "overlap")
     if not args.learning_steps:
         return
-    results = compare(work, args.learning_steps, 10, 1, args.warmup, args.threads, "learning")
+    results = compare(work, args.learning_steps, 10, 1, args.warmup, args.threads, "learning",
+                      tuple(LEARNING_MODES))
     print(f"\nlearning: reward/accuracy, mean of each {WINDOW}-step window")
     for mode, runs in results.items():
         acc = [r["reward/accuracy"] for r in runs[0]]
         windows = [statistics.mean(acc[i:i + WINDOW]) for i in range(0, len(acc), WINDOW)]
-        print(f"{mode:<6}" + " ".join(f"{a:.3f}" for a in windows))
+        print(f"{mode:<10}" + " ".join(f"{a:.3f}" for a in windows))
 
 
 if __name__ == "__main__":

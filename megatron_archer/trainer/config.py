@@ -284,7 +284,9 @@ class RolloutConfig:
     ``engine``: ``local`` (transformers, in the process of global rank 0) or ``sglang``.
     ``colocated``: the engine shares the actor's GPUs, so its memory is released during training
     and resumed for weight sync and generation; false for engines on their own GPUs or nodes.
-    ``stop_token_ids`` are added to the tokenizer's EOS. ``dtype``: the local engine's weights.
+    ``stop_token_ids`` are added to the tokenizer's EOS. ``dtype``: the local engine's weights;
+    ``threads``: its torch threads on CPU (None: every core of its process, or half of them
+    with ``async``, where training runs meanwhile).
 
     ``async`` (``async_`` in Python): one-step-asynchronous training (``trainer.async_rollout``):
     the rollout of step k + 1 runs while step k trains, so its samples are one weight version
@@ -304,6 +306,7 @@ class RolloutConfig:
     colocated: bool = True
     dtype: str = "float32"
     sglang: SGLangConfig | None = None
+    threads: int | None = None
     async_: bool = False
     max_staleness: int = 1
 
@@ -318,6 +321,8 @@ class RolloutConfig:
             integer("seed", self.seed, low=0)
         boolean("colocated", self.colocated)
         choice("dtype", self.dtype, ENGINE_DTYPES)
+        if self.threads is not None:
+            integer("threads", self.threads, low=1)
         boolean("async", self.async_)
         integer("max_staleness", self.max_staleness, low=1)
         if self.async_ and self.colocated:

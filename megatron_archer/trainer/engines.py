@@ -51,8 +51,8 @@ class ResponseProgress:
 def build_engine(config: ExperimentConfig,
                  weights_source: Callable[[], Iterable[Bucket]] | None = None) -> RolloutEngine:
     """``local``: transformers on this process's GPU (CPU without one), loading ``model.path``;
-    with ``rollout.async`` in a process of its own (``ProcessEngine``; on CPU half the cores,
-    at least one, so that training keeps the rest);
+    with ``rollout.async`` in a process of its own (``ProcessEngine``; on CPU ``rollout.threads``
+    or half the cores, at least one, so that training keeps the rest);
     ``sglang``: launched here or attached to by URL (``rollout.sglang``); with
     ``weight_sync: distributed``, joined to this process by the NCCL weight-update group
     (``master_address``/``master_port``, needs CUDA) before the first weight sync. Servers
@@ -63,10 +63,11 @@ def build_engine(config: ExperimentConfig,
     if rollout.engine == "local":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, rollout.dtype)
+        threads = rollout.threads
         if rollout.async_:
-            threads = max(1, cpu_cores() // 2) if device == "cpu" else None
+            threads = threads or (max(1, cpu_cores() // 2) if device == "cpu" else None)
             return ProcessEngine(path, device=device, dtype=dtype, threads=threads)
-        return LocalEngine(path, device=device, dtype=dtype)
+        return LocalEngine(path, device=device, dtype=dtype, threads=threads)
     sg = rollout.sglang
     path = sg.model_path or path  # what the servers serve (a block-FP8 copy for weight_dtype fp8)
     options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,

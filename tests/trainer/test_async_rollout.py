@@ -156,6 +156,8 @@ def test_config_fields(tmp_path):
     (tmp_path / "resolved.yaml").write_text(resolved_yaml(config))
     assert load_config(tmp_path / "resolved.yaml") == config
     assert not load_config(CPU_CONFIG, base).rollout.async_, "off by default"
+    with pytest.raises(ValueError, match="rollout.threads must be an integer >= 1; got 0"):
+        load_config(CPU_CONFIG, [*base, "rollout.threads=0"])
 
 
 # ------------------------------------------------------------------------------ end to end
