@@ -12,8 +12,10 @@ template and arithmetic reward of ``examples/quickstart/archer.yaml``, 2 optimis
 systems see the same prompts in the same order (no shuffling) and generate all 128 samples of a
 step as one batch; every group is trained (ours: dynamic sampling off, so one generation round;
 TRL has none). The algorithms' per-token arithmetic differs (ours: Archer; TRL: GRPO with
-beta = 1e-3); the model work (generation, three forward passes and one backward per sequence)
-is the same.
+beta = 1e-3); the model work asked for (generation, three forward passes and one backward per
+sequence) is the same. Ours skips two pieces of it exactly: the first update's old-policy
+forward (on-policy: taken from its training forward, ``trainer.step.defers_old_forward``) and
+the prefill of each prompt's repeats (once per prompt, ``rollout.local_engine``); TRL runs both.
 
 Each run is a fresh process (TRL: one; ours at TP 1: one; ours at TP 2: ``torchrun`` with two,
 one thread each), with torch's default thread count unless ``--threads`` sets OMP_NUM_THREADS
