@@ -12,13 +12,13 @@ OMP_NUM_THREADS and ``rollout.threads``, the engine's, in both modes (equal engi
 multi-threaded process suffers most on a loaded machine). Two parts:
 
 - overlap: the quick start's *base* model (before its warm start: it rarely stops, so every
-  response has ``--new-tokens`` tokens and generation weighs about what training does; the warm
-  start answers in ~6 tokens, so its rollout is a sixth of the step and there is little to hide),
-  ``--runs`` runs per mode, alternating, the first ``--warmup`` steps of each dropped;
+  response has ``--new-tokens`` tokens and the rollout weighs more: about a quarter of a
+  synchronous step at 48, against under a tenth for the warm start, which answers in ~6
+  tokens), ``--runs`` runs per mode, alternating, the first ``--warmup`` steps of each dropped;
 - learning: the warm start at the quick start's 10 new tokens, ``--learning-steps`` steps per
-  mode: the reward curves, and the same timing table; a third mode, async with token-level
-  truncated importance sampling at C = 2 (``algorithm.rollout_correction``), which corrects for
-  the stale samples.
+  mode and seed (``--seeds``: ``train.seed`` and ``rollout.seed``): the reward curves and the
+  same timing table; a third mode is async with token-level truncated importance sampling at
+  C = 2 (``algorithm.rollout_correction``), which corrects for the stale samples too.
 
 Per mode, the medians over kept steps: ``step`` (``time/step``), ``rollout`` (generation and
 rewards: ``time/rollout + time/reward``; async: in the worker, hidden behind training),
@@ -50,11 +50,12 @@ LEARNING_MODES = {**MODES, "async+tis": [*MODES["async"], *TIS]}
 WINDOW = 5
 
 
-def run(work: dict[str, str], mode: str, steps: int, new_tokens: int, threads: int | None
-        ) -> list[dict]:
+def run(work: dict[str, str], mode: str, steps: int, new_tokens: int, threads: int | None,
+        seed: int = 0) -> list[dict]:
     """One single-process ``megatron-archer train`` run in ``mode``; its metrics records."""
     env = dict(os.environ, **({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
-    extra = [] if threads is None else [f"rollout.threads={threads}"]
+    extra = [f"train.seed={seed}", f"rollout.seed={seed}"]
+    extra += [] if threads is None else [f"rollout.threads={threads}"]
     with tempfile.TemporaryDirectory(prefix="bench_async_") as tmp:
         run_dir = Path(tmp) / "run"
         overrides = [*our_overrides(work, 1, steps, run_dir), *LEARNING_MODES[mode], *extra,
@@ -87,12 +88,13 @@ def summarise(records: list[list[dict]], warmup: int) -> dict[str, float]:
 
 
 def compare(work: dict[str, str], steps: int, new_tokens: int, runs: int, warmup: int,
-            threads: int | None, title: str, modes=tuple(MODES)) -> dict[str, list[list[dict]]]:
+            threads: int | None, title: str, modes=tuple(MODES), seed: int = 0
+            ) -> dict[str, list[list[dict]]]:
     """``runs`` runs per mode, alternating; prints the timing table; the records."""
     results = {mode: [] for mode in modes}
     for _ in range(runs):
         for mode in modes:
-            results[mode].append(run(work, mode, steps, new_tokens, threads))
+            results[mode].append(run(work, mode, steps, new_tokens, threads, seed))
             print(f"{title}: {mode} run done", flush=True)
     tables = {mode: summarise(records, warmup) for mode, records in results.items()}
     print(f"\n{title}: median seconds per step ({steps} steps, first {warmup} dropped, {runs} "
@@ -119,6 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--learning-steps", type=int, default=30, help="0: skip that part")
+    parser.add_argument("--seeds", default="0", help="learning part: comma-separated seeds")
+    parser.add_argument("--skip-overlap", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for the trainer (the engine sets its own)")
     parser.add_argument("--warm-start-steps", type=int, default=250)
@@ -126,16 +130,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     work = prepare(args.work_dir, args.warm_start_steps)
     base = {**work, "model": str(args.work_dir / "base")}
-    compare(base, args.steps, args.new_tokens, args.runs, args.warmup, args.threads, "overlap")
-    if not args.learning_steps:
-        return
-    results = compare(work, args.learning_steps, 10, 1, args.warmup, args.threads, "learning",
-                      tuple(LEARNING_MODES))
-    print(f"\nlearning: reward/accuracy, mean of each {WINDOW}-step window")
-    for mode, runs in results.items():
-        acc = [r["reward/accuracy"] for r in runs[0]]
-        windows = [statistics.mean(acc[i:i + WINDOW]) for i in range(0, len(acc), WINDOW)]
-        print(f"{mode:<10}" + " ".join(f"{a:.3f}" for a in windows))
+    if not args.skip_overlap:
+        compare(base, args.steps, args.new_tokens, args.runs, args.warmup, args.threads,
+                "overlap")
+    for seed in map(int, args.seeds.split(",")) if args.learning_steps else ():
+        results = compare(work, args.learning_steps, 10, 1, args.warmup, args.threads,
+                          f"learning, seed {seed}", tuple(LEARNING_MODES), seed)
+        print(f"\nlearning, seed {seed}: reward/accuracy, mean of each {WINDOW}-step window")
+        for mode, runs in results.items():
+            acc = [r["reward/accuracy"] for r in runs[0]]
+            windows = [statistics.mean(acc[i:i + WINDOW]) for i in range(0, len(acc), WINDOW)]
+            print(f"{mode:<10}" + " ".join(f"{a:.3f}" for a in windows))
 
 
 if __name__ == "__main__":
