@@ -66,7 +66,7 @@ def prepare(work_dir: Path, warm_start_steps: int) -> dict[str, str]:
                                 intermediate=s.intermediate, seed=s.seed)
         files = write_datasets(data, sft=s.sft_problems, rl=s.rl_problems, eval=s.eval_problems,
                                num_operations=s.num_operations, max_operand=s.max_operand,
-                               seed=s.seed)
+                               eval_fraction=s.eval_fraction, seed=s.seed)
         sft_data = load_config(CONFIG, [f"data.path={files.sft}"]).data
         warm_start(base, warm, sft_data, steps=warm_start_steps, batch_size=s.sft_batch,
                    lr=s.sft_lr, label_smoothing=s.sft_label_smoothing, seed=s.seed)
