@@ -105,11 +105,17 @@ def test_resume_is_bitwise(runs, layout):
     full, resumed = _metrics(runs, layout), _metrics(runs, f"{layout}_resumed")
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
 
+    # the engine-trainer log-prob gap is a diagnostic of the engine's float arithmetic, and the
+    # engine's log-probs vary between runs in one process (seen once in CI: mean gap 1.2e-5 against
+    # 2.5e-7 at the same step, tokens and everything trained bitwise equal); it trains nothing here
+    gap = ("rollout/logprob_abs_diff_mean", "rollout/logprob_abs_diff_max")
+
     def deterministic(record):
-        return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+        return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/")) and k not in gap}
 
     for a, b in zip(full, resumed):
         assert deterministic(a) == deterministic(b)
+        assert all(a[k] < 1e-3 and b[k] < 1e-3 for k in gap if k in a), (a, b)
     expected, got = _engine(runs, layout), _engine(runs, f"{layout}_resumed")
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
