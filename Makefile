@@ -24,6 +24,25 @@ install: $(VENV)/.installed $(VENV)/sglang-newest/.installed
 test: lint $(VENV)/sglang-newest/.installed
 	$(PY) -m pytest -q
 
+# The float-sensitive tests under other CPU kernels (vector width, thread count, MKL code path):
+# their bounds follow from the arithmetic (tests/numerics.py), so each setting must pass. Every
+# setting runs; the target fails at the end if any did. CI runs the plain suite only.
+KERNEL_TESTS := tests/ops tests/models tests/actor tests/algorithms tests/trainer/test_cp_loss_fn.py \
+	tests/trainer/test_parallel_layouts.py tests/rollout/test_local_engine.py \
+	tests/rollout/test_local_engine_memory.py
+KERNEL_SETTINGS := ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 ATEN_CPU_CAPABILITY=avx512 \
+	OMP_NUM_THREADS=1 OMP_NUM_THREADS=2 MKL_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=SSE4_2
+
+test-kernels: $(VENV)/.installed
+	@failed=""; for setting in $(KERNEL_SETTINGS); do \
+		echo "== $$setting"; \
+		out=$$(env $$setting $(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS) 2>&1); \
+		rc=$$?; echo "$$out" | grep -E '^(FAILED|ERROR) ' ; echo "$$out" | tail -n 1; \
+		[ $$rc -eq 0 ] || failed="$$failed $$setting"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-kernels failed under:$$failed"; exit 1; fi; \
+	echo "test-kernels: every setting passed"
+
 # ruff's rule set and line length are in pyproject.toml
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -38,4 +57,4 @@ bench: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(PY) -m megatron_archer.quickstart
 
-.PHONY: install lint test example bench quickstart
+.PHONY: install lint test test-kernels example bench quickstart

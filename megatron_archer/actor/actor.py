@@ -172,6 +172,8 @@ class ModelRunner:
                 model_config.finalize_model_grads_func = cpu_ddp.finalize_model_grads_cpu
         model_config = unwrap_chunk(self.chunks[0]).config
         _check_packed_attention(backend, model_config.params_dtype)
+        # log-probs and entropy are float32 for float32 and bf16 models, float64 for float64 ones
+        self.result_dtype = torch.promote_types(model_config.params_dtype, torch.float32)
         self.pack_multiple = pack_multiple(model_config)
         if config.logprob_impl == "fused" and model_config.sequence_parallel:  # on every rank
             raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
@@ -297,7 +299,7 @@ class ModelRunner:
                 for tensor in (logp, entropy):
                     dist.all_reduce(tensor, group=parallel_state.get_context_parallel_group())
         else:
-            logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+            logp = torch.zeros(mask.shape, dtype=self.result_dtype, device=self.device)
             entropy = torch.zeros_like(logp)
         self._broadcast_from_last_stage([logp, entropy])
         return LogprobResult(logp=logp, entropy=entropy, mask=mask)

@@ -26,10 +26,12 @@ def make_batch(num_sequences: int, seed: int, min_len: int = 6, max_len: int = 2
     return SequenceBatch(input_ids=ids, response_mask=masks)
 
 
-def hf_logprobs(checkpoint, batch: SequenceBatch, temperature: float = 1.0):
-    """Each sequence alone through transformers (positions from 0), float64 log_softmax:
-    per-sequence (logp, entropy) of its response tokens, in order."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+def hf_logprobs(checkpoint, batch: SequenceBatch, temperature: float = 1.0,
+                dtype: torch.dtype = torch.float32):
+    """Each sequence alone through transformers (positions from 0) in ``dtype``, float64
+    log_softmax: per sequence, in order, its response tokens' (logp, entropy, max |logit|), the
+    last being the scale log-probs and entropies round at (tests/numerics.py)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     out = []
     with torch.no_grad():
         for ids, mask in zip(batch.input_ids, batch.response_mask):
@@ -37,5 +39,25 @@ def hf_logprobs(checkpoint, batch: SequenceBatch, temperature: float = 1.0):
             logsm = torch.log_softmax(logits[:-1], dim=-1)
             logp = logsm.gather(-1, ids[1:, None])[:, 0]
             entropy = -(logsm.exp() * logsm).sum(-1)
-            out.append((logp[mask[1:]], entropy[mask[1:]]))
+            out.append((logp[mask[1:]], entropy[mask[1:]], logits.abs().max().item()))
     return out
+
+
+def sample_logprob_failures(checkpoint, prompts, tested, baseline, temperature: float) -> list[str]:
+    """Engine samples ``tested`` (groups per prompt) against ``baseline``, the same tokens from
+    another float32 computation: each sample's log-probs as accurate against transformers in
+    float64 (teacher-forced on its tokens) as the baseline's (tests/numerics.py)."""
+    from tests.numerics import accuracy_failure
+
+    pairs = [(prompt, s, b) for prompt, group, base in zip(prompts, tested, baseline)
+             for s, b in zip(group, base)]
+    assert all(s.token_ids == b.token_ids for _, s, b in pairs), "the samples differ in tokens"
+    batch = SequenceBatch(
+        input_ids=[torch.tensor(prompt + s.token_ids) for prompt, s, _ in pairs],
+        response_mask=[torch.arange(len(prompt) + len(s.token_ids)) >= len(prompt)
+                       for prompt, s, _ in pairs])
+    reference = hf_logprobs(checkpoint, batch, temperature, dtype=torch.float64)
+    failures = [accuracy_failure(f"sample {i}", torch.tensor(s.logprobs), torch.tensor(b.logprobs),
+                                 logp, scale=scale)
+                for i, ((_, s, b), (logp, _, scale)) in enumerate(zip(pairs, reference))]
+    return [f for f in failures if f]

@@ -12,6 +12,7 @@ from tests.actor.common import make_batch
 from tests.distributed import run_distributed
 from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
+from tests.numerics import assert_as_accurate
 
 
 def _loss(mb, logp, entropy):
@@ -52,9 +53,13 @@ def _worker(rank, world_size, path):
                 ref_loaded.model, ref_loaded.spec, config, ref_loaded.backend)
             assert not any(p.requires_grad for p in ref_loaded.model.parameters())
             ref_before = reference.compute_logprobs_and_entropy(batch)
-            # same weights (frozen parameters may take other kernels: equal to fp32 rounding)
+            # same weights (frozen parameters may take other kernels): the actor as accurate as
+            # the reference model against the reference model in float64 (tests/numerics.py)
             start = actor.compute_logprobs_and_entropy(batch).logp
-            assert torch.allclose(start, ref_before.logp, atol=1e-5, rtol=0)
+            exact = load_hf_model(path, params_dtype=torch.float64)
+            exact_logp = ReferenceModel(exact.model, exact.spec, config,
+                                        exact.backend).compute_logprobs_and_entropy(batch).logp
+            assert_as_accurate(start, ref_before.logp, exact_logp, "actor log-probs")
 
             assert not actor.train_step(batch, _loss).skipped
             for bad in (_nan_loss_on(1), _inf_grad_on(0)):

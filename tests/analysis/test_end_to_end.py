@@ -98,7 +98,7 @@ def test_entropy_equals_transformers(run):
         response_mask=[torch.arange(len(r.prompt_ids) + len(r.response_ids)) >= len(r.prompt_ids)
                        for r in responses])
     expected = hf_logprobs(config.checkpoint, batch)
-    for record, (_, entropy) in zip(_token_entropy(out / "token_entropy.jsonl"), expected):
+    for record, (_, entropy, _) in zip(_token_entropy(out / "token_entropy.jsonl"), expected):
         assert np.allclose(record["entropy"], entropy.numpy(), atol=1e-4)
 
 

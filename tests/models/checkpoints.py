@@ -75,8 +75,9 @@ def write_checkpoint(
     return directory
 
 
-def hf_logits(checkpoint: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    """transformers' own forward of the checkpoint, fp32: [b, s, vocab]."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+def hf_logits(checkpoint: Path, input_ids: torch.Tensor,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' own forward of the checkpoint in ``dtype``: [b, s, vocab]."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     with torch.no_grad():
         return model(input_ids=input_ids).logits

@@ -22,6 +22,7 @@ from tests.actor.common import make_batch
 from tests.distributed import run_distributed
 from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import gather_vocab, model_parallel
+from tests.numerics import accuracy_failure
 
 
 def _batch():
@@ -30,13 +31,13 @@ def _batch():
     return batch
 
 
-def _run(path, tp, mb, weight, sequence_parallel=False, cp=1):
+def _run(path, tp, mb, weight, sequence_parallel=False, cp=1, dtype=torch.float32):
     """Full-vocabulary logits, layout log-probs and entropy (summed over CP), and finalized
     gradients of sum(weight * logp); under CP ``mb`` is split here (2 CP x TP multiples)."""
     from megatron_archer.models import load_hf_model
 
     with model_parallel(tp, context_parallel=cp):
-        model = load_hf_model(path, params_dtype=torch.float32,
+        model = load_hf_model(path, params_dtype=dtype,
                               config_overrides={"sequence_parallel": sequence_parallel}).model
         assert model.config.sequence_parallel == sequence_parallel
         if cp > 1:
@@ -57,10 +58,18 @@ def _run(path, tp, mb, weight, sequence_parallel=False, cp=1):
         return gather_vocab(logits.detach()), logp, entropy, grads
 
 
-def _grad_error(got, want, scale=1.0):
-    """The largest gradient difference relative to each parameter's largest gradient."""
-    return max(((got[n] * scale - g).abs().max() / (g.abs().max() + 1e-6)).item()
-               for n, g in want.items())
+def _failures(what, tested, baseline, reference, names=("logits", "logp", "entropy"), grads=1.0):
+    """``tested`` as accurate as ``baseline`` against the float64 ``reference`` (tests/numerics.py)
+    for each named output (log-probs and entropy round at the logits' scale) and, unless ``grads``
+    is None, every gradient (``tested``'s times ``grads``)."""
+    scale = reference[0].abs().max().item()
+    failures = [accuracy_failure(f"{what} {name}", got, base, want,
+                                 scale=scale if name != "logits" else None)
+                for name, got, base, want in zip(names, tested, baseline, reference)]
+    if grads is not None:
+        failures.extend(accuracy_failure(f"{what} grad {n}", tested[3][n] * grads, baseline[3][n], g)
+                        for n, g in reference[3].items())
+    return [f for f in failures if f]
 
 
 def _worker(rank, world_size, checkpoints):
@@ -70,21 +79,17 @@ def _worker(rank, world_size, checkpoints):
     failures = []
     for case, path in checkpoints.items():
         unsplit = _run(path, 1, mb, weight)
+        unsplit64 = _run(path, 1, mb, weight, dtype=torch.float64)
         tp2 = _run(path, world_size, mb, weight)
+        tp2_64 = _run(path, world_size, mb, weight, dtype=torch.float64)
         sp = _run(path, world_size, mb, weight, sequence_parallel=True)
-        for name, got, want in zip(("logits", "logp", "entropy"), sp, unsplit):
-            diff = (got - want).abs().max().item()
-            if rank == 0:
-                print(f"{case}: TP 2 + SP {name} differ from the unsplit model by {diff:.2g}")
-            if diff > 2e-5:
-                failures.append(f"{case}: {name} vs unsplit {diff:.3g}")
+        # TP 2 + SP: outputs as accurate as the unsplit model's, gradients as TP 2's
+        failures += _failures(f"{case} vs unsplit", sp, unsplit, unsplit64, grads=None)
+        failures += _failures(f"{case} vs TP 2", sp, tp2, tp2_64, names=())
+        # every GEMM sees the same shapes with and without SP (the row is gathered first), and a
+        # sum of two partials rounds the same in either order
         if not torch.equal(sp[0], tp2[0]):
             failures.append(f"{case}: logits differ from TP 2 without SP")
-        error = _grad_error(sp[3], tp2[3])
-        if rank == 0:
-            print(f"{case}: TP 2 + SP gradients differ from TP 2 by {error:.2g} (relative)")
-        if error > 1e-5:
-            failures.append(f"{case}: gradients {error:.3g}")
     assert not failures, "; ".join(failures)
 
 
@@ -98,16 +103,12 @@ def _cp_worker(rank, world_size, path):
     mb = pack(batch, list(range(5)))
     weight = torch.randn(mb.response_mask.shape, generator=torch.Generator().manual_seed(3))
     tp2 = _run(path, 2, pack(batch, list(range(5)), multiple=2), weight)  # DP 2 x TP 2
+    tp2_64 = _run(path, 2, pack(batch, list(range(5)), multiple=2), weight, dtype=torch.float64)
     both = _run(path, 2, mb, weight, sequence_parallel=True, cp=2)  # TP 2 x CP 2
-    failures = [f"{name} {diff:.3g}" for name, got, want in zip(("logp", "entropy"), both[1:3], tp2[1:3])
-                for diff in [(got - want).abs().max().item()] if diff > 2e-5]
     # DDP averages over DP x CP: each of TP 2's two DP ranks holds the whole step's gradient, each
     # CP rank half of it summed (the actor's loss scale and megatron's x CP undo both)
-    error = _grad_error(both[3], tp2[3], scale=2.0)
-    if rank == 0:
-        print(f"TP 2 x CP 2 + SP gradients differ from TP 2 by {error:.2g} (relative)")
-    if error > 1e-5:
-        failures.append(f"gradients {error:.3g}")
+    both = (tp2[0], *both[1:])  # the logits of a CP rank cover its chunks only; not compared
+    failures = _failures("TP 2 x CP 2 + SP", both, tp2, tp2_64, grads=2.0)
     assert not failures, "; ".join(failures)
 
 

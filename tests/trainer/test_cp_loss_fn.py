@@ -38,13 +38,17 @@ def _mini_batch() -> MiniBatch:
     batch = SequenceBatch([*some.input_ids, torch.arange(5)],
                           [*some.response_mask, torch.zeros(5, dtype=torch.bool)])
     mask = batch.response_layout_mask()
+    # float64: the CP split sums each rank's share apart, and in float32 that reordering alone
+    # moves the loss by up to ~n eps relative; in float64 the 1e-6 bound below leaves only the
+    # split's own mistakes (a token counted twice or dropped moves it by ~1e-2)
     g = torch.Generator().manual_seed(8)
-    old = -torch.rand(mask.shape, generator=g) * 3
+    old = -torch.rand(mask.shape, generator=g, dtype=torch.float64) * 3
     # engine log-probs off by up to +-0.2: some responses' geometric-mean ratio leaves [1/C, C]
-    rollout = old + 0.4 * (torch.rand(mask.shape, generator=g) - 0.5)
-    return MiniBatch(batch, torch.randn(len(batch), generator=g), rollout, old_logp=old,
-                     old_entropy=torch.rand(mask.shape, generator=g) * 2,
-                     ref_logp=old + 0.1 * torch.randn(mask.shape, generator=g))
+    rollout = old + 0.4 * (torch.rand(mask.shape, generator=g, dtype=torch.float64) - 0.5)
+    return MiniBatch(batch, torch.randn(len(batch), generator=g, dtype=torch.float64), rollout,
+                     old_logp=old,
+                     old_entropy=torch.rand(mask.shape, generator=g, dtype=torch.float64) * 2,
+                     ref_logp=old + 0.1 * torch.randn(mask.shape, generator=g, dtype=torch.float64))
 
 
 def _step_loss(mb, algorithm, plans, cp_size, cp_rank, dp_group):
