@@ -36,6 +36,7 @@ import os
 import torch
 
 from megatron_archer import distributed
+from megatron_archer.nonfinite import NonFiniteError
 from megatron_archer.ops import softmax_stats
 from megatron_archer.ops.vocab_shard import (
     VocabShard,
@@ -119,11 +120,12 @@ def _torch_tile_grad(
 
 
 def _check_finite_logits(s: torch.Tensor, dtype: torch.dtype) -> None:
-    """Raise, on every rank alike (``s`` is all-reduced), for tokens with a non-finite logit."""
+    """Raise NonFiniteError("logits"), on every rank alike (``s`` is all-reduced), for tokens with a
+    non-finite logit: the error the logits path raises, which the actor turns into a skip."""
     bad = ~torch.isfinite(s)
     if bad.any():
         where = bad.nonzero().flatten()[:5].tolist()
-        raise ValueError(
+        raise NonFiniteError("logits",
             f"hidden @ weight.T is not finite for token(s) at flat index {where}: hidden and the "
             f"non-padding rows of weight must be finite, and their products must not overflow "
             f"{dtype}"

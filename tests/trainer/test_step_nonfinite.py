@@ -132,6 +132,39 @@ def _worker(rank, world_size, path):
         assert out["actor/grad_norm"] == 0.0
 
 
+def _fused_worker(rank, world_size, path):
+    """``logprob_impl: fused``: NaN hidden states reach the fused head on rank 1 in the first
+    update; it is skipped on both ranks with the logits named (a ValueError other than
+    NonFiniteError would take rank 1 out of the schedule and leave rank 0 in the reduce)."""
+    with model_parallel(1):  # data parallel 2
+        algorithm = preset("dapo")  # no reference model
+        shares = build_shares(random_groups(4, 4, seed=3), algorithm, 2, 2) if rank == 0 else None
+        mini_batches, _ = scatter_shares(shares)
+        loaded = load_hf_model(path, params_dtype=torch.float32)
+        actor = Actor(loaded.model, loaded.spec, ActorConfig(
+            max_tokens_per_micro_batch=24, lr=1e-2, logprob_impl="fused"), loaded.backend)
+        compute_old_and_reference(actor, None, mini_batches, offload_reference=False,
+                                  algorithm=algorithm)
+        norm = actor.chunks[0].decoder.final_layernorm
+        hook = norm.register_forward_hook(lambda m, i, out: out * math.nan) if rank == 1 else None
+        calls, original = [], actor.train_step
+
+        def train_step(*args, **kwargs):
+            calls.append(original(*args, **kwargs))
+            if hook is not None and len(calls) == 1:
+                hook.remove()
+            return calls[-1]
+
+        actor.train_step = train_step
+        out = train_on_mini_batches(actor, mini_batches, algorithm, 1, False)
+        assert calls[0].skipped and calls[0].nonfinite == {"logits": 1}, calls[0]
+        assert not calls[1].skipped and out["actor/skipped_updates"] == 1
+
+
+def test_fused_logprobs_nonfinite_update_is_skipped_on_every_rank(tmp_path):
+    run_distributed(_fused_worker, 2, write_checkpoint(tmp_path / "qwen3", "qwen3"))
+
+
 def test_training_phase_on_two_data_parallel_ranks(tmp_path):
     path = write_checkpoint(tmp_path / "qwen3", "qwen3")
     run_distributed(_worker, 2, path)
