@@ -159,16 +159,21 @@ def _cuda_time(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def stage_a(checks: Checks) -> None:
-    """The Triton fused op vs its torch path in bf16, and its speed vs the bare matmul."""
+def stage_a(checks: Checks, dry_run: bool = False) -> None:
+    """The Triton fused op vs its torch path in bf16, and its speed vs the bare matmul. The dry
+    run builds the same inputs on CPU at a small size and runs the torch path only (Triton needs
+    CUDA)."""
     from megatron_archer.ops import fused_lm_head_logprobs_and_entropy as fused
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(TOKENS, HIDDEN, device="cuda", generator=gen).bfloat16()
-    weight = (torch.randn(VOCAB, HIDDEN, device="cuda", generator=gen) * 2 / HIDDEN**0.5).bfloat16()
-    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda", generator=gen)
-    g_logp = torch.randn(TOKENS, device="cuda", generator=gen)
-    g_entropy = torch.randn(TOKENS, device="cuda", generator=gen)
+    device, (tokens, vocab, hidden_size) = ("cpu", (64, 1000, 32)) if dry_run else (
+        "cuda", (TOKENS, VOCAB, HIDDEN))
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, device=device, generator=gen).bfloat16()
+    weight = (torch.randn(vocab, hidden_size, device=device, generator=gen) * 2
+              / hidden_size**0.5).bfloat16()
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    g_logp = torch.randn(tokens, device=device, generator=gen)
+    g_entropy = torch.randn(tokens, device=device, generator=gen)
 
     def run(implementation: str):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -176,6 +181,13 @@ def stage_a(checks: Checks) -> None:
         torch.autograd.backward([logp, entropy], [g_logp, g_entropy])
         return logp.detach(), entropy.detach(), h.grad, w.grad
 
+    if dry_run:
+        with checks("stage (a) inputs and the fused op's torch path on CPU") as details:
+            logp, entropy, d_hidden, d_weight = run("torch")
+            require(all(bool(torch.isfinite(t).all()) for t in (logp, entropy, d_hidden, d_weight)),
+                    "non-finite results")
+            details.update(shape=f"{tokens}x{vocab}x{hidden_size} bf16", triton="needs CUDA")
+        return
     with checks("fused op, Triton vs torch path, bf16 forward and backward") as details:
         triton_out, torch_out = run("triton"), run("torch")
         errors = {name: rel_err(a, b) for name, a, b in
@@ -208,13 +220,15 @@ def stage_a(checks: Checks) -> None:
 
 
 # ------------------------------------------------------------------------------ stage (b)
-def actor_worker(out: Path) -> None:
-    """Runs under torchrun (1 process): the actor's CUDA path; writes ``out``/actor.json."""
+def actor_worker(out: Path, dry_run: bool = False) -> None:
+    """Runs under torchrun (1 process): the actor's CUDA path; writes ``out``/actor.json. The dry
+    run executes the same code on CPU (gloo, the actor's CPU path) and leaves out only what needs
+    CUDA: the CUDA-path assertions and megatron's DDP, which the CPU path does not use."""
     from megatron.core import parallel_state
 
     from megatron_archer import compat
     from megatron_archer.actor import Actor, ActorConfig
-    from megatron_archer.actor.actor import _unwrap
+    from megatron_archer.actor.actor import unwrap_chunk
     from megatron_archer.distributed import init_process_group
     from megatron_archer.models import load_hf_model
     from megatron_archer.models.dist_checkpoint import load_model_checkpoint, save_model_checkpoint
@@ -245,10 +259,11 @@ def actor_worker(out: Path) -> None:
     for impl in ("logits", "fused"):
         with checks(f"fp32 packed log-probs and entropy ({impl}) vs transformers") as details:
             _, runner = actor(torch.float32, logprob_impl=impl)
-            require(runner.on_cuda and len(runner.micro_batches(batch)) > 1, "not CUDA or 1 row")
+            require(runner.on_cuda or dry_run, "not on CUDA")
+            require(len(runner.micro_batches(batch)) > 1, "one packed row only")
             result = runner.compute_logprobs_and_entropy(batch)
             worst = 0.0
-            for i, (logp, entropy) in enumerate(expected):
+            for i, (logp, entropy, _) in enumerate(expected):
                 n = logp.numel()
                 worst = max(worst, (result.logp[i, :n].cpu().double() - logp).abs().max().item(),
                             (result.entropy[i, :n].cpu().double() - entropy).abs().max().item())
@@ -258,13 +273,14 @@ def actor_worker(out: Path) -> None:
             details["fp32_grad_norm"] = norms[impl]
     with checks("bf16 train steps: megatron DDP + distributed optimizer") as details:
         loaded, bf16 = actor(torch.bfloat16)
-        require(type(bf16.chunks[0]).__name__ == "DistributedDataParallel", "no megatron DDP")
-        before = {k: v.detach().clone() for k, v in _unwrap(bf16.chunks[0]).state_dict().items()
+        require(dry_run or type(bf16.chunks[0]).__name__ == "DistributedDataParallel",
+                "no megatron DDP")
+        before = {k: v.detach().clone() for k, v in unwrap_chunk(bf16.chunks[0]).state_dict().items()
                   if isinstance(v, torch.Tensor) and v.is_floating_point()}
         steps = [bf16.train_step(batch, loss_fn) for _ in range(2)]
         details.update(losses=[s.loss for s in steps], grad_norms=[s.grad_norm for s in steps])
         require(not any(s.skipped for s in steps), "a step was skipped")
-        after = _unwrap(bf16.chunks[0]).state_dict()
+        after = unwrap_chunk(bf16.chunks[0]).state_dict()
         moved = max((after[k].float() - v.float()).abs().max().item() for k, v in before.items())
         details["max_weight_change"] = moved
         require(moved > 0, "the weights did not change")
@@ -273,7 +289,7 @@ def actor_worker(out: Path) -> None:
             details["grad_norm_vs_fp32"] = f"{gap:.2e}"
             require(gap < 5e-2, f"bf16 grad norm {steps[0].grad_norm} vs fp32 {norms['logits']}")
     with checks("model checkpoint save (fully parallel) and load") as details:
-        model = _unwrap(bf16.chunks[0])
+        model = unwrap_chunk(bf16.chunks[0])
         save_model_checkpoint(model, loaded.spec, work / "ckpt", hf_source=path)
         back = load_model_checkpoint(work / "ckpt", backend="local").model
         mine = model.state_dict()
@@ -308,8 +324,9 @@ def _free_port() -> int:
     return free_port()
 
 
-def stage_b(checks: Checks, out: Path) -> None:
-    rc = _torchrun([__file__, "--worker", "actor", "--out", str(out)], out / "stage_b.log")
+def stage_b(checks: Checks, out: Path, dry_run: bool = False) -> None:
+    rc = _torchrun([__file__, "--worker", "actor", "--out", str(out),
+                    *(["--dry-run"] if dry_run else [])], out / "stage_b.log")
     results = out / "actor.json"
     if results.is_file():
         checks.results.extend(json.loads(results.read_text()))
@@ -359,7 +376,8 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="no GPU needed: wheels and imports")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU needed: wheels, imports, and each stage's code on CPU")
     parser.add_argument("--stages", default="abc", help="which of a, b, c to run (default abc)")
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_smoke"))
@@ -367,13 +385,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker == "actor":
-        actor_worker(args.out)
+        actor_worker(args.out, args.dry_run)
         return 0
     info = environment()
     print(f"[gpu_smoke] {json.dumps(info)}", flush=True)
     checks = Checks("dry-run" if args.dry_run else "smoke")
     if args.dry_run:
         dry_run(checks)
+        for name, stage in (("a", lambda c: stage_a(c, dry_run=True)),
+                            ("b", lambda c: stage_b(c, args.out, dry_run=True))):
+            stage_checks = Checks(f"dry-run {name}")
+            with stage_checks("stage completed"):
+                stage(stage_checks)
+            checks.results.extend(stage_checks.results)
     elif not torch.cuda.is_available():
         print("[gpu_smoke] no GPU: CUDA is not available here; run with --dry-run", flush=True)
         return 2
@@ -395,8 +419,9 @@ def main(argv=None) -> int:
     print(f"[gpu_smoke] {passed}/{len(checks.results)} checks passed; results in "
           f"{args.out / 'gpu_smoke.json'}", flush=True)
     if args.dry_run:
-        print("[gpu_smoke] no GPU used: dry run only (wheels list, imports, stage (c) config); "
-              "stages (a) (b) (c) need CUDA", flush=True)
+        print("[gpu_smoke] no GPU used: dry run only (wheels list, imports, stage (c) config, "
+              "stage (a)'s torch path and stage (b)'s worker on CPU); the Triton kernel, the "
+              "actor's CUDA path and stage (c) need CUDA", flush=True)
     return 0 if ok else 1
 
 
