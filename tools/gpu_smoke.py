@@ -22,6 +22,11 @@ GPU machine lacks travels as wheels: ``tools/gpu_wheels.txt``, downloaded by
 ``gpu_smoke.json`` (with device, date and versions for benchmarks/RESULTS.md) beside the stage
 logs, 5 files; the exit status is 0 only when every check passed (or the dry run did).
 
+The dry run checks the wheels list, imports every module the stages use, loads stage (c)'s
+config, runs stage (a)'s inputs through the op's torch path on CPU at a small size, and runs
+stage (b)'s torchrun worker on CPU (gloo, the actor's CPU path) with only the CUDA-path
+assertions left out, so a renamed import, a bad path or a bad config fails CI.
+
 On the GPU machine, after ``tools/gpu_wheels.sh`` here, in one call that carries ``.whl``:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
