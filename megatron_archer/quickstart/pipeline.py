@@ -117,6 +117,27 @@ def _eval(settings: Settings, data_path: Path, model: Path) -> dict:
     return evaluate(config, k=settings.k)
 
 
+# written into every --out the quick start makes: only such a directory is replaced by a rerun
+MARKER = ".megatron-archer-quickstart"
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """An empty ``out`` for a new quick start: a directory an earlier quick start made (it holds
+    MARKER) is replaced, since the RL run would append to its metrics and resume its checkpoints;
+    any other non-empty path is refused, so no file of the user's is ever deleted."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise ValueError(f"--out {out} is not empty and was not made by the quick start; "
+                             f"choose another --out or empty it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by python -m megatron_archer.quickstart; a rerun replaces "
+                              "this directory\n")
+    return out
+
+
 def run(settings: Settings) -> dict:
     """Every stage; returns (and writes to ``<out>/summary.json``) the numbers and paths."""
     import torch
@@ -127,10 +148,7 @@ def run(settings: Settings) -> dict:
     from megatron_archer.quickstart.warm_start import warm_start
     from megatron_archer.trainer import load_config
 
-    out = Path(settings.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)  # the RL run appends to metrics.jsonl and would resume checkpoints
-    out.mkdir(parents=True)
+    out = prepare_out_dir(Path(settings.out).resolve())
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     clock = Clock()
 
@@ -231,5 +249,11 @@ def parse_args(argv=None) -> Settings:
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    settings = parse_args(argv)
+    try:
+        prepare_out_dir(Path(settings.out).resolve())
+    except ValueError as error:  # before any work: one line, the user's files untouched
+        print(f"python -m megatron_archer.quickstart: error: {error}", file=sys.stderr)
+        return 2
+    run(settings)
     return 0

@@ -394,17 +394,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """Run directory (resolved config, metrics.jsonl, TensorBoard events); ``progress`` bars."""
+    """Run directory (resolved config, metrics.jsonl, TensorBoard events); ``progress`` bars.
+    A new run refuses a directory that holds an earlier run (``trainer.run_dir``) unless
+    ``overwrite`` (deletes that run's config, metrics, events and checkpoints)."""
 
     dir: str = "runs/experiment"
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         if not isinstance(self.dir, str) or not self.dir:
             raise ValueError(f"dir must be a directory path; got {self.dir!r}")
-        for name in ("tensorboard", "jsonl", "progress"):
+        for name in ("tensorboard", "jsonl", "progress", "overwrite"):
             boolean(name, getattr(self, name))
 
 

@@ -35,6 +35,7 @@ from megatron_archer.models import hf_weight_buckets, load_hf_model
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
 from megatron_archer.rollout.weight_buckets import gather_device_handles
+from megatron_archer.trainer import run_dir
 from megatron_archer.trainer.async_rollout import RolloutsAhead, drop_stale
 from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
 from megatron_archer.trainer.engines import build_engine
@@ -74,6 +75,7 @@ class Trainer:
                              f"activation checkpointing saves CUDA RNG states); use 'none' on CPU")
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(config.logging.dir)
+        on_rank_zero(self._claim_run_dir, share=False)  # before any work: an earlier run is kept
         self.tokenizer = load_tokenizer(config)
         # rank 0's data and rewards; a failure there is raised on every rank
         on_rank_zero(self._setup_rank_zero, share=False)
@@ -101,6 +103,14 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def _claim_run_dir(self) -> None:
+        config = self.config
+        deleted = run_dir.claim(self.run_dir, config.checkpoint_root,
+                                resume=config.checkpoint.resume, overwrite=config.logging.overwrite)
+        if deleted:
+            print(f"[megatron-archer] logging.overwrite: deleted the earlier run's "
+                  f"{', '.join(str(p) for p in deleted)}", flush=True)
 
     def _setup_rank_zero(self) -> None:
         config = self.config

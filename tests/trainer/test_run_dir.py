@@ -1,0 +1,73 @@
+"""A run directory holding an earlier run is refused before any work, with the ways on; with
+``logging.overwrite`` exactly the earlier run's files are deleted (nothing else of the user's);
+a resumed run and an empty or new directory are taken as they are. The quick start replaces only
+an output directory it made itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_archer.quickstart.pipeline import MARKER, main, prepare_out_dir
+from megatron_archer.trainer import load_config, run_training
+from megatron_archer.trainer.run_dir import claim
+from tests.distributed import run_distributed
+from tests.trainer.common import CPU_CONFIG, tiny_run
+
+
+def _earlier_run(run):
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "tensorboard").mkdir()
+    for name in ("config.yaml", "config.resumed_step_2.yaml", "metrics.jsonl", "notes.txt"):
+        (run / name).write_text("kept\n")
+
+
+def _refusal_worker(rank, world_size, overrides, run):
+    with pytest.raises(ValueError, match=rf"^logging.dir {run} holds an earlier run \(config.yaml, "
+                                         r"metrics.jsonl, tensorboard, config.resumed_step_2.yaml, "
+                                         r"checkpoints\): continue it with checkpoint.resume=true"):
+        run_training(load_config(CPU_CONFIG, overrides))
+
+
+def test_a_new_run_refuses_a_directory_with_an_earlier_run(tmp_path):
+    overrides = [*tiny_run(tmp_path), "parallel.tensor=1"]
+    run = tmp_path / "run"
+    _earlier_run(run)
+    before = {p: p.read_text() for p in run.rglob("*") if p.is_file()}
+    run_distributed(_refusal_worker, 1, overrides, run)
+    assert {p: p.read_text() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["checkpoints", "tensorboard", "config.yaml", "config.resumed_step_2.yaml",
+         "metrics.jsonl", "notes.txt"])
+
+
+def test_claim_overwrite_resume_and_fresh(tmp_path):
+    run = tmp_path / "run"
+    assert claim(run, run, resume=False, overwrite=False) == []  # not there yet
+    _earlier_run(run)
+    assert claim(run, run, resume=True, overwrite=False) == []  # resuming it: untouched
+    deleted = claim(run, run, resume=False, overwrite=True)
+    assert {p.name for p in deleted} == {"config.yaml", "config.resumed_step_2.yaml",
+                                         "metrics.jsonl", "tensorboard", "checkpoints"}
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]  # the user's file stays
+    assert claim(run, run, resume=False, overwrite=False) == []
+    # checkpoints under another checkpoint.dir count too
+    other = tmp_path / "ckpt"
+    (other / "checkpoints" / "step_00000001").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        claim(run, other, resume=False, overwrite=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        claim(tmp_path / "file", tmp_path, resume=False, overwrite=False)
+
+
+def test_quickstart_replaces_only_its_own_out_dir(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work\n")
+    assert main(["--out", str(mine)]) == 2
+    assert "is not empty and was not made by the quick start" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    ours = prepare_out_dir(tmp_path / "ours")
+    (ours / "metrics.jsonl").write_text("{}\n")
+    assert prepare_out_dir(ours) == ours and [p.name for p in ours.iterdir()] == [MARKER]
+    assert prepare_out_dir(mine / "new").is_dir()  # a new path inside is fine
