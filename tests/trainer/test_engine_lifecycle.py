@@ -70,7 +70,7 @@ def _lifecycle_worker(rank, world_size, overrides, model):
     log.clear()
     fail[0] = 2
     with pytest.raises(RolloutError, match="went away"):
-        run_training(load_config(CPU_CONFIG, overrides))
+        run_training(load_config(CPU_CONFIG, [*overrides, "logging.overwrite=true"]))
     assert log[-2:] == ["generate", "shutdown"], "stopped on error too"
     assert log.count("shutdown") == 1
 

@@ -31,6 +31,7 @@ def _failures_worker(rank, world_size, overrides, model, data_dir):
     with pytest.raises(RolloutError, match=r"rollout engine DyingEngine failed at step 2, "
                                            r"generation round 1: ConnectionError: server at"):
         run_training(config, engine=DyingEngine(model))
+    overrides = [*overrides, "logging.overwrite=true"]  # the dead run's step 1 is logged there
 
     with pytest.raises(FileNotFoundError, match="prompt file .*missing.jsonl does not exist"):
         run_training(load_config(CPU_CONFIG, [*overrides, f"data.path={data_dir}/missing.jsonl"]))
