@@ -43,6 +43,10 @@ test-kernels: $(VENV)/.installed
 	if [ -n "$$failed" ]; then echo "test-kernels failed under:$$failed"; exit 1; fi; \
 	echo "test-kernels: every setting passed"
 
+# the package from its declared dependencies alone: fresh venv, train, checkpoint, resume
+test-install:
+	PYTHON=$(PYTHON) bash tools/install_check.sh
+
 # ruff's rule set and line length are in pyproject.toml
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -57,4 +61,4 @@ bench: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(PY) -m megatron_archer.quickstart
 
-.PHONY: install lint test test-kernels example bench quickstart
+.PHONY: install lint test test-kernels test-install example bench quickstart

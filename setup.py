@@ -18,6 +18,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "tqdm",
+        "psutil",  # megatron's checkpoint file writer (models.dist_checkpoint)
     ],
     extras_require={
         # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.

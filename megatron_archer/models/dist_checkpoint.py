@@ -102,9 +102,21 @@ def read_model_checkpoint(directory: str | Path) -> ModelCheckpoint:
     return ModelCheckpoint(directory, spec, getattr(torch, metadata["params_dtype"]))
 
 
+def require_save_dependencies() -> None:
+    """Raise, naming the package, when megatron's file writer cannot run: its worker processes
+    measure their memory with psutil, and without it each worker raises before it reports, so
+    the save waits for them forever. Call it before any work (the trainer does)."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        raise RuntimeError("saving checkpoints needs psutil (megatron's checkpoint file writer "
+                           "uses it): pip install psutil") from None
+
+
 def parallel_save_strategy():
     """megatron's default sharded save strategy, spread over the data-parallel group (with
     context parallelism) so that replicated weights are written by all its ranks."""
+    require_save_dependencies()
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,

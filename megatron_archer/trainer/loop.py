@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 from megatron_archer.actor import Actor, ReferenceModel
 from megatron_archer.data import PromptSampler, load_prompt_set
 from megatron_archer.models import hf_weight_buckets, load_hf_model
+from megatron_archer.models.dist_checkpoint import require_save_dependencies
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
 from megatron_archer.rollout.weight_buckets import gather_device_handles
@@ -76,6 +77,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(config.logging.dir)
         on_rank_zero(self._claim_run_dir, share=False)  # before any work: an earlier run is kept
+        require_save_dependencies()  # every run saves at its last step
         self.tokenizer = load_tokenizer(config)
         # rank 0's data and rewards; a failure there is raised on every rank
         on_rank_zero(self._setup_rank_zero, share=False)

@@ -80,3 +80,16 @@ def test_sharded_checkpoint_reads_like_a_single_file(qwen3, tmp_path):
     for name in single.names():
         assert torch.equal(sharded.get(name), single.get(name)), name
     _check(tmp_path)
+
+
+def test_a_missing_save_dependency_is_named_before_the_save(monkeypatch):
+    """Without psutil megatron's file-writer workers raise before they report and the save waits
+    forever: the trainer calls this check before any work."""
+    import sys
+
+    from megatron_archer.models.dist_checkpoint import require_save_dependencies
+
+    require_save_dependencies()
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    with pytest.raises(RuntimeError, match="^saving checkpoints needs psutil .*pip install psutil$"):
+        require_save_dependencies()
