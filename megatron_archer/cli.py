@@ -47,13 +47,6 @@ def _eval(args) -> int:
     return 0
 
 
-def _convert(args) -> int:
-    from megatron_archer.models import convert
-
-    convert.main(args.convert_args)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-archer",
@@ -64,24 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="an RL run (under torchrun for several processes)")
     train.add_argument("config", help="experiment YAML")
-    train.add_argument("overrides", nargs="*", help="section.field=value (value parsed as YAML)")
+    train.add_argument("overrides", nargs="*", default=[],
+                       help="section.field=value (value parsed as YAML), before or after options")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
         "eval", help="avg@k, pass@k and mean response length on the config's data set")
     evaluate.add_argument("config", help="experiment YAML (model, data, rollout, reward)")
-    evaluate.add_argument("overrides", nargs="*", help="section.field=value")
+    evaluate.add_argument("overrides", nargs="*", default=[],
+                          help="section.field=value, before or after options")
     evaluate.add_argument("--k", type=int, default=8, help="samples per problem (default 8)")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N problems only")
     evaluate.add_argument("--model", help="HF checkpoint to evaluate (default: model.path)")
     evaluate.add_argument("--out", help="also write the results to this JSON file")
     evaluate.set_defaults(func=_eval)
 
-    convert = commands.add_parser(
+    # listed here for the help; main hands everything after "convert" to the converter's parser
+    commands.add_parser(
         "convert", add_help=False,
         help="HF <-> megatron checkpoints (megatron_archer.models.convert; --help for its options)")
-    convert.add_argument("convert_args", nargs=argparse.REMAINDER)
-    convert.set_defaults(func=_convert)
 
     for package in ("megatron_archer.analysis", "megatron_archer.ablation"):
         if (importlib.util.find_spec(package) is not None
@@ -91,8 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # its own parser, --help included
+        from megatron_archer.models import convert
+
+        convert.main(argv[1:], prog="megatron-archer convert")
+        return 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (``eval cfg.yaml --k 2 data.path=X``)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

@@ -14,7 +14,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "checkpoint on held-out problems and write a report (mean +- std over seeds, "
                     "curves, entropy overlap). Finished runs are reused.")
     parser.add_argument("config", help="ablation YAML (e.g. examples/ablations/papers.yaml)")
-    parser.add_argument("overrides", nargs="*",
+    parser.add_argument("overrides", nargs="*", default=[],
                         help="field=value overrides of the ablation config (out=..., seeds=[0])")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report of the finished runs; run nothing")

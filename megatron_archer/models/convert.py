@@ -131,8 +131,9 @@ def _model_parallel(spec: ModelSpec, tensor_parallel: int | None, pipeline_paral
             dist.destroy_process_group()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog=prog,
         description="Convert between a Hugging Face checkpoint directory and a megatron-archer "
         "distributed model checkpoint. Run as one process or under torchrun."
     )
@@ -151,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Parse ``argv`` and convert; a problem with the inputs exits with status 2 and its message."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Parse ``argv`` and convert; a problem with the inputs exits with status 2 and its message.
+    ``prog``: the command name in usage lines (``megatron-archer convert`` from the CLI)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     layout = dict(tensor_parallel=args.tp, pipeline_parallel=args.pp, force=args.force)
     try:

@@ -1,8 +1,13 @@
-"""The console script: eval's numbers, config errors as exit status 2, convert delegated."""
+"""The console script: eval's numbers, config errors as exit status 2, convert delegated (its
+--help and usage under the script's name), overrides before or after options."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +18,9 @@ from tests.trainer.common import CPU_CONFIG, tiny_run
 def test_eval_reports_avg_pass_and_length(tmp_path):
     out = tmp_path / "eval.json"
     overrides = [*tiny_run(tmp_path, prompts=4), "reward.function=tests.trainer.rewards:digit_share"]
-    assert main(["eval", str(CPU_CONFIG), *overrides, "--k", "2", "--out", str(out)]) == 0
+    # overrides on both sides of the options
+    assert main(["eval", str(CPU_CONFIG), *overrides[:2], "--k", "2", "--out", str(out),
+                 *overrides[2:]]) == 0
     result = json.loads(out.read_text())
     assert result["problems"] == 4 and result["k"] == 2
     assert 0 <= result["avg@2"] <= result["pass@2"] <= 1
@@ -30,3 +37,28 @@ def test_convert_is_the_models_converter(capsys):
         main(["convert", "hf-to-megatron", "--help"])
     assert exit_info.value.code == 0
     assert "--hf" in capsys.readouterr().out
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    """The installed console script in a subprocess, as a user runs it."""
+    script = shutil.which("megatron-archer", path=str(Path(sys.executable).parent))
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_console_script_convert_help_usage_and_optional_overrides(tmp_path):
+    proc = _script("convert", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: megatron-archer convert ")
+    assert "hf-to-megatron" in proc.stdout
+    proc = _script("convert", "hf-to-megatron")
+    assert proc.returncode == 2
+    assert "megatron-archer convert hf-to-megatron: error: the following arguments are required" \
+        in proc.stderr
+    proc = _script("train")  # the overrides are optional, only the config is required
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("error: the following arguments are required: config")
+    # an override after an option reaches the config (and its error names the field)
+    proc = _script("eval", str(CPU_CONFIG), "--k", "2", "rollout.n=0")
+    assert proc.returncode == 2 and "rollout.n must be an integer >= 1; got 0" in proc.stderr
+    proc = _script("eval", str(CPU_CONFIG), "--k", "2", "--nosuch")
+    assert proc.returncode == 2 and "unrecognized arguments: --nosuch" in proc.stderr
