@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${INSTALL_CHECK_VENV:-.venv-install-check}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+ROOT=$(pwd)
+trap 'rm -rf "$WORK" "$ROOT/build"' EXIT   # pip builds . in ./build
 
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"

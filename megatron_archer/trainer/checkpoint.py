@@ -125,8 +125,13 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint of the highest step under ``run_dir``, or None."""
-    complete = _complete_checkpoints(Path(run_dir) / CHECKPOINTS_DIR)
+    complete, _ = scan_checkpoints(run_dir)
     return complete[-1] if complete else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a ``step_<n>`` checkpoint directory."""
+    return int(_STEP_DIR.fullmatch(Path(path).name).group(1))
 
 
 def load_checkpoint(path: str | Path, actor: Actor) -> ResumeState:
@@ -210,21 +215,24 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Visible ``step_*`` directories with a valid manifest, oldest step first."""
+def scan_checkpoints(run_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """The visible ``step_*`` directories under ``run_dir`` with a valid manifest, oldest step
+    first, and a line for each one without (a save that did not finish, a damaged manifest)."""
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     if not checkpoints.is_dir():
-        return []
-    found = []
-    for entry in checkpoints.iterdir():
+        return [], []
+    found, unusable = [], []
+    for entry in sorted(checkpoints.iterdir()):
         match = _STEP_DIR.fullmatch(entry.name)
         if not match:
             continue
         try:
             _read_manifest(entry)
-        except CheckpointNotUsable:
+        except CheckpointNotUsable as error:
+            unusable.append(f"{entry}: {error}")
             continue
         found.append((int(match.group(1)), entry))
-    return [entry for _, entry in sorted(found)]
+    return [entry for _, entry in sorted(found)], unusable
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -304,7 +312,7 @@ def _remove_hidden_leftovers(checkpoints: Path) -> None:
 def _prune(checkpoints: Path, keep_last: int, keep: Path) -> None:
     """Delete complete checkpoints beyond the ``keep_last`` newest (never ``keep``); each is
     first renamed to a hidden name, so it disappears from view at once and whole."""
-    for old in _complete_checkpoints(checkpoints)[:-keep_last]:
+    for old in scan_checkpoints(checkpoints.parent)[0][:-keep_last]:
         if old != keep:
             doomed = checkpoints / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
             os.rename(old, doomed)

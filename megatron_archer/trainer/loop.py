@@ -190,6 +190,18 @@ class Trainer:
             if self.rank0:
                 self.logger.close()
             self.close()
+        if self.rank0:
+            print(f"[megatron-archer] {self.where()}", flush=True)
+
+    def where(self) -> str:
+        """One line: the step reached and where its metrics, events and checkpoints are."""
+        from megatron_archer.trainer.checkpoint import latest_checkpoint
+
+        logging, run = self.config.logging, self.run_dir
+        parts = [f"metrics {run / 'metrics.jsonl'}" if logging.jsonl else "",
+                 f"TensorBoard {run / 'tensorboard'}" if logging.tensorboard else "",
+                 f"last checkpoint {latest_checkpoint(self.config.checkpoint_root) or 'none'}"]
+        return f"step {self.step}: " + "; ".join(p for p in parts if p)
 
     def train_step(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """One RL step on every rank; rank 0's scalars and histograms (others: their actor and
@@ -334,14 +346,26 @@ class Trainer:
         policy (``model.path``). Rollouts are reproducible across the restart: each generation
         round's seed is a function of (seed, step, round) (``rollout_phase``); async, the
         recorded rollout in flight is put back (``async_rollout``)."""
-        from megatron_archer.trainer.checkpoint import latest_checkpoint, load_checkpoint
+        from megatron_archer.trainer.checkpoint import (
+            checkpoint_step,
+            load_checkpoint,
+            scan_checkpoints,
+        )
 
-        path = latest_checkpoint(self.config.checkpoint_root)
-        if path is None:
+        complete, unusable = scan_checkpoints(self.config.checkpoint_root)
+        if self.rank0:
+            for line in unusable:
+                print(f"[megatron-archer] resume: skipped {line}", flush=True)
+        if not complete:
             if self.rank0:
-                logger.warning("checkpoint.resume is on but %s holds no complete checkpoint: "
-                               "starting at step 1", self.config.checkpoint_root / "checkpoints")
+                print(f"[megatron-archer] checkpoint.resume is on but "
+                      f"{self.config.checkpoint_root / 'checkpoints'} holds no complete "
+                      f"checkpoint: starting at step 1", flush=True)
             return
+        path = complete[-1]
+        if checkpoint_step(path) > self.config.train.steps:
+            raise ValueError(f"train.steps={self.config.train.steps} is below the step of the "
+                             f"checkpoint to resume, {path}: raise train.steps to continue it")
         state = load_checkpoint(path, self.actor)
         self.step = state.step
         self.skipped_steps = int(state.extra_state.get("skipped_steps", 0))
@@ -351,4 +375,4 @@ class Trainer:
                 state.extra_state.get("rollout_ahead"), self.prompt_set), share=False)
         self._sync_weights(self.step)
         if self.rank0:
-            logger.info("resumed from %s at step %d", path, self.step)
+            print(f"[megatron-archer] resumed from {path} at step {self.step}", flush=True)

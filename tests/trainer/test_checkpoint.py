@@ -203,3 +203,35 @@ def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 1, actor=None, hf_source=tmp_path, sampler_state={},
                         extra_state={}, keep_last=0)
+
+
+def test_scan_names_each_unusable_checkpoint(tmp_path):
+    complete = _fake_complete(step_dir(tmp_path, 3))
+    step_dir(tmp_path, 7).mkdir()
+    (_fake_complete(step_dir(tmp_path, 8)) / "manifest.json").write_text("{trunc")
+    found, unusable = checkpoint.scan_checkpoints(tmp_path)
+    assert found == [complete]
+    assert len(unusable) == 2 and "step_00000007" in unusable[0] and "manifest" in unusable[0]
+    assert "step_00000008" in unusable[1] and "not valid JSON" in unusable[1]
+    assert checkpoint.checkpoint_step(complete) == 3
+
+
+def _fewer_steps_worker(rank, world_size, overrides):
+    from megatron_archer.trainer import load_config, run_training
+    from tests.trainer.common import CPU_CONFIG
+
+    with pytest.raises(ValueError, match=r"^train.steps=2 is below the step of the checkpoint to "
+                                         r"resume, .*step_00000004: raise train.steps"):
+        run_training(load_config(CPU_CONFIG, overrides))
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint(tmp_path, capfd):
+    from tests.trainer.common import tiny_run
+
+    overrides = [*tiny_run(tmp_path), "parallel.tensor=1", "train.steps=2",
+                 "checkpoint.resume=true"]
+    _fake_complete(step_dir(tmp_path / "run", 4))
+    step_dir(tmp_path / "run", 5).mkdir()  # a save that did not finish: skipped, and said so
+    run_distributed(_fewer_steps_worker, 1, overrides)
+    out = capfd.readouterr().out
+    assert "resume: skipped" in out and "step_00000005" in out
