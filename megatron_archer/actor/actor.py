@@ -24,11 +24,12 @@ over data x context parallel ranks. DDP averages gradients over them, megatron's
 multiplies each loss by the CP size, and the scale above undoes the rest.
 
 Sequence parallelism (the models' ``sequence_parallel``, TP > 1): every packed row (under CP,
-every sequence's chunk) is padded to a multiple of the TP size (``pack_multiple``; the filler
-enters no loss or metric). Megatron's output layer all-gathers the sequence before its
-column-parallel matmul, so the last stage's output is the whole row's vocab-sharded logits, as
-without it, which the vocab-parallel op takes unchanged; the norms' weight gradients, partial
-on each TP rank, are summed over TP by ``finalize_model_grads`` (``cpu_ddp`` on CPU).
+every sequence's chunk) is padded to a multiple of the TP size, times the fp8 recipe's alignment
+with fp8 (``pack_multiple``; the filler enters no loss or metric). Megatron's output layer
+all-gathers the sequence before its column-parallel matmul, so the last stage's output is the
+whole row's vocab-sharded logits, as without it, which the vocab-parallel op takes unchanged;
+the norms' weight gradients, partial on each TP rank, are summed over TP by
+``finalize_model_grads`` (``cpu_ddp`` on CPU).
 
 Where results live: the logits, hence log-probs and the loss, exist on the last pipeline stage.
 ``compute_logprobs_and_entropy`` broadcasts its [B, R] results from the last stage to every
@@ -142,14 +143,21 @@ def _hidden_states_head(chunks: list[nn.Module]) -> _HiddenStatesHead | None:
     return _HiddenStatesHead(last[-1]) if last else None
 
 
+def fp8_alignment(recipe: str) -> int:
+    """The row count a Transformer Engine fp8 GEMM needs a multiple of: 32 for ``mxfp8`` (its
+    1 x 32 scaling blocks), 16 for the other recipes (as megatron's fp8 padding aligns them)."""
+    return 32 if recipe == "mxfp8" else 16
+
+
 def pack_multiple(model_config) -> int:
     """What every packed row's token count (under CP, every sequence's chunk) must be a multiple
-    of: 16 for fp8 GEMMs, the TP size under sequence parallelism (megatron's embedding scatters
-    the row's tokens evenly over the TP ranks); the filler (``packing.filler_tokens``) or the CP
-    padding makes it so and enters no loss or metric."""
-    fp8 = 16 if model_config.fp8 else 1
+    of: the fp8 recipe's alignment for fp8 GEMMs; under sequence parallelism the TP size times
+    that, since megatron's embedding scatters the row's tokens evenly over the TP ranks and each
+    rank's fp8 linear sees its own n / TP rows before the all-gather. The filler
+    (``packing.filler_tokens``) or the CP padding makes it so and enters no loss or metric."""
+    fp8 = fp8_alignment(getattr(model_config, "fp8_recipe", "delayed")) if model_config.fp8 else 1
     sp = model_config.tensor_model_parallel_size if model_config.sequence_parallel else 1
-    return math.lcm(fp8, sp)
+    return fp8 * sp
 
 
 class ModelRunner:

@@ -85,7 +85,8 @@ class ModelConfig:
     (scale = 2^-margin x the largest representable / amax), ``fp8_amax_history_len`` and
     ``fp8_amax_compute_algo`` (``most_recent`` or ``max`` over the history): megatron's
     TransformerConfig fields of the same names, its defaults. Packed rows are then padded to a
-    multiple of 16 tokens by a filler sequence that enters no loss or metric (actor.packing).
+    multiple of 16 tokens (32 for ``mxfp8``; times the TP size under sequence parallelism) by a
+    filler sequence that enters no loss or metric (actor.packing).
     """
 
     path: str

@@ -39,10 +39,16 @@ def test_rows_padded_to_a_multiple_keep_labels_and_layout():
 
 
 def test_the_row_multiple_covers_fp8_and_sequence_parallelism():
-    def multiple(fp8, tp, sp):
-        return pack_multiple(SimpleNamespace(fp8=fp8, tensor_model_parallel_size=tp,
-                                             sequence_parallel=sp))
+    def multiple(fp8, tp, sp, recipe="delayed"):
+        return pack_multiple(SimpleNamespace(fp8=fp8, fp8_recipe=recipe,
+                                             tensor_model_parallel_size=tp, sequence_parallel=sp))
 
     assert multiple(None, 4, False) == 1 and multiple("hybrid", 4, False) == 16
     assert multiple(None, 2, True) == 2 and multiple(None, 3, True) == 3
-    assert multiple("e4m3", 8, True) == 16 and multiple("e4m3", 3, True) == 48
+    assert multiple("hybrid", 4, False, "mxfp8") == 32
+    # under SP each TP rank's fp8 linear sees n / TP rows: those must meet the recipe's alignment
+    for tp in (2, 3, 4, 8):
+        for recipe, align in (("delayed", 16), ("tensorwise", 16), ("blockwise", 16),
+                              ("mxfp8", 32)):
+            m = multiple("e4m3", tp, True, recipe)
+            assert m % tp == 0 and (m // tp) % align == 0, (tp, recipe, m)
