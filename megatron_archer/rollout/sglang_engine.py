@@ -287,18 +287,20 @@ class SGLangEngine(RolloutEngine):
         num_servers: int = 1,
         base_port: int = 30000,
         tp_size: int = 1,
+        base_gpu_id: int = 0,
         mem_fraction_static: float | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 900.0,
         **engine_kwargs,
     ) -> SGLangEngine:
-        """Start ``num_servers`` ``sglang.launch_server`` processes on 127.0.0.1 (GPU ids
-        ``i * tp_size`` on; ``--mem-fraction-static`` when given: colocated servers must leave the
-        trainer its memory), each with ``child_environment()``; wait for each to answer
-        ``/health``. Servers already started are stopped when one fails to come up."""
+        """Start ``num_servers`` ``sglang.launch_server`` processes on 127.0.0.1 (server i on the
+        GPUs from ``base_gpu_id + i * tp_size``; ``--mem-fraction-static`` when given: colocated
+        servers must leave the trainer its memory), each with ``child_environment()``; wait for
+        each to answer ``/health``. Servers already started are stopped when one fails to come
+        up."""
         commands = [
-            launch_command(model_path, base_port + i, tp_size, i * tp_size, mem_fraction_static,
-                           extra_args)
+            launch_command(model_path, base_port + i, tp_size, base_gpu_id + i * tp_size,
+                           mem_fraction_static, extra_args)
             for i in range(num_servers)
         ]  # fmt: skip
         processes = []

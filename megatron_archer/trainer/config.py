@@ -201,7 +201,9 @@ class SGLangConfig:
     ``update_timeout_s``, disk updates ``disk_update_timeout_s``, all never retried blindly.
     Launched servers: ``startup_timeout_s`` to come up, at most ``max_restarts`` restarts in a run
     when one dies, ``mem_fraction_static`` (SGLang's weights + KV-cache share of each GPU;
-    required for colocated launched servers, which share the GPU with the trainer).
+    required for colocated launched servers, which share the GPU with the trainer);
+    ``base_gpu_id``, the first GPU of this node they use (server i from ``base_gpu_id + i x
+    tp_size``; None: 0 when colocated, else the GPUs after the trainer's, ``LOCAL_WORLD_SIZE``).
 
     ``weight_dtype``: the weights sent at each sync, ``bf16`` as trained or ``fp8`` (block-wise
     e4m3 with ``weight_scale_inv``, ``rollout.fp8_weights``; every sync mode). ``model_path``: the
@@ -216,6 +218,7 @@ class SGLangConfig:
     num_servers: int = 1
     base_port: int = 30000
     tp_size: int = 1
+    base_gpu_id: int | None = None
     extra_args: tuple[str, ...] = ()
     weight_sync: str = "tensor"
     bucket_bytes: int = 512 << 20
@@ -242,6 +245,8 @@ class SGLangConfig:
         boolean("launch", self.launch)
         integer("num_servers", self.num_servers, low=1)
         integer("base_port", self.base_port, low=1)
+        if self.base_gpu_id is not None:
+            integer("base_gpu_id", self.base_gpu_id, low=0)
         check_engine_settings(weight_sync=self.weight_sync, tp_size=self.tp_size,
                               bucket_bytes=self.bucket_bytes, max_inflight=self.max_inflight,
                               weight_dtype=self.weight_dtype)
@@ -334,6 +339,11 @@ class RolloutConfig:
         if self.engine == "sglang":
             instance("sglang", self.sglang, SGLangConfig)
             sg = self.sglang
+            if self.colocated and sg.weight_sync == "distributed":
+                raise ValueError("sglang.weight_sync 'distributed' needs colocated: false: its NCCL "
+                                 "group joins trainer rank 0 and the servers, and NCCL refuses two "
+                                 "of its ranks on one GPU; colocated servers take weight_sync "
+                                 "'tensor'")
             if self.colocated and sg.launch and sg.mem_fraction_static is None \
                     and "--mem-fraction-static" not in sg.extra_args:
                 raise ValueError("sglang.mem_fraction_static is required for colocated launched "

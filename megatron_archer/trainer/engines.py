@@ -3,6 +3,7 @@ so colocated servers size their memory around it)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -48,6 +49,20 @@ class ResponseProgress:
             self.bar = None
 
 
+def launch_base_gpu(base_gpu_id: int | None, colocated: bool, weight_sync: str,
+                    trainer_gpus: int) -> int:
+    """The first GPU of this node for launched servers: ``base_gpu_id``, or by default 0 when
+    colocated (they share the trainer's GPUs) and the first GPU after the trainer's
+    ``trainer_gpus`` otherwise. Under ``weight_sync: distributed`` a server GPU among the
+    trainer's would put two ranks of one NCCL group on one GPU, which NCCL refuses."""
+    base = base_gpu_id if base_gpu_id is not None else (0 if colocated else trainer_gpus)
+    if weight_sync == "distributed" and base < trainer_gpus:
+        raise ValueError(f"rollout.sglang.base_gpu_id {base} is a GPU of the trainer (it uses "
+                         f"GPUs 0-{trainer_gpus - 1} of this node): weight_sync 'distributed' "
+                         f"needs the servers on other GPUs (base_gpu_id >= {trainer_gpus})")
+    return base
+
+
 def build_engine(config: ExperimentConfig,
                  weights_source: Callable[[], Iterable[Bucket]] | None = None) -> RolloutEngine:
     """``local``: transformers on this process's GPU (CPU without one), loading ``model.path``;
@@ -77,8 +92,11 @@ def build_engine(config: ExperimentConfig,
                    pause_mode="retract" if rollout.async_ else "abort",
                    on_progress=ResponseProgress() if config.logging.progress else None)
     if sg.launch:
+        base_gpu = launch_base_gpu(sg.base_gpu_id, rollout.colocated, sg.weight_sync,
+                                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         engine = SGLangEngine.launch(path, num_servers=sg.num_servers, base_port=sg.base_port,
-                                     tp_size=sg.tp_size, mem_fraction_static=sg.mem_fraction_static,
+                                     tp_size=sg.tp_size, base_gpu_id=base_gpu,
+                                     mem_fraction_static=sg.mem_fraction_static,
                                      extra_args=sg.extra_args,
                                      startup_timeout_s=sg.startup_timeout_s, **options)
     else:

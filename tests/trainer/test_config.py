@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_archer.rollout import SGLangEngine
+from megatron_archer.rollout import SGLangEngine, sglang_engine
 from megatron_archer.trainer import load_config, parse_overrides, resolved_yaml
 from megatron_archer.trainer.config import ParallelConfig
-from megatron_archer.trainer.engines import build_engine
+from megatron_archer.trainer.engines import build_engine, launch_base_gpu
 from tests.trainer.common import CPU_CONFIG
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
@@ -55,7 +55,7 @@ def test_bad_values_name_the_field_and_allowed_values(override, message):
 
 
 DISTRIBUTED = ["rollout.engine=sglang", "rollout.sglang.server_urls=[http://10.0.0.2:30000]",
-               "rollout.sglang.weight_sync=distributed"]
+               "rollout.colocated=false", "rollout.sglang.weight_sync=distributed"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -81,8 +81,38 @@ def test_distributed_weight_sync_joins_the_engine_to_the_update_group(monkeypatc
     engine = build_engine(config)
     assert engine.weight_sync == "distributed"
     assert calls == [(["http://10.0.0.2:30000"], "10.0.0.1", 29600)]
-    assert build_engine(load_config(CPU_CONFIG, DISTRIBUTED[:2])).weight_sync == "tensor"
+    assert build_engine(load_config(CPU_CONFIG, DISTRIBUTED[:3])).weight_sync == "tensor"
     assert len(calls) == 1  # only for weight_sync 'distributed'
+
+
+def test_distributed_weight_sync_never_puts_a_server_on_a_trainer_gpu(monkeypatch):
+    """NCCL refuses a group with two ranks on one GPU: distributed sync with colocated servers
+    is refused at load; launched servers start after the trainer's GPUs unless told, and a
+    base_gpu_id among them is refused under distributed sync."""
+    with pytest.raises(ValueError, match="^rollout.sglang.weight_sync 'distributed' needs colocated: "
+                                         "false"):
+        load_config(CPU_CONFIG, [*DISTRIBUTED[:2], *DISTRIBUTED[3:], "rollout.sglang."
+                                 "master_address=10.0.0.1", "rollout.sglang.master_port=29600"])
+    with pytest.raises(ValueError, match="base_gpu_id must be an integer >= 0"):
+        load_config(CPU_CONFIG, [*DISTRIBUTED[:3], "rollout.sglang.base_gpu_id=-1"])
+    assert launch_base_gpu(None, colocated=True, weight_sync="tensor", trainer_gpus=8) == 0
+    assert launch_base_gpu(None, colocated=False, weight_sync="distributed", trainer_gpus=4) == 4
+    assert launch_base_gpu(2, colocated=False, weight_sync="disk", trainer_gpus=4) == 2
+    with pytest.raises(ValueError, match="base_gpu_id 2 is a GPU of the trainer .* >= 4"):
+        launch_base_gpu(2, colocated=False, weight_sync="distributed", trainer_gpus=4)
+
+    # build_engine hands the base to the launch: server i on base + i x tp_size
+    commands = []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(sglang_engine, "launch_command", lambda *args: commands.append(args) or
+                        ["false"])
+    config = load_config(CPU_CONFIG, ["rollout.engine=sglang", "rollout.colocated=false",
+                                      "rollout.sglang.launch=true", "rollout.sglang.num_servers=2",
+                                      "rollout.sglang.tp_size=2",
+                                      "rollout.sglang.startup_timeout_s=5"])
+    with pytest.raises(sglang_engine.ServerError, match="the server process exited"):
+        build_engine(config)  # "false" exits at once, after both commands were made
+    assert [args[3] for args in commands] == [4, 6]
 
 
 def test_missing_sections_and_files(tmp_path):
