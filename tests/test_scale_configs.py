@@ -28,14 +28,14 @@ _spec.loader.exec_module(me)
 def test_scale_config_loads(path):
     config = load_config(path)
     assert config.rollout.engine == "sglang" and config.actor.lr == 1e-6
-    if config.algorithm.selection.method == "forking":  # SPEC 4
+    if config.algorithm.selection.method == "forking":  # docs/numerics.md §4
         clip = config.algorithm.loss.clip
         assert (clip.eps_low, clip.eps_high, clip.kl_coef) == (0.2, 0.28, 0.0)
         assert config.algorithm.overlong.max_length == 20480
         assert (config.rollout.prompts_per_step, config.rollout.n) == (512, 16)
         assert config.rollout.prompts_per_step // config.train.mini_batch_size == 16
         assert not config.rollout.colocated and config.rollout.sglang.weight_sync == "disk"
-    else:  # SPEC 5
+    else:  # docs/numerics.md §5
         archer = config.algorithm.selection.archer
         assert (archer.reasoning.eps_high, archer.knowledge.eps_high) == (0.5, 0.2)
         assert archer.knowledge.kl_coef == 0.001 and config.algorithm.loss.dual_clip == 10.0

@@ -7,7 +7,7 @@ machine that it is ready to (``--dry-run``).
 Stages, each check reported pass/fail with its traceback, the next one run after a failure:
 
 (a) the fused LM-head op (Triton) against its torch path in bf16, forward and backward, and its
-    time against the bare LM-head matmul (SPEC target: forward within 1.25x) at 8192 tokens x
+    time against the bare LM-head matmul (target: forward within 1.25x) at 8192 tokens x
     151,936 vocabulary, hidden 4096;
 (b) the actor under ``torchrun --nproc-per-node 1`` with ``distributed.init_process_group``
     (NCCL + gloo): packed log-probs and entropy against transformers (logits and fused paths),

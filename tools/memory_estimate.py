@@ -15,7 +15,7 @@ Terms, per GPU of the pipeline stage that holds the most (GiB = 2^30 bytes):
 - reference: a second bf16 copy of the weights, when the loss has a KL term and the reference
   stays on the GPU (disaggregated rollout; colocated runs offload it to CPU between uses).
 - activations: one micro-batch of ``tokens`` packed tokens (the actor's token budget, one whole
-  sequence at least), of which a context-parallel rank holds ``tokens / cp`` (SPEC 9: 2 cp
+  sequence at least), of which a context-parallel rank holds ``tokens / cp`` (docs/numerics.md §9: 2 cp
   chunks per sequence, two per rank), bf16, flash/fused attention (no s x s matrix), no dropout.
   Stored per token and layer, in bytes:
       2 x [4 h / s  +  (heads + 2 kv_heads) d / tp  +  heads d / tp  +  3 ffn / tp]
@@ -162,7 +162,7 @@ TABLE = [
     ("Qwen3-14B", Layout(tp=8, pp=1, dp=2, tokens=24576, chunk=4096, recompute=True)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=2, tokens=24576, chunk=4096)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=2, tokens=24576, chunk=4096, recompute=True)),
-    # long responses (SPEC 9): context parallel 2 on the same 32 GPUs, 20480-token responses
+    # long responses (docs/numerics.md §9): context parallel 2 on the same 32 GPUs, 20480-token responses
     # (tokens 24576) and 29k (tokens 32768); the config adds sequence parallelism to recompute
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, tokens=24576, chunk=4096, recompute=True)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, tokens=32768, chunk=4096, recompute=True)),

@@ -15,7 +15,7 @@ optionally with a dict of metrics. The actor multiplies it by num_micro_batches 
 handing it to the schedule, which undoes megatron's 1/num_micro_batches and DDP's 1/dp averaging:
 the gradient is d(step loss)/d(params) however the step is split over micro-batches and ranks.
 
-Context parallelism (``initialize_model_parallel(context_parallel_size=N)``, SPEC 9): every
+Context parallelism (``initialize_model_parallel(context_parallel_size=N)``, docs/numerics.md §9): every
 packed micro-batch is split by ``context_parallel.split_for_context_parallel``; on each CP rank
 ``loss_fn`` gets the micro-batch's response layout with ``response_mask`` True at the tokens that
 rank scores (give the algorithms ``cp_group`` and the data x context parallel group);
@@ -187,7 +187,7 @@ class ModelRunner:
             raise ValueError("actor.logprob_impl='fused' does not support sequence parallelism: "
                              "the output layer would all-gather the sequence-sharded hidden states")
         self._head = _hidden_states_head(self.chunks) if config.logprob_impl == "fused" else None
-        # context parallelism (SPEC 9): every CP rank runs its chunks of each packed row
+        # context parallelism (docs/numerics.md §9): every CP rank runs its chunks of each packed row
         self.cp_size = parallel_state.get_context_parallel_world_size()
 
     # ---------------------------------------------------------------- micro-batches

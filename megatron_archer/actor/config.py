@@ -34,11 +34,11 @@ class ActorConfig:
       the distributed optimizer; on CPU the parameters and AdamW states have this dtype).
     - ``temperature``: the rollout's sampling temperature, log-probs are of softmax(z / T).
     - ``logprob_chunk_size``: tokens per fp32 working chunk of the vocab-parallel op: the op's
-      fp32 working set is ``logprob_chunk_size`` x V/tp, never a full copy of the shard (SPEC 1;
+      fp32 working set is ``logprob_chunk_size`` x V/tp, never a full copy of the shard (docs/numerics.md §1;
       1024 tokens x 151,936 / tp vocabulary is 0.6 GB / tp).
     - ``logprob_impl``: ``logits`` (the model's vocab-sharded logits, then the vocab-parallel op)
       or ``fused`` (the last stage hands its final hidden states and the output weight to the
-      fused LM-head op, which never materialises logits: SPEC 1, "the strongest form").
+      fused LM-head op, which never materialises logits: docs/numerics.md §1, "the strongest form").
     """
 
     max_tokens_per_micro_batch: int = 4096

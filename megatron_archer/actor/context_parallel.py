@@ -1,4 +1,4 @@
-"""Context-parallel layout of a packed row (SPEC 9): which tokens each CP rank holds, and their labels.
+"""Context-parallel layout of a packed row (docs/numerics.md §9): which tokens each CP rank holds, and their labels.
 
 With CP size N every sequence of a packed row (``packing.MicroBatch``, thd layout) is padded to a
 multiple of 2N (2N x ``multiple``: ``multiple`` is the TP size under sequence parallelism, so

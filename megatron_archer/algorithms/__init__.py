@@ -1,5 +1,5 @@
 """RLVR objectives: advantages, entropy-based token selection (forking tokens, Archer), the clipped
-policy loss normalised over the whole optimiser step, and its metrics (SPEC.md sections 2 to 5, 7).
+policy loss normalised over the whole optimiser step, and its metrics (docs/numerics.md §§ 2 to 5, 7).
 
 Per optimiser step a trainer calls, on every data-parallel rank:
 

@@ -1,4 +1,4 @@
-"""Group-relative advantages and DAPO's reward machinery (SPEC 2).
+"""Group-relative advantages and DAPO's reward machinery (docs/numerics.md §2).
 
 Rewards are [num_groups, group_size]: row g holds the scalar rewards of the responses sampled for
 prompt g. Advantages come back in the same layout, one per response; policy_loss broadcasts them
@@ -65,7 +65,7 @@ def dynamic_sampling_filter(rewards: torch.Tensor) -> DynamicSamplingResult:
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, cache_length: int) -> torch.Tensor:
-    """DAPO soft overlong penalty added to the reward, per response length |y| (SPEC 2):
+    """DAPO soft overlong penalty added to the reward, per response length |y| (docs/numerics.md §2):
     0 if |y| <= L_max - L_c; ((L_max - L_c) - |y|) / L_c up to L_max; -1 beyond."""
     if not 0 < cache_length <= max_length:
         raise ValueError(f"need 0 < cache_length <= max_length; got {cache_length}, {max_length}")

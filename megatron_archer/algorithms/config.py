@@ -1,4 +1,4 @@
-"""Typed configuration of the RLVR objectives and the papers' presets (SPEC.md sections 2 to 5).
+"""Typed configuration of the RLVR objectives and the papers' presets (docs/numerics.md §§ 2 to 5).
 
 Every config is a frozen dataclass validated at construction; a bad value raises ValueError naming
 the field and, for choices, the allowed values. ``config_from_dict`` builds an ``AlgorithmConfig``
@@ -42,7 +42,8 @@ OLD_LOGPROBS = ("recompute", "rollout")
 
 @dataclass(frozen=True)
 class Constraints:
-    """Clip range ``clip(r, 1 - eps_low, 1 + eps_high)`` and KL coefficient for one token class (SPEC 3, 5)."""
+    """Clip range ``clip(r, 1 - eps_low, 1 + eps_high)`` and KL coefficient for one token class
+    (docs/numerics.md §3, §5)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.2
@@ -56,7 +57,7 @@ class Constraints:
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """Group-relative advantage estimator (SPEC 2); ``std_eps`` guards GRPO's division by the std."""
+    """Group-relative advantage estimator (docs/numerics.md §2); ``std_eps`` guards GRPO's division by the std."""
 
     estimator: str = "grpo"
     std_eps: float = 1e-6
@@ -80,7 +81,7 @@ class DynamicSamplingConfig:
 
 @dataclass(frozen=True)
 class OverlongConfig:
-    """DAPO overlong reward shaping with L_max = ``max_length`` and L_c = ``cache_length`` (SPEC 2)."""
+    """DAPO overlong reward shaping with L_max = ``max_length`` and L_c = ``cache_length`` (docs/numerics.md §2)."""
 
     enabled: bool = False
     max_length: int = 20480
@@ -98,7 +99,7 @@ class OverlongConfig:
 
 @dataclass(frozen=True)
 class ForkingConfig:
-    """Forking tokens (SPEC 4): only the top-``rho`` entropy tokens carry policy gradient.
+    """Forking tokens (docs/numerics.md §4): only the top-``rho`` entropy tokens carry policy gradient.
 
     ``scope``: ``global`` = threshold over the whole optimiser step on all data-parallel ranks (the
     paper's formula); ``micro_batch`` = top-k per micro-batch, k = ceil(rho n) (the authors' code).
@@ -128,7 +129,7 @@ class ForkingConfig:
 
 @dataclass(frozen=True)
 class ArcherConfig:
-    """Archer dual-token constraints (SPEC 5).
+    """Archer dual-token constraints (docs/numerics.md §5).
 
     Tokens above the per-response ``quantile`` of entropy are "reasoning" tokens, the rest
     "knowledge" tokens; each class gets its own clip range and KL coefficient. ``soft_width`` is
@@ -150,7 +151,7 @@ class ArcherConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Which tokens carry policy gradient and under which constraints (SPEC 4, 5).
+    """Which tokens carry policy gradient and under which constraints (docs/numerics.md §4, 5).
 
     ``method``: ``none`` (every token, ``LossConfig.clip``), ``forking`` (see ForkingConfig),
     ``archer`` and ``archer_soft`` (see ArcherConfig; their per-class constraints replace
@@ -173,7 +174,7 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Clipped policy loss, KL, entropy bonus and aggregation (SPEC 3).
+    """Clipped policy loss, KL, entropy bonus and aggregation (docs/numerics.md §3).
 
     ``clip`` holds the clip range and KL coefficient of every token when the selection method has
     no token classes of its own (``none``, ``forking``). ``dual_clip`` is c > 1 or None.
@@ -207,7 +208,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class RolloutCorrectionConfig:
-    """Train-inference mismatch correction (SPEC 8), off unless ``enabled``.
+    """Train-inference mismatch correction (docs/numerics.md §8), off unless ``enabled``.
 
     Importance weights w = pi_old / pi_rollout from the engine's log-probs, per token
     (``level="token"``) or per response (``level="sequence"``: the ``geometric_mean`` of its token
@@ -215,7 +216,7 @@ class RolloutCorrectionConfig:
     multiplies each policy term by min(w, C), detached (the gradient flows through the policy ratio
     only); ``mode="mask"`` gives weight 0 to tokens (or whole responses) with w outside
     [1/C, C]. C is ``threshold``. ``mask_normalizer``: masked tokens ``keep`` their place in every
-    loss normaliser (SPEC 8's default: the normalisers stay those of the sampled batch), or
+    loss normaliser (docs/numerics.md §8's default: the normalisers stay those of the sampled batch), or
     ``drop`` out of the step entirely (policy term, KL, entropy bonus, token and response counts,
     forking threshold and Archer quantiles: as if never sampled). Token-level truncation at C = 2
     is the recommended setting.
@@ -242,7 +243,7 @@ class RolloutCorrectionConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """Everything the objective needs: advantages, DAPO machinery, token selection, loss, and the
-    off-policy handling of SPEC 8.
+    off-policy handling of docs/numerics.md §8.
 
     ``old_logprobs``: ``recompute`` takes pi_old from a forward of the trainer's model before the
     updates; ``rollout`` uses the engine's log-probs as pi_old instead (the ratio then carries the
@@ -281,7 +282,7 @@ class AlgorithmConfig:
 
 
 def _dapo() -> AlgorithmConfig:
-    """DAPO as run by the forking-token paper (SPEC 4): clip-higher, no KL, token-mean."""
+    """DAPO as run by the forking-token paper (docs/numerics.md §4): clip-higher, no KL, token-mean."""
     return AlgorithmConfig(
         advantage=AdvantageConfig("grpo"),
         dynamic_sampling=DynamicSamplingConfig(enabled=True),
@@ -301,7 +302,7 @@ def _grpo() -> AlgorithmConfig:
 
 
 def _forking_80_20() -> AlgorithmConfig:
-    """DAPO with policy gradient on the top 20% entropy tokens of the step (SPEC 4, paper eq. 6)."""
+    """DAPO with policy gradient on the top 20% entropy tokens of the step (docs/numerics.md §4, paper eq. 6)."""
     dapo = _dapo()
     return dataclasses.replace(dapo, selection=SelectionConfig(
         "forking", entropy_source="current",
@@ -310,7 +311,7 @@ def _forking_80_20() -> AlgorithmConfig:
 
 
 def _archer() -> AlgorithmConfig:
-    """Archer (SPEC 5): per-response 0.8 quantile split, dual clip 10, class-mean k3 KL."""
+    """Archer (docs/numerics.md §5): per-response 0.8 quantile split, dual clip 10, class-mean k3 KL."""
     return AlgorithmConfig(
         advantage=AdvantageConfig("grpo"),
         dynamic_sampling=DynamicSamplingConfig(enabled=True),

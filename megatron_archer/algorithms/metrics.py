@@ -1,4 +1,4 @@
-"""Step metrics the objective produces (SPEC 7), exact over micro-batches and data-parallel ranks.
+"""Step metrics the objective produces (docs/numerics.md §7), exact over micro-batches and data-parallel ranks.
 
 Loss metrics are additive sums per micro-batch (``loss_metric_sums``), summed over the step's
 micro-batches and all-reduced once (``reduce_loss_metrics``), so every share and mean is over all
@@ -18,7 +18,7 @@ from megatron_archer.algorithms.token_selection import TokenSelection
 from megatron_archer.distributed import all_reduce_
 
 CLASSES = ("low", "high")  # token_class 0 and 1: knowledge / other, reasoning / forking
-LOW_ENTROPY = 0.01  # the papers' "near-deterministic" entropy level (SPEC 6)
+LOW_ENTROPY = 0.01  # the papers' "near-deterministic" entropy level (docs/numerics.md §6)
 
 
 def loss_metric_sums(terms: LossTerms, selection: TokenSelection) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ def reduce_loss_metrics(sums: Sequence[dict[str, torch.Tensor]], group=None) -> 
         metrics[f"{scope}/ratio_mean"] = total[f"{scope}/ratio"] / tokens
         if f"{scope}/kl" in total:
             metrics[f"{scope}/kl_mean"] = total[f"{scope}/kl"] / tokens
-        if f"{scope}/rollout_is" in total:  # rollout_correction.correction_metric_sums (SPEC 8)
+        if f"{scope}/rollout_is" in total:  # rollout_correction.correction_metric_sums (docs/numerics.md §8)
             metrics[f"{scope}/rollout_is_mean"] = total[f"{scope}/rollout_is"] / tokens
             metrics[f"{scope}/rollout_is_corrected_frac"] = (
                 total[f"{scope}/rollout_is_corrected"] / tokens)
@@ -76,7 +76,7 @@ def entropy_summary(
     group=None,
     percentiles: Sequence[float] = (0.5, 0.8, 0.9, 0.99),
 ) -> dict[str, float]:
-    """Entropy mean, percentiles, share below 0.01 and share above the 80th percentile (SPEC 6, 7).
+    """Entropy mean, percentiles, share below 0.01 and share above the 80th percentile (docs/numerics.md §6, 7).
 
     ``micro_batches`` are this rank's ``(entropy, response_mask)`` pairs. The p-th percentile is
     the nearest-rank one: the smallest value with at least ceil(p N) of the N values at or below

@@ -1,12 +1,12 @@
-"""Clipped policy loss with per-token constraints, KL and entropy terms (SPEC 3), aggregated so
+"""Clipped policy loss with per-token constraints, KL and entropy terms (docs/numerics.md §3), aggregated so
 that each micro-batch's loss is its exact share of the optimiser step's loss.
 
 Layout: per-token tensors are [B, T] (B responses of one micro-batch, right-padded to T) with a
 bool response mask; advantages are [B] (one per response) or [B, T]. Values outside the mask are
 ignored (they may be -inf or NaN) and get zero gradient.
 
-With l_t = pg_weight_t * c_t * L_t (L_t the clipped policy term of SPEC 3, c_t the mismatch
-correction of SPEC 8, ``rollout_weight``, 1 without it) and g_t the regulariser
+With l_t = pg_weight_t * c_t * L_t (L_t the clipped policy term of docs/numerics.md §3, c_t the mismatch
+correction of docs/numerics.md §8, ``rollout_weight``, 1 without it) and g_t the regulariser
 (beta_t KL_t under ``kl_aggregation="token"``, minus entropy_coef * H_t), the step loss is:
 
 - ``token-mean``:   sum_t l_t / D + sum_t g_t / N
@@ -38,8 +38,8 @@ from megatron_archer.algorithms.validation import (
     require_token_tensor,
 )
 
-LOG_RATIO_BOUND = 20.0  # |log r| and |logp_ref - logp| clamp, as public code (SPEC 3)
-K3_BOUND = 10.0  # k3 clamp, as public code (SPEC 3)
+LOG_RATIO_BOUND = 20.0  # |log r| and |logp_ref - logp| clamp, as public code (docs/numerics.md §3)
+K3_BOUND = 10.0  # k3 clamp, as public code (docs/numerics.md §3)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def clipped_pg_loss(
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate with d = logp_ref - logp: k1 = -d, k2 = d^2 / 2,
-    k3 = exp(d) - d - 1 with d clamped to [-20, 20] and k3 to [-10, 10] (SPEC 3)."""
+    k3 = exp(d) - d - 1 with d clamped to [-20, 20] and k3 to [-10, 10] (docs/numerics.md §3)."""
     d = ref_logp - logp
     if estimator == "k1":
         return -d
@@ -155,9 +155,9 @@ def policy_loss(
     ``logp`` carries the gradient; ``old_logp``, ``ref_logp`` and ``advantages`` are treated as
     constants. ``ref_logp`` is required when a KL coefficient is non-zero, ``entropy`` (the current
     policy's, with its gradient) when ``entropy_coef`` is. ``rollout_weight`` is the detached
-    mismatch-correction factor on each token's policy term (SPEC 8, ``RolloutCorrection.weight``);
+    mismatch-correction factor on each token's policy term (docs/numerics.md §8, ``RolloutCorrection.weight``);
     the KL and entropy terms are not reweighted. Raises ValueError on non-finite inputs.
-    ``cp_group``: the context-parallel group holding disjoint tokens of these responses (SPEC 9);
+    ``cp_group``: the context-parallel group holding disjoint tokens of these responses (docs/numerics.md §9);
     the per-response counts |o_i| and d_i are then over all of a response's tokens.
     """
     def check() -> None:

@@ -1,9 +1,9 @@
-"""Train-inference mismatch correction (SPEC 8): importance weights of the old policy against the
+"""Train-inference mismatch correction (docs/numerics.md §8): importance weights of the old policy against the
 rollout engine's distribution, truncated or masked, and their metrics.
 
 The engine samples y_t from pi_rollout (its kernels, its precision, possibly FP8 weights); the
 loss treats them as samples of pi_old, Megatron's forward with the same weights. With
-log w_t = clamp(logp_old_t - logp_rollout_t, -20, 20) (the clamp of SPEC 3's log-ratio):
+log w_t = clamp(logp_old_t - logp_rollout_t, -20, 20) (the clamp of docs/numerics.md §3's log-ratio):
 
 - ``level="token"``: w_t per token;
 - ``level="sequence"``: one w_i per response from its valid tokens, exp(mean_t log w_t)
@@ -59,7 +59,7 @@ def log_importance_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor,
                            cp_group=None) -> torch.Tensor:
     """float [B, T] log w at the configured level (module docstring), 0 outside the mask.
 
-    ``cp_group``: the context-parallel group holding disjoint tokens of these responses (SPEC 9);
+    ``cp_group``: the context-parallel group holding disjoint tokens of these responses (docs/numerics.md §9);
     a sequence-level w_i is then over all of response i's tokens.
     """
     def check() -> None:

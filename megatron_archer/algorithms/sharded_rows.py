@@ -1,4 +1,4 @@
-"""Per-response statistics when a response's tokens are spread over the ranks of a group (SPEC 9).
+"""Per-response statistics when a response's tokens are spread over the ranks of a group (docs/numerics.md §9).
 
 Under context parallelism every rank of a CP group holds the same [B, T] response layout with a
 mask that is True only at the tokens it holds (``actor.context_parallel``): the ranks hold

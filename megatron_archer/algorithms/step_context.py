@@ -1,7 +1,7 @@
 """Quantities of the whole optimiser step, computed once at its start over all data-parallel ranks.
 
-The token-mean loss of SPEC 3 divides by the number of valid tokens of the *step* (all
-micro-batches, all data-parallel ranks), and global forking selection (SPEC 4) needs the step's
+The token-mean loss of docs/numerics.md §3 divides by the number of valid tokens of the *step* (all
+micro-batches, all data-parallel ranks), and global forking selection (docs/numerics.md §4) needs the step's
 top-rho entropy threshold. Neither is known inside one micro-batch, so the trainer calls
 ``build_step_context`` once per optimiser step with every micro-batch this rank will train on, and
 passes the result to ``select_tokens`` and ``policy_loss``. Each micro-batch's loss is then its
@@ -20,7 +20,7 @@ count, k = ceil(rho n) per micro-batch, does not depend on entropy and is always
 Megatron divides each micro-batch loss by the number of micro-batches and DDP averages gradients
 over data-parallel ranks; multiply the loss by ``StepContext.loss_scale`` before handing it over.
 
-Context parallelism (SPEC 9): the step's tokens are spread over DP x CP ranks, and the CP ranks of
+Context parallelism (docs/numerics.md §9): the step's tokens are spread over DP x CP ranks, and the CP ranks of
 one data-parallel replica hold disjoint tokens of the same responses. ``group`` is then the
 DP x CP group (megatron's ``get_data_parallel_group(with_context_parallel=True)``), so token
 counts, selected counts and the forking threshold are over DP x CP; ``cp_group`` makes each

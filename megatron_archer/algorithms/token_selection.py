@@ -1,4 +1,4 @@
-"""Which tokens carry policy gradient, and under which clip range and KL coefficient (SPEC 4, 5).
+"""Which tokens carry policy gradient, and under which clip range and KL coefficient (docs/numerics.md §4, 5).
 
 Inputs are [B, T] tensors: a detached per-token entropy (the one ``SelectionConfig.entropy_source``
 names) and the bool response mask. Every method maps entropy to two per-token quantities:
@@ -21,7 +21,7 @@ Methods:
   mid-rank fraction of entropy within its response; all tokens weight 1.
 
 Under context parallelism (``cp_group``) a response's tokens are spread over the CP ranks; the
-per-response statistics and a micro-batch's top-k are exact over all of them (SPEC 9).
+per-response statistics and a micro-batch's top-k are exact over all of them (docs/numerics.md §9).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def classify_tokens(
     """(pg_weight, high_share), float [B, T], from the detached entropy (None allowed for ``none``).
 
     ``cp_group``: the context-parallel group whose ranks hold disjoint tokens of these same
-    responses (``response_mask`` True at this rank's tokens, SPEC 9): per-response quantiles and
+    responses (``response_mask`` True at this rank's tokens, docs/numerics.md §9): per-response quantiles and
     ranks, and a micro-batch's top-k, are then those of the whole responses (``sharded_rows``).
     """
     require_response_mask(response_mask)

@@ -1,4 +1,4 @@
-"""Token entropy analysis (SPEC §6): the measurements both papers report, as a report directory.
+"""Token entropy analysis (docs/numerics.md §6): the measurements both papers report, as a report directory.
 
 Modules: ``stats`` (pure statistics: distribution, token table, top-rho overlap, change per
 percentile bin), ``responses`` (generate / save / read the responses measured), ``collect``

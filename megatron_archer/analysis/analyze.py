@@ -1,4 +1,4 @@
-"""``analyze_entropy``: responses -> per-token entropy -> the report directory (SPEC §6).
+"""``analyze_entropy``: responses -> per-token entropy -> the report directory (docs/numerics.md §6).
 
 Responses are generated from a prompt set by the local engine or read from a saved
 ``responses.jsonl``; their tokens are scored by the checkpoint (and, for a comparison, by a

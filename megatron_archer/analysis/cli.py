@@ -42,7 +42,7 @@ _HELP = {
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``analyze-entropy`` to an ``add_subparsers()`` object; ``args.func(args)`` runs it."""
     parser = subparsers.add_parser(
-        "analyze-entropy", help="token entropy report of a checkpoint (SPEC 6)",
+        "analyze-entropy", help="token entropy report of a checkpoint (docs/numerics.md §6)",
         description="Generate (or read) responses, score their token entropy and write a report "
                     "directory: distribution, token table, shaded sample, checkpoint comparison "
                     "and an entropy-aware decoding sweep.")

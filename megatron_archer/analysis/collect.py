@@ -1,6 +1,6 @@
 """Per-token entropy of saved responses under a checkpoint, with the actor's vocab-parallel op.
 
-The entropy is the one training selects tokens by (SPEC §6): H_t of softmax(z_t) at temperature 1,
+The entropy is the one training selects tokens by (docs/numerics.md §6): H_t of softmax(z_t) at temperature 1,
 computed by ``ModelRunner.compute_logprobs_and_entropy`` on packed micro-batches, so any tensor or
 pipeline layout gives the same numbers. A single process runs in a 1-rank group
 (``model_parallel_groups``); under a launcher (torchrun) every rank passes the same responses

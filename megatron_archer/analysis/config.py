@@ -1,4 +1,4 @@
-"""AnalysisConfig: what an entropy analysis measures (SPEC §6) and how, validated at construction.
+"""AnalysisConfig: what an entropy analysis measures (docs/numerics.md §6) and how, validated at construction.
 
 Kept free of heavy imports so the CLI can build its options from it without loading models.
 """

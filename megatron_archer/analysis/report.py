@@ -1,4 +1,4 @@
-"""Writers of the entropy report's files (SPEC §6): figures, tables, shaded text, summary, index.
+"""Writers of the entropy report's files (docs/numerics.md §6): figures, tables, shaded text, summary, index.
 
 Figures are PNGs drawn by matplotlib's Agg backend (no display needed); tables are written twice,
 Markdown for people and CSV for tools; token text in HTML is escaped, each token one

@@ -1,4 +1,4 @@
-"""The entropy statistics both papers report (SPEC §6), as pure functions of per-token arrays.
+"""The entropy statistics both papers report (docs/numerics.md §6), as pure functions of per-token arrays.
 
 Inputs are 1-D float arrays of token entropies (nats), the tokens of all responses concatenated;
 two arrays compared position by position hold two checkpoints' entropies of the same tokens. No
@@ -50,7 +50,7 @@ class TokenStat:
 def token_entropy_table(token_ids: np.ndarray, entropy: np.ndarray, min_count: int = 100,
                         top: int = 20) -> tuple[list[TokenStat], list[TokenStat]]:
     """The ``top`` highest- and lowest-mean-entropy token ids among those seen at least
-    ``min_count`` times (SPEC §6: forks are words like "wait", "however", "thus").
+    ``min_count`` times (docs/numerics.md §6: forks are words like "wait", "however", "thus").
 
     Highest first in the first list, lowest first in the second; ties in the mean go to the
     smaller token id. Means are float64 over the float32 entropies.
@@ -85,7 +85,7 @@ def top_positions(entropy: np.ndarray, rho: float = 0.2) -> np.ndarray:
 
 def top_overlap(before: np.ndarray, after: np.ndarray, rho: float = 0.2) -> float:
     """Share of ``before``'s top-rho entropy positions that are also ``after``'s (both sets hold
-    k positions, so the share is symmetric): RLVR keeps > 86% against its base model (SPEC §6)."""
+    k positions, so the share is symmetric): RLVR keeps > 86% against its base model (docs/numerics.md §6)."""
     if len(before) != len(after):
         raise ValueError(f"entropy arrays differ in length: {len(before)} and {len(after)}")
     if len(before) == 0:
@@ -106,7 +106,7 @@ def percentile_bins(entropy: np.ndarray, num_bins: int = 20) -> np.ndarray:
 
 def binned_change(before: np.ndarray, after: np.ndarray, num_bins: int = 20) -> np.ndarray:
     """[num_bins] mean of ``after - before`` over the positions of each of ``before``'s entropy
-    percentile bins (5% bins by default, SPEC §6); NaN for a bin without positions."""
+    percentile bins (5% bins by default, docs/numerics.md §6); NaN for a bin without positions."""
     if len(before) != len(after):
         raise ValueError(f"entropy arrays differ in length: {len(before)} and {len(after)}")
     bins = percentile_bins(before, num_bins)

@@ -1,4 +1,4 @@
-"""Evaluation under entropy-aware decoding (SPEC §6): a sweep of (threshold, T_high, T_low).
+"""Evaluation under entropy-aware decoding (docs/numerics.md §6): a sweep of (threshold, T_high, T_low).
 
 Each setting samples k responses per problem with the rollout engine's ``EntropyAwareDecoding``
 (T_high where the token's entropy exceeds the threshold, T_low elsewhere) and scores them with the

@@ -1,5 +1,5 @@
 """Portable context-parallel attention for packed (thd) rows: all-gather keys and values over the
-CP group, causal mask by global positions inside each sequence (SPEC 9).
+CP group, causal mask by global positions inside each sequence (docs/numerics.md §9).
 
 Each CP rank holds, per sequence, chunks i and 2N-1-i of its 2N chunks
 (``actor.context_parallel``). Its queries need the keys and values of every earlier position of

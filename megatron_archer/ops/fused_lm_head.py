@@ -1,4 +1,4 @@
-"""Log-prob and entropy straight from hidden states and the LM-head weight (SPEC §1).
+"""Log-prob and entropy straight from hidden states and the LM-head weight (docs/numerics.md §1).
 
 The logits z = hidden @ weight.T are never materialised: they are computed in tiles of
 ``chunk_size`` tokens x ``vocab_chunk_size`` vocabulary columns, each tile is reduced to the
@@ -222,7 +222,7 @@ def fused_lm_head_logprobs_and_entropy(
             LM-head weight, Megatron layout (the whole weight when ``tp_group`` is None).
         labels: [...] (hidden's leading shape) global token ids in [0, vocab_size), identical on
             every rank of the group.
-        temperature: the sampling temperature T (SPEC §1: p = softmax(z / T)).
+        temperature: the sampling temperature T (docs/numerics.md §1: p = softmax(z / T)).
         tp_group: the tensor-parallel process group, or None for no tensor parallelism.
         vocab_size: the true vocabulary; weight rows past it are Megatron padding and excluded.
             None means no padding.

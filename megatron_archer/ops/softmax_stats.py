@@ -1,4 +1,4 @@
-"""Per-token softmax statistics of a vocabulary slice, and how slices combine exactly (SPEC §1).
+"""Per-token softmax statistics of a vocabulary slice, and how slices combine exactly (docs/numerics.md §1).
 
 A slice of the vocabulary (a tensor-parallel shard, a tile of it, a split inside a kernel) is
 summarised per token by three numbers. ``m`` is the slice's max raw logit z (before the
@@ -14,7 +14,7 @@ and the full-vocabulary results follow (``finalize``):
 
     logZ = M / T + log s      H = log s - b / s      logp = (z_y - M) / T - log s
 
-This is SPEC's ``H = logZ - b/s`` with b taken about the max. Shifting the raw logits before
+This is docs/numerics.md §1's ``H = logZ - b/s`` with b taken about the max. Shifting the raw logits before
 dividing by T keeps z - M exact, so logits of magnitude 1e4 lose nothing to the division, and
 ``log s >= 0``, ``-b / s >= 0`` make the entropy a sum of two non-negative terms (no cancellation).
 """
@@ -147,7 +147,7 @@ def logits_grad_(
 ) -> torch.Tensor:
     """d loss / d z for a vocabulary slice, given its log-probs ``logp`` [n, v] (overwritten).
 
-    With p = exp(logp), x = z / T and ``scale`` = 1 / T, SPEC §1:
+    With p = exp(logp), x = z / T and ``scale`` = 1 / T, docs/numerics.md §1:
 
         d logp_y / d x_j = 1[j = y] - p_j        d H / d x_j = -p_j (logp_j + H)
 

@@ -1,4 +1,4 @@
-"""Triton kernels for ``fused_lm_head``: logits tiles computed and reduced on chip (SPEC §1).
+"""Triton kernels for ``fused_lm_head``: logits tiles computed and reduced on chip (docs/numerics.md §1).
 
 The same semantics as the torch tiles in ``fused_lm_head``, in the representation of
 ``softmax_stats``: m is the running max of the raw logits z, and with x = (z - m) / T,
@@ -111,7 +111,7 @@ def _grad_kernel(h_ptr, w_ptr, label_ptr, m_ptr, log_s_ptr, entropy_ptr, g_logp_
                  stride_hn, stride_hk, stride_wv, stride_wk,
                  HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """G[n, vc] = dL/dz of one recomputed tile (softmax_stats.logits_grad_, SPEC §1)."""
+    """G[n, vc] = dL/dz of one recomputed tile (softmax_stats.logits_grad_, docs/numerics.md §1)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n

@@ -1,4 +1,4 @@
-"""Log-prob of the sampled token and entropy, on vocabulary-sharded logits (SPEC §1).
+"""Log-prob of the sampled token and entropy, on vocabulary-sharded logits (docs/numerics.md §1).
 
 Each tensor-parallel rank holds logits [..., V_local] for its contiguous slice of the vocabulary.
 The op never gathers the vocabulary: every rank reduces its slice to three numbers per token
@@ -108,7 +108,7 @@ def vocab_parallel_logprobs_and_entropy(
         logits: [..., V_local] in bf16/fp16/fp32/fp64, this rank's contiguous vocabulary slice
             (the whole vocabulary when ``tp_group`` is None). A contiguous tensor avoids a copy.
         labels: [...] global token ids in [0, vocab_size), identical on every rank of the group.
-        temperature: the sampling temperature T (SPEC §1: p = softmax(z / T)).
+        temperature: the sampling temperature T (docs/numerics.md §1: p = softmax(z / T)).
         tp_group: the tensor-parallel process group, or None for no tensor parallelism.
         vocab_size: the true vocabulary; columns past it are Megatron padding and are excluded.
             None means no padding.

@@ -2,7 +2,7 @@
 
 Megatron splits the (padded) vocabulary into equal contiguous slices, rank r holding ids
 [r * V_local, (r + 1) * V_local). Ids at or past the true ``vocab_size`` are padding: they are
-not tokens and never enter the softmax (SPEC §1).
+not tokens and never enter the softmax (docs/numerics.md §1).
 """
 
 from __future__ import annotations

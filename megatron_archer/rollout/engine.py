@@ -36,7 +36,7 @@ def check_sampling(*, max_new_tokens, n, temperature, top_p, top_k) -> None:
 
 @dataclass(frozen=True)
 class EntropyAwareDecoding:
-    """SPEC §6: temperature ``t_high`` where the token entropy H_t (of softmax(z_t), T = 1)
+    """docs/numerics.md §6: temperature ``t_high`` where the token entropy H_t (of softmax(z_t), T = 1)
     exceeds ``threshold`` nats, ``t_low`` otherwise."""
 
     threshold: float

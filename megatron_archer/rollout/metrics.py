@@ -1,4 +1,4 @@
-"""The train-versus-rollout log-prob gap (SPEC §7): how far the engine's log-probs of the
+"""The train-versus-rollout log-prob gap (docs/numerics.md §7): how far the engine's log-probs of the
 sampled tokens are from the trainer's for the same tokens at the same temperature."""
 
 from __future__ import annotations

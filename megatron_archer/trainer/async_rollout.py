@@ -1,5 +1,5 @@
 """One-step-asynchronous rollout (``rollout.async``): the rollout of step k + 1 runs while step
-k trains (SPEC 8), on global rank 0, in a worker thread that drives the engine.
+k trains (docs/numerics.md §8), on global rank 0, in a worker thread that drives the engine.
 
 Versions. The trainer's weights after step k are version k (the initial policy: 0) and the
 engine serves version k from the weight sync that ends step k. Step k on rank 0:

@@ -135,7 +135,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """Model-parallel layout; ``data`` None means world_size / (tensor * pipeline * context).
-    Checked against the world size at start. ``context``: context-parallel size (SPEC 9; each
+    Checked against the world size at start. ``context``: context-parallel size (docs/numerics.md §9; each
     sequence split in 2 x context chunks over as many ranks, per-response statistics exact).
     ``sequence_parallel``: megatron's sequence parallelism inside tensor parallelism (needs
     ``tensor`` > 1): norms and residuals hold 1/tensor of each packed row's tokens, which is padded

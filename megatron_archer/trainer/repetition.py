@@ -1,4 +1,4 @@
-"""Repetition ratio (SPEC 5, "repetition loops"): the share of responses stuck in a loop.
+"""Repetition ratio (docs/numerics.md §5, "repetition loops"): the share of responses stuck in a loop.
 
 A response is looping when its second half is periodic: for some period p <= len(half) / 2,
 every token of the second half equals the token p positions before it, so the same n-gram

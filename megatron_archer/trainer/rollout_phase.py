@@ -1,10 +1,10 @@
 """The rollout phase of a step, on global rank 0: prompts -> n responses each -> rewards, with
-DAPO dynamic sampling (SPEC 2).
+DAPO dynamic sampling (docs/numerics.md §2).
 
 Round r draws ``prompts_per_step`` prompts, the engine generates ``n`` responses for each, the
 rewards are scored (plus the overlong penalty when ``algorithm.overlong`` is on: the *score*
 that advantages use) and, with dynamic sampling, groups whose verifier rewards are all equal
-(all right or all wrong, judged before any shaping: SPEC 2) are dropped. Rounds continue until
+(all right or all wrong, judged before any shaping: docs/numerics.md §2) are dropped. Rounds continue until
 ``prompts_per_step`` groups passed or ``max_gen_rounds`` rounds ran; the batch keeps at most
 ``prompts_per_step`` groups, possibly fewer (none: the step is skipped).
 
@@ -57,10 +57,10 @@ class RolloutBatch:
     engine_metrics: dict[str, float] = field(default_factory=dict)  # RolloutEngine.take_metrics
 
     def metrics(self) -> dict[str, float]:
-        """SPEC 7 rollout metrics over every generated response (kept or not): reward mean and
+        """docs/numerics.md §7 rollout metrics over every generated response (kept or not): reward mean and
         accuracy (share of raw rewards > 0), lengths (mean, max, share cut at the length limit),
         repetition ratio; dynamic sampling: the keep rate is the share of generated groups that
-        passed the filter (SPEC 2), ``groups`` how many the step trains on (at most
+        passed the filter (docs/numerics.md §2), ``groups`` how many the step trains on (at most
         ``prompts_per_step``), ``rounds`` the generation rounds run; the engine's counters
         (``rollout/server_restarts``, ``rollout/requests_retried``) when it has any."""
         samples = [s for g in self.all_groups for s in g.samples]
@@ -115,7 +115,7 @@ def collect_rollouts(engine: RolloutEngine, prompt_set: PromptSet, sampler: Prom
         groups = _score(prompts, indices, samples, scorer, algorithm)
         times["reward"] += time.perf_counter() - start
         generated.extend(groups)
-        if dynamic.enabled:  # on correctness, not on the shaped score (SPEC 2)
+        if dynamic.enabled:  # on correctness, not on the shaped score (docs/numerics.md §2)
             keep = dynamic_sampling_filter(torch.tensor([g.rewards for g in groups])).keep.tolist()
             groups = [g for g, k in zip(groups, keep) if k]
         passed.extend(groups)

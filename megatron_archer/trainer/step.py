@@ -1,5 +1,5 @@
 """The training phase of a step: old-policy and reference log-probs, advantages, and the
-mini-batch updates with the configured objective (SPEC 2-5), with its SPEC 7 metrics.
+mini-batch updates with the configured objective (docs/numerics.md §2-5), with its docs/numerics.md §7 metrics.
 
 Global rank 0 holds the RolloutBatch and builds every data-parallel rank's share
 (``build_shares``); ``rollout_share.scatter_shares`` delivers them. Sequences are ordered group
@@ -123,7 +123,7 @@ def split_by_tokens(indices: list[int], lengths: list[int], dp: int) -> list[lis
 def build_shares(groups: list[Group], algorithm: AlgorithmConfig, mini_batch_size: int, dp: int
                  ) -> list[list[MiniBatch]]:
     """Every data-parallel rank's share of every mini-batch, with group-relative advantages
-    (SPEC 2) computed over whole groups first; ``[[]] * dp`` when no mini-batch can be formed."""
+    (docs/numerics.md §2) computed over whole groups first; ``[[]] * dp`` when no mini-batch can be formed."""
     if not groups:
         return [[] for _ in range(dp)]
     n = len(groups[0].samples)
@@ -209,7 +209,7 @@ def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
     """Fill ``old_logp`` / ``old_entropy`` (and ``ref_logp``) of every mini-batch, forward only.
 
     ``algorithm`` (default: recompute, no correction) sets the off-policy handling. With
-    ``algorithm.old_logprobs: rollout`` the old log-probs are the engine's (SPEC 8); the
+    ``algorithm.old_logprobs: rollout`` the old log-probs are the engine's (docs/numerics.md §8); the
     forward then runs only for the entropy (``runs_old_forward``), and with selection ``none``
     not at all (``old_entropy`` stays None: no entropy metrics from it). ``defer_first``: the
     first mini-batch's old-policy forward is left to its update when ``defers_old_forward``
@@ -237,7 +237,7 @@ def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
 
 def _cp_group():
     """The context-parallel group when CP > 1, else None: a micro-batch's responses are then
-    spread over its ranks, and the per-response statistics of the loss span them (SPEC 9)."""
+    spread over its ranks, and the per-response statistics of the loss span them (docs/numerics.md §9)."""
     if parallel_state.get_context_parallel_world_size() == 1:
         return None
     return parallel_state.get_context_parallel_group()
@@ -287,7 +287,7 @@ def _on_policy_loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, dp_group, devi
 
 def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
     """The micro-batch loss: selection, the mismatch correction from the engine's log-probs when
-    ``algorithm.rollout_correction`` is enabled (SPEC 8), the policy loss, and its metric sums."""
+    ``algorithm.rollout_correction`` is enabled (docs/numerics.md §8), the policy loss, and its metric sums."""
     selection, loss_config = algorithm.selection, algorithm.loss
     correction = algorithm.rollout_correction
 
@@ -341,7 +341,7 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
     away from rho as the policy changes within a step: ``actor/high/token_share_update_min`` /
     ``_max`` report the share each update actually selected.
     """
-    # every rank holding tokens of the step: data x context parallel (SPEC 9)
+    # every rank holding tokens of the step: data x context parallel (docs/numerics.md §9)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     entropy_grad = algorithm.loss.entropy_coef > 0
     sums, results, update_sums, nonfinite = [], [], [], Counter()
@@ -425,7 +425,7 @@ def rollout_batch_metrics(mini_batches: list[MiniBatch], unusable: Sequence[dict
     data-parallel rank's usable mini-batches, and this rank's response-token entropies (for
     histograms). Without the old-policy forward (``runs_old_forward``) there is no entropy, and
     with ``old_logprobs: rollout`` no gap (pi_old is pi_rollout); with the mismatch correction
-    on, the step summary of its weights (``rollout_is/*``, SPEC 8)."""
+    on, the step summary of its weights (``rollout_is/*``, docs/numerics.md §8)."""
     usable = [mb for mb, bad in zip(mini_batches, unusable) if not bad]
     masks = [mb.batch.response_layout_mask() for mb in usable]
     group = parallel_state.get_data_parallel_group()

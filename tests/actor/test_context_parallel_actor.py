@@ -1,4 +1,4 @@
-"""The actor under context parallelism (SPEC 9), real gloo processes, at CP 2 and at PP 2 x CP 2:
+"""The actor under context parallelism (docs/numerics.md §9), real gloo processes, at CP 2 and at PP 2 x CP 2:
 log-probs and entropy of a packed batch (responses cut by chunk boundaries) are as accurate
 against transformers in float64 as transformers in float32 is, on every CP rank, from the logits
 and with ``logprob_impl: fused``; so are the weights, gradient norms and losses of three optimiser

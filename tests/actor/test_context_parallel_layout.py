@@ -1,4 +1,4 @@
-"""The context-parallel layout of a packed row (SPEC 9): chunk placement against megatron's own
+"""The context-parallel layout of a packed row (docs/numerics.md §9): chunk placement against megatron's own
 helpers, labels across chunk boundaries, padding out of every label."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Direct float64 numpy re-derivation of the policy loss and its gradients (SPEC 3), written
+"""Direct float64 numpy re-derivation of the policy loss and its gradients (docs/numerics.md §3), written
 independently of megatron_archer so that the tests can fail."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def policy_loss_reference(*, logp, old, adv, mask, pg_weight, eps_low, eps_high,
                           class_tokens, norm_length, pg_factor=None):
     """Loss and (d loss / d logp, d loss / d entropy) for one micro-batch of a step.
 
-    ``pg_factor``: the mismatch correction's per-token factor on the policy term (SPEC 8); it
+    ``pg_factor``: the mismatch correction's per-token factor on the policy term (docs/numerics.md §8); it
     leaves every normaliser as it is."""
     m = mask.astype(np.float64)
     adv = np.broadcast_to(adv[:, None], mask.shape) if adv.ndim == 1 else adv

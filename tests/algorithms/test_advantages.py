@@ -1,4 +1,4 @@
-"""Advantages and DAPO reward machinery against direct float64 re-derivations (SPEC 2)."""
+"""Advantages and DAPO reward machinery against direct float64 re-derivations (docs/numerics.md §2)."""
 
 import numpy as np
 import pytest

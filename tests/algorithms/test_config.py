@@ -1,4 +1,4 @@
-"""Configs: presets carry the papers' values (SPEC 4, 5), validation names the field, dicts round-trip."""
+"""Configs: presets carry the papers' values (docs/numerics.md §4, 5), validation names the field, dicts round-trip."""
 
 import dataclasses
 

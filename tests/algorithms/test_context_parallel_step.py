@@ -1,4 +1,4 @@
-"""The step loss under context parallelism (SPEC 3, 9), with real gloo processes: one rank,
+"""The step loss under context parallelism (docs/numerics.md §3, 9), with real gloo processes: one rank,
 (DP 2, CP 1), (DP 1, CP 2) and, on 4 ranks, (DP 2, CP 2) and (DP 1, CP 4) give the same step
 loss, the same gradient after ``loss_scale`` (num_microbatches x DP), megatron's schedule (x CP,
 1/num_microbatches) and DDP's average over DP x CP, the same per-token gradients and the same

@@ -1,4 +1,4 @@
-"""Loss and entropy metrics (SPEC 7) against direct re-derivations on one process."""
+"""Loss and entropy metrics (docs/numerics.md §7) against direct re-derivations on one process."""
 
 import math
 

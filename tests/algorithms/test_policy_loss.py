@@ -1,4 +1,4 @@
-"""Policy loss (SPEC 3 to 5) against the float64 re-derivation in reference.py, gradients included,
+"""Policy loss (docs/numerics.md §3 to 5) against the float64 re-derivation in reference.py, gradients included,
 and the equivalences and authors'-code semantics the issue asks for."""
 
 import math

@@ -1,4 +1,4 @@
-"""Train-inference mismatch correction (SPEC 8): weights and masks against a direct float64
+"""Train-inference mismatch correction (docs/numerics.md §8): weights and masks against a direct float64
 re-derivation, its place in the policy loss for every selection method, its metrics, and a
 constructed off-policy batch where it removes the bias of the gradient estimate."""
 

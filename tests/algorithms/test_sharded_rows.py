@@ -1,4 +1,4 @@
-"""Per-response statistics over the ranks of a context-parallel group (SPEC 9), with real gloo
+"""Per-response statistics over the ranks of a context-parallel group (docs/numerics.md §9), with real gloo
 processes: every rank holds disjoint tokens of the same responses (values elsewhere are NaN, so
 any leak shows), and the results equal the unsplit computation bitwise."""
 

@@ -1,4 +1,4 @@
-"""Split invariance with real gloo processes (SPEC 3): one rank with one micro-batch and 2 ranks x 3
+"""Split invariance with real gloo processes (docs/numerics.md §3): one rank with one micro-batch and 2 ranks x 3
 micro-batches of unequal sizes and lengths give the same step loss, the same gradient with respect
 to every token's log-prob, and the same metrics, for every aggregation and selection method."""
 
@@ -136,7 +136,7 @@ def _worker(rank, world_size, seed):
 
     cases = [(name, aggregation, kl_aggregation, None) for name in SELECTIONS
              for aggregation in AGGREGATIONS for kl_aggregation in ("token", "class_mean")]
-    # the mismatch correction (SPEC 8) with every selection method, cycling the aggregations
+    # the mismatch correction (docs/numerics.md §8) with every selection method, cycling the aggregations
     cases += [(name, AGGREGATIONS[(i + j) % 3], "class_mean" if "archer" in name else "token", correction)
               for i, name in enumerate(SELECTIONS) for j, correction in enumerate(CORRECTIONS)]
     for name, aggregation, kl_aggregation, correction in cases:

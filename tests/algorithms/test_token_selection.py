@@ -1,4 +1,4 @@
-"""Token selection (SPEC 4, 5) against direct re-derivations, with ties and degenerate responses."""
+"""Token selection (docs/numerics.md §4, 5) against direct re-derivations, with ties and degenerate responses."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Each entropy statistic (SPEC §6) against a direct computation on random inputs, with ties
+"""Each entropy statistic (docs/numerics.md §6) against a direct computation on random inputs, with ties
 and empty inputs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Portable context-parallel attention (SPEC 9) with real gloo processes: SDPACoreAttention at CP
+"""Portable context-parallel attention (docs/numerics.md §9) with real gloo processes: SDPACoreAttention at CP
 3 and at CP 2 on a group without global rank 0, on packed rows of unequal sequences (1-token
 ones, sequences cut by chunk boundaries, random padding) equals the unsplit packed attention in
 float64, values and the gradients of query, key and value (the keys' gradient crosses ranks

@@ -1,4 +1,4 @@
-"""The whole model under context parallelism on CPU (SPEC 9), real gloo processes: megatron's
+"""The whole model under context parallelism on CPU (docs/numerics.md §9), real gloo processes: megatron's
 GPTModel at CP 2 (portable CP attention, megatron's thd RoPE per CP rank) on this rank's chunks
 of a packed row of unequal sequences gives the unsplit model's logits at every real position, and
 log-probs / entropy of the response tokens (labels across chunk boundaries included) and the

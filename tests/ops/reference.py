@@ -1,4 +1,4 @@
-"""Float64 full-vocabulary reference for log-prob and entropy (SPEC §1), written independently."""
+"""Float64 full-vocabulary reference for log-prob and entropy (docs/numerics.md §1), written independently."""
 
 from __future__ import annotations
 

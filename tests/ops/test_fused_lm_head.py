@@ -1,4 +1,4 @@
-"""fused_lm_head_logprobs_and_entropy against a float64 full-vocabulary reference (SPEC §1).
+"""fused_lm_head_logprobs_and_entropy against a float64 full-vocabulary reference (docs/numerics.md §1).
 
 The reference materialises hidden.double() @ weight.double().T over the real vocabulary and takes
 its log-softmax (tests/ops/reference.py); nothing here reuses the code under test. -inf logit

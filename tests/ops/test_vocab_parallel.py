@@ -1,4 +1,4 @@
-"""vocab_parallel_logprobs_and_entropy against a float64 full-vocabulary reference (SPEC §1)."""
+"""vocab_parallel_logprobs_and_entropy against a float64 full-vocabulary reference (docs/numerics.md §1)."""
 
 import math
 

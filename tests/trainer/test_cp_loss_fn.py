@@ -1,5 +1,5 @@
 """The trainer's loss functions under context parallelism (2 gloo ranks, no model): for Archer
-with the sequence-level mismatch correction (SPEC 8), truncated and masked with dropped tokens,
+with the sequence-level mismatch correction (docs/numerics.md §8), truncated and masked with dropped tokens,
 the loss shares that ``trainer.step``'s ``_step_context`` / ``_loss_fn`` give each CP rank's half of
 the packed micro-batches sum to the CP 1 loss, and so do their gradients. A sequence's weight is
 the geometric mean of its token ratios, which span both CP ranks: without the CP group each rank

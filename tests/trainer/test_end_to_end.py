@@ -103,7 +103,7 @@ def test_three_steps_tp2_archer(runs):
     for line in lines:
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in line.values()), line
         assert line["step/skipped"] == 0 and line["actor/updates"] == 2
-        # SPEC 7: per-class shares / clips / ratio / KL, entropy, gap, keep rate, phases
+        # docs/numerics.md §7: per-class shares / clips / ratio / KL, entropy, gap, keep rate, phases
         for key in ("reward/mean", "reward/accuracy", "response/length_mean",
                     "response/length_max", "response/clipped_share", "response/repetition_ratio",
                     "entropy/mean", "entropy/p80", "actor/high/token_share",

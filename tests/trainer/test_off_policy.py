@@ -1,4 +1,4 @@
-"""Off-policy handling in the training phase (SPEC 8), on a real tiny Qwen3 actor (gloo, 1 rank):
+"""Off-policy handling in the training phase (docs/numerics.md §8), on a real tiny Qwen3 actor (gloo, 1 rank):
 ``old_logprobs: rollout`` skips the old-policy forward (selection ``none``) or runs it for the
 entropy only (Archer), and trains exactly like ``recompute`` when the engine's log-probs are the
 trainer's; the mismatch correction is wired into the loss and its metrics (w = 1 changes

@@ -1,7 +1,7 @@
 """The trainer end to end at data-parallel 2, pipeline-parallel 2, context-parallel 2 (TP 1) and
 tensor-parallel 2 with sequence parallelism (2 gloo processes each) against the same run on one
 process (TP 1 x DP 1): the objectives are
-split-invariant (at CP 2 Archer's per-response quantiles span both CP ranks, SPEC 9), so the
+split-invariant (at CP 2 Archer's per-response quantiles span both CP ranks, docs/numerics.md §9), so the
 losses, the reasoning-token share and the trained weights agree to float32 reduction-order
 rounding. And resume at DP 2 and at CP 2 (per-CP-rank optimizer files): a run stopped after
 step 2 and resumed equals the uninterrupted one bitwise.

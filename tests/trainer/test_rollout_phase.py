@@ -1,4 +1,4 @@
-"""The rollout phase's DAPO dynamic sampling (SPEC 2): groups are filtered on the verifier's
+"""The rollout phase's DAPO dynamic sampling (docs/numerics.md §2): groups are filtered on the verifier's
 rewards, not on the shaped score, and the keep rate is the share of generated groups that
 passed the filter. A scripted engine and scorer, no model."""
 
