@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from megatron_archer.trainer.step import (
     rollout_batch_metrics,
     train_on_mini_batches,
 )
+from megatron_archer.trainer.stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 RESOLVED_CONFIG = "config.yaml"
@@ -179,19 +181,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
+        """The steps up to ``train.steps``. SIGINT or SIGTERM on any rank stops every rank after
+        the step in progress, once its checkpoint is saved: SystemExit(128 + signal number)."""
+        stopped = 0
         try:
-            while self.step < self.config.train.steps:
-                self.step += 1
-                scalars, histograms = self.train_step(self.step)
-                if self.rank0:
-                    self.logger.log(self.step, scalars, histograms)
-                self.maybe_checkpoint()
+            with StopSignals() as signals:
+                while self.step < self.config.train.steps:
+                    self.step += 1
+                    scalars, histograms = self.train_step(self.step)
+                    if self.rank0:
+                        self.logger.log(self.step, scalars, histograms)
+                    saved = self.maybe_checkpoint()
+                    stopped = signals.agreed(control_group())
+                    if stopped:
+                        if not saved:
+                            self.save_checkpoint()
+                        break
         finally:
             if self.rank0:
                 self.logger.close()
             self.close()
         if self.rank0:
-            print(f"[megatron-archer] {self.where()}", flush=True)
+            name = f"interrupted by {signal.Signals(stopped).name}: " if stopped else ""
+            print(f"[megatron-archer] {name}{self.where()}", flush=True)
+        if stopped:
+            raise SystemExit(128 + stopped)
 
     def where(self) -> str:
         """One line: the step reached and where its metrics, events and checkpoints are."""
@@ -324,11 +338,17 @@ class Trainer:
         return gather_device_handles(buckets, device, control_group())
 
     # ------------------------------------------------------------------ checkpoints
-    def maybe_checkpoint(self) -> None:
-        """Every ``checkpoint.interval`` steps and at the last step (``trainer.checkpoint``)."""
+    def maybe_checkpoint(self) -> bool:
+        """Every ``checkpoint.interval`` steps and at the last step (``trainer.checkpoint``);
+        whether it saved."""
         interval = self.config.checkpoint.interval
         if not interval or (self.step % interval and self.step != self.config.train.steps):
-            return
+            return False
+        self.save_checkpoint()
+        return True
+
+    def save_checkpoint(self) -> None:
+        """Every rank: the checkpoint of the step reached."""
         from megatron_archer.trainer.checkpoint import save_checkpoint
 
         extra = {"skipped_steps": self.skipped_steps}
