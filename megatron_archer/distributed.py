@@ -27,7 +27,10 @@ creates none.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -35,6 +38,7 @@ import torch.distributed as dist
 
 PROCESS_GROUP_BACKEND_CUDA = "cpu:gloo,cuda:nccl"
 PROCESS_GROUP_BACKEND_CPU = "gloo"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def process_group_backend(cuda: bool) -> str:
@@ -42,10 +46,26 @@ def process_group_backend(cuda: bool) -> str:
     return PROCESS_GROUP_BACKEND_CUDA if cuda else PROCESS_GROUP_BACKEND_CPU
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, ask the kernel for SIGTERM when the launcher (this process's parent) dies,
+    so a ``kill -9`` of torchrun does not leave ranks writing into the run directory (the trainer
+    stops at the step's end on SIGTERM). Linux only; elsewhere nothing happens."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init_process_group(timeout_minutes: float | None = None) -> None:
     """The default group (see the module docstring): torchrun's env:// rendezvous, or one
     in-process rank otherwise. ``timeout_minutes`` bounds each collective
-    (``parallel.timeout_minutes``; None: torch's default)."""
+    (``parallel.timeout_minutes``; None: torch's default). Under torchrun the rank is tied to
+    its launcher's life (``die_with_launcher``)."""
+    die_with_launcher()
     cuda = torch.cuda.is_available()
     backend = process_group_backend(cuda)
     if cuda:

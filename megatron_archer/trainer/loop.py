@@ -78,7 +78,18 @@ class Trainer:
                              f"activation checkpointing saves CUDA RNG states); use 'none' on CPU")
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(config.logging.dir)
+        self.lock: run_dir.RunLock | None = None
+        self.ahead: RolloutsAhead | None = None
+        self.engine, self._owns_engine = None, False
         on_rank_zero(self._claim_run_dir, share=False)  # before any work: an earlier run is kept
+        try:
+            self._build(engine)
+        except BaseException:
+            self.close()  # the lock too: a later run in this process may take the directory
+            raise
+
+    def _build(self, engine: RolloutEngine | None) -> None:
+        config = self.config
         require_save_dependencies()  # every run saves at its last step
         self.tokenizer = load_tokenizer(config)
         # rank 0's data and rewards; a failure there is raised on every rank
@@ -97,21 +108,23 @@ class Trainer:
             self.reference = ReferenceModel(ref.model, ref.spec, config.actor, ref.backend)
         self.step = 0
         self.skipped_steps = 0
-        self.ahead: RolloutsAhead | None = None
         self._start_engine(engine)
-        try:
-            on_rank_zero(self._start_rollouts_ahead, share=False)
-            if config.checkpoint.resume:
-                self._resume()
-            on_rank_zero(self._open_run_dir, share=False)
-        except BaseException:
-            self.close()
-            raise
+        on_rank_zero(self._start_rollouts_ahead, share=False)
+        if config.checkpoint.resume:
+            self._resume()
+        on_rank_zero(self._open_run_dir, share=False)
 
     def _claim_run_dir(self) -> None:
+        """Rank 0: lock the run directory for this run, then check it holds no earlier run."""
         config = self.config
-        deleted = run_dir.claim(self.run_dir, config.checkpoint_root,
-                                resume=config.checkpoint.resume, overwrite=config.logging.overwrite)
+        self.lock = run_dir.RunLock(self.run_dir)
+        try:
+            deleted = run_dir.claim(self.run_dir, config.checkpoint_root,
+                                    resume=config.checkpoint.resume,
+                                    overwrite=config.logging.overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
         if deleted:
             print(f"[megatron-archer] logging.overwrite: deleted the earlier run's "
                   f"{', '.join(str(p) for p in deleted)}", flush=True)
@@ -165,6 +178,8 @@ class Trainer:
             self.ahead.close()
         if self.rank0 and self._owns_engine and self.engine is not None:
             self.engine.shutdown()
+        if self.lock is not None:
+            self.lock.release()
 
     def _open_run_dir(self) -> None:
         """Rank 0, once the start step is known: the resolved config (``config.yaml`` for a run

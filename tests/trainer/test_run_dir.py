@@ -9,7 +9,7 @@ import pytest
 
 from megatron_archer.quickstart.pipeline import MARKER, main, prepare_out_dir
 from megatron_archer.trainer import load_config, run_training
-from megatron_archer.trainer.run_dir import claim
+from megatron_archer.trainer.run_dir import LOCK_FILE, claim
 from tests.distributed import run_distributed
 from tests.trainer.common import CPU_CONFIG, tiny_run
 
@@ -34,6 +34,7 @@ def test_a_new_run_refuses_a_directory_with_an_earlier_run(tmp_path):
     _earlier_run(run)
     before = {p: p.read_text() for p in run.rglob("*") if p.is_file()}
     run_distributed(_refusal_worker, 1, overrides, run)
+    (run / LOCK_FILE).unlink()  # the refused run's (empty, released) lock file is all it left
     assert {p: p.read_text() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["checkpoints", "tensorboard", "config.yaml", "config.resumed_step_2.yaml",
@@ -71,3 +72,43 @@ def test_quickstart_replaces_only_its_own_out_dir(tmp_path, capsys):
     (ours / "metrics.jsonl").write_text("{}\n")
     assert prepare_out_dir(ours) == ours and [p.name for p in ours.iterdir()] == [MARKER]
     assert prepare_out_dir(mine / "new").is_dir()  # a new path inside is fine
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from megatron_archer.trainer.run_dir import RunLock
+lock = RunLock(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_directory_is_locked_by_the_job_writing_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from megatron_archer.trainer.run_dir import RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"^logging.dir {tmp_path} is in use by another run "
+                                             rf"\(host .*, pid {holder.pid}\): wait for it"):
+            RunLock(tmp_path)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # dies without releasing: the kernel drops the lock
+        holder.wait()
+    assert f"pid {holder.pid}" in (tmp_path / LOCK_FILE).read_text()  # a stale lock file
+    lock = RunLock(tmp_path)  # ...is taken over
+    assert f"pid {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+    with pytest.raises(ValueError, match="is in use by another run"):
+        RunLock(tmp_path)  # another open of it, even in this process
+    lock.release()
+    RunLock(tmp_path).release()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        RunLock(tmp_path / "file")

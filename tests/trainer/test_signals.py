@@ -81,3 +81,29 @@ def test_sigint_to_torchrun_stops_both_ranks_after_the_step(tmp_path):
     assert latest_checkpoint(run) == step_dir(run, last)
     assert "rank 0: SIGINT received" in out and "rank 1: SIGINT received" in out, out[-3000:]
     assert f"interrupted by SIGINT: step {last}: " in out
+
+
+def test_ranks_die_with_a_killed_torchrun(tmp_path):
+    """kill -9 of the launcher: the kernel sends each rank SIGTERM (parent-death signal); they
+    stop after the step in progress instead of writing on into the run directory."""
+    import psutil
+
+    run = tmp_path / "run"
+    overrides = [*tiny_run(tmp_path, prompts=8), "parallel.tensor=1", "train.steps=40",
+                 "checkpoint.interval=0", "logging.tensorboard=false"]
+    torchrun = shutil.which("torchrun", path=str(BIN)) or "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([torchrun, "--nproc-per-node", "2", str(BIN / "megatron-archer"),
+                             "train", str(CPU_CONFIG), *overrides], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while not _steps(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2 and proc.poll() is None
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, f"ranks still running after their launcher died: {alive}"
+    last = _steps(run)[-1]
+    assert last < 40 and latest_checkpoint(run) == step_dir(run, last)
