@@ -38,6 +38,7 @@ from megatron_archer.analysis.responses import (
 )
 from megatron_archer.analysis.sweep import parse_setting, run_sweep
 from megatron_archer.data import DataConfig, load_prompt_set
+from megatron_archer.models import require_hf_model_dir, require_tokenizer_dir
 from megatron_archer.rewards import load_reward_fn
 from megatron_archer.rollout import LocalEngine, SamplingParams
 
@@ -79,9 +80,13 @@ def _measure(config: AnalysisConfig, responses: list[Response]) -> tuple[list, l
 
 def analyze_entropy(config: AnalysisConfig) -> dict:
     """Measure, then write the report directory (on rank 0); returns the summary."""
+    require_hf_model_dir(config.checkpoint, "--checkpoint")
+    if config.compare_checkpoint:
+        require_hf_model_dir(config.compare_checkpoint, "--compare-checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(require_tokenizer_dir(
+        config.tokenizer or config.checkpoint, "--tokenizer" if config.tokenizer else "--checkpoint"))
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.checkpoint)
     prompts = _prompts(config, tokenizer) if config.prompts else None
     needs_engine = prompts is not None and (not config.responses or config.sweep)
     engine = LocalEngine(config.checkpoint) if needs_engine else None

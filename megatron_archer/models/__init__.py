@@ -16,6 +16,8 @@ from megatron_archer.models.hf_import import (
     LoadedModel,
     load_hf_model,
     load_hf_weights,
+    require_hf_model_dir,
+    require_tokenizer_dir,
 )
 from megatron_archer.models.layer_spec import select_backend, transformer_layer_spec
 from megatron_archer.models.spec import ModelSpec, UnsupportedModelError
@@ -29,6 +31,8 @@ __all__ = [
     "hf_weight_buckets",
     "load_hf_model",
     "load_hf_weights",
+    "require_hf_model_dir",
+    "require_tokenizer_dir",
     "select_backend",
     "transformer_config",
     "transformer_layer_spec",

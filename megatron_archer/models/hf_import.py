@@ -38,6 +38,42 @@ class CheckpointError(ValueError):
     """The checkpoint does not hold the tensors the config describes."""
 
 
+# what megatron-archer's own model checkpoints hold (models.dist_checkpoint.METADATA)
+_MODEL_CHECKPOINT_METADATA = "archer_model.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def require_hf_model_dir(path: str | Path, field: str) -> Path:
+    """``path`` as a Hugging Face model directory (it holds config.json), or an error naming
+    ``field``: a missing path, or one of this project's own checkpoints (a model checkpoint, or
+    a trainer checkpoint's step directory) with the command that converts it."""
+    path = Path(path)
+    for model in (path, path / "model"):
+        if (model / _MODEL_CHECKPOINT_METADATA).is_file():
+            raise ValueError(
+                f"{field} {path} is a megatron-archer checkpoint, not a Hugging Face model: "
+                f"convert it first: megatron-archer convert megatron-to-hf --megatron {model} "
+                f"--out HF_DIR")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{field} {path} does not exist or is not a directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{field} {path} has no config.json: not a Hugging Face model "
+                                f"directory")
+    return path
+
+
+def require_tokenizer_dir(path: str | Path, field: str) -> Path:
+    """``path`` holding a tokenizer's vocabulary (one of TOKENIZER_FILES), or FileNotFoundError
+    naming ``field``: without one transformers builds an empty tokenizer and the run fails later
+    on empty prompts."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{field} {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
+            f"tokenizer there (tokenizer.save_pretrained) or point model.tokenizer at one")
+    return path
+
+
 class SafetensorsCheckpoint:
     """The tensors of a checkpoint directory: one ``model.safetensors`` or an index of shards."""
 

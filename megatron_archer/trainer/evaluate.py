@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 
 from megatron_archer.data import load_prompt_set
+from megatron_archer.models import require_hf_model_dir
 from megatron_archer.rollout import LocalEngine
 from megatron_archer.trainer.config import ExperimentConfig
 from megatron_archer.trainer.loop import load_tokenizer
@@ -24,6 +25,7 @@ def evaluate(config: ExperimentConfig, k: int = 8, limit: int | None = None,
     config's data set (its first ``limit`` problems), in batches of ``rollout.prompts_per_step``."""
     if k < 1 or (limit is not None and limit < 1):
         raise ValueError(f"k and limit must be >= 1; got k={k}, limit={limit}")
+    require_hf_model_dir(model_path or config.model.path, "--model" if model_path else "model.path")
     tokenizer = load_tokenizer(config)
     prompts = list(load_prompt_set(config.data, tokenizer).prompts)[:limit]
     device = "cuda" if torch.cuda.is_available() else "cpu"

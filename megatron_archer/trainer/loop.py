@@ -32,7 +32,12 @@ from megatron.core import parallel_state
 
 from megatron_archer.actor import Actor, ReferenceModel
 from megatron_archer.data import PromptSampler, load_prompt_set
-from megatron_archer.models import hf_weight_buckets, load_hf_model
+from megatron_archer.models import (
+    hf_weight_buckets,
+    load_hf_model,
+    require_hf_model_dir,
+    require_tokenizer_dir,
+)
 from megatron_archer.models.dist_checkpoint import require_save_dependencies
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
@@ -60,9 +65,13 @@ RESOLVED_CONFIG = "config.yaml"
 
 
 def load_tokenizer(config: ExperimentConfig):
+    """The run's tokenizer (``model.tokenizer``, default ``model.path``); a directory without
+    tokenizer files is an error naming the field."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.path)
+    field = "model.tokenizer" if config.model.tokenizer else "model.path"
+    return AutoTokenizer.from_pretrained(
+        require_tokenizer_dir(config.model.tokenizer or config.model.path, field))
 
 
 class Trainer:
@@ -71,11 +80,11 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, engine: RolloutEngine | None = None):
         self.config = config
-        if not Path(config.model.path).is_dir():
-            raise FileNotFoundError(f"model.path {config.model.path} is not a directory")
         if config.model.recompute != "none" and not torch.cuda.is_available():
             raise ValueError(f"model.recompute={config.model.recompute!r} needs CUDA (megatron's "
                              f"activation checkpointing saves CUDA RNG states); use 'none' on CPU")
+        require_hf_model_dir(config.model.path, "model.path")
+        self.tokenizer = load_tokenizer(config)
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(config.logging.dir)
         self.lock: run_dir.RunLock | None = None
@@ -91,7 +100,6 @@ class Trainer:
     def _build(self, engine: RolloutEngine | None) -> None:
         config = self.config
         require_save_dependencies()  # every run saves at its last step
-        self.tokenizer = load_tokenizer(config)
         # rank 0's data and rewards; a failure there is raised on every rank
         on_rank_zero(self._setup_rank_zero, share=False)
         dtype = config.actor.torch_params_dtype

@@ -62,3 +62,32 @@ def test_console_script_convert_help_usage_and_optional_overrides(tmp_path):
     assert proc.returncode == 2 and "rollout.n must be an integer >= 1; got 0" in proc.stderr
     proc = _script("eval", str(CPU_CONFIG), "--k", "2", "--nosuch")
     assert proc.returncode == 2 and "unrecognized arguments: --nosuch" in proc.stderr
+
+
+def test_model_paths_are_checked_before_any_work(tmp_path):
+    """A missing model, a trainer checkpoint given as a model (with the command that converts
+    it) and a model without tokenizer files: one line each, exit 2, no run directory left."""
+    overrides = [*tiny_run(tmp_path, prompts=4), "parallel.tensor=1"]
+    proc = _script("eval", str(CPU_CONFIG), *overrides, "--model", str(tmp_path / "nosuch"))
+    assert proc.returncode == 2
+    assert f"--model {tmp_path / 'nosuch'} does not exist or is not a directory" in proc.stderr
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    (step / "model").mkdir(parents=True)
+    (step / "model" / "archer_model.json").write_text("{}")
+    proc = _script("analyze-entropy", "--checkpoint", str(step), "--output-dir",
+                   str(tmp_path / "report"), "--responses", str(tmp_path / "r.jsonl"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"--checkpoint {step} is a megatron-archer checkpoint, not a Hugging Face model: "
+            f"convert it first: megatron-archer convert megatron-to-hf --megatron {step / 'model'}"
+            in proc.stderr)
+    assert not (tmp_path / "report").exists()
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tmp_path / "model", bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*"))
+    run = tmp_path / "fresh_run"
+    proc = _script("train", str(CPU_CONFIG), *overrides, f"model.path={bare}",
+                   f"logging.dir={run}")
+    assert proc.returncode == 2
+    assert f"model.path {bare} has no tokenizer files (tokenizer.json" in proc.stderr
+    assert not run.exists()
