@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
-VENV=${INSTALL_CHECK_VENV:-.venv-install-check}
+VENV=$(realpath -m "${INSTALL_CHECK_VENV:-.venv-install-check}")  # absolute: the run cds away
 WORK=$(mktemp -d)
 ROOT=$(pwd)
 trap 'rm -rf "$WORK" "$ROOT/build"' EXIT   # pip builds . in ./build
