@@ -4,7 +4,13 @@ Every reward function takes (response, reference) and returns a RewardResult(val
 """
 
 from megatron_archer.rewards.answer_extraction import FinalAnswer, extract_final_answer
-from megatron_archer.rewards.code_reward import AssertCase, IOCase, code_reward, run_cases
+from megatron_archer.rewards.code_reward import (
+    AssertCase,
+    FunctionCase,
+    IOCase,
+    code_reward,
+    run_cases,
+)
 from megatron_archer.rewards.code_sandbox import (
     SandboxLimits,
     SandboxResult,
@@ -21,6 +27,7 @@ from megatron_archer.rewards.synthetic import ArithmeticProblem, arithmetic_prob
 __all__ = [
     "ArithmeticProblem",
     "AssertCase",
+    "FunctionCase",
     "BUILTIN_REWARDS",
     "FinalAnswer",
     "IOCase",

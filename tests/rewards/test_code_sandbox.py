@@ -45,19 +45,7 @@ LIMITS = SandboxLimits(wall_seconds=4.0, cpu_seconds=1, memory_bytes=256 << 20, 
 SLACK_S = 6.0  # generous scheduling slack on 2 shared cores
 
 
-def _bwrap_or_skip():
-    try:
-        return bwrap.require()
-    except SandboxUnavailable as error:
-        pytest.skip(f"bubblewrap sandbox unavailable here: {error}")
-
-
-needs_bwrap = pytest.mark.usefixtures("sandbox_setup")
-
-
-@pytest.fixture(scope="module")
-def sandbox_setup():
-    return _bwrap_or_skip()
+needs_bwrap = pytest.mark.usefixtures("sandbox_setup")  # tests/rewards/conftest.py
 
 
 CALLER = """
@@ -348,13 +336,13 @@ def test_cases_run_in_parallel_on_the_pool():
 
 
 def test_responses_and_test_specs_are_checked():
-    no_code = code_reward("no code here", {"asserts": ["assert True"]}, LIMITS)
+    no_code = code_reward("no code here", {"asserts": ["assert True"], "trusted": True}, LIMITS)
     assert no_code.reason == "no fenced code block in the response"
     with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
         parse_cases({"inputs": ["1", "2"], "outputs": ["1"]})
     with pytest.raises(ValueError, match="unknown keys"):
         parse_cases({"input": ["1"]})
-    with pytest.raises(TypeError, match="IOCase or AssertCase"):
+    with pytest.raises(TypeError, match="IOCase, FunctionCase or AssertCase"):
         parse_cases(["print(1)"])
     with pytest.raises(ValueError, match="no test cases"):
         run_cases("print(1)", [], LIMITS)
