@@ -10,7 +10,7 @@ $(VENV)/.installed: setup.py requirements/sglang-cpu.txt
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps -r requirements/sglang-cpu.txt
 	$(PY) -m pip install -q IPython  # imported by sglang.utils
-	command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) || echo 'warning: bubblewrap (bwrap) is not installed: the code reward sandbox will refuse to run (README, Rewards)'
+	command -v bwrap >/dev/null && ldconfig -p | grep -q libseccomp.so.2 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2 >/dev/null) || echo 'warning: bubblewrap (bwrap) or libseccomp2 is not installed: the code reward sandbox will refuse to run (README, Rewards)'
 	touch $@
 
 # the newest SGLang 0.5.x's request types, in a directory of their own (requirements/sglang-newest.txt)

@@ -19,6 +19,7 @@ setup(
         "matplotlib>=3.7",
         "tqdm",
         "psutil",  # megatron's checkpoint file writer (models.dist_checkpoint)
+        "pyseccomp",  # the code sandbox's system-call filter (libseccomp2 from the system)
     ],
     extras_require={
         # triton runs the fused LM-head kernel on CUDA; on CPU its interpreter runs the tests.

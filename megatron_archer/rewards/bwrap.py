@@ -23,8 +23,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_archer.rewards import seccomp_filter
 
 NOBODY = 65534
 SANDBOX_ENV = {"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"}
@@ -78,19 +81,42 @@ def view_args(interpreter: Interpreter) -> list[str]:
     return args
 
 
-def inner_args(bwrap: str, interpreter: Interpreter, workdir_bytes: int) -> list[str]:
-    """The unprivileged bwrap that holds the program, up to (not including) the command."""
+# what container runtimes hide in /proc: kernel symbols and memory, keys, timers, scheduler
+# state (files: /dev/null over them), and the kernel's tunables and hardware (folders: empty)
+MASKED_PROC_FILES = ("kallsyms", "kcore", "keys", "key-users", "timer_list", "sched_debug",
+                     "latency_stats", "sysrq-trigger", "kpagecount", "kpageflags", "kpagecgroup")
+MASKED_PROC_DIRS = ("sys", "irq", "bus", "fs", "acpi", "scsi", "asound", "driver")
+
+
+def proc_mask_args() -> list[str]:
+    """bwrap arguments that mask those of them this kernel has."""
+    args = []
+    for name in MASKED_PROC_FILES:
+        if os.path.exists(f"/proc/{name}"):
+            args += ["--ro-bind", "/dev/null", f"/proc/{name}"]
+    for name in MASKED_PROC_DIRS:
+        if os.path.isdir(f"/proc/{name}"):
+            args += ["--size", "4096", "--tmpfs", f"/proc/{name}", "--remount-ro", f"/proc/{name}"]
+    return args
+
+
+def inner_args(bwrap: str, interpreter: Interpreter, workdir_bytes: int,
+               seccomp_fd: int | None = None) -> list[str]:
+    """The unprivileged bwrap that holds the program, up to (not including) the command;
+    ``seccomp_fd``: a file descriptor holding the compiled system-call filter
+    (``seccomp_filter``), installed right before the program starts."""
     env = [arg for name, value in SANDBOX_ENV.items() for arg in ("--setenv", name, value)]
+    seccomp = [] if seccomp_fd is None else ["--seccomp", str(seccomp_fd)]
     return [
         bwrap, "--unshare-all", "--unshare-user", "--unshare-cgroup", "--disable-userns",
         "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL", "--hostname", "sandbox",
         "--clearenv", *env,
         *view_args(interpreter),
         "--dev", "/dev", "--size", str(workdir_bytes), "--tmpfs", "/dev/shm",
-        "--proc", "/proc",
+        "--proc", "/proc", *proc_mask_args(),
         "--size", str(workdir_bytes), "--tmpfs", "/tmp",
         "--remount-ro", "/dev", "--remount-ro", "/",
-        "--chdir", "/tmp",
+        "--chdir", "/tmp", *seccomp,
     ]  # fmt: skip
 
 
@@ -116,8 +142,8 @@ class Bwrap:
     setpriv: str | None
     interpreter: Interpreter
 
-    def command(self, argv: list[str], workdir_bytes: int) -> list[str]:
-        inner = inner_args(self.bwrap, self.interpreter, workdir_bytes) + ["--", *argv]
+    def command(self, argv: list[str], workdir_bytes: int, seccomp_fd: int | None) -> list[str]:
+        inner = inner_args(self.bwrap, self.interpreter, workdir_bytes, seccomp_fd) + ["--", *argv]
         if self.setpriv is None:
             return inner
         return outer_args(self.bwrap, self.setpriv, self.interpreter, NOBODY, NOBODY) + inner
@@ -142,11 +168,19 @@ def require(path: str | None = None) -> Bwrap:
                 "running as root, the code sandbox needs `setpriv` (util-linux) to drop to an "
                 "unprivileged user, and it is not installed: `apt-get install util-linux`. " + FIX
             )
+    try:
+        bpf = seccomp_filter.bpf_program()
+    except seccomp_filter.SeccompUnavailable as error:
+        raise SandboxUnavailable(f"{error}. " + FIX) from None
     setup = Bwrap(bwrap, setpriv, Interpreter.current())
     argv = [setup.interpreter.executable, "-I", "-S", "-c", "print('sandbox ok')"]
     try:
-        probe = subprocess.run(setup.command(argv, 1 << 20), env={}, capture_output=True, text=True,
-                               timeout=60, check=False)
+        with tempfile.TemporaryFile() as filter_file:
+            filter_file.write(bpf)
+            filter_file.seek(0)
+            probe = subprocess.run(setup.command(argv, 1 << 20, filter_file.fileno()), env={},
+                                   capture_output=True, text=True, timeout=60, check=False,
+                                   pass_fds=(filter_file.fileno(),))
     except subprocess.TimeoutExpired:
         raise SandboxUnavailable("bubblewrap did not start the interpreter within 60 s. " + FIX) from None
     if probe.returncode != 0 or probe.stdout != "sandbox ok\n":

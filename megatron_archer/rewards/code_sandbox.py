@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_archer.rewards import bwrap, cgroups
+from megatron_archer.rewards import bwrap, cgroups, seccomp_filter
 from megatron_archer.rewards.bwrap import SandboxUnavailable
 
 LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
@@ -197,9 +197,11 @@ def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
         stack.callback(os.close, program_fd)
         stdin_fd = _sealed_memfd("stdin", stdin.encode("utf-8"), read_only=True)
         stack.callback(os.close, stdin_fd)
+        filter_fd = _sealed_memfd("seccomp", seccomp_filter.bpf_program(), read_only=True)
+        stack.callback(os.close, filter_fd)
         config = launcher_args({"mode": BWRAP, "program_fd": program_fd, **_rlimits(limits)})
         argv = [setup.interpreter.executable, "-I", "-S", "-B", "-c", LAUNCHER_SOURCE, *config]
-        command = setup.command(argv, limits.workdir_bytes)
+        command = setup.command(argv, limits.workdir_bytes, filter_fd)
         group = cgroups.RunCgroup(layout, limits.memory_bytes, MAX_PROCESSES) if layout else None
         if group is not None:
             stack.callback(group.remove)
@@ -208,7 +210,7 @@ def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
         start = time.monotonic()
         proc = subprocess.Popen(
             command, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={}, pass_fds=(program_fd,), start_new_session=True,
+            env={}, pass_fds=(program_fd, filter_fd), start_new_session=True,
         )  # fmt: skip
         stack.callback(_close_streams, proc)
         try:
