@@ -267,6 +267,7 @@ class AlgorithmConfig:
                 "rollout_correction.enabled has no effect with old_logprobs 'rollout' (pi_old is "
                 "then pi_rollout, so w = 1); use old_logprobs 'recompute' or disable the correction"
             )
+        _check_selection_fields_used(self.selection)
         if self.selection.method in ("archer", "archer_soft") and self.loss.clip != Constraints():
             raise ValueError(
                 f"loss.clip is not used with selection.method {self.selection.method!r} (its "
@@ -279,6 +280,23 @@ class AlgorithmConfig:
                 "selection.forking.normalizer 'selected' has no effect with loss.aggregation "
                 "'seq-mean-token-sum-norm' (it divides by a constant); use 'all'"
             )
+
+
+def _check_selection_fields_used(selection: SelectionConfig) -> None:
+    """A field the chosen method ignores is an error naming the method: an override such as
+    ``selection.forking.rho=0.5`` under Archer would otherwise change nothing, silently."""
+    method = selection.method
+    if method != "forking" and selection.forking != ForkingConfig():
+        raise ValueError(f"selection.forking is set but selection.method is {method!r}, which "
+                         f"does not use it; set selection.method 'forking' (or the forking_80_20 "
+                         f"preset) or drop the selection.forking overrides")
+    if method not in ("archer", "archer_soft") and selection.archer != ArcherConfig():
+        raise ValueError(f"selection.archer is set but selection.method is {method!r}, which "
+                         f"does not use it; set selection.method 'archer' or 'archer_soft' or drop "
+                         f"the selection.archer overrides")
+    if method == "archer" and selection.archer.soft_width != ArcherConfig().soft_width:
+        raise ValueError("selection.archer.soft_width is used by selection.method 'archer_soft' "
+                         "only; selection.method is 'archer'")
 
 
 def _dapo() -> AlgorithmConfig:

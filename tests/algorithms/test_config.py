@@ -102,3 +102,26 @@ def test_direct_construction_is_validated_too():
             selection=SelectionConfig("forking", forking=ForkingConfig(normalizer="selected")),
             loss=LossConfig(aggregation="seq-mean-token-sum-norm", norm_length=128),
         )
+
+
+def test_a_field_the_method_ignores_is_refused_naming_the_method():
+    from megatron_archer.algorithms.config import config_from_dict
+
+    cases = [
+        ({"preset": "archer", "selection": {"forking": {"rho": 0.5}}},
+         "selection.forking is set but selection.method is 'archer', which does not use it"),
+        ({"preset": "forking_80_20", "selection": {"archer": {"quantile": 0.7}}},
+         "selection.archer is set but selection.method is 'forking'"),
+        ({"preset": "dapo", "selection": {"forking": {"scope": "micro_batch"}}},
+         "selection.forking is set but selection.method is 'none'"),
+        ({"preset": "archer", "selection": {"archer": {"soft_width": 0.4}}},
+         "soft_width is used by selection.method 'archer_soft' only"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ValueError, match=message):
+            config_from_dict(data)
+    soft = config_from_dict({"preset": "archer", "selection": {"method": "archer_soft",
+                                                                "archer": {"soft_width": 0.4}}})
+    assert soft.selection.archer.soft_width == 0.4
+    assert config_from_dict({"preset": "forking_80_20", "selection": {"forking": {"rho": 0.5}}}) \
+        .selection.forking.rho == 0.5
