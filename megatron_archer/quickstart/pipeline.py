@@ -58,6 +58,29 @@ class Settings:
     seed: int = 0
 
 
+# what ``--help`` says of each option
+HELP = {
+    "out": "output directory; replaced on a rerun only if the quick start made it",
+    "config": "the RL experiment YAML",
+    "hidden": "model hidden size",
+    "layers": "model layers",
+    "intermediate": "model MLP size",
+    "num_operations": "operations in each arithmetic expression",
+    "max_operand": "largest operand (integers from 1)",
+    "eval_fraction": "share of the expression space held out for evaluation (by a hash of the text)",
+    "sft_problems": "warm-start (supervised) problems",
+    "rl_problems": "RL prompts",
+    "eval_problems": "distinct held-out evaluation problems (and as many seen RL prompts)",
+    "sft_steps": "warm-start optimiser steps",
+    "sft_batch": "warm-start batch size",
+    "sft_lr": "warm-start learning rate",
+    "sft_label_smoothing": "warm-start label smoothing",
+    "k": "samples per problem at evaluation (avg@k, pass@k)",
+    "nproc": "RL processes (torchrun --nproc-per-node)",
+    "seed": "seed of the data, the model and the RL run",
+}
+
+
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
         resource.RUSAGE_CHILDREN)
@@ -244,7 +267,8 @@ def parse_args(argv=None) -> Settings:
             parser.add_argument("rl_overrides", nargs="*",
                                 help="section.field=value overrides of the RL config")
             continue
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                            help=f"{HELP[name]} (default {value})")
     return Settings(**vars(parser.parse_args(argv)))
 
 

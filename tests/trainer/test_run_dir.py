@@ -112,3 +112,14 @@ def test_a_run_directory_is_locked_by_the_job_writing_it(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         RunLock(tmp_path / "file")
+
+
+def test_every_quickstart_option_has_a_description(capsys):
+    from dataclasses import fields
+
+    from megatron_archer.quickstart.pipeline import HELP, Settings
+
+    assert set(HELP) == {f.name for f in fields(Settings)} - {"rl_overrides"}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "samples per problem at evaluation" in capsys.readouterr().out
