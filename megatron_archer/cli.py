@@ -84,7 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# megatron-core's notices that Transformer Engine or Apex is absent: expected on a CPU machine,
+# where the CPU path never uses them; on a GPU machine Python's default shows each once
+_EXPECTED_ON_CPU = (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r".*CUDA_DEVICE_MAX_CONNECTIONS", r"full scope is deprecated")
+
+
+def _quiet_expected_warnings() -> None:
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        for message in _EXPECTED_ON_CPU:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
 def main(argv=None) -> int:
+    _quiet_expected_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:  # its own parser, --help included
         from megatron_archer.models import convert

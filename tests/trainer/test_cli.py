@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_archer.cli import main
 from tests.trainer.common import CPU_CONFIG, tiny_run
@@ -54,6 +55,10 @@ def test_console_script_convert_help_usage_and_optional_overrides(tmp_path):
     assert proc.returncode == 2
     assert "megatron-archer convert hf-to-megatron: error: the following arguments are required" \
         in proc.stderr
+    proc = _script("train", str(CPU_CONFIG), "parallel.tensor=4")
+    assert proc.returncode == 2 and "must equal the world size 1" in proc.stderr
+    if not torch.cuda.is_available():  # megatron's expected notices on CPU are not shown
+        assert "Apex" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     proc = _script("train")  # the overrides are optional, only the config is required
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("error: the following arguments are required: config")
