@@ -25,8 +25,8 @@ from megatron_archer.config_fields import (
     number,
 )
 from megatron_archer.trainer.config import (
-    _yaml,  # the trainer's YAML: 1e-6 is a float
     parse_overrides,
+    read_yaml_file,  # the trainer's YAML: 1e-6 is a float
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -215,7 +215,7 @@ def load_ablation_config(path: str | os.PathLike, overrides=()) -> AblationConfi
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ablation config {path} does not exist")
-    data = _yaml(path.read_text()) or {}
+    data = read_yaml_file(path) or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: the top level must be a mapping")
     data = merge(data, parse_overrides(overrides))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_archer.ablation.config import WARM_START, AblationConfig, Variant
-from megatron_archer.trainer.config import ExperimentConfig, _yaml, load_config
+from megatron_archer.trainer.config import ExperimentConfig, load_config, read_yaml_file
 
 BUDGET_FIELDS = ("train.steps", "rollout.prompts_per_step", "rollout.n", "rollout.max_new_tokens")
 
@@ -85,7 +85,7 @@ def base_experiment(config: AblationConfig, overrides: list[str]) -> ExperimentC
     path = Path(config.experiment)
     if not path.is_file():
         raise FileNotFoundError(f"experiment {path} does not exist")
-    if "algorithm" in (_yaml(path.read_text()) or {}):
+    if "algorithm" in (read_yaml_file(path) or {}):
         raise ValueError(f"experiment {path} has an algorithm section: remove it, each variant's "
                          f"algorithm is its own")
     return load_config(path, [*config.overrides, *overrides])

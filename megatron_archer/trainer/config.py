@@ -63,6 +63,18 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def read_yaml_file(path: Path):
+    """The YAML document of ``path``; a syntax error is a ValueError naming the file, the line
+    and the column (not the parser's '<unicode string>')."""
+    try:
+        return _yaml(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}:{where}: YAML syntax error: {problem}") from None
+
+
 def _optional_str(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{name} must be a string or null; got {value!r}")
@@ -535,7 +547,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = _yaml(path.read_text()) or {}
+    data = read_yaml_file(path) or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: the top level must be a mapping of sections")
     return config_from_mapping(merge(data, parse_overrides(overrides)))

@@ -183,3 +183,10 @@ def test_recompute_maps_to_megatron_and_is_refused_on_cpu(tmp_path):
         config = load_config(CPU_CONFIG, [f"model.path={tmp_path}", "model.recompute=full"])
         with pytest.raises(ValueError, match="model.recompute='full' needs CUDA"):
             Trainer(config)
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: x\n bad: [1,\n")
+    with pytest.raises(ValueError, match=rf"^{bad}: line 3, column 2: YAML syntax error: expected "):
+        load_config(bad)
