@@ -80,10 +80,17 @@ class SafetensorsCheckpoint:
     def __init__(self, checkpoint_dir: str | Path):
         root = Path(checkpoint_dir)
         if (root / _INDEX).is_file():
-            weight_map = json.loads((root / _INDEX).read_text())["weight_map"]
+            try:
+                weight_map = json.loads((root / _INDEX).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{root / _INDEX} is not a safetensors index ({error})") \
+                    from None
             self._files = {name: root / file for name, file in weight_map.items()}
+            for file in sorted(set(self._files.values())):
+                with _open_safetensors(file):
+                    pass
         elif (root / _SINGLE).is_file():
-            with safe_open(root / _SINGLE, framework="pt") as f:
+            with _open_safetensors(root / _SINGLE) as f:
                 self._files = {name: root / _SINGLE for name in f.keys()}
         else:
             raise FileNotFoundError(f"{root}: neither {_INDEX} nor {_SINGLE} found")
@@ -92,12 +99,26 @@ class SafetensorsCheckpoint:
         return set(self._files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self._files[name], framework="pt") as f:
+        with _open_safetensors(self._files[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self._files[name], framework="pt") as f:
-            return f.get_tensor(name)
+        with _open_safetensors(self._files[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as error:  # noqa: BLE001 - safetensors' own error types vary
+                raise CheckpointError(f"{self._files[name]}: tensor {name} cannot be read "
+                                      f"({error}); the file is truncated or damaged") from None
+
+
+def _open_safetensors(path: Path):
+    """``safe_open(path)``, or CheckpointError naming the file when it is missing, truncated,
+    empty or not safetensors at all."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # noqa: BLE001 - SafetensorError is not a ValueError
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}): it is "
+                              f"truncated, empty or damaged") from None
 
 
 def check_checkpoint(checkpoint: SafetensorsCheckpoint, spec: ModelSpec, backend: Backend) -> None:

@@ -107,8 +107,17 @@ class ModelSpec:
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, **kwargs) -> ModelSpec:
         """Read ``config.json`` of a checkpoint directory (no network)."""
+        import json
+
         from transformers import AutoConfig
 
+        path = Path(checkpoint_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: not a Hugging Face model directory")
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
         config = AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True)
         return cls.from_hf_config(config, **kwargs)
 

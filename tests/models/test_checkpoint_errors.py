@@ -93,3 +93,26 @@ def test_a_missing_save_dependency_is_named_before_the_save(monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
     with pytest.raises(RuntimeError, match="^saving checkpoints needs psutil .*pip install psutil$"):
         require_save_dependencies()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
+def test_a_damaged_safetensors_file_is_named(qwen3, tmp_path, damage):
+    bad = tmp_path / damage
+    shutil.copytree(qwen3, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                         "random": bytes(range(256)) * 8}[damage])
+    with pytest.raises(CheckpointError, match=rf"{weights}.*(truncated|damaged)"):
+        _check(bad)
+
+
+def test_a_damaged_config_json_is_named(qwen3, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(qwen3, bad)
+    (bad / "config.json").write_text("{trunc")
+    with pytest.raises(ValueError, match=rf"^{bad / 'config.json'} is not valid JSON"):
+        ModelSpec.from_pretrained(bad)
+    (bad / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        ModelSpec.from_pretrained(bad)
