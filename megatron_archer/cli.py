@@ -101,11 +101,11 @@ def _quiet_expected_warnings() -> None:
 
 
 def main(argv=None) -> int:
-    _quiet_expected_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:  # its own parser, --help included
         from megatron_archer.models import convert
 
+        _quiet_expected_warnings()
         convert.main(argv[1:], prog="megatron-archer convert")
         return 0
     parser = build_parser()
@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    _quiet_expected_warnings()  # here, not earlier: it imports torch, which --help need not
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as error:

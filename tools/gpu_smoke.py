@@ -379,6 +379,14 @@ def environment() -> dict:
             "cuda": torch.version.cuda, **versions}
 
 
+def run_stage(checks: Checks, tag: str, stage) -> None:
+    """``stage(its own Checks)``, a failure outside its checks reported too; results to ``checks``."""
+    stage_checks = Checks(tag)
+    with stage_checks("stage completed"):
+        stage(stage_checks)
+    checks.results.extend(stage_checks.results)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -397,12 +405,8 @@ def main(argv=None) -> int:
     checks = Checks("dry-run" if args.dry_run else "smoke")
     if args.dry_run:
         dry_run(checks)
-        for name, stage in (("a", lambda c: stage_a(c, dry_run=True)),
-                            ("b", lambda c: stage_b(c, args.out, dry_run=True))):
-            stage_checks = Checks(f"dry-run {name}")
-            with stage_checks("stage completed"):
-                stage(stage_checks)
-            checks.results.extend(stage_checks.results)
+        run_stage(checks, "dry-run a", lambda c: stage_a(c, dry_run=True))
+        run_stage(checks, "dry-run b", lambda c: stage_b(c, args.out, dry_run=True))
     elif not torch.cuda.is_available():
         print("[gpu_smoke] no GPU: CUDA is not available here; run with --dry-run", flush=True)
         return 2
@@ -411,10 +415,7 @@ def main(argv=None) -> int:
         stages = {"a": lambda c: stage_a(c), "b": lambda c: stage_b(c, args.out),
                   "c": lambda c: stage_c(c, args.out)}
         for name in sorted(set(args.stages) & set(stages)):
-            stage_checks = Checks(name)
-            with stage_checks("stage completed"):  # a failure outside a check is reported too
-                stages[name](stage_checks)
-            checks.results.extend(stage_checks.results)
+            run_stage(checks, name, stages[name])
             torch.cuda.empty_cache()
         info["seconds"] = round(time.perf_counter() - start, 1)
     ok = all(r["ok"] for r in checks.results)

@@ -61,7 +61,7 @@ from megatron_archer.models.spec import ModelSpec
 
 FORMAT = "megatron-archer-model"
 VERSION = 1
-METADATA = "archer_model.json"  # hf_import.require_hf_model_dir recognises it
+METADATA = "archer_model.json"
 HF_DIR = "hf"
 WEIGHTS_DIR = "weights"
 

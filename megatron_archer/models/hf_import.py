@@ -38,8 +38,6 @@ class CheckpointError(ValueError):
     """The checkpoint does not hold the tensors the config describes."""
 
 
-# what megatron-archer's own model checkpoints hold (models.dist_checkpoint.METADATA)
-_MODEL_CHECKPOINT_METADATA = "archer_model.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -47,9 +45,11 @@ def require_hf_model_dir(path: str | Path, field: str) -> Path:
     """``path`` as a Hugging Face model directory (it holds config.json), or an error naming
     ``field``: a missing path, or one of this project's own checkpoints (a model checkpoint, or
     a trainer checkpoint's step directory) with the command that converts it."""
+    from megatron_archer.models.dist_checkpoint import METADATA  # it imports this module
+
     path = Path(path)
     for model in (path, path / "model"):
-        if (model / _MODEL_CHECKPOINT_METADATA).is_file():
+        if (model / METADATA).is_file():
             raise ValueError(
                 f"{field} {path} is a megatron-archer checkpoint, not a Hugging Face model: "
                 f"convert it first: megatron-archer convert megatron-to-hf --megatron {model} "

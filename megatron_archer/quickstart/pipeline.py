@@ -161,8 +161,10 @@ def prepare_out_dir(out: Path) -> Path:
     return out
 
 
-def run(settings: Settings) -> dict:
-    """Every stage; returns (and writes to ``<out>/summary.json``) the numbers and paths."""
+def run(settings: Settings, out: Path | None = None) -> dict:
+    """Every stage; returns (and writes to ``<out>/summary.json``) the numbers and paths. ``out``:
+    the directory ``prepare_out_dir`` already made for ``settings.out`` (``main`` makes it first,
+    to refuse a bad ``--out`` before any work); None: made here."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +173,7 @@ def run(settings: Settings) -> dict:
     from megatron_archer.quickstart.warm_start import warm_start
     from megatron_archer.trainer import load_config
 
-    out = prepare_out_dir(Path(settings.out).resolve())
+    out = out or prepare_out_dir(Path(settings.out).resolve())
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     clock = Clock()
 
@@ -275,9 +277,9 @@ def parse_args(argv=None) -> Settings:
 def main(argv=None) -> int:
     settings = parse_args(argv)
     try:
-        prepare_out_dir(Path(settings.out).resolve())
+        out = prepare_out_dir(Path(settings.out).resolve())
     except ValueError as error:  # before any work: one line, the user's files untouched
         print(f"python -m megatron_archer.quickstart: error: {error}", file=sys.stderr)
         return 2
-    run(settings)
+    run(settings, out)
     return 0

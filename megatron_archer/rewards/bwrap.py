@@ -88,8 +88,10 @@ MASKED_PROC_FILES = ("kallsyms", "kcore", "keys", "key-users", "timer_list", "sc
 MASKED_PROC_DIRS = ("sys", "irq", "bus", "fs", "acpi", "scsi", "asound", "driver")
 
 
-def proc_mask_args() -> list[str]:
-    """bwrap arguments that mask those of them this kernel has."""
+@functools.cache
+def proc_mask_args() -> tuple[str, ...]:
+    """bwrap arguments that mask those of them this kernel has (looked up once per process, not
+    once a run)."""
     args = []
     for name in MASKED_PROC_FILES:
         if os.path.exists(f"/proc/{name}"):
@@ -97,7 +99,7 @@ def proc_mask_args() -> list[str]:
     for name in MASKED_PROC_DIRS:
         if os.path.isdir(f"/proc/{name}"):
             args += ["--size", "4096", "--tmpfs", f"/proc/{name}", "--remount-ro", f"/proc/{name}"]
-    return args
+    return tuple(args)
 
 
 def inner_args(bwrap: str, interpreter: Interpreter, workdir_bytes: int,

@@ -28,6 +28,11 @@ RESUMED_CONFIGS = "config.resumed_step_*.yaml"
 LOCK_FILE = ".megatron-archer.lock"
 
 
+def _not_a_file(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"logging.dir {run_dir} is a file, not a directory")
+
+
 def earlier_run(run_dir: Path, checkpoint_root: Path) -> list[Path]:
     """The files and folders an earlier run left in ``run_dir`` and ``checkpoint_root``."""
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
@@ -41,8 +46,7 @@ def earlier_run(run_dir: Path, checkpoint_root: Path) -> list[Path]:
 def claim(run_dir: Path, checkpoint_root: Path, *, resume: bool, overwrite: bool) -> list[Path]:
     """Make ``run_dir`` this run's: nothing to do when resuming or when no earlier run is there;
     with ``overwrite`` the earlier run's files are deleted (returned); otherwise ValueError."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"logging.dir {run_dir} is a file, not a directory")
+    _not_a_file(run_dir)
     found = [] if resume else earlier_run(run_dir, checkpoint_root)
     if found and not overwrite:
         names = ", ".join(str(p.relative_to(run_dir) if p.is_relative_to(run_dir) else p)
@@ -64,8 +68,7 @@ class RunLock:
     ValueError naming the holder when another process has it."""
 
     def __init__(self, run_dir: Path):
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"logging.dir {run_dir} is a file, not a directory")
+        _not_a_file(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK_FILE
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
