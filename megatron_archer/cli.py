@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     _quiet_expected_warnings()  # here, not earlier: it imports torch, which --help need not
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError, a full disk, a config mistake
         print(f"megatron-archer {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_archer import compat
 from megatron_archer.models.builder import build_gpt_model
@@ -165,9 +166,36 @@ def save_model_checkpoint(
 
 
 @torch.no_grad()
+def check_distcp_files(directory: str | Path) -> None:
+    """Raise CheckpointError naming the file if a ``torch_dist`` directory's index is unreadable
+    or one of its data files is missing or shorter than the index says (a truncated copy, a full
+    disk). Reads only the index and file sizes, so every rank can check before the collective
+    load, which would otherwise fail on some ranks while the others wait."""
+    directory = Path(directory)
+    index = directory / ".metadata"
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{index}: missing (the index of a distributed checkpoint)") from None
+    except Exception as error:  # noqa: BLE001 - a damaged pickle raises many kinds
+        raise CheckpointError(f"{index}: unreadable ({type(error).__name__}: {error})") from None
+    needed: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        end = item.offset + item.length
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {index})")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{file}: truncated, {file.stat().st_size} bytes where the "
+                                  f"index needs {size}")
+
+
 def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     """Every rank of the job: copy the checkpoint's weights into this rank's shard of ``model``."""
     weights = str(Path(directory) / WEIGHTS_DIR)
+    check_distcp_files(weights)
     state = dist_checkpointing.load(model.sharded_state_dict(), weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

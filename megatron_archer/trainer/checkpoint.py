@@ -23,8 +23,10 @@ states are per rank. The model alone (``model/``) loads at any layout.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,7 +41,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_archer.actor import Actor, unwrap_chunk
-from megatron_archer.models.dist_checkpoint import load_model_weights, save_model_checkpoint
+from megatron_archer.models.dist_checkpoint import (
+    WEIGHTS_DIR,
+    check_distcp_files,
+    load_model_weights,
+    save_model_checkpoint,
+)
+from megatron_archer.models.hf_import import CheckpointError
 from megatron_archer.models.output_dir import atomic_output_dir
 
 FORMAT = "megatron-archer-trainer-checkpoint"
@@ -57,10 +65,15 @@ MEGATRON_DISTRIBUTED = "megatron-distributed-optimizer"
 _DIST_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable",
                         "chained_optim_avoid_prefix": True}
 _STEP_DIR = re.compile(r"step_(\d{8})")
+_LOW_SPACE = 64 << 20  # bytes free below which a failed write is reported as a full disk
 
 
 class CheckpointNotUsable(ValueError):
-    """The checkpoint is missing, incomplete, of another format, or saved at another layout."""
+    """The checkpoint is missing, incomplete, damaged, of another format, or of another layout."""
+
+
+class CheckpointNotSaved(OSError):
+    """A save failed on some rank (a full disk, a write error); nothing of it was kept."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,7 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: str | Path,
                     sampler_state: dict[str, Any], extra_state: dict[str, Any],
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, group=None) -> Path:
     """Every rank of the job: write ``step``'s checkpoint, then keep the ``keep_last`` newest.
 
     ``hf_source``: the HF checkpoint the model came from (its config and tokenizer files are
@@ -109,14 +122,22 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: 
             (tmp / OPTIMIZER_DIR).mkdir()
             (tmp / RNG_DIR).mkdir()
         dist.barrier()
-        save_model_checkpoint(unwrap_chunk(actor.chunks[0]), actor.spec, tmp / MODEL_DIR,
-                              hf_source=hf_source)
-        _save_optimizer(actor, tmp / OPTIMIZER_DIR)
-        torch.save(rng_state, tmp / RNG_DIR / _rng_file())
-        dist.barrier()  # every rank's files are written: the manifest may say so
-        if dist.get_rank() == 0:
-            (tmp / TRAINER_STATE).write_text(trainer_state + "\n")
-            _write_durably(tmp / MANIFEST, json.dumps(_manifest(step, actor), indent=2) + "\n")
+
+        def write_rank_files():
+            save_model_checkpoint(unwrap_chunk(actor.chunks[0]), actor.spec, tmp / MODEL_DIR,
+                                  hf_source=hf_source)
+            _save_optimizer(actor, tmp / OPTIMIZER_DIR)
+            torch.save(rng_state, tmp / RNG_DIR / _rng_file())
+
+        def write_manifest():
+            if dist.get_rank() == 0:
+                (tmp / TRAINER_STATE).write_text(trainer_state + "\n")
+                _write_durably(tmp / MANIFEST, json.dumps(_manifest(step, actor), indent=2) + "\n")
+
+        # agreed: a rank that failed (a full disk) makes every rank raise, none waits forever;
+        # the first agreement also says every rank's files are written: the manifest may follow
+        _agree(lambda: _saving(out, tmp, write_rank_files), group, CheckpointNotSaved)
+        _agree(lambda: _saving(out, tmp, write_manifest), group, CheckpointNotSaved)
     if keep_last is not None and dist.get_rank() == 0:
         _prune(out.parent, keep_last, keep=out)
     dist.barrier()
@@ -134,14 +155,37 @@ def checkpoint_step(path: str | Path) -> int:
     return int(_STEP_DIR.fullmatch(Path(path).name).group(1))
 
 
-def load_checkpoint(path: str | Path, actor: Actor) -> ResumeState:
+def load_checkpoint(path: str | Path, actor: Actor, group=None) -> ResumeState:
     """Every rank of the job: restore ``actor`` (weights, optimizer, lr-schedule position) and
     this rank's RNG states from the checkpoint at ``path``; return the trainer's state.
 
     The actor must be built as for the saved run (same model, config and parallel layout).
-    The manifest, the layout and this rank's files are checked before anything is loaded.
+    Each rank first checks the manifest, the layout, the trainer state and the files it will
+    read (sizes against the distributed checkpoints' indexes), and the ranks agree over
+    ``group`` (None: the default group) before the collective loads; a rank-local file that
+    still fails to load is agreed on again after. Either way every rank raises
+    CheckpointNotUsable naming the file, so the caller can fall back to an older checkpoint
+    (``load_checkpoint`` again restores everything it touched).
     """
     path = Path(path)
+    trainer_state = _agree(lambda: _verify(path, actor), group)
+    load_model_weights(unwrap_chunk(actor.chunks[0]), path / MODEL_DIR)
+
+    def load_rank_local():
+        optimizer = path / OPTIMIZER_DIR
+        _readable(optimizer if actor.on_cuda else optimizer / _optimizer_file(),
+                  lambda: _load_optimizer(actor, optimizer))
+        rng = path / RNG_DIR / _rng_file()
+        _readable(rng, lambda: _load_rng(rng))
+
+    _agree(load_rank_local, group)
+    actor.steps_taken = trainer_state["schedule_steps"]
+    return ResumeState(path=path, step=trainer_state["step"],
+                       sampler_state=trainer_state["sampler"], extra_state=trainer_state["extra"])
+
+
+def _verify(path: Path, actor: Actor) -> dict[str, Any]:
+    """This rank's checks before anything is loaded; the trainer state on success."""
     manifest = _read_manifest(path)
     layout = _layout()
     if manifest["layout"] != layout:
@@ -161,13 +205,64 @@ def load_checkpoint(path: str | Path, actor: Actor) -> ResumeState:
     for file in rank_files:
         if not file.is_file():
             raise CheckpointNotUsable(f"{file}: missing (this rank's state)")
-    trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    load_model_weights(unwrap_chunk(actor.chunks[0]), path / MODEL_DIR)
-    _load_optimizer(actor, path / OPTIMIZER_DIR)
-    actor.steps_taken = trainer_state["schedule_steps"]
-    _load_rng(path / RNG_DIR / _rng_file())
-    return ResumeState(path=path, step=trainer_state["step"],
-                       sampler_state=trainer_state["sampler"], extra_state=trainer_state["extra"])
+    try:
+        check_distcp_files(path / MODEL_DIR / WEIGHTS_DIR)
+        if actor.on_cuda:
+            check_distcp_files(path / OPTIMIZER_DIR)
+    except CheckpointError as error:
+        raise CheckpointNotUsable(str(error)) from None
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+        missing = {"step", "schedule_steps", "sampler", "extra"} - set(state)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointNotUsable(f"{file}: unreadable ({error})") from None
+    if missing:
+        raise CheckpointNotUsable(f"{file}: no {', '.join(sorted(missing))}")
+    return state
+
+
+def _agree(fn, group, failure: type[Exception] = CheckpointNotUsable):
+    """Run ``fn`` on every rank of ``group``; if it raised ``failure`` on any, raise it on every
+    rank with each failing rank's message. Otherwise ``fn``'s result."""
+    if not dist.is_initialized():  # one process, no job: nothing to agree with
+        return fn()
+    result, problem = None, None
+    try:
+        result = fn()
+    except failure as error:
+        problem = str(error)
+    problems = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, problem, group=group)
+    found = list(dict.fromkeys(p for p in problems if p))
+    if found:
+        raise failure("; ".join(found))
+    return result
+
+
+def _saving(out: Path, tmp: Path, write) -> None:
+    """``write()``, a failure as CheckpointNotSaved saying whether the disk is full; checked
+    while the partial save still occupies ``tmp`` (torch.save reports a full disk only as
+    "unexpected pos")."""
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(tmp).free
+        full = getattr(error, "errno", None) == errno.ENOSPC or free < _LOW_SPACE
+        cause = (f"No space left on device ({free} bytes free there)" if full
+                 else f"{type(error).__name__}: {error}")
+        raise CheckpointNotSaved(
+            f"checkpoint {out} not saved: {cause}; nothing of it was kept and the earlier "
+            "checkpoints are intact") from error
+
+
+def _readable(file: Path, load):
+    """``load()``, its failure (a truncated or foreign file) as CheckpointNotUsable naming ``file``."""
+    try:
+        return load()
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointNotUsable(f"{file}: unreadable ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 # ------------------------------------------------------------------------------ layout, manifest

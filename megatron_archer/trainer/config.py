@@ -441,16 +441,23 @@ class CheckpointConfig:
     kept. ``resume``: continue from the newest complete checkpoint there; incomplete ones (no
     manifest: a save that did not finish) are ignored, and with none the run starts at step 1
     (a warning says so). A resumed run appends to the run directory's logs from the next step
-    and saves its resolved config as ``config.resumed_step_<k>.yaml`` next to ``config.yaml``."""
+    and saves its resolved config as ``config.resumed_step_<k>.yaml`` next to ``config.yaml``.
+    A checkpoint that cannot be read (a truncated file) is skipped, said so, for the next newest.
+    Each checkpoint records fingerprints of ``model.path``, ``model.tokenizer`` and ``data.path``
+    (``trainer.sources``); a resume whose sources differ is refused unless
+    ``allow_source_change`` (then it continues the checkpoint's weights, with the new model as
+    the reference policy and the new prompt set, and says what changed)."""
 
     dir: str | None = None
     interval: int = 0
     keep_last: int = 2
     resume: bool = False
+    allow_source_change: bool = False
 
     def __post_init__(self):
         _optional_str("dir", self.dir)
         boolean("resume", self.resume)
+        boolean("allow_source_change", self.allow_source_change)
         integer("interval", self.interval, low=0)
         integer("keep_last", self.keep_last, low=1)
 

@@ -51,6 +51,7 @@ from megatron_archer.trainer.rank_zero import control_barrier, control_group, on
 from megatron_archer.trainer.reward_scoring import RewardScorer
 from megatron_archer.trainer.rollout_phase import collect_rollouts
 from megatron_archer.trainer.rollout_share import scatter_shares
+from megatron_archer.trainer.sources import changed_sources, run_sources
 from megatron_archer.trainer.step import (
     build_shares,
     compute_old_and_reference,
@@ -102,6 +103,8 @@ class Trainer:
         require_save_dependencies()  # every run saves at its last step
         # rank 0's data and rewards; a failure there is raised on every rank
         on_rank_zero(self._setup_rank_zero, share=False)
+        self.sources = on_rank_zero(lambda: run_sources(
+            config.model.path, config.model.tokenizer, str(config.data.path)))
         dtype = config.actor.torch_params_dtype
         # the reference gets the actor's numerics (fp8, sequence parallelism), so KL starts at 0
         overrides = {**config.model.megatron_overrides(), **config.parallel.megatron_overrides()}
@@ -378,9 +381,11 @@ class Trainer:
         if self.config.rollout.async_:  # first: it waits for the draws of the rollout in flight
             extra["rollout_ahead"] = on_rank_zero(lambda: self.ahead.state_dict(), share=False)
         sampler = on_rank_zero(lambda: self.sampler.state_dict())
+        extra["sources"] = self.sources
         save_checkpoint(self.config.checkpoint_root, self.step, self.actor,
                         hf_source=self.config.model.path, sampler_state=sampler,
-                        extra_state=extra, keep_last=self.config.checkpoint.keep_last)
+                        extra_state=extra, keep_last=self.config.checkpoint.keep_last,
+                        group=control_group())
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint under ``checkpoint_root`` (incomplete ones
@@ -390,26 +395,38 @@ class Trainer:
         round's seed is a function of (seed, step, round) (``rollout_phase``); async, the
         recorded rollout in flight is put back (``async_rollout``)."""
         from megatron_archer.trainer.checkpoint import (
+            CheckpointNotUsable,
             checkpoint_step,
             load_checkpoint,
             scan_checkpoints,
         )
 
-        complete, unusable = scan_checkpoints(self.config.checkpoint_root)
+        root = self.config.checkpoint_root
+        complete, unusable = scan_checkpoints(root)
         if self.rank0:
             for line in unusable:
                 print(f"[megatron-archer] resume: skipped {line}", flush=True)
         if not complete:
             if self.rank0:
                 print(f"[megatron-archer] checkpoint.resume is on but "
-                      f"{self.config.checkpoint_root / 'checkpoints'} holds no complete "
+                      f"{root / 'checkpoints'} holds no complete "
                       f"checkpoint: starting at step 1", flush=True)
             return
-        path = complete[-1]
-        if checkpoint_step(path) > self.config.train.steps:
+        if checkpoint_step(complete[-1]) > self.config.train.steps:
             raise ValueError(f"train.steps={self.config.train.steps} is below the step of the "
-                             f"checkpoint to resume, {path}: raise train.steps to continue it")
-        state = load_checkpoint(path, self.actor)
+                             f"checkpoint to resume, {complete[-1]}: raise train.steps to "
+                             "continue it")
+        for path in reversed(complete):  # newest first; a damaged one falls back to the next
+            try:
+                state = load_checkpoint(path, self.actor, group=control_group())
+                break
+            except CheckpointNotUsable as error:
+                if self.rank0:
+                    print(f"[megatron-archer] resume: skipped {path}: {error}", flush=True)
+        else:
+            raise CheckpointNotUsable(f"checkpoint.resume: no checkpoint under {root / 'checkpoints'}"
+                                      " could be loaded (each is named above with its problem)")
+        self._check_sources(state)
         self.step = state.step
         self.skipped_steps = int(state.extra_state.get("skipped_steps", 0))
         on_rank_zero(lambda: self.sampler.load_state_dict(state.sampler_state), share=False)
@@ -419,3 +436,23 @@ class Trainer:
         self._sync_weights(self.step)
         if self.rank0:
             print(f"[megatron-archer] resumed from {path} at step {self.step}", flush=True)
+
+    def _check_sources(self, state) -> None:
+        """Refuse a resume whose model or data differ from the checkpoint's (``trainer.sources``)
+        unless ``checkpoint.allow_source_change``; say what changed either way."""
+        saved = state.extra_state.get("sources")
+        if saved is None:
+            if self.rank0:
+                print(f"[megatron-archer] resume: {state.path} records no sources (an earlier "
+                      "version saved it): model and data not checked", flush=True)
+            return
+        changes = changed_sources(saved, self.sources)
+        if changes and not self.config.checkpoint.allow_source_change:
+            raise ValueError(
+                f"checkpoint.resume: {state.path} was trained from other sources: "
+                f"{'; '.join(changes)}. Resume with the model and data it was trained from, or "
+                "set checkpoint.allow_source_change=true to continue its weights on the new ones")
+        if self.rank0:
+            for line in changes:
+                print(f"[megatron-archer] resume: checkpoint.allow_source_change: {line}",
+                      flush=True)

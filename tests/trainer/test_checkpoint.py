@@ -4,7 +4,10 @@ checkpoint usable; keep_last prunes; incomplete or foreign-layout checkpoints ar
 
 from __future__ import annotations
 
+import errno
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +130,7 @@ def _crash_and_prune_worker(rank, world_size, hf, run_dir):
         writer = checkpoint._save_optimizer
         checkpoint._save_optimizer = _fail_after_model
         try:
-            with pytest.raises(RuntimeError, match="injected crash"):
+            with pytest.raises(checkpoint.CheckpointNotSaved, match="injected crash"):
                 save_checkpoint(run_dir, 3, actor, **save)
         finally:
             checkpoint._save_optimizer = writer
@@ -151,9 +154,46 @@ def _crash_and_prune_worker(rank, world_size, hf, run_dir):
         assert _listing(run_dir) == ["step_00000002", "step_00000003"]
         assert latest_checkpoint(run_dir) == step_dir(run_dir, 3)
 
+        _damage_worker(rank, hf, run_dir, fresh, save)
+
     with model_parallel(2):
         with pytest.raises(CheckpointNotUsable, match="layout"):
-            load_checkpoint(step_dir(run_dir, 3), _actor(hf))
+            load_checkpoint(step_dir(run_dir, 2), _actor(hf))
+
+
+def _disk_full(actor, directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+
+def _damage_worker(rank, hf, run_dir, actor, save):
+    """DP 2, checkpoints 2 and 3 saved: a full disk on one rank and damaged files on one rank
+    end in the same error on every rank (none waits forever), naming the file."""
+    writer = checkpoint._save_optimizer
+    if rank == 1:
+        checkpoint._save_optimizer = _disk_full
+    try:
+        with pytest.raises(checkpoint.CheckpointNotSaved,
+                           match=r"step_00000004 not saved: No space left on device.*intact"):
+            save_checkpoint(run_dir, 4, actor, **save)
+    finally:
+        checkpoint._save_optimizer = writer
+    dist.barrier()
+    assert _listing(run_dir) == ["step_00000002", "step_00000003"]
+
+    step3 = step_dir(run_dir, 3)
+    if rank == 1:  # this rank's RNG file, cut short
+        rng = step3 / "rng" / "rank_00001.pt"
+        rng.write_bytes(rng.read_bytes()[:100])
+    dist.barrier()
+    with pytest.raises(CheckpointNotUsable, match=r"rng/rank_00001.pt: unreadable"):
+        load_checkpoint(step3, _actor(hf))
+    if rank == 0:  # a weights file cut short: found before the collective load
+        distcp = sorted((step3 / "model" / "weights").glob("*.distcp"))[0]
+        distcp.write_bytes(distcp.read_bytes()[:64])
+    dist.barrier()
+    with pytest.raises(CheckpointNotUsable, match=r"\.distcp: truncated, 64 bytes where"):
+        load_checkpoint(step3, _actor(hf))
+    assert load_checkpoint(step_dir(run_dir, 2), _actor(hf)).step == 2
 
 
 def _checkpoint_worker(rank, world_size, hf, root):
@@ -235,3 +275,58 @@ def test_resume_refuses_fewer_steps_than_the_checkpoint(tmp_path, capfd):
     run_distributed(_fewer_steps_worker, 1, overrides)
     out = capfd.readouterr().out
     assert "resume: skipped" in out and "step_00000005" in out
+
+
+def _perturbed_copy(model, out):
+    """A copy of the model directory whose weights differ in one element: same architecture."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    file = sorted(out.glob("*.safetensors"))[0]
+    tensors = load_file(file)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 0.5
+    save_file(tensors, file, metadata={"format": "pt"})
+    return out
+
+
+def _resume_checks_worker(rank, world_size, tmp_path, overrides):
+    from megatron_archer.trainer import load_config, run_training
+    from tests.trainer.common import CPU_CONFIG
+
+    def train(*more):
+        run_training(load_config(CPU_CONFIG, [*overrides, *more]))
+
+    train("train.steps=2")
+    step2 = step_dir(tmp_path / "run", 2)
+    optimizer = step2 / "optimizer" / "tp0_pp0_dp0.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:200])  # a damaged copy of the newest
+    train("train.steps=3", "checkpoint.resume=true")
+    assert latest_checkpoint(tmp_path / "run") == step_dir(tmp_path / "run", 3)
+
+    model = next(o.split("=", 1)[1] for o in overrides if o.startswith("model.path="))
+    other = _perturbed_copy(Path(model), tmp_path / "other_model")
+    with pytest.raises(ValueError, match=r"^checkpoint.resume: .*step_00000003 was trained from "
+                                         r"other sources: model.path: .*other_model differs .*"
+                                         r"allow_source_change=true"):
+        train("train.steps=4", "checkpoint.resume=true", f"model.path={other}")
+    moved = tmp_path / "moved_model"
+    Path(model).rename(moved)  # the same content elsewhere resumes
+    train("train.steps=4", "checkpoint.resume=true", f"model.path={moved}")
+    train("train.steps=5", "checkpoint.resume=true", f"model.path={other}",
+          "checkpoint.allow_source_change=true")
+    assert latest_checkpoint(tmp_path / "run") == step_dir(tmp_path / "run", 5)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_refuses_changed_sources(tmp_path, capfd):
+    from tests.trainer.common import tiny_run
+
+    overrides = [*tiny_run(tmp_path), "parallel.tensor=1", "checkpoint.interval=1"]
+    run_distributed(_resume_checks_worker, 1, tmp_path, overrides)
+    out = capfd.readouterr().out
+    assert re.search(r"resume: skipped \S+step_00000002: \S+tp0_pp0_dp0.pt: unreadable", out), out
+    assert re.search(r"resumed from \S+step_00000001 at step 1", out)
+    assert re.search(r"resume: checkpoint.allow_source_change: model.path: \S+other_model", out)
