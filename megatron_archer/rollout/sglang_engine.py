@@ -607,7 +607,9 @@ class SGLangEngine(RolloutEngine):
 
     def _update_distributed(self, buckets: Iterable[Bucket], version: int) -> None:
         """Per bucket: the metadata to every server (once: never retried), this process's
-        broadcast, then every answer; the first failure ends the update, naming the servers."""
+        broadcast, then every answer; the first failure ends the update, naming the servers. Once
+        a server has refused, no further tensor is broadcast: a broadcast it never joins would
+        wait for the group's timeout and end in NCCL's watchdog abort, not in this error."""
         if self._group is None:
             raise RuntimeError("weight_sync='distributed': call init_weight_update_group() first")
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -620,6 +622,8 @@ class SGLangEngine(RolloutEngine):
                 failures = []
                 try:
                     for _, tensor in bucket:
+                        if any(f.done() and f.exception() is not None for f in pending):
+                            break  # a server refused: it joins no broadcast, which would hang
                         torch.distributed.broadcast(tensor.to(device).contiguous(), src=0,
                                                     group=self._group)
                 except Exception as error:  # noqa: BLE001 - named with the servers' errors

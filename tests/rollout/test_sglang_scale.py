@@ -347,3 +347,25 @@ def test_no_restart_after_shutdown(tmp_path):
     with pytest.raises(ServerError, match="not restarted, the engine was shut down"):
         engine._restart(engine.servers[0], ServerError("gone"))
     assert len([r for r in read_log(log) if "start" in r]) == 1
+
+
+def test_no_broadcast_follows_a_refused_distributed_update(monkeypatch):
+    """Issue 24.6: once a server has refused the update, the remaining tensors of the bucket are
+    not broadcast (the refusing server joins none of them; each would wait for the group's
+    timeout), and the server's error is what the caller gets."""
+    refuse = lambda path, body: (400, {"success": False, "message": "shape mismatch"}) \
+        if path == "/update_weights_from_distributed" else ok_script(path, body)  # noqa: E731
+    sent = []
+
+    def slow_broadcast(tensor, src, group):
+        sent.append(tensor.numel())
+        time.sleep(0.05)  # a broadcast the server side takes part in
+
+    monkeypatch.setattr(sglang_engine.torch.distributed, "broadcast", slow_broadcast)
+    bucket = [(f"w{i}", torch.ones(2)) for i in range(40)]
+    with FakeServer(refuse) as server:
+        engine = SGLangEngine([server.url], weight_sync="distributed", policies=fast_policies())
+        engine._group = object()  # this process's end of the weight group (never used here)
+        with pytest.raises(ServerError, match=r"HTTP 400.*shape mismatch"):
+            engine.update_weights([bucket], 1)
+    assert 0 < len(sent) < 20, f"{len(sent)} of 40 tensors broadcast after the refusal"
