@@ -13,7 +13,12 @@ from typing import Any
 
 
 class ServerError(RuntimeError):
-    """A server refused a request, or could not be reached within the retries."""
+    """A server refused a request, or could not be reached within the retries. ``status``: the
+    HTTP status of a refusal (e.g. 400), None otherwise."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ServerUnreachable(ServerError):
@@ -80,7 +85,7 @@ def request_json(
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:500]
             if error.code < 500:
-                raise ServerError(f"{target}: HTTP {error.code}: {detail}") from error
+                raise ServerError(f"{target}: HTTP {error.code}: {detail}", error.code) from error
             last, retry = f"HTTP {error.code}: {detail}", policy.idempotent
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
             last = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
@@ -91,3 +96,16 @@ def request_json(
         if attempt + 1 < policy.attempts:
             time.sleep(policy.backoff_s * 2**attempt)
     raise ServerUnreachable(f"{target}: no answer after {policy.attempts} attempts, last: {last}")
+
+
+def has_route(url: str, path: str, policy: RetryPolicy) -> bool:
+    """Whether the server serves ``path`` (a POST route answers a GET with 405 Method Not Allowed,
+    an unknown one with 404), probed with a GET that changes nothing."""
+    try:
+        request_json(url, path, None, policy, method="GET")
+    except ServerError as error:
+        if error.status == 404:
+            return False
+        if error.status is None:
+            raise
+    return True

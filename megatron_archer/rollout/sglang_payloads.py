@@ -44,12 +44,19 @@ def generate_payload(
     }
 
 
+def finish_kind(result: dict[str, Any]) -> str | None:
+    """Why one element of a ``/generate`` answer ended: "stop", "length", "abort" (an abort
+    request, or SGLang 0.5.5's ``/pause_generation``, which aborts every request), or None."""
+    reason = result["meta_info"].get("finish_reason") or {}
+    return reason.get("type") if isinstance(reason, dict) else reason
+
+
 def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: str) -> Sample:
     """A ``Sample`` from one element of a ``/generate`` answer (``output_ids``, and
     ``meta_info.output_token_logprobs`` as ``[logprob, token_id, text]`` triples)."""
     meta = result["meta_info"]
-    reason = meta.get("finish_reason") or {}
-    kind = reason.get("type") if isinstance(reason, dict) else reason
+    reason = meta.get("finish_reason")
+    kind = finish_kind(result)
     if kind not in ("stop", "length"):
         raise RuntimeError(f"{url}: generation ended with finish_reason {reason!r}")
     triples = meta["output_token_logprobs"]
@@ -89,17 +96,32 @@ def update_from_tensor_payload(serialized: Sequence[str], version: int) -> dict[
 
 
 def init_group_payload(
-    master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str
+    master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str,
+    backend: str = "nccl",
 ) -> dict[str, Any]:
-    """``/init_weights_update_group``: the server's ranks join at ``rank_offset`` (trainer = 0)."""
+    """``/init_weights_update_group``: the server's ranks join at ``rank_offset`` (trainer = 0);
+    ``backend`` nccl (GPUs), or gloo (CPU servers)."""
     return {
         "master_address": master_address,
         "master_port": master_port,
         "rank_offset": rank_offset,
         "world_size": world_size,
         "group_name": group_name,
-        "backend": "nccl",
+        "backend": backend,
     }
+
+
+def weight_update_session_payload() -> dict[str, Any]:
+    """``/begin_weight_update`` and ``/end_weight_update`` (later 0.5.x, absent in 0.5.5): the
+    tensor and distributed updates are refused outside such a session (HTTP 400 "... must run
+    between begin_weight_update() and end_weight_update()"). Every runner (``selector`` "all")."""
+    return {}
+
+
+def server_version(info: Any) -> str | None:
+    """The SGLang version in a ``/get_server_info`` answer, None when it names none."""
+    version = info.get("version") if isinstance(info, dict) else None
+    return str(version) if version is not None else None
 
 
 def update_from_distributed_payload(
