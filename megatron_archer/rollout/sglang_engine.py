@@ -92,7 +92,9 @@ from megatron_archer.rollout.http_client import (
 from megatron_archer.rollout.weight_buckets import (
     DeviceHandles,
     bucket_metadata,
+    device_key,
     serialize_named_tensors,
+    visible_device_keys,
 )
 
 logger = logging.getLogger(__name__)
@@ -222,7 +224,8 @@ class SGLangEngine(RolloutEngine):
     ``weights_source`` (optional) returns the current weights as buckets of full tensors on this
     process: a server restarted mid-rollout under ``weight_sync='tensor'`` gets them (disk sync
     reloads the current checkpoint directory; without either the restart is an error naming
-    the server, since it would serve the launch weights)."""
+    the server, since it would serve the launch weights). Server k uses the GPUs from
+    ``base_gpu_id + k * tp_size`` in its environment's numbering (``launch`` sets both)."""
 
     def __init__(
         self,
@@ -244,6 +247,7 @@ class SGLangEngine(RolloutEngine):
         commands: Sequence[list[str]] = (),
         weight_dtype: str = "bf16",
         pause_mode: str = "abort",
+        base_gpu_id: int = 0,
     ):
         if not server_urls:
             raise ValueError("server_urls is empty")
@@ -258,7 +262,7 @@ class SGLangEngine(RolloutEngine):
         self.updates_during_generation = pause_mode == "retract"
         urls = [u.rstrip("/") for u in server_urls]
         self.servers = [
-            _Server(url, tuple(range(k * tp_size, (k + 1) * tp_size)),
+            _Server(url, tuple(range(base_gpu_id + k * tp_size, base_gpu_id + (k + 1) * tp_size)),
                     processes[k] if k < len(processes) else None,
                     list(commands[k]) if k < len(commands) else None)
             for k, url in enumerate(urls)
@@ -274,6 +278,7 @@ class SGLangEngine(RolloutEngine):
         self._version: int | None = None
         self._failed_update: str | None = None
         self._group = None
+        self._visible_keys: Sequence[str] | None = None  # the servers' GPU numbering, by UUID
         self._pick_lock = threading.Lock()
         self._closed = False
         self._metrics: Counter[str] = Counter()
@@ -308,7 +313,8 @@ class SGLangEngine(RolloutEngine):
             for command in commands:
                 processes.append(_start_process(command))
             engine = cls([f"http://127.0.0.1:{base_port + i}" for i in range(num_servers)],
-                         tp_size=tp_size, processes=processes, commands=commands,
+                         tp_size=tp_size, base_gpu_id=base_gpu_id, processes=processes,
+                         commands=commands,
                          startup_timeout_s=startup_timeout_s, **engine_kwargs)  # fmt: skip
             for server in engine.servers:
                 engine._wait_healthy(server, startup_timeout_s)
@@ -573,11 +579,26 @@ class SGLangEngine(RolloutEngine):
     def _handles_for(self, server: _Server, bucket: Bucket | DeviceHandles) -> list[str]:
         if not isinstance(bucket, DeviceHandles):
             return [serialize_named_tensors(bucket)] * self.tp_size
-        missing = [g for g in server.gpu_ids if g not in bucket.by_device]
+        keys = self._device_keys(server)
+        missing = [k for k in keys if k not in bucket.by_device]
         if missing:
             raise ServerError(f"{server.url}: no weights were serialised on its GPU(s) {missing} "
                               f"(got GPUs {sorted(bucket.by_device)})")
-        return [bucket.by_device[g] for g in server.gpu_ids]
+        return [bucket.by_device[k] for k in keys]
+
+    def _device_keys(self, server: _Server) -> list[str]:
+        """The UUIDs of ``server``'s GPUs: its ``gpu_ids`` count in the numbering of the servers'
+        environment (``child_environment()``), which may differ from any trainer rank's (per-task
+        GPU binding gives every rank device 0)."""
+        if self._visible_keys is None:
+            self._visible_keys = visible_device_keys(child_environment()) or ()
+        if not self._visible_keys:  # no CUDA: the stand-in keys name the indices
+            return [device_key(g) for g in server.gpu_ids]
+        outside = [g for g in server.gpu_ids if g >= len(self._visible_keys)]
+        if outside:
+            raise ServerError(f"{server.url}: its GPU(s) {outside} are not among the "
+                              f"{len(self._visible_keys)} GPUs its environment makes visible")
+        return [self._visible_keys[g] for g in server.gpu_ids]
 
     def init_weight_update_group(self, master_address: str, master_port: int) -> None:
         """Create the NCCL group {this process (rank 0), every server rank} for

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
-from collections.abc import Iterable, Iterator
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing  # noqa: F401  (registers torch's tensor reductions with ForkingPickler)
+from torch.multiprocessing import reductions  # also registers torch's tensor reductions
 
 from megatron_archer.buckets import Bucket
 
@@ -22,11 +25,56 @@ from megatron_archer.buckets import Bucket
 def serialize_named_tensors(bucket: Bucket) -> str:
     """``[(name, tensor), ...]`` pickled by torch's ForkingPickler and base64-encoded: the format
     of SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)``. CUDA tensors travel
-    as IPC handles (the sender must keep them alive until the server has loaded them), CPU
-    tensors through shared memory; either way only the same host can read them."""
+    as IPC handles (the sender must keep them alive until the server has loaded them) naming
+    their GPU by UUID, as SGLang's own reduction does: its receiver maps the UUID to its own
+    device numbering, which differs from the sender's under another ``CUDA_VISIBLE_DEVICES``.
+    CPU tensors travel through shared memory. Either way only the same host can read them."""
     buffer = io.BytesIO()
-    ForkingPickler(buffer).dump([(name, tensor.detach()) for name, tensor in bucket])
+    pickler = ForkingPickler(buffer)
+    pickler.dispatch_table[torch.Tensor] = _reduce_naming_gpu_by_uuid
+    pickler.dump([(name, tensor.detach()) for name, tensor in bucket])
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# the device index among the arguments of torch's ``reduce_tensor`` for a CUDA tensor (the
+# position SGLang's receiver rewrites too: torch has not changed the signature for years)
+_DEVICE_ARG = 6
+
+
+def _reduce_naming_gpu_by_uuid(tensor: torch.Tensor):
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if tensor.is_cuda:
+        args = (*args[:_DEVICE_ARG], gpu_uuid(args[_DEVICE_ARG]), *args[_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
+def gpu_uuid(device_index: int) -> str:
+    """The UUID of this process's GPU ``device_index``, as SGLang's receiver compares it."""
+    return str(torch.cuda.get_device_properties(device_index).uuid)
+
+
+def device_key(device_index: int) -> str:
+    """What ``DeviceHandles`` calls this process's device ``device_index``: its GPU's UUID; on
+    a machine without CUDA, ``cpu:<index>`` stands in for it (tests of the same logic)."""
+    return gpu_uuid(device_index) if torch.cuda.is_available() else f"cpu:{device_index}"
+
+
+_LIST_UUIDS = ("import json, torch; print(json.dumps([str(torch.cuda.get_device_properties(i).uuid)"
+               " for i in range(torch.cuda.device_count())]))")
+
+
+def visible_device_keys(env: Mapping[str, str]) -> list[str] | None:
+    """The UUIDs of the GPUs that a process started with ``env`` numbers 0, 1, ...: listed by a
+    Python child with that environment, so CUDA's own order under its ``CUDA_VISIBLE_DEVICES``
+    and ``CUDA_DEVICE_ORDER`` decides. None without CUDA here (``device_key``'s stand-ins are
+    then the indices themselves)."""
+    if not torch.cuda.is_available():
+        return None
+    listed = subprocess.run([sys.executable, "-c", _LIST_UUIDS], env=dict(env), text=True,
+                            capture_output=True, timeout=300)
+    if listed.returncode != 0:
+        raise RuntimeError(f"listing the GPUs the servers see failed: {listed.stderr.strip()}")
+    return json.loads(listed.stdout.strip().splitlines()[-1])
 
 
 def bucket_metadata(bucket: Bucket) -> tuple[list[str], list[str], list[list[int]]]:
@@ -39,15 +87,16 @@ def bucket_metadata(bucket: Bucket) -> tuple[list[str], list[str], list[list[int
 
 @dataclass(frozen=True)
 class DeviceHandles:
-    """One bucket serialised on each device of rank 0's host: ``by_device[i]`` holds the handles
-    of the copy on GPU i (the device index the sender reported). A colocated server on GPU i loads
-    its weights from there, so no server opens handles on another GPU."""
+    """One bucket serialised on each device of rank 0's host: ``by_device[uuid]`` holds the
+    handles of the copy on the GPU of that UUID (the same in every process, whatever its
+    ``CUDA_VISIBLE_DEVICES``). A colocated server loads its weights from its own GPUs' copies,
+    so no server opens handles on another GPU."""
 
-    by_device: dict[int, str]
+    by_device: dict[str, str]
 
 
 def gather_device_handles(
-    buckets: Iterable[Bucket], device_index: int, group
+    buckets: Iterable[Bucket], device_uuid: str, group
 ) -> Iterator[DeviceHandles | None]:
     """Every rank: serialise each bucket (``serialize_named_tensors``) and gather the strings to
     rank 0 of ``group`` (a CPU control group); rank 0 yields a ``DeviceHandles`` of the ranks on
@@ -56,15 +105,15 @@ def gather_device_handles(
     rank = dist.get_rank(group)
     host = socket.gethostname()
     for bucket in buckets:
-        mine = (host, device_index, serialize_named_tensors(bucket))
+        mine = (host, device_uuid, serialize_named_tensors(bucket))
         gathered = [None] * dist.get_world_size(group) if rank == 0 else None
         dst = 0 if group is None else dist.get_global_rank(group, 0)
         dist.gather_object(mine, gathered, dst=dst, group=group)
         if rank == 0:
-            by_device: dict[int, str] = {}
-            for sender_host, index, serialized in gathered:
+            by_device: dict[str, str] = {}
+            for sender_host, uuid, serialized in gathered:
                 if sender_host == host:
-                    by_device.setdefault(index, serialized)
+                    by_device.setdefault(uuid, serialized)
             yield DeviceHandles(by_device)
         else:
             yield None

@@ -41,7 +41,7 @@ from megatron_archer.models import (
 from megatron_archer.models.dist_checkpoint import require_save_dependencies
 from megatron_archer.rollout import RolloutEngine
 from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
-from megatron_archer.rollout.weight_buckets import gather_device_handles
+from megatron_archer.rollout.weight_buckets import device_key, gather_device_handles
 from megatron_archer.trainer import run_dir
 from megatron_archer.trainer.async_rollout import RolloutsAhead, drop_stale
 from megatron_archer.trainer.config import ExperimentConfig, resolved_yaml
@@ -361,7 +361,7 @@ class Trainer:
             buckets = fp8_weight_buckets(buckets)
         device = torch.cuda.current_device() if torch.cuda.is_available() else \
             int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return gather_device_handles(buckets, device, control_group())
+        return gather_device_handles(buckets, device_key(device), control_group())
 
     # ------------------------------------------------------------------ checkpoints
     def maybe_checkpoint(self) -> bool:

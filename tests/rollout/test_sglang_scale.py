@@ -20,7 +20,11 @@ from megatron_archer.rollout import sglang_engine
 from megatron_archer.rollout.engine import SamplingParams
 from megatron_archer.rollout.http_client import ServerError
 from megatron_archer.rollout.sglang_engine import SGLangEngine, child_environment
-from megatron_archer.rollout.weight_buckets import DeviceHandles, gather_device_handles
+from megatron_archer.rollout.weight_buckets import (
+    DeviceHandles,
+    device_key,
+    gather_device_handles,
+)
 from tests.distributed import run_distributed
 from tests.rollout.fake_server import (
     FakeServer,
@@ -257,12 +261,13 @@ def _device_handles_worker(rank, world_size):
 
     init_control_group(timeout_minutes=1.0)
     buckets = [[("a", torch.full((2,), float(rank)))], [("b", torch.full((3,), 10.0 + rank))]]
-    got = list(gather_device_handles(buckets, device_index=rank, group=control_group()))
+    got = list(gather_device_handles(buckets, device_key(rank), group=control_group()))
     if rank == 0:
-        assert all(isinstance(h, DeviceHandles) and sorted(h.by_device) == [0, 1] for h in got)
+        assert all(isinstance(h, DeviceHandles) and sorted(h.by_device) == ["cpu:0", "cpu:1"]
+                   for h in got)
         for k, name in enumerate("ab"):
             for device in (0, 1):
-                [(received, tensor)] = _deserialize(got[k].by_device[device])
+                [(received, tensor)] = _deserialize(got[k].by_device[f"cpu:{device}"])
                 assert received == name and torch.equal(tensor, buckets[k][0][1] * 0 + (
                     device if name == "a" else 10.0 + device)), (name, device)
         with FakeServer(ok_script) as a, FakeServer(ok_script) as b:
@@ -271,7 +276,7 @@ def _device_handles_worker(rank, world_size):
         for server, device in ((a, 0), (b, 1)):
             bodies = [body for path, body in server.requests if path == "/update_weights_from_tensor"]
             assert [body["serialized_named_tensors"] for body in bodies] == [
-                [got[0].by_device[device]], [got[1].by_device[device]]], "its own GPU's copy"
+                [got[k].by_device[f"cpu:{device}"]] for k in (0, 1)], "its own GPU's copy"
     else:
         assert got == [None, None]
     dist.barrier()  # rank 1's tensors stay alive until rank 0 has read them
@@ -293,7 +298,7 @@ def test_refused_distributed_update_raises_on_every_rank_and_servers_get_their_g
 def test_fp8_sync_passes_device_handles_quantised_by_their_senders():
     """Colocated fp8: each rank quantises before serialising (trainer.loop); the engine sends
     the handles as they are, and still quantises plain buckets."""
-    handles = DeviceHandles({0: "handles-of-gpu-0"})
+    handles = DeviceHandles({"cpu:0": "handles-of-gpu-0"})
     with FakeServer(ok_script) as server:
         engine = SGLangEngine([server.url], weight_dtype="fp8", policies=fast_policies())
         engine.update_weights([handles], version=1)
@@ -369,3 +374,50 @@ def test_no_broadcast_follows_a_refused_distributed_update(monkeypatch):
         with pytest.raises(ServerError, match=r"HTTP 400.*shape mismatch"):
             engine.update_weights([bucket], 1)
     assert 0 < len(sent) < 20, f"{len(sent)} of 40 tensors broadcast after the refusal"
+
+
+def test_servers_get_the_handles_of_their_gpus_by_uuid_in_their_own_numbering(monkeypatch):
+    """Issue 24.5: the servers number their GPUs under their own CUDA_VISIBLE_DEVICES; the
+    handles are keyed by GPU UUID, so a server whose device 0 is the trainer's device 2 still
+    opens the copy on its own GPU, and one whose GPU sent nothing is named."""
+    seen_env = []
+    monkeypatch.setattr(sglang_engine, "visible_device_keys",
+                        lambda env: seen_env.append(env) or ["GPU-c", "GPU-a", "GPU-b"])
+    handles = DeviceHandles({"GPU-a": "on-a", "GPU-b": "on-b", "GPU-c": "on-c"})
+    with FakeServer(ok_script) as first, FakeServer(ok_script) as second:
+        engine = SGLangEngine([first.url, second.url], base_gpu_id=1, policies=fast_policies())
+        engine.update_weights([handles], version=1)
+        with pytest.raises(ServerError, match=rf"{second.url}: no weights were serialised on its "
+                                              r"GPU\(s\) \['GPU-b'\]"):
+            engine.update_weights([DeviceHandles({"GPU-a": "on-a", "GPU-c": "on-c"})], version=2)
+    assert len(seen_env) == 1, "listed once per engine"
+    assert not any(sglang_engine.is_torchrun_variable(k) for k in seen_env[0])
+    for server, expected in ((first, "on-a"), (second, "on-b")):  # server GPUs 1 and 2
+        bodies = [b for p, b in server.requests if p == "/update_weights_from_tensor"]
+        assert bodies[0]["serialized_named_tensors"] == [expected]
+
+
+def test_cuda_tensors_are_pickled_naming_their_gpu_by_uuid(monkeypatch):
+    """The reduction SGLang's receiver expects: torch's reduce_tensor arguments with the device
+    index (argument 6) replaced by the GPU's UUID; CPU tensors as torch pickles them."""
+    from types import SimpleNamespace
+
+    from megatron_archer.rollout import weight_buckets
+
+    fake_args = ("cls", (2,), (1,), 0, "storage", "dtype", 3, b"handle", 8, 0, False)
+    monkeypatch.setattr(weight_buckets.reductions, "reduce_tensor",
+                        lambda tensor: ("rebuild_cuda_tensor", fake_args))
+    monkeypatch.setattr(weight_buckets, "gpu_uuid", lambda index: f"uuid-of-{index}")
+    rebuild, args = weight_buckets._reduce_naming_gpu_by_uuid(SimpleNamespace(is_cuda=True))
+    assert rebuild == "rebuild_cuda_tensor"
+    assert args == (*fake_args[:6], "uuid-of-3", *fake_args[7:])
+    assert weight_buckets._reduce_naming_gpu_by_uuid(SimpleNamespace(is_cuda=False))[1] == fake_args
+    monkeypatch.undo()
+    calls = []
+    real = weight_buckets._reduce_naming_gpu_by_uuid
+    monkeypatch.setattr(weight_buckets, "_reduce_naming_gpu_by_uuid",
+                        lambda tensor: calls.append(tensor.shape) or real(tensor))
+    from tests.rollout.test_sglang_payloads import _deserialize
+
+    [(name, tensor)] = _deserialize(weight_buckets.serialize_named_tensors([("w", torch.ones(2))]))
+    assert calls == [torch.Size([2])] and name == "w" and torch.equal(tensor, torch.ones(2))
