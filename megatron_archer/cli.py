@@ -3,7 +3,9 @@
 - ``train CONFIG [key=value ...]``: an RL run (under ``torchrun`` for several processes);
 - ``eval CONFIG [key=value ...] --k 8``: avg@k, pass@k and mean response length on the data set;
 - ``convert {hf-to-megatron,megatron-to-hf} ...``: ``megatron_archer.models.convert``;
-- ``ablate CONFIG [key=value ...]``: variants x seeds with a report (``megatron_archer.ablation``).
+- ``ablate CONFIG [key=value ...]``: variants x seeds with a report (``megatron_archer.ablation``);
+- ``plan CONFIG [key=value ...]``: every rank of the job built on this CPU, its memory per rank
+  (``megatron_archer.dryrun``).
 
 Another package may add subcommands: when ``megatron_archer.analysis.cli`` (or
 ``megatron_archer.ablation.cli``) exists, its ``register(subparsers)`` is called; each subcommand
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", add_help=False,
         help="HF <-> megatron checkpoints (megatron_archer.models.convert; --help for its options)")
 
-    for package in ("megatron_archer.analysis", "megatron_archer.ablation"):
+    for package in ("megatron_archer.analysis", "megatron_archer.ablation", "megatron_archer.dryrun"):
         if (importlib.util.find_spec(package) is not None
                 and importlib.util.find_spec(f"{package}.cli") is not None):
             importlib.import_module(f"{package}.cli").register(commands)

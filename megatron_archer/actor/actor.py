@@ -160,6 +160,15 @@ def pack_multiple(model_config) -> int:
     return fp8 * sp
 
 
+def ddp_config():
+    """megatron's DDP settings of the actor on CUDA: gradients reduced in fp32, no overlap, the
+    distributed optimizer (``plan`` lays out the same buffers)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+
+
 class ModelRunner:
     """Forward-only log-probs and entropy of model chunks (shared by Actor and ReferenceModel)."""
 
@@ -346,21 +355,16 @@ class Actor(ModelRunner):
 
     def _setup_cuda(self) -> None:
         """megatron's DDP (fp32 grad reduce, distributed optimizer) and get_megatron_optimizer."""
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         cfg = self.config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+        settings = ddp_config()
         wrapped = []
         for index, chunk in enumerate(self.chunks):
             chunk.cuda()
             wrapped.append(DistributedDataParallel(
-                config=chunk.config, ddp_config=ddp_config, module=chunk,
+                config=chunk.config, ddp_config=settings, module=chunk,
                 disable_bucketing=index > 0))
         self.chunks = wrapped
         for chunk in self.chunks:

@@ -1,0 +1,331 @@
+"""The whole job, rank by rank, before any GPU is booked: what each rank holds and moves.
+
+Every global rank is built in a fresh fake world (``rank_build``). From what was built, per rank:
+parameters, gradients and optimizer state in bytes (megatron's DDP buffers and optimizer shard:
+exact), the reference model, the activations, logits and log-prob working set of one
+micro-batch at the token budget (``memory``: an estimate from the built shapes), the
+weight-sync traffic, the rollout share, the collectives and the largest of them. Everything is
+returned as plain data (``report``) for the terminal table and the JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_archer.buckets import bounded_buckets
+from megatron_archer.dryrun import memory
+from megatron_archer.dryrun.rank_build import BuildInputs, RankBuild, build_rank
+from megatron_archer.models import ModelSpec
+from megatron_archer.models.weight_map import Layout, weight_mappings
+from megatron_archer.rollout.fp8_weights import BLOCK, is_quantized
+from megatron_archer.trainer.config import ExperimentConfig
+from megatron_archer.trainer.rollout_share import SIZES
+from megatron_archer.trainer.step import needs_reference
+
+DEFAULT_BUCKET_BYTES = 512 << 20  # models.hf_weight_buckets' default (the local engine's)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str, name: str = "--gpu-memory") -> int:
+    """``80GiB``, ``80GB`` (10^9), ``81920MiB`` ... -> bytes; a bad value names ``name``."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{name} {text!r}: expected a number and a unit, e.g. 80GiB or 80GB "
+                         f"(units {', '.join(sorted(_UNITS, key=_UNITS.get))})")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def model_spec(path: str | Path, field: str = "--model-config") -> ModelSpec:
+    """The ModelSpec of a Hugging Face model directory (its config.json) or of a config.json
+    file, as the job reads it (``ModelSpec.from_pretrained``)."""
+    path = Path(path)
+    if path.is_file():
+        if path.name != "config.json":
+            raise ValueError(f"{field} {path}: expected a model directory or its config.json")
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{field} {path} has no config.json: pass a Hugging Face model "
+                                f"directory (examples/scale/model_configs/ has published ones)")
+    return ModelSpec.from_pretrained(path)
+
+
+def world_size_of(config: ExperimentConfig, world_size: int | None = None,
+                  nodes: int | None = None, gpus_per_node: int = 8) -> int:
+    """The job's world size: given, nodes x GPUs per node, or implied by ``parallel.data``."""
+    parallel = config.parallel
+    if world_size is None and nodes is not None:
+        world_size = nodes * gpus_per_node
+    if world_size is None:
+        if parallel.data is None:
+            raise ValueError("the world size is not implied: parallel.data is not set; pass "
+                             "--nodes N (with --gpus-per-node, default 8) or --world-size N")
+        world_size = parallel.tensor * parallel.pipeline * parallel.context * parallel.data
+    if world_size < 1:
+        raise ValueError(f"the world size must be >= 1; got {world_size}")
+    parallel.data_size(world_size)  # the job's check, naming the fields
+    return world_size
+
+
+def build_inputs(config: ExperimentConfig, spec: ModelSpec, world_size: int) -> BuildInputs:
+    """What ``trainer.loop.Trainer._build`` passes to the model builder, for every rank."""
+    return BuildInputs(
+        spec=spec, parallel=config.parallel, world_size=world_size,
+        params_dtype=config.actor.torch_params_dtype,
+        overrides={**config.model.megatron_overrides(), **config.parallel.megatron_overrides()},
+        te=config.model.backend == "te", reference=needs_reference(config.algorithm))
+
+
+def share_bytes(mini_batches: int, sequences: int, prompt_tokens: int, response_tokens: int) -> int:
+    """Bytes of one data-parallel rank's rollout share as ``trainer.rollout_share.pack_share``
+    packs it: ``mini_batches`` mini-batches of ``sequences`` sequences, each of
+    ``prompt_tokens + response_tokens`` tokens (int32 counts, lengths and token ids; float32
+    advantages and rollout log-probs)."""
+    ints = 1 + mini_batches * (1 + sequences * (2 + prompt_tokens + response_tokens))
+    floats = mini_batches * sequences * (1 + response_tokens)
+    return 4 * (ints + floats)
+
+
+def sync_tensors(spec: ModelSpec, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """The Hugging Face tensors of a weight sync, in ``models.hf_weight_buckets``' order, on
+    the meta device."""
+    return [(name, torch.empty(shape, dtype=dtype, device="meta"))
+            for mapping in weight_mappings(spec, "local")
+            for name, shape in zip(mapping.hf_names, mapping.hf_shapes)]
+
+
+def sync_bucket_bytes(spec: ModelSpec, dtype: torch.dtype, bucket_bytes: int) -> list[int]:
+    """Bytes of each bucket ``models.hf_weight_buckets`` yields (``buckets.bounded_buckets``)."""
+    return [sum(t.numel() * t.element_size() for _, t in bucket)
+            for bucket in bounded_buckets(sync_tensors(spec, dtype), bucket_bytes)]
+
+
+def fp8_bytes(name: str, tensor: torch.Tensor) -> int:
+    """Bytes a tensor travels as with ``sglang.weight_dtype: fp8`` (``rollout.fp8_weights``:
+    quantised weights as e4m3 plus a float32 scale per 128 x 128 block)."""
+    if not is_quantized(name, tensor):
+        return tensor.numel() * tensor.element_size()
+    rows, cols = tensor.shape
+    return tensor.numel() + 4 * math.ceil(rows / BLOCK) * math.ceil(cols / BLOCK)
+
+
+def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[RankBuild]) -> dict:
+    """The buckets of a weight sync and what each rank gathers (module docstring of
+    ``models.hf_export``: each parameter all-gathered over its stage's tensor-parallel group,
+    then broadcast from its stage over the pipeline group)."""
+    rollout = config.rollout
+    sg = rollout.sglang if rollout.engine == "sglang" else None
+    bucket_bytes = sg.bucket_bytes if sg is not None else DEFAULT_BUCKET_BYTES
+    dtype = config.actor.torch_params_dtype
+    tensors = sync_tensors(spec, dtype)
+    buckets = sync_bucket_bytes(spec, dtype, bucket_bytes)
+    fp8 = sg is not None and sg.weight_dtype == "fp8"
+    sent = sum(fp8_bytes(n, t) if fp8 else t.numel() * t.element_size() for n, t in tensors)
+    tp, pp = config.parallel.tensor, config.parallel.pipeline
+    owner: dict[str, int] = {}
+    for build in sorted(builds, key=lambda b: b.pipeline):
+        for name in build.parameters:
+            owner.setdefault(name, build.pipeline)
+    per_rank = {}
+    for build in builds:
+        gathers = []
+        received = 0
+        for mapping in weight_mappings(spec, "local"):
+            full = sum(math.prod(s) for s in mapping.hf_shapes) * dtype.itemsize
+            if mapping.megatron_name in build.parameters:
+                if mapping.layout is not Layout.REPLICATED and tp > 1:
+                    gathers.append(build.parameters[mapping.megatron_name] * tp * dtype.itemsize)
+            elif pp > 1 and owner.get(mapping.megatron_name) is not None:
+                received += full
+        per_rank[build.rank] = {"tp_all_gather_bytes": sum(gathers),
+                                "largest_tp_all_gather_bytes": max(gathers, default=0),
+                                "pp_broadcast_received_bytes": received}
+    return {"bucket_bytes_limit": bucket_bytes, "buckets": buckets, "num_buckets": len(buckets),
+            "largest_bucket_bytes": max(buckets), "total_bytes": sum(buckets),
+            "weight_dtype": sg.weight_dtype if sg is not None else "as trained",
+            "sent_bytes": sent, "largest_tensor_bytes": max(
+                t.numel() * t.element_size() for _, t in tensors),
+            "per_rank": per_rank}
+
+
+def _rank_memory(config: ExperimentConfig, spec: ModelSpec, build: RankBuild) -> dict[str, float]:
+    """The memory terms (``memory`` module docstring) of one built rank, in bytes."""
+    parallel, actor = config.parallel, config.actor
+    pp, cp = parallel.pipeline, parallel.context
+    arch = memory.Arch.from_spec(spec)
+    layout = memory.Layout(tp=parallel.tensor, pp=pp, cp=cp, sp=parallel.sequence_parallel,
+                           tokens=actor.max_tokens_per_micro_batch,
+                           recompute=config.model.recompute == "full",
+                           chunk=actor.logprob_chunk_size)
+    dtype = config.actor.torch_params_dtype
+    per_element = memory.OPTIMIZER_BYTES_BF16 if dtype.itemsize < 4 else memory.OPTIMIZER_BYTES_FP32
+    logits = working = 0.0
+    if build.vocab_rows:
+        logits, working = memory.logit_bytes(actor.max_tokens_per_micro_batch / cp,
+                                             build.vocab_rows, actor.logprob_chunk_size,
+                                             actor.logprob_impl == "fused")
+    terms = {
+        "weights": float(sum(b.param_bytes for b in build.buffers)),
+        "grads": float(sum(b.grad_bytes for b in build.buffers)),
+        "optimizer": float(per_element * sum(b.shard for b in build.buffers)),
+        # colocated runs offload the reference between uses (trainer.step)
+        "reference": 0.0 if config.rollout.colocated
+        else float(build.reference_parameters * dtype.itemsize),
+        "activations": memory.activation_bytes(arch, layout, len(build.layers), pp - build.pipeline),
+        "logits": logits,
+        "logprob_work": working,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def _collectives(config: ExperimentConfig, spec: ModelSpec, build: RankBuild, sync: dict,
+                 share: int, dp: int) -> list[dict]:
+    """The collectives this rank takes part in with their largest message, in bytes."""
+    parallel = config.parallel
+    tp, pp, cp = parallel.tensor, parallel.pipeline, parallel.context
+    dp_cp = dp * cp
+    tokens = config.actor.max_tokens_per_micro_batch / cp
+    hidden = tokens * spec.hidden_size * config.actor.torch_params_dtype.itemsize
+    out = [{"name": "rollout share scatter (received)", "group": "world", "bytes": share}]
+    if dp_cp > 1:
+        for buffer in build.buffers:
+            largest = max(buffer.buckets)
+            out += [{"name": "gradient reduce-scatter", "group": "data x context",
+                     "bytes": largest * buffer.grad_dtype.itemsize},
+                    {"name": "parameter all-gather", "group": "data x context",
+                     "bytes": largest * buffer.param_dtype.itemsize}]
+    if tp > 1:
+        name = "sequence-parallel all-gather" if parallel.sequence_parallel else "activation all-reduce"
+        out.append({"name": name, "group": "tensor", "bytes": int(hidden)})
+        out.append({"name": "weight-sync all-gather", "group": "tensor",
+                    "bytes": sync["per_rank"][build.rank]["largest_tp_all_gather_bytes"]})
+    if pp > 1:
+        split = tp if parallel.sequence_parallel else 1
+        out.append({"name": "pipeline send/recv", "group": "pipeline", "bytes": int(hidden / split)})
+        out.append({"name": "weight-sync broadcast", "group": "pipeline",
+                    "bytes": sync["largest_tensor_bytes"]})
+    return out
+
+
+def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
+         gpu_memory: int | None = None) -> dict:
+    """Build every rank of ``config`` at ``world_size`` and report it (module docstring)."""
+    started = time.perf_counter()
+    inputs = build_inputs(config, spec, world_size)
+    builds = []
+    for rank in range(world_size):
+        try:
+            builds.append(build_rank(inputs, rank))
+        except Exception as error:  # noqa: BLE001 - the job's construction error, any type
+            kind = "" if isinstance(error, ValueError) else f"{type(error).__name__}: "
+            raise ValueError(f"rank {rank} of {world_size}: {kind}{error}") from error
+    parallel = config.parallel
+    dp = parallel.data_size(world_size)
+    sequences = math.ceil(config.train.mini_batch_size * config.rollout.n / dp)
+    share = SIZES * 8 + share_bytes(config.rollout.prompts_per_step // config.train.mini_batch_size,
+                                    sequences, config.data.max_prompt_length,
+                                    config.rollout.max_new_tokens)
+    sync = weight_sync_plan(config, spec, builds)
+    ranks = []
+    for build in builds:
+        terms = _rank_memory(config, spec, build)
+        collectives = _collectives(config, spec, build, sync, share, dp)
+        ranks.append({
+            "rank": build.rank, "pipeline": build.pipeline, "tensor": build.tensor,
+            "context": build.context, "data": build.data,
+            "layers": [build.layers[0], build.layers[-1]] if build.layers else [],
+            "parameters": sum(build.parameters.values()),
+            "buffer_padding": sum(b.numel - b.numel_unpadded for b in build.buffers),
+            "grad_buckets": [n for b in build.buffers for n in b.buckets],
+            "optimizer_shard": sum(b.shard for b in build.buffers),
+            "reference_parameters": build.reference_parameters,
+            "bytes": terms,
+            "fits": None if gpu_memory is None else terms["total"] <= gpu_memory,
+            "weight_sync": sync["per_rank"][build.rank],
+            "collectives": collectives,
+            "largest_collective": max(collectives, key=lambda c: c["bytes"]),
+        })
+    del sync["per_rank"]
+    return {
+        "world_size": world_size,
+        "layout": {"tensor": parallel.tensor, "pipeline": parallel.pipeline,
+                   "context": parallel.context, "data": dp,
+                   "sequence_parallel": parallel.sequence_parallel},
+        "model": {"architecture": spec.architecture, "layers": spec.num_layers,
+                  "hidden": spec.hidden_size, "vocab": spec.vocab_size,
+                  "parameters": memory.Arch.from_spec(spec).parameters()},
+        "backend": config.model.backend,
+        "layer_spec_built": "local (portable; Transformer Engine's parameters have the same shapes)",
+        "reference": {"built": inputs.reference,
+                      "resident": inputs.reference and not config.rollout.colocated},
+        "tokens_per_micro_batch": config.actor.max_tokens_per_micro_batch,
+        "longest_sequence": config.data.max_prompt_length + config.rollout.max_new_tokens,
+        "recompute": config.model.recompute,
+        "gpu_memory": gpu_memory,
+        "estimated": ["activations", "logits", "logprob_work"],
+        "rollout_share_bytes_per_rank": share,
+        "weight_sync": sync,
+        "ranks": ranks,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _gib(value: float) -> str:
+    return f"{value / memory.GIB:.2f}"
+
+
+def format_table(report: dict) -> str:
+    """The per-rank table and the job's lines, for the terminal."""
+    head = ["rank", "pp", "tp", "cp", "dp", "layers", "params", "weights", "grads", "optim",
+            "ref", "activ*", "logits*", "lp work*", "total GiB", "largest collective"]
+    if report["gpu_memory"] is not None:
+        head.append("fits")
+    rows = []
+    for r in report["ranks"]:
+        b, big = r["bytes"], r["largest_collective"]
+        layers = f"{r['layers'][0]}-{r['layers'][1]}" if r["layers"] else "-"
+        row = [str(r["rank"]), str(r["pipeline"]), str(r["tensor"]), str(r["context"]),
+               str(r["data"]), layers, f"{r['parameters'] / 1e9:.3f}B",
+               *(_gib(b[k]) for k in ("weights", "grads", "optimizer", "reference",
+                                      "activations", "logits", "logprob_work", "total")),
+               f"{big['name']} {_gib(big['bytes'])} GiB"]
+        if report["gpu_memory"] is not None:
+            row.append("yes" if r["fits"] else "NO")
+        rows.append(row)
+    widths = [max(len(x) for x in column) for column in zip(head, *rows)]
+    lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows]]
+    sync = report["weight_sync"]
+    layout = report["layout"]
+    lines += [
+        "",
+        f"{report['world_size']} ranks (tensor {layout['tensor']} x pipeline {layout['pipeline']}"
+        f" x context {layout['context']} x data {layout['data']}), each built on the meta "
+        f"device in a fake world, in {report['seconds']} s; layer spec built: "
+        f"{report['layer_spec_built']}",
+        "* estimated (docs/scaling.md: the memory model) for a micro-batch of "
+        f"{report['tokens_per_micro_batch']} tokens (longest sequence "
+        f"{report['longest_sequence']}), recompute {report['recompute']}; the other columns are "
+        "the built parameters, megatron's DDP buffers and the distributed optimizer's shard",
+        f"weight sync: {sync['num_buckets']} buckets of <= {sync['bucket_bytes_limit'] >> 20} MiB"
+        f" (largest {sync['largest_bucket_bytes'] / (1 << 20):.0f} MiB, total "
+        f"{_gib(sync['total_bytes'])} GiB; sent as {sync['weight_dtype']}: "
+        f"{_gib(sync['sent_bytes'])} GiB)",
+        f"rollout share: {report['rollout_share_bytes_per_rank'] / (1 << 20):.1f} MiB received "
+        f"by every rank a step (every response at the longest)",
+    ]
+    if report["gpu_memory"] is not None:
+        over = [r["rank"] for r in report["ranks"] if not r["fits"]]
+        lines.append(f"GPU memory {_gib(report['gpu_memory'])} GiB: "
+                     + (f"ranks {over} do not fit" if over else "every rank fits"))
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=1, default=str) + "\n")

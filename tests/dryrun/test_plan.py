@@ -1,0 +1,182 @@
+"""``megatron-archer plan``: the fake world builds what real processes build, megatron's buffers
+keep their invariants, and the byte counts match the code that moves the bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_archer.actor import SequenceBatch
+from megatron_archer.dryrun import plan
+from megatron_archer.dryrun.rank_build import BuildInputs, build_rank
+from megatron_archer.models import ModelSpec, build_gpt_model, hf_weight_buckets
+from megatron_archer.models.weight_map import global_named_parameters
+from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
+from megatron_archer.trainer import load_config
+from megatron_archer.trainer.config import ParallelConfig
+from megatron_archer.trainer.rollout_share import pack_share
+from megatron_archer.trainer.step import MiniBatch
+from tests.distributed import run_distributed
+from tests.models.checkpoints import hf_config
+from tests.models.parallel import model_parallel
+
+ROOT = Path(__file__).parents[2]
+CPU_CONFIG = ROOT / "examples" / "configs" / "archer_arithmetic_cpu.yaml"
+SCALE = ROOT / "examples" / "scale"
+
+
+def _spec(case: str, **overrides) -> ModelSpec:
+    config = hf_config(case, **overrides)
+    config.architectures = [{"qwen3": "Qwen3ForCausalLM"}.get(case, "Qwen2ForCausalLM")]
+    return ModelSpec.from_hf_config(config)
+
+
+def _inputs(spec: ModelSpec, tp: int, pp: int, world: int, cp: int = 1) -> BuildInputs:
+    return BuildInputs(spec=spec, parallel=ParallelConfig(tensor=tp, pipeline=pp, context=cp),
+                       world_size=world, params_dtype=torch.float32, overrides={}, te=False,
+                       reference=False)
+
+
+def _real_stages(rank: int, world: int, cases: list, out: str) -> None:
+    """In a gloo process: each case's stage built as the job builds it (CPU tensors)."""
+    result = {}
+    for name, spec, tp, pp in cases:
+        with model_parallel(tp, pp):
+            model = build_gpt_model(spec, backend="local", params_dtype=torch.float32,
+                                    perform_initialization=False)
+            result[name] = {n: p.numel() for n, p in global_named_parameters(model).items()}
+    Path(out, f"{rank}.json").write_text(json.dumps(result))
+
+
+def test_fake_world_builds_what_real_processes_build(tmp_path):
+    cases = [("qwen3", _spec("qwen3", num_hidden_layers=4), 2, 2),
+             ("qwen2_tied", _spec("qwen2_tied", num_hidden_layers=4), 2, 2)]
+    run_distributed(_real_stages, 4, cases, str(tmp_path))
+    for name, spec, tp, pp in cases:
+        for rank in range(4):
+            real = json.loads((tmp_path / f"{rank}.json").read_text())[name]
+            built = build_rank(_inputs(spec, tp, pp, 4), rank)
+            assert built.parameters == real, (name, rank)
+            assert built.layers == tuple(range(2 * built.pipeline, 2 * built.pipeline + 2))
+
+
+def test_ddp_buffers_and_optimizer_shards():
+    """megatron's invariants on a model whose q/k norms (32 elements) get padded: the buffer
+    is a multiple of lcm(dp x cp, 128), and the data x context ranks' shards partition the
+    stage's parameters."""
+    spec = _spec("qwen3")
+    tp, cp, world = 2, 2, 12  # data parallel 3
+    dp_cp = 6
+    builds = [build_rank(_inputs(spec, tp, 1, world, cp), rank) for rank in range(world)]
+    for tensor in range(tp):
+        mine = [b for b in builds if b.tensor == tensor]
+        assert len(mine) == dp_cp
+        params = sum(mine[0].parameters.values())
+        (buffer,) = mine[0].buffers
+        assert buffer.numel % math.lcm(dp_cp, 128) == 0 and buffer.numel > params
+        assert sum(b.buffers[0].shard for b in mine) == params
+        assert max(b.buffers[0].shard for b in mine) <= buffer.numel // dp_cp
+        assert buffer.param_bytes == 4 * buffer.numel and buffer.grad_bytes == 4 * buffer.numel
+
+
+def test_share_bytes_is_what_pack_share_packs():
+    prompt, response, sequences, count = 3, 5, 4, 2
+    mini_batches = []
+    for _ in range(count):
+        ids = [torch.arange(prompt + response) for _ in range(sequences)]
+        masks = [torch.cat([torch.zeros(prompt, dtype=torch.bool), torch.ones(response, dtype=torch.bool)])
+                 for _ in range(sequences)]
+        mini_batches.append(MiniBatch(SequenceBatch(ids, masks), torch.zeros(sequences),
+                                      torch.zeros(sequences, response)))
+    ints, floats = pack_share(mini_batches)
+    assert plan.share_bytes(count, sequences, prompt, response) == 4 * (ints.numel() + floats.numel())
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"])
+def test_fp8_bytes_is_what_fp8_weight_buckets_sends(name):
+    shape = (300, 200) if "proj" in name else (200,)
+    tensor = torch.randn(shape, dtype=torch.bfloat16)
+    sent = sum(t.numel() * t.element_size() for bucket in fp8_weight_buckets([[(name, tensor)]])
+               for _, t in bucket)
+    assert plan.fp8_bytes(name, tensor.to("meta")) == sent
+
+
+def _export_buckets(rank: int, world: int, spec: ModelSpec, limit: int, out: str) -> None:
+    with model_parallel(1):
+        model = build_gpt_model(spec, backend="local", params_dtype=torch.bfloat16)
+        sizes = [sum(t.numel() * t.element_size() for _, t in bucket)
+                 for bucket in hf_weight_buckets(model, spec, "local", bucket_bytes=limit)]
+    Path(out).write_text(json.dumps(sizes))
+
+
+def test_weight_sync_buckets_are_hf_weight_buckets(tmp_path):
+    spec = _spec("qwen3")
+    run_distributed(_export_buckets, 1, spec, 40_000, str(tmp_path / "sizes.json"))
+    expected = json.loads((tmp_path / "sizes.json").read_text())
+    assert len(expected) > 3
+    assert plan.sync_bucket_bytes(spec, torch.bfloat16, 40_000) == expected
+
+
+def test_parse_bytes():
+    assert plan.parse_bytes("80GiB") == 80 << 30 and plan.parse_bytes("80GB") == 80 * 10**9
+    assert plan.parse_bytes("1.5 mib") == 3 << 19
+    with pytest.raises(ValueError, match="--gpu-memory '80': expected a number and a unit"):
+        plan.parse_bytes("80")
+
+
+def test_world_size():
+    config = load_config(SCALE / "forking_80_20_qwen3_32b.yaml")
+    assert plan.world_size_of(config, nodes=4) == 32 == plan.world_size_of(config, world_size=32)
+    with pytest.raises(ValueError, match="the world size is not implied"):
+        plan.world_size_of(config)
+    with pytest.raises(ValueError, match=r"parallel.tensor \(8\) x .* must equal the world size 24"):
+        plan.world_size_of(config, world_size=24)
+    implied = load_config(SCALE / "forking_80_20_qwen3_32b.yaml", ["parallel.data=2"])
+    assert plan.world_size_of(implied) == 64
+
+
+def test_impossible_layout_is_refused_with_the_jobs_message():
+    """R1-Distill-1.5B's 12 heads over tensor parallel 8 at world size 64: the message of
+    ``ModelSpec.validate_parallelism``, which the job's model build raises."""
+    assert not dist.is_initialized()
+    command = [sys.executable, "-m", "megatron_archer.cli", "plan",
+               str(SCALE / "archer_r1_distill_1.5b_math.yaml"), "parallel.tensor=8",
+               "--model-config", str(SCALE / "model_configs" / "deepseek_r1_distill_qwen_1.5b"),
+               "--world-size", "64", "--out", "/dev/null"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "megatron-archer plan: error: rank 0 of 64: num_attention_heads=12 is not divisible by "
+        "tensor-parallel size 8")
+
+
+def test_cli_table_json_and_fit(tmp_path):
+    """The tiny CPU config at its 2 ranks: the table, the JSON, and exit status 1 when a rank
+    does not fit the named memory."""
+    out = tmp_path / "plan.json"
+    base = [sys.executable, "-m", "megatron_archer.cli", "plan", str(CPU_CONFIG),
+            f"model.path={tmp_path / 'absent'}", "--world-size", "2", "--out", str(out)]
+    config_dir = tmp_path / "model"
+    config_dir.mkdir()
+    tiny = hf_config("qwen3", vocab_size=512)
+    tiny.architectures = ["Qwen3ForCausalLM"]
+    tiny.save_pretrained(config_dir)
+    fits = subprocess.run([*base, "--model-config", str(config_dir), "--gpu-memory", "1GiB"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert fits.returncode == 0, fits.stderr
+    assert "every rank fits" in fits.stdout
+    report = json.loads(out.read_text())
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    assert report["ranks"][0]["parameters"] == report["ranks"][1]["parameters"]
+    tight = subprocess.run([*base, "--model-config", str(config_dir / "config.json"),
+                            "--gpu-memory", "1KiB"], capture_output=True, text=True, cwd=ROOT)
+    assert tight.returncode == 1 and "ranks [0, 1] do not fit" in tight.stdout
+    missing = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "pass --model-config" in missing.stderr
