@@ -59,15 +59,17 @@ class Interpreter:
         return cls(executable, os.path.realpath(sys.base_prefix))
 
 
-def view_args(interpreter: Interpreter) -> list[str]:
-    """bwrap arguments for a read-only view of /usr, the top-level links or directories into it,
-    the loader cache and the interpreter (with traversable parent directories)."""
-    args = ["--ro-bind", "/usr", "/usr"]
+def view(interpreter: Interpreter) -> list[tuple[str, ...]]:
+    """The read-only view of /usr, the top-level links or directories into it, the loader cache
+    and the interpreter (with traversable parent directories), as operations: ("ro-bind", source,
+    target), ("symlink", link target, path), ("dir", path) (mode 0755). The per-run launch gives
+    them to bwrap (`view_args`), the warm pool's server builds them itself (`pool_server`)."""
+    ops: list[tuple[str, ...]] = [("ro-bind", "/usr", "/usr")]
     for top in TOP_LEVEL:
         if os.path.islink(top):
-            args += ["--symlink", os.readlink(top), top]
+            ops.append(("symlink", os.readlink(top), top))
         elif os.path.isdir(top):
-            args += ["--ro-bind", top, top]
+            ops.append(("ro-bind", top, top))
     bound = ["/usr", *TOP_LEVEL]
     paths = [p for p in LOADER_FILES if os.path.exists(p)]
     paths += [interpreter.prefix, os.path.dirname(interpreter.executable)]
@@ -75,9 +77,20 @@ def view_args(interpreter: Interpreter) -> list[str]:
         if any(path == root or path.startswith(root + "/") for root in bound):
             continue
         for parent in reversed(Path(path).parents[:-1]):  # /root, /root/.pyenv, ... (bwrap would copy 0700)
-            args += ["--perms", "0755", "--dir", str(parent)]
-        args += ["--ro-bind", path, path]
+            ops.append(("dir", str(parent)))
+        ops.append(("ro-bind", path, path))
         bound.append(path)
+    return ops
+
+
+def view_args(interpreter: Interpreter) -> list[str]:
+    """`view` as bwrap arguments."""
+    args = []
+    for op in view(interpreter):
+        if op[0] == "dir":
+            args += ["--perms", "0755", "--dir", op[1]]
+        else:
+            args += [f"--{op[0]}", *op[1:]]
     return args
 
 
@@ -146,9 +159,14 @@ class Bwrap:
 
     def command(self, argv: list[str], workdir_bytes: int, seccomp_fd: int | None) -> list[str]:
         inner = inner_args(self.bwrap, self.interpreter, workdir_bytes, seccomp_fd) + ["--", *argv]
+        return self.as_sandbox_user(inner)
+
+    def as_sandbox_user(self, argv: list[str]) -> list[str]:
+        """`argv` run as the sandbox user: as is for a caller that is not root, else inside the
+        root bwrap that arranges the view, after `setpriv` down to 65534."""
         if self.setpriv is None:
-            return inner
-        return outer_args(self.bwrap, self.setpriv, self.interpreter, NOBODY, NOBODY) + inner
+            return argv
+        return outer_args(self.bwrap, self.setpriv, self.interpreter, NOBODY, NOBODY) + argv
 
 
 @functools.cache

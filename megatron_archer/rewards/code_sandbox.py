@@ -44,13 +44,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_archer.rewards import bwrap, cgroups, seccomp_filter
+from megatron_archer.rewards import bwrap, cgroups, sandbox_pool, seccomp_filter
 from megatron_archer.rewards.bwrap import SandboxUnavailable
 
 LAUNCHER = str(Path(__file__).with_name("sandbox_launcher.py"))
 LAUNCHER_SOURCE = Path(LAUNCHER).read_text(encoding="utf-8")
-BWRAP, IN_PROCESS = "bwrap", "in_process"
-SANDBOXES = (BWRAP, IN_PROCESS)
+BWRAP, BWRAP_PER_RUN, IN_PROCESS = "bwrap", "bwrap_per_run", "in_process"
+SANDBOXES = (BWRAP, BWRAP_PER_RUN, IN_PROCESS)
 MAX_PROCESSES = 8  # the pids cgroup's cap: bwrap's own processes plus the program (RLIMIT_NPROC = 0 inside)
 STOP_TIMEOUT_S = 10.0
 
@@ -146,7 +146,9 @@ def configure_sandbox(sandbox: str = BWRAP, workers: int | None = None, check: b
     if sandbox == IN_PROCESS:
         _warn_in_process()
     elif check:
-        bwrap.require()
+        setup = bwrap.require()
+        if sandbox == BWRAP:  # the pool's server starts, and builds a sandbox, on this machine
+            _checked_server(sandbox_pool.PoolServer(setup)).close()
 
 
 def run_python(
@@ -156,6 +158,8 @@ def run_python(
     configured one). Safe to call from several threads."""
     sandbox = sandbox or _settings.sandbox
     if sandbox == BWRAP:
+        return _run_pool(source, stdin, limits)
+    if sandbox == BWRAP_PER_RUN:
         return _run_bwrap(source, stdin, limits)
     if sandbox == IN_PROCESS:
         _warn_in_process()
@@ -213,8 +217,11 @@ def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
             env={}, pass_fds=(program_fd, filter_fd), start_new_session=True,
         )  # fmt: skip
         stack.callback(_close_streams, proc)
+        exited = os.pidfd_open(proc.pid)
+        stack.callback(os.close, exited)
         try:
-            status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+            status, stdout, stderr = _collect(proc.stdout.fileno(), proc.stderr.fileno(), exited,
+                                              start + limits.wall_seconds, limits.output_bytes)
         except BaseException:  # the caller is interrupted: the run must not outlive it
             _stop_sandbox(proc)
             _reap(proc)
@@ -224,6 +231,84 @@ def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
         returncode, cpu = _reap(proc)
         signum = returncode - 128 if 128 < returncode < 128 + signal.NSIG else None
         if returncode < 0:  # bwrap itself was killed (no namespace init was found to stop)
+            signum = -returncode
+        oom = (group is not None and group.oom_killed()) or (
+            signum == signal.SIGKILL and _kernel_oom_kills() > oom_before
+        )
+        return _result(status, returncode, signum, cpu, oom, stdout, stderr, time.monotonic() - start, limits)
+
+
+def _run_pool(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    """A run on this thread's warm pool server; a server that has gone is replaced (one logged
+    line) and the run made again on the new one, once."""
+    try:
+        return _run_on_server(_thread_server(), source, stdin, limits)
+    except sandbox_pool.ServerGone as error:
+        sandbox_pool.drop_thread_server(str(error))
+    return _run_on_server(_thread_server(), source, stdin, limits)
+
+
+def _thread_server() -> sandbox_pool.PoolServer:
+    server, started = sandbox_pool.thread_server(bwrap.require())
+    return _checked_server(server) if started else server
+
+
+POOL_PROBE = ("print('sandbox ok')", "sandbox ok\n")
+
+
+def _checked_server(server: sandbox_pool.PoolServer) -> sandbox_pool.PoolServer:
+    """`server` once it has run a probe program (so a server that cannot build the sandbox is
+    an error at its start, never a reward of 0); raises SandboxUnavailable otherwise."""
+    try:
+        result = _run_on_server(server, POOL_PROBE[0], "", SandboxLimits())
+    except sandbox_pool.ServerGone as error:
+        raise SandboxUnavailable(f"the warm sandbox pool's server failed its first run: {error}") from None
+    if result.status != OK or result.stdout != POOL_PROBE[1]:
+        server.close()
+        raise SandboxUnavailable(f"the warm sandbox pool's server failed its first run ({result.describe()}; "
+                                 f"{result.stderr.strip()[-300:]}). Set `reward.sandbox: bwrap_per_run` "
+                                 "to launch bubblewrap per program instead.")
+    return server
+
+
+def _run_on_server(server: sandbox_pool.PoolServer, source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    """One run on a pool server: the same inputs, cgroup, deadline, output cap and attribution
+    as `_run_bwrap`, with the sandbox built by the server (`pool_server`) instead of bwrap."""
+    layout, _ = cgroups.machine_layout()
+    with contextlib.ExitStack() as stack:
+        inputs = [_sealed_memfd("program", source.encode("utf-8"), read_only=False),
+                  _sealed_memfd("stdin", stdin.encode("utf-8"), read_only=True)]
+        out_read, out_write = os.pipe2(os.O_CLOEXEC)
+        err_read, err_write = os.pipe2(os.O_CLOEXEC)
+        for fd in (*inputs, out_read, err_read):
+            stack.callback(os.close, fd)
+        group = cgroups.RunCgroup(layout, limits.memory_bytes, MAX_PROCESSES) if layout else None
+        cgroup_fds = []
+        if group is not None:
+            stack.callback(group.remove)
+            cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in group.procs_files]
+            for fd in cgroup_fds:
+                stack.callback(os.close, fd)
+        oom_before = _kernel_oom_kills()
+        start = time.monotonic()
+        try:
+            server.start_run({**_rlimits(limits), "workdir_bytes": limits.workdir_bytes},
+                             [*inputs, out_write, err_write], cgroup_fds)
+        finally:  # the run holds the only write ends left: the pipes reach EOF when it ends
+            os.close(out_write)
+            os.close(err_write)
+        try:
+            status, stdout, stderr = _collect(out_read, err_read, server.sock.fileno(),
+                                              start + limits.wall_seconds, limits.output_bytes)
+            if status is not None:
+                server.stop_program()
+            returncode, cpu = server.finish_run(STOP_TIMEOUT_S)
+        except BaseException as error:  # interrupted: no run may outlive this call
+            if not isinstance(error, (sandbox_pool.ServerGone, SandboxUnavailable)):
+                sandbox_pool.drop_thread_server(f"was stopped with its run ({type(error).__name__})")
+            raise
+        signum = returncode - 128 if 128 < returncode < 128 + signal.NSIG else None
+        if returncode < 0:  # the run's holder itself was killed (the memory cgroup's OOM killer, say)
             signum = -returncode
         oom = (group is not None and group.oom_killed()) or (
             signum == signal.SIGKILL and _kernel_oom_kills() > oom_before
@@ -245,9 +330,12 @@ def _run_in_process(source: str, stdin: str, limits: SandboxLimits) -> SandboxRe
                 stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
                 env={"HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}, start_new_session=True,
             )  # fmt: skip
+        exited = os.pidfd_open(proc.pid)
         try:
-            status, stdout, stderr = _collect(proc, start + limits.wall_seconds, limits.output_bytes)
+            status, stdout, stderr = _collect(proc.stdout.fileno(), proc.stderr.fileno(), exited,
+                                              start + limits.wall_seconds, limits.output_bytes)
         finally:
+            os.close(exited)
             _kill_group(proc)  # also after a normal exit: nothing it started survives
             returncode, cpu = _reap(proc)
             _close_streams(proc)
@@ -298,38 +386,34 @@ def _sealed_memfd(name: str, data: bytes, read_only: bool) -> int:
             os.close(fd)
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[str | None, bytes, bytes]:
-    """Read the child's output until it has exited and closed its streams (status None), the
-    deadline passes (TIMEOUT) or the output passes `cap` (OUTPUT_LIMIT). The child is not reaped."""
-    chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    exited = os.pidfd_open(proc.pid)
+def _collect(stdout: int, stderr: int, done: int, deadline: float, cap: int) -> tuple[str | None, bytes, bytes]:
+    """Read the run's output pipes until `done` is readable (the launcher exited, or the pool
+    server answered) and both pipes are closed (status None), the deadline passes (TIMEOUT) or
+    the output passes `cap` (OUTPUT_LIMIT). Nothing is reaped or read from `done`."""
+    chunks = {stdout: bytearray(), stderr: bytearray()}
     status = None
-    try:
-        with selectors.DefaultSelector() as selector:
-            for stream in chunks:
-                selector.register(stream, selectors.EVENT_READ)
-            selector.register(exited, selectors.EVENT_READ)
-            while len(selector.get_map()) and status is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    status = TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        for fd in (stdout, stderr, done):
+            selector.register(fd, selectors.EVENT_READ)
+        while len(selector.get_map()) and status is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                status = TIMEOUT
+                break
+            for key, _ in selector.select(remaining):
+                if key.fd == done:
+                    selector.unregister(done)
+                    continue
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    selector.unregister(key.fd)
+                    continue
+                chunks[key.fd] += data
+                if sum(map(len, chunks.values())) > cap:
+                    status = OUTPUT_LIMIT
                     break
-                for key, _ in selector.select(remaining):
-                    if key.fileobj == exited:
-                        selector.unregister(exited)
-                        continue
-                    data = os.read(key.fd, 1 << 16)
-                    if not data:
-                        selector.unregister(key.fileobj)
-                        continue
-                    chunks[key.fileobj] += data
-                    if sum(map(len, chunks.values())) > cap:
-                        status = OUTPUT_LIMIT
-                        break
-    finally:
-        os.close(exited)
-    stdout, stderr = bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr])
-    return status, stdout[:cap], stderr[: max(0, cap - len(stdout))]
+    out, err = bytes(chunks[stdout]), bytes(chunks[stderr])
+    return status, out[:cap], err[: max(0, cap - len(out))]
 
 
 def _stop_sandbox(proc: subprocess.Popen) -> None:

@@ -166,6 +166,7 @@ def test_the_program_runs_as_an_unprivileged_user_seen_from_the_host():
     sandbox's process has real uid 65534 when the caller is root (the caller's uid otherwise),
     the condition for the kernel to apply RLIMIT_NPROC."""
     with ThreadPoolExecutor(1) as pool:
+        pool.submit(run_python, "pass", "", LIMITS).result()  # a pool server's first run is its probe
         run = pool.submit(run_python, "import time\ntime.sleep(3)", "", LIMITS)
         deadline = time.monotonic() + 20
         inits = []
@@ -292,7 +293,7 @@ def test_in_process_opt_in_warns_and_still_runs(monkeypatch):
 
 
 def test_configure_sandbox_validates():
-    with pytest.raises(ValueError, match="sandbox must be one of bwrap, in_process; got 'docker'"):
+    with pytest.raises(ValueError, match="sandbox must be one of bwrap, bwrap_per_run, in_process; got 'docker'"):
         configure_sandbox("docker")
     with pytest.raises(ValueError, match="workers must be an integer >= 1; got 0"):
         configure_sandbox("bwrap", workers=0)
@@ -355,7 +356,7 @@ def test_reward_sandbox_config_is_validated_and_reaches_the_sandbox(monkeypatch)
     from megatron_archer.trainer.config import RewardConfig
     from megatron_archer.trainer.reward_scoring import RewardScorer
 
-    with pytest.raises(ValueError, match="reward.sandbox must be one of bwrap, in_process; got 'docker'"):
+    with pytest.raises(ValueError, match="reward.sandbox must be one of bwrap, bwrap_per_run, in_process; got 'docker'"):
         from_dict(RewardConfig, {"sandbox": "docker"}, "reward.")
     monkeypatch.setattr(code_sandbox._settings, "warned", False)
     monkeypatch.setattr(code_sandbox._settings, "sandbox", "bwrap")
