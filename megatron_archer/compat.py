@@ -5,7 +5,8 @@ Each patch below names the megatron code it replaces, why, and the megatron-core
 checked against. They are installed once per process; none swaps anything per training call
 (only the once-per-model-build embedding setup and the once-per-save checkpoint writer serve
 CUDA requests on CPU for the duration of their call). On a machine with CUDA,
-``apply_cpu_patches`` does nothing and megatron runs unchanged. Layer-spec choices (the SDPA
+``apply_cpu_patches`` changes nothing but the one fix megatron needs wherever Transformer
+Engine is absent (``_define_te_gemm_when_absent``) and megatron runs unchanged. Layer-spec choices (the SDPA
 ``core_attention`` instead of megatron's CUDA-buffered ``DotProductAttention``) are not patches:
 they live in ``megatron_archer.models.layer_spec``; nor is the CPU emulation of megatron's DDP
 gradient sync and gradient norm, which is the actor's (``megatron_archer.actor.cpu_ddp``).
@@ -26,16 +27,37 @@ def cpu_patches_needed() -> bool:
 
 
 def apply_cpu_patches() -> None:
-    """Install the patches below once per process; a no-op when CUDA is available."""
+    """Install the patches below once per process; with CUDA only the one for a missing
+    Transformer Engine."""
     global _applied
-    if _applied or not cpu_patches_needed():
+    if _applied:
+        return
+    _define_te_gemm_when_absent()
+    if not cpu_patches_needed():
+        _applied = True
         return
     _patch_rotary_embedding_device()
     _patch_shared_embedding_sync()
     _patch_pipeline_schedules_device()
     _patch_sequence_parallel_device()
     _patch_rng_tracker_fork()
+    _patch_moe_layer_device()
     _applied = True
+
+
+def _define_te_gemm_when_absent() -> None:
+    """megatron's MoE router runs without Transformer Engine.
+
+    ``RouterGatingLinearFunction`` (megatron/core/transformer/moe/moe_utils.py) tests
+    ``te_general_gemm is not None`` before its plain ``torch.mm`` fallback, but the module
+    defines that name only when its ``import transformer_engine`` succeeds, so without TE
+    every router forward raises NameError. The name is defined as None there when absent, which
+    selects megatron's own fallback. Checked against megatron-core 0.16.1.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _patch_rotary_embedding_device() -> None:
@@ -207,6 +229,79 @@ def _patch_rng_tracker_fork() -> None:
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
 
     CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+
+
+class _CpuStream:
+    """A stand-in for a CUDA stream on CPU, where every operation is already complete: waiting
+    and synchronising do nothing, a recorded event is complete at once."""
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def record_event(self, event=None) -> _CpuStream:
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
+class _CudaStreamsServedOnCpu(_CudaServedOnCpu):
+    """``_CudaServedOnCpu`` plus streams: ``Stream()`` and ``current_stream()`` -> one
+    ``_CpuStream``, ``stream(s)`` -> a no-op context."""
+
+    @staticmethod
+    def Stream(*args, **kwargs) -> _CpuStream:  # noqa: N802 - torch.cuda's name
+        return _CPU_STREAM
+
+    @staticmethod
+    def current_stream(*args, **kwargs) -> _CpuStream:
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(stream) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class _TorchWithStreamsServedOnCpu(_TorchServedOnCpu):
+    cuda = _CudaStreamsServedOnCpu()
+
+
+def _patch_moe_layer_device() -> None:
+    """megatron's MoE layer (router, alltoall token dispatcher, loss tracker) runs on CPU.
+
+    ``MoEAlltoAllTokenDispatcher`` (megatron/core/transformer/moe/token_dispatcher.py) creates a
+    side ``torch.cuda.Stream()`` in ``__init__`` for its device-to-host copies of the token
+    counts, and ``_maybe_dtoh_and_synchronize`` compares it with ``torch.cuda.current_stream()``,
+    enters ``torch.cuda.stream(...)`` and synchronises on an event it records: all raise without
+    CUDA. On CPU nothing is asynchronous, so the module global ``torch`` of that module is
+    replaced, once per process, by one whose ``cuda`` serves streams with a stand-in on which
+    every wait is a no-op. The same copies turn the all-to-all split sizes into host (numpy)
+    arrays, which ``all_to_all_single`` needs; megatron's ``maybe_move_tensor_to_cpu`` does that
+    only for a CUDA tensor, so on CPU that module's reference to it is wrapped to convert a host
+    tensor when numpy is asked for. The routing, permutation, all-to-all (gloo) and arithmetic
+    are megatron's. The router (moe/router.py) moves its weight to ``torch.cuda.current_device()``
+    at every ``gating`` call and allocates its token counters for the auxiliary losses there, and
+    the auxiliary-loss tracker (moe/moe_utils.py, ``save_to_aux_losses_tracker``) allocates its
+    per-layer values with ``torch.zeros(..., device="cuda")``: those two modules get
+    ``_TorchServedOnCpu`` (``current_device()`` and ``zeros(device="cuda")`` served on CPU).
+    Checked against megatron-core 0.16.1 (one ``Stream()``, one ``current_stream()`` pair and
+    one ``stream()`` context in token_dispatcher.py; 6 ``current_device()`` calls in router.py;
+    one CUDA ``zeros`` in moe_utils.py).
+    """
+    from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
+
+    token_dispatcher.torch = _TorchWithStreamsServedOnCpu()
+    to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        moved = to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        return moved.numpy() if as_numpy and isinstance(moved, torch.Tensor) else moved
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    router.torch = moe_utils.torch = _TorchServedOnCpu()
 
 
 def model_parallel_seed(seed: int) -> None:

@@ -43,7 +43,9 @@ def transformer_config(
         raise RuntimeError("call megatron.core.parallel_state.initialize_model_parallel first")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    spec.validate_parallelism(tp, pp)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    spec.validate_parallelism(tp, pp, ep, etp)
     fields: dict[str, Any] = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -71,8 +73,39 @@ def transformer_config(
         use_cpu_initialization=compat.cpu_patches_needed(),
         perform_initialization=perform_initialization,
     )
+    if spec.is_moe:
+        fields.update(moe_fields(spec, backend, ep, etp))
     fields.update(overrides or {})
     return TransformerConfig(**fields)
+
+
+def moe_fields(spec: ModelSpec, backend: Backend, expert_parallel: int,
+               expert_tensor_parallel: int) -> dict[str, Any]:
+    """TransformerConfig fields of a mixture-of-experts ``spec``, matching transformers'
+    Qwen3-MoE block (docs/numerics.md §13).
+
+    Router: logits in the activations' dtype, softmax scores in float32; with
+    ``moe_norm_topk_prob`` the top-k weights are renormalised to sum to 1, which is megatron's
+    softmax over the top-k logits (``moe_router_pre_softmax=False``); without it they are the
+    full softmax's probabilities (``moe_router_pre_softmax=True``). Dropless (no capacity),
+    alltoall dispatcher. The load-balancing loss is megatron's per-layer ``aux_loss`` with the
+    checkpoint's coefficient, off at 0 (``config_overrides`` may set ``moe_aux_loss_coeff``).
+    """
+    coefficient = spec.router_aux_loss_coef
+    return dict(
+        num_moe_experts=spec.num_experts,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_topk=spec.moe_top_k,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not spec.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=coefficient,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=backend == "te",
+        moe_layer_freq=[int(spec.is_moe_layer(i)) for i in range(spec.num_layers)],
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+    )
 
 
 def build_gpt_model(

@@ -41,10 +41,14 @@ def hf_to_megatron(
     tensor_parallel: int | None = None,
     pipeline_parallel: int = 1,
     force: bool = False,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
 ) -> None:
     """Load the HF checkpoint at the given layout and save it as a distributed checkpoint.
 
-    ``tensor_parallel`` defaults to world size / ``pipeline_parallel``.
+    ``tensor_parallel`` defaults to world size / ``pipeline_parallel``; ``expert_parallel`` and
+    ``expert_tensor_parallel`` (default: ``tensor_parallel``) split a mixture-of-experts
+    model's experts.
     """
     hf_dir = _existing_dir(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -55,7 +59,8 @@ def hf_to_megatron(
     except FileNotFoundError as error:
         raise CheckpointError(f"{hf_dir} is not a Hugging Face checkpoint: {error}") from None
     check_output_dir(out_dir, force)
-    with _model_parallel(spec, tensor_parallel, pipeline_parallel):
+    with _model_parallel(spec, tensor_parallel, pipeline_parallel, expert_parallel,
+                         expert_tensor_parallel):
         loaded = load_hf_model(hf_dir)
         with atomic_output_dir(out_dir, force=force, collective=True) as tmp:
             save_model_checkpoint(loaded.model, loaded.spec, tmp, hf_source=hf_dir)
@@ -70,6 +75,8 @@ def megatron_to_hf(
     max_shard_size: str | int = "5GB",
     dtype: torch.dtype | None = None,
     force: bool = False,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
 ) -> None:
     """Load the distributed checkpoint at the given layout and write an HF directory (rank 0).
 
@@ -78,7 +85,8 @@ def megatron_to_hf(
     checkpoint = read_model_checkpoint(_existing_dir(megatron_dir))
     max_shard_bytes = parse_size(max_shard_size)
     check_output_dir(out_dir, force)
-    with _model_parallel(checkpoint.spec, tensor_parallel, pipeline_parallel):
+    with _model_parallel(checkpoint.spec, tensor_parallel, pipeline_parallel, expert_parallel,
+                         expert_tensor_parallel):
         loaded = load_model_checkpoint(checkpoint.directory)
         buckets = hf_weight_buckets(loaded.model, loaded.spec, loaded.backend)
         if dist.get_rank() == 0:
@@ -104,24 +112,31 @@ def _existing_dir(path: str | Path) -> Path:
 
 
 @contextmanager
-def _model_parallel(spec: ModelSpec, tensor_parallel: int | None, pipeline_parallel: int):
+def _model_parallel(spec: ModelSpec, tensor_parallel: int | None, pipeline_parallel: int,
+                    expert_parallel: int = 1, expert_tensor_parallel: int | None = None):
     """Megatron's groups for the layout, after checking it against the model and world size;
     the process group too when none exists (torchrun's environment, else a one-rank group)."""
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     tp = tensor_parallel or max(world // pipeline_parallel, 1)
-    spec.validate_parallelism(tp, pipeline_parallel)
+    etp = expert_tensor_parallel or tp
+    spec.validate_parallelism(tp, pipeline_parallel, expert_parallel, etp)
     if world % (tp * pipeline_parallel):
         raise ValueError(
             f"world size {world} is not a multiple of tensor x pipeline parallel "
             f"{tp} x {pipeline_parallel}"
         )
+    if world % (etp * expert_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not a multiple of expert-tensor x expert x pipeline "
+            f"parallel {etp} x {expert_parallel} x {pipeline_parallel}")
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron model parallel is already initialised; convert needs its own")
     created = not dist.is_initialized()
     if created:
         init_process_group()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pipeline_parallel
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel, expert_tensor_parallel_size=etp,
     )
     try:
         yield
@@ -148,6 +163,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         command.add_argument("--out", required=True, type=Path, help="output directory")
         command.add_argument("--tp", type=int, help="tensor parallel (default: world size / pp)")
         command.add_argument("--pp", type=int, default=1, help="pipeline parallel (default: 1)")
+        command.add_argument("--ep", type=int, default=1,
+                             help="expert parallel, mixture-of-experts models (default: 1)")
+        command.add_argument("--etp", type=int,
+                             help="expert-tensor parallel (default: the tensor-parallel size)")
         command.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return parser
 
@@ -157,7 +176,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     ``prog``: the command name in usage lines (``megatron-archer convert`` from the CLI)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    layout = dict(tensor_parallel=args.tp, pipeline_parallel=args.pp, force=args.force)
+    layout = dict(tensor_parallel=args.tp, pipeline_parallel=args.pp, force=args.force,
+                  expert_parallel=args.ep, expert_tensor_parallel=args.etp)
     try:
         if args.command == "hf-to-megatron":
             hf_to_megatron(args.hf, args.out, **layout)

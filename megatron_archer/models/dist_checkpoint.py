@@ -155,6 +155,7 @@ def save_model_checkpoint(
             "saved_layout": {
                 "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
                 "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+                "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
             },
         }
         (directory / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")

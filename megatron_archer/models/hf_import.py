@@ -1,7 +1,8 @@
 """Load a Hugging Face safetensors checkpoint into this rank's shard of a megatron GPTModel.
 
-Every rank reads only the tensors of its own pipeline stage (memory-mapped) and keeps its
-tensor-parallel shard. The checkpoint is checked as a whole before anything is written: a
+Every rank reads only the tensors of its own pipeline stage (memory-mapped; of a
+mixture-of-experts layer, only its own experts) and keeps its tensor-parallel (for an expert,
+expert-tensor-parallel) shard. The checkpoint is checked as a whole before anything is written: a
 missing, unexpected or wrongly shaped tensor is an error that names it.
 """
 
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from megatron.core import parallel_state
 from safetensors import safe_open
 from torch import nn
 
@@ -23,6 +23,7 @@ from megatron_archer.models.layer_spec import Backend, select_backend
 from megatron_archer.models.spec import ModelSpec
 from megatron_archer.models.weight_map import (
     global_named_parameters,
+    shard_group,
     tied_output_mapping,
     to_shard,
     weight_mappings,
@@ -153,14 +154,12 @@ def load_hf_weights(
     by_name = {m.megatron_name: m for m in weight_mappings(spec, backend)}
     if spec.tie_word_embeddings:
         by_name.setdefault("output_layer.weight", tied_output_mapping(spec))
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in global_named_parameters(model).items():
         mapping = by_name.get(name)
         if mapping is None:
             raise CheckpointError(f"megatron parameter {name} has no Hugging Face mapping")
         hf = [checkpoint.get(n) for n in mapping.hf_names]
-        shard = to_shard(mapping, hf, spec, tp_rank, tp_size)
+        shard = to_shard(mapping, hf, spec, *shard_group(mapping))
         if shard.shape != param.shape:
             raise CheckpointError(
                 f"{name}: shard from {', '.join(mapping.hf_names)} has shape "

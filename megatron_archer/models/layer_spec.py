@@ -8,6 +8,12 @@
 
 The two differ in where the pre-attention and pre-MLP norms live (``NORM_PARAMS``), which the
 Hugging Face weight mapping reads.
+
+Mixture-of-experts layers (``ModelSpec.moe_layers``) take megatron's ``MoELayer`` as their MLP:
+its top-k router, the alltoall token dispatcher and, on the local spec, ``SequentialMLP`` experts
+(one pair of megatron parallel linears per expert); the TE spec uses TE's grouped-GEMM experts
+(``TEGroupedMLP``). In both the pre-MLP norm of such a layer is ``MOE_PRE_MLP_NORM``, and expert
+parameters are named by ``expert_param_name``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_archer.models.sdpa_attention import SDPACoreAttention
 from megatron_archer.models.spec import ModelSpec
@@ -32,6 +39,16 @@ NORM_PARAMS: dict[str, tuple[str, str]] = {
     "te": ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
     "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
 }
+# the pre-MLP norm of a mixture-of-experts layer (a separate norm in both backends)
+MOE_PRE_MLP_NORM = "pre_mlp_layernorm.weight"
+
+
+def expert_param_name(backend: Backend, local_expert: int, linear: str) -> str:
+    """Name inside a layer of ``linear`` ("linear_fc1" / "linear_fc2") of this rank's
+    ``local_expert``: ``SequentialMLP`` (local) or ``TEGroupedMLP`` (te) naming."""
+    if backend == "te":
+        return f"mlp.experts.{linear}.weight{local_expert}"
+    return f"mlp.experts.local_experts.{local_expert}.{linear}.weight"
 
 
 def transformer_engine_available() -> bool:
@@ -69,16 +86,18 @@ class PortableRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def transformer_layer_spec(spec: ModelSpec, backend: Backend) -> ModuleSpec:
-    """The megatron ``ModuleSpec`` of one decoder layer of ``spec`` for ``backend``."""
+def transformer_layer_spec(spec: ModelSpec, backend: Backend, moe: bool = False) -> ModuleSpec:
+    """The megatron ``ModuleSpec`` of one decoder layer of ``spec`` for ``backend``; ``moe``: a
+    mixture-of-experts layer (``spec.num_experts`` experts)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    num_experts = spec.num_experts if moe else None
     if backend == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            qk_layernorm=spec.qk_layernorm
+            num_experts=num_experts, moe_grouped_gemm=moe, qk_layernorm=spec.qk_layernorm
         )
     layer = gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
+        num_experts=num_experts, qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
     )
     layer.submodules.input_layernorm = PortableRMSNorm
     layer.submodules.pre_mlp_layernorm = PortableRMSNorm
@@ -93,11 +112,17 @@ def decoder_block_spec(spec: ModelSpec, backend: Backend,
                        config) -> ModuleSpec | TransformerBlockSubmodules:
     """What ``GPTModel(transformer_layer_spec=...)`` takes for this pipeline stage's decoder.
 
-    TE: the layer spec (megatron adds its TE final norm). Local: the stage's layers with
-    ``PortableRMSNorm`` as the final norm (megatron's default there is ``WrappedTorchNorm``).
+    TE, dense: the layer spec (megatron adds its TE final norm). Otherwise the stage's layers,
+    each dense or mixture-of-experts as ``spec.moe_layers`` says, with ``PortableRMSNorm`` (local)
+    or TE's norm as the final norm (megatron's local default is ``WrappedTorchNorm``).
     """
-    layer = transformer_layer_spec(spec, backend)
+    if backend == "te" and not spec.is_moe:
+        return transformer_layer_spec(spec, backend)
+    offset = get_transformer_layer_offset(config)
+    layers = [transformer_layer_spec(spec, backend, moe=spec.is_moe_layer(offset + i))
+              for i in range(get_num_layers_to_build(config))]
     if backend == "te":
-        return layer
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
-                                      layer_norm=PortableRMSNorm)
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=layers, layer_norm=TENorm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=PortableRMSNorm)

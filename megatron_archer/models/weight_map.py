@@ -15,17 +15,32 @@ Every mapping converts between the full HF tensors and one tensor-parallel rank'
   [q heads of g, k_g, v_g]; a rank holds a contiguous run of whole groups.
 - ``GATE_UP``: megatron's fused ``linear_fc1`` holds [gate_r; up_r] on rank r (the MLP splits
   its local output in two halves), so the gathered tensor is not [gate; up].
+
+Mixture-of-experts layers map the router (``mlp.router.weight`` <- ``mlp.gate.weight``,
+replicated) and each expert E (``linear_fc1`` <- ``mlp.experts.E.{gate,up}_proj.weight`` as
+``GATE_UP``, ``linear_fc2`` <- ``mlp.experts.E.down_proj.weight`` as ``ROW``): the per-expert
+names Hugging Face checkpoints hold on disk (and SGLang and vLLM load), whatever layout
+transformers uses in memory. An expert's mapping has ``expert`` = E, its name uses the global
+expert number (``global_named_parameters`` renames this rank's local experts), it lives on
+expert-parallel rank E // (experts per rank) and is split over the expert-tensor-parallel group
+(``shard_group``).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from megatron_archer.models.layer_spec import NORM_PARAMS, Backend
+from megatron_archer.models.layer_spec import (
+    MOE_PRE_MLP_NORM,
+    NORM_PARAMS,
+    Backend,
+    expert_param_name,
+)
 from megatron_archer.models.spec import ModelSpec
 
 
@@ -45,6 +60,19 @@ class WeightMapping:
     hf_names: tuple[str, ...]
     hf_shapes: tuple[tuple[int, ...], ...]
     layout: Layout
+    expert: int | None = None  # the global expert number of an expert's linear
+
+
+def shard_group(mapping: WeightMapping) -> tuple[int, int]:
+    """(rank, size) in the group a mapping's tensor is split over: tensor parallel, or for an
+    expert's linear expert-tensor parallel. Model-parallel groups must exist."""
+    from megatron.core import parallel_state
+
+    if mapping.expert is not None:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
 
 
 def weight_mappings(spec: ModelSpec, backend: Backend) -> list[WeightMapping]:
@@ -78,6 +106,11 @@ def weight_mappings(spec: ModelSpec, backend: Backend) -> list[WeightMapping]:
         out += [
             WeightMapping(mg + "self_attention.linear_proj.weight", (attn + "o_proj.weight",),
                           ((h, q_rows),), Layout.ROW),
+        ]
+        if spec.is_moe_layer(i):
+            out += _moe_mappings(spec, backend, mg, hf)
+            continue
+        out += [
             WeightMapping(mg + mlp_norm, (hf + "post_attention_layernorm.weight",), ((h,),),
                           Layout.REPLICATED),
             WeightMapping(mg + "mlp.linear_fc1.weight",
@@ -91,6 +124,27 @@ def weight_mappings(spec: ModelSpec, backend: Backend) -> list[WeightMapping]:
     if not spec.tie_word_embeddings:
         out.append(WeightMapping("output_layer.weight", ("lm_head.weight",),
                                  ((spec.vocab_size, h),), Layout.VOCAB))  # fmt: skip
+    return out
+
+
+def _moe_mappings(spec: ModelSpec, backend: Backend, mg: str, hf: str) -> list[WeightMapping]:
+    """The pre-MLP norm, router and experts of mixture-of-experts layer prefixes mg / hf."""
+    h, f = spec.hidden_size, spec.moe_ffn_hidden_size
+    out = [
+        WeightMapping(mg + MOE_PRE_MLP_NORM, (hf + "post_attention_layernorm.weight",), ((h,),),
+                      Layout.REPLICATED),
+        WeightMapping(mg + "mlp.router.weight", (hf + "mlp.gate.weight",),
+                      ((spec.num_experts, h),), Layout.REPLICATED),
+    ]  # fmt: skip
+    for e in range(spec.num_experts):
+        expert = f"{hf}mlp.experts.{e}."
+        out += [
+            WeightMapping(mg + expert_param_name(backend, e, "linear_fc1"),
+                          (expert + "gate_proj.weight", expert + "up_proj.weight"),
+                          ((f, h), (f, h)), Layout.GATE_UP, expert=e),
+            WeightMapping(mg + expert_param_name(backend, e, "linear_fc2"),
+                          (expert + "down_proj.weight",), ((h, f),), Layout.ROW, expert=e),
+        ]  # fmt: skip
     return out
 
 
@@ -149,16 +203,41 @@ def from_shards(
     return [torch.cat(part, dim=0) for part in parts]
 
 
+# a local expert's linear: SequentialMLP (local) or TEGroupedMLP (te) naming; groups: the text
+# before the local expert number, the number, the text after it
+_LOCAL_EXPERT = (re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..+)$"),
+                 re.compile(r"^(mlp\.experts\.linear_fc[12]\.weight)(\d+)()$"))
+
+
 def global_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """This stage's parameters named with global layer numbers (``decoder.layers.<global>.``)."""
+    """This stage's parameters named with global layer numbers (``decoder.layers.<global>.``)
+    and, for this expert-parallel rank's experts, global expert numbers."""
     offsets = {
         f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
         for i, layer in enumerate(model.decoder.layers)
     }
+    first_expert = _first_local_expert(model)
     named = {}
     for name, param in model.named_parameters():
         if name.startswith("decoder.layers."):
             local_prefix = ".".join(name.split(".")[:3]) + "."
-            name = offsets[local_prefix] + name[len(local_prefix) :]
+            rest = name[len(local_prefix) :]
+            match = next((m for m in (p.match(rest) for p in _LOCAL_EXPERT) if m), None)
+            if match:
+                head, number, tail = match.groups()
+                rest = f"{head}{first_expert + int(number)}{tail}"
+            name = offsets[local_prefix] + rest
         named[name] = param
     return named
+
+
+def _first_local_expert(model: nn.Module) -> int:
+    """Global number of this rank's first expert: experts are split evenly over the
+    expert-parallel ranks in order."""
+    experts = getattr(getattr(model, "config", None), "num_moe_experts", None)
+    if not experts:
+        return 0
+    from megatron.core import parallel_state
+
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return parallel_state.get_expert_model_parallel_rank() * (experts // ep)

@@ -42,14 +42,27 @@ CASES: dict[str, tuple[type, dict]] = {
     ),
 }  # fmt: skip
 
+# Qwen3-MoE: 4 experts, top-2, every layer sparse (Qwen3-30B-A3B's pattern); kept out of CASES,
+# whose tests train at tensor parallel 2 without sequence parallelism (megatron's MoE layer
+# refuses that)
+MOE_CASES: dict[str, tuple[type, dict]] = {
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_experts=4,
+             num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+             decoder_sparse_step=1, mlp_only_layers=[]),
+    ),
+}  # fmt: skip
+
 
 def hf_config(case: str, **overrides) -> transformers.PretrainedConfig:
-    config_cls, fields = CASES[case]
+    config_cls, fields = {**CASES, **MOE_CASES}[case]
     return config_cls(**{**_COMMON, **fields, **overrides})
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Norms ~ 1 + N(0, 0.2), biases ~ N(0, 0.2), matrices ~ N(0, 1/fan_in), embeddings N(0, 1)."""
+    """Norms ~ 1 + N(0, 0.2), biases ~ N(0, 0.2), matrices ~ N(0, 1/fan_in), embeddings N(0, 1);
+    transformers' stacked expert matrices [experts, out, in] as matrices."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -61,7 +74,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             elif "embed_tokens" in name:
                 param.copy_(noise)
             else:
-                param.copy_(noise / param.shape[1] ** 0.5)
+                param.copy_(noise / param.shape[-1] ** 0.5)
 
 
 def write_checkpoint(
@@ -75,9 +88,17 @@ def write_checkpoint(
     return directory
 
 
+def hf_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """transformers' model of the checkpoint in ``dtype``; mixture-of-experts models with the
+    eager per-expert loop (the default grouped-GEMM kernel has no float64)."""
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    eager = {"experts_implementation": "eager"} if getattr(config, "num_experts", 0) else {}
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **eager)
+
+
 def hf_logits(checkpoint: Path, input_ids: torch.Tensor,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """transformers' own forward of the checkpoint in ``dtype``: [b, s, vocab]."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    model = hf_model(checkpoint, dtype)
     with torch.no_grad():
         return model(input_ids=input_ids).logits

@@ -10,12 +10,15 @@ from megatron.core import parallel_state
 
 
 @contextmanager
-def model_parallel(tensor_parallel: int, pipeline_parallel: int = 1, context_parallel: int = 1):
+def model_parallel(tensor_parallel: int, pipeline_parallel: int = 1, context_parallel: int = 1,
+                   expert_parallel: int = 1, expert_tensor_parallel: int | None = None):
     """Megatron's groups for the given sizes, torn down afterwards so a worker can loop sizes."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         context_parallel_size=context_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
     )
     try:
         yield

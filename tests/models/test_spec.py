@@ -107,3 +107,65 @@ def test_backend_selection_without_cuda_or_transformer_engine():
             params_dtype=torch.float32,
             fp8="hybrid",
         )
+
+
+def test_qwen3_moe_fields_and_sparse_layers():
+    """Which layers have experts follows transformers' Qwen3MoeDecoderLayer: not in
+    mlp_only_layers and (i + 1) a multiple of decoder_sparse_step."""
+    spec = _spec("qwen3_moe", "Qwen3MoeForCausalLM", router_aux_loss_coef=0.01)
+    assert (spec.num_experts, spec.moe_top_k, spec.moe_ffn_hidden_size) == (4, 2, 48)
+    assert (spec.moe_norm_topk_prob, spec.moe_layers, spec.router_aux_loss_coef) == (
+        True, (0, 1), 0.01)
+    assert spec.qk_layernorm and not spec.qkv_bias and spec.is_moe
+    sparse = _spec("qwen3_moe", "Qwen3MoeForCausalLM", num_hidden_layers=6, decoder_sparse_step=2,
+                   mlp_only_layers=[3], norm_topk_prob=False)
+    assert sparse.moe_layers == (1, 5) and not sparse.moe_norm_topk_prob
+    assert not _spec("qwen3", "Qwen3ForCausalLM").is_moe
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok=5 exceeds num_experts=4"),
+        ({"mlp_only_layers": [0, 1]}, "leave no mixture-of-experts layer"),
+        ({"decoder_sparse_step": 0}, "decoder_sparse_step=0"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)  # fmt: skip
+def test_unsupported_moe_configs_name_the_field(overrides, field):
+    with pytest.raises(UnsupportedModelError, match=field):
+        _spec("qwen3_moe", "Qwen3MoeForCausalLM", **overrides)
+
+
+@pytest.mark.parametrize(
+    "tp, ep, etp, message",
+    [
+        (1, 3, 1, "num_experts=4 is not divisible by expert-parallel size 3"),
+        (1, 2, 5, "moe_intermediate_size=48 is not divisible by expert-tensor-parallel size 5"),
+        (1, 2, None, None),
+        (2, 4, 1, None),
+        (2, 2, None, None),  # expert-tensor defaults to tensor (48 / 2)
+    ],
+)  # fmt: skip
+def test_expert_parallel_sizes_that_do_not_divide_the_model(tp, ep, etp, message):
+    spec = _spec("qwen3_moe", "Qwen3MoeForCausalLM")
+    if message is None:
+        spec.validate_parallelism(tp, 1, ep, etp)
+        return
+    with pytest.raises(UnsupportedModelError, match=message):
+        spec.validate_parallelism(tp, 1, ep, etp)
+
+
+def test_expert_parallel_needs_a_moe_model():
+    with pytest.raises(UnsupportedModelError, match="expert-parallel size 2 .* need a mixture"):
+        _spec("qwen3", "Qwen3ForCausalLM").validate_parallelism(1, 1, 2)
+
+
+def test_all_sparse_moe_model_ignores_the_unused_dense_intermediate_size():
+    """Qwen3-30B-A3B's intermediate_size (6144) belongs to no layer: it need not divide by TP."""
+    spec = _spec("qwen3_moe", "Qwen3MoeForCausalLM", intermediate_size=97)
+    spec.validate_parallelism(2, 1, 2, 1)
+    dense_first = _spec("qwen3_moe", "Qwen3MoeForCausalLM", intermediate_size=97,
+                        mlp_only_layers=[0])
+    with pytest.raises(UnsupportedModelError, match="intermediate_size=97"):
+        dense_first.validate_parallelism(2, 1, 2, 1)
