@@ -1,5 +1,6 @@
-"""RLVR objectives: advantages, entropy-based token selection (forking tokens, Archer), the clipped
-policy loss normalised over the whole optimiser step, and its metrics (docs/numerics.md §§ 2 to 5, 7).
+"""RLVR objectives: advantages, entropy-based token selection (forking tokens, Archer), covariance-
+based selection (Clip-Cov, KL-Cov), the clipped policy loss normalised over the whole optimiser
+step, and its metrics (docs/numerics.md §§ 2 to 5, 7, 10).
 
 Per optimiser step a trainer calls, on every data-parallel rank:
 
@@ -20,15 +21,18 @@ from megatron_archer.algorithms.config import (
     AdvantageConfig,
     AlgorithmConfig,
     ArcherConfig,
+    ClipCovConfig,
     Constraints,
     DynamicSamplingConfig,
     ForkingConfig,
+    KLCovConfig,
     LossConfig,
     OverlongConfig,
     SelectionConfig,
     config_from_dict,
     preset,
 )
+from megatron_archer.algorithms.covariance import CovarianceStats, CovarianceTokens, token_hash
 from megatron_archer.algorithms.metrics import entropy_summary, loss_metric_sums, reduce_loss_metrics
 from megatron_archer.algorithms.order_stats import kth_largest, top_count
 from megatron_archer.algorithms.policy_loss import (
@@ -48,11 +52,12 @@ from megatron_archer.algorithms.token_selection import (
 )
 
 __all__ = [
-    "AdvantageConfig", "AlgorithmConfig", "ArcherConfig", "Constraints", "DynamicSamplingConfig",
-    "DynamicSamplingResult", "ForkingConfig", "LossConfig", "LossTerms", "OverlongConfig",
+    "AdvantageConfig", "AlgorithmConfig", "ArcherConfig", "ClipCovConfig", "Constraints",
+    "CovarianceStats", "CovarianceTokens", "DynamicSamplingConfig", "DynamicSamplingResult",
+    "ForkingConfig", "KLCovConfig", "LossConfig", "LossTerms", "OverlongConfig",
     "PolicyLossOutput", "SelectionConfig", "StepContext", "TokenSelection", "build_step_context",
     "class_constraints", "classify_tokens", "clipped_pg_loss", "config_from_dict",
     "dynamic_sampling_filter", "entropy_summary", "group_advantages", "groups_with_signal",
     "kl_penalty", "kth_largest", "loss_metric_sums", "overlong_penalty", "policy_loss", "preset",
-    "reduce_loss_metrics", "select_tokens", "selection_entropy", "top_count",
+    "reduce_loss_metrics", "select_tokens", "selection_entropy", "token_hash", "top_count",
 ]

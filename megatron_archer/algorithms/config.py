@@ -25,7 +25,8 @@ from megatron_archer.config_fields import (
 )
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-SELECTION_METHODS = ("none", "forking", "archer", "archer_soft")
+SELECTION_METHODS = ("none", "forking", "archer", "archer_soft", "clip_cov", "kl_cov")
+COVARIANCE_METHODS = ("clip_cov", "kl_cov")
 ENTROPY_SOURCES = ("current", "old")
 FORKING_SCOPES = ("global", "micro_batch")
 FORKING_NORMALIZERS = ("all", "selected")
@@ -150,26 +151,68 @@ class ArcherConfig:
 
 
 @dataclass(frozen=True)
+class ClipCovConfig:
+    """Clip-Cov (docs/numerics.md §10): of the tokens whose centred covariance between log-prob
+    and advantage lies in [``lb``, ``ub``], max(1, floor(``ratio`` N)) drawn at random (N: the
+    step's tokens) carry no policy gradient. Defaults: the paper's and its authors' code."""
+
+    ratio: float = 2e-4
+    lb: float = 1.0
+    ub: float = 5.0
+
+    def __post_init__(self):
+        number("ratio", self.ratio, low=0.0, high=1.0, low_open=True)
+        number("lb", self.lb, low=-float("inf"))
+        number("ub", self.ub, low=-float("inf"))
+        if self.ub < self.lb:
+            raise ValueError(f"ub must be >= lb ({self.lb}); got {self.ub}")
+
+
+@dataclass(frozen=True)
+class KLCovConfig:
+    """KL-Cov (docs/numerics.md §10): the max(1, floor(``ratio`` N)) tokens of the step with the
+    largest centred covariance between log-prob and advantage get ``coef`` * |logp - logp_old|
+    added to their loss. Defaults: the paper's (its Qwen2.5-7B runs) and its authors' code."""
+
+    ratio: float = 2e-3
+    coef: float = 1.0
+
+    def __post_init__(self):
+        number("ratio", self.ratio, low=0.0, high=1.0, low_open=True)
+        number("coef", self.coef, low=0.0)
+
+
+@dataclass(frozen=True)
 class SelectionConfig:
     """Which tokens carry policy gradient and under which constraints (docs/numerics.md §4, 5).
 
     ``method``: ``none`` (every token, ``LossConfig.clip``), ``forking`` (see ForkingConfig),
     ``archer`` and ``archer_soft`` (see ArcherConfig; their per-class constraints replace
-    ``LossConfig.clip``). ``entropy_source`` tells the trainer which detached entropy to select
-    with: the ``current`` policy's from the training forward (both papers' code) or the ``old``
-    policy's, computed once per batch.
+    ``LossConfig.clip``), ``clip_cov`` and ``kl_cov`` (see ClipCovConfig, KLCovConfig; they select
+    by covariance, not entropy, and keep ``LossConfig.clip``). ``entropy_source`` tells the trainer
+    which detached entropy to select with: the ``current`` policy's from the training forward
+    (both papers' code) or the ``old`` policy's, computed once per batch.
     """
 
     method: str = "none"
     entropy_source: str = "current"
     forking: ForkingConfig = field(default_factory=ForkingConfig)
     archer: ArcherConfig = field(default_factory=ArcherConfig)
+    clip_cov: ClipCovConfig = field(default_factory=ClipCovConfig)
+    kl_cov: KLCovConfig = field(default_factory=KLCovConfig)
 
     def __post_init__(self):
         choice("method", self.method, SELECTION_METHODS)
         choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
         instance("forking", self.forking, ForkingConfig)
         instance("archer", self.archer, ArcherConfig)
+        instance("clip_cov", self.clip_cov, ClipCovConfig)
+        instance("kl_cov", self.kl_cov, KLCovConfig)
+
+    @property
+    def uses_entropy(self) -> bool:
+        """The method selects by entropy (every one but ``none`` and the covariance methods)."""
+        return self.method not in ("none", *COVARIANCE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -294,6 +337,14 @@ def _check_selection_fields_used(selection: SelectionConfig) -> None:
         raise ValueError(f"selection.archer is set but selection.method is {method!r}, which "
                          f"does not use it; set selection.method 'archer' or 'archer_soft' or drop "
                          f"the selection.archer overrides")
+    for name, default in (("clip_cov", ClipCovConfig()), ("kl_cov", KLCovConfig())):
+        if method != name and getattr(selection, name) != default:
+            raise ValueError(f"selection.{name} is set but selection.method is {method!r}, which "
+                             f"does not use it; set selection.method {name!r} or drop the "
+                             f"selection.{name} overrides")
+    if method in COVARIANCE_METHODS and selection.entropy_source != "current":
+        raise ValueError(f"selection.entropy_source is set but selection.method {method!r} does "
+                         f"not select by entropy; drop the selection.entropy_source override")
     if method == "archer" and selection.archer.soft_width != ArcherConfig().soft_width:
         raise ValueError("selection.archer.soft_width is used by selection.method 'archer_soft' "
                          "only; selection.method is 'archer'")

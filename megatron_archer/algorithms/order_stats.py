@@ -81,30 +81,54 @@ def _key_value(key: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
+def floor_count(ratio: float, n: int) -> int:
+    """k = max(1, floor(ratio * n)) for n >= 1, 0 for n = 0: the covariance methods' token budget
+    (docs/numerics.md §10). A relative slack of 1e-12 keeps float rounding from losing a token
+    (0.29 * 100 is 28.999..., not 29)."""
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.floor(ratio * n * (1.0 + 1e-12))))
+
+
+def kth_largest_key(keys: Sequence[torch.Tensor], ks: Sequence[int], low: int, high: int,
+                    group=None) -> list[int]:
+    """For each k in ``ks``, the exact k-th largest of all int64 ``keys`` on all ranks.
+
+    ``keys`` are 1-D int64 tensors (this rank's, e.g. one per micro-batch) with values in
+    [low, high]. Nothing is gathered: a bisection over [low, high] needs one all-reduce of
+    len(ks) counts per step, ceil(log2(high - low + 1)) steps, identical on every rank. Ties count
+    with their multiplicity. Every k must be >= 1 and at most the global count of keys (the
+    result is ``low`` otherwise); every rank passes the same ``ks``, ``low`` and ``high``.
+    """
+    flat = torch.cat([k.reshape(-1) for k in keys]).sort().values if keys else \
+        torch.zeros(0, dtype=torch.int64)
+    # the bisection state and the counts all-reduced are CPU control values whatever the keys'
+    # device, so every rank reduces on the same device (distributed.py's device rule)
+    want = torch.tensor([max(int(k), 1) for k in ks], dtype=torch.int64)
+    lo = torch.full_like(want, low)
+    hi = torch.full_like(want, high)
+    while bool((lo < hi).any()):
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2), no int64 overflow
+        below = torch.searchsorted(flat, mid.to(flat.device), right=False).cpu()
+        enough = all_reduce_(flat.numel() - below, group) >= want
+        lo = torch.where(enough, mid, lo)
+        hi = torch.where(enough, hi, mid - 1)
+    return lo.tolist()
+
+
 def kth_largest(values: Sequence[torch.Tensor], ks: Sequence[int], group=None) -> list[float]:
     """For each k in ``ks``, the exact k-th largest float32 value of all ``values`` on all ranks.
 
     ``values`` are 1-D tensors (this rank's valid entries, e.g. one per micro-batch), compared in
-    float32. Nothing is gathered: a bisection over the 2^32 float32 order keys needs one all-reduce
-    of len(ks) counts per step, 32 steps in all, identical on every rank. Ties count with their
-    multiplicity, so ``x >= kth_largest`` holds for at least k values (more when the k-th is tied).
-    k <= 0 gives +inf; every rank must pass the same ``ks``, each at most the global count.
+    float32, by bisection over their 2^32 order keys (``kth_largest_key``, 32 all-reduces of
+    len(ks) counts). Ties count with their multiplicity, so ``x >= kth_largest`` holds for at
+    least k values (more when the k-th is tied). k <= 0 gives +inf; every rank must pass the same
+    ``ks``, each at most the global count.
     """
-    local = [_order_key(v.detach().reshape(-1)) for v in values]
-    keys = torch.cat(local).sort().values if local else torch.zeros(0, dtype=torch.int64)
-    # the bisection state and the counts all-reduced are CPU control values whatever the values'
-    # device, so every rank reduces on the same device (distributed.py's device rule)
-    want = torch.tensor([max(int(k), 1) for k in ks], dtype=torch.int64)
-    low = torch.full_like(want, _INT32_MIN)
-    high = torch.full_like(want, _INT32_MAX)
-    while bool((low < high).any()):
-        mid = torch.div(low + high + 1, 2, rounding_mode="floor")
-        below = torch.searchsorted(keys, mid.to(keys.device), right=False).cpu()
-        enough = all_reduce_(keys.numel() - below, group) >= want
-        low = torch.where(enough, mid, low)
-        high = torch.where(enough, high, mid - 1)
+    keys = kth_largest_key([_order_key(v.detach().reshape(-1)) for v in values], ks,
+                           _INT32_MIN, _INT32_MAX, group)
     result = []
-    for k, key in zip(ks, low.tolist()):
+    for k, key in zip(ks, keys):
         if k <= 0:
             result.append(float("inf"))
         elif key == _INT32_MIN:  # no key had k values at or above it: k exceeds the global count

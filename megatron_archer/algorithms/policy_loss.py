@@ -7,7 +7,8 @@ ignored (they may be -inf or NaN) and get zero gradient.
 
 With l_t = pg_weight_t * c_t * L_t (L_t the clipped policy term of docs/numerics.md §3, c_t the mismatch
 correction of docs/numerics.md §8, ``rollout_weight``, 1 without it) and g_t the regulariser
-(beta_t KL_t under ``kl_aggregation="token"``, minus entropy_coef * H_t), the step loss is:
+(beta_t KL_t under ``kl_aggregation="token"``, plus KL-Cov's kappa_t |logp_t - logp_old_t| of
+docs/numerics.md §10, minus entropy_coef * H_t), the step loss is:
 
 - ``token-mean``:   sum_t l_t / D + sum_t g_t / N
 - ``seq-mean-token-mean``:   1/S sum_i ( sum_{t in i} l_t / d_i + sum_{t in i} g_t / |o_i| )
@@ -206,6 +207,8 @@ def policy_loss(
         kl = kl_penalty(logp, masked(ref_logp.detach()), config.kl_estimator) * valid
         if config.kl_aggregation == "token":
             regulariser = regulariser + selection.kl_coef * kl
+    if selection.abs_kl_coef is not None:  # KL-Cov (docs/numerics.md §10)
+        regulariser = regulariser + selection.abs_kl_coef * (logp - masked(old_logp.detach())).abs()
     if config.entropy_coef != 0:
         regulariser = regulariser - config.entropy_coef * masked(entropy)
 

@@ -28,6 +28,11 @@ response count once in the sequence count and its per-response statistics exact 
 ranks. DDP averages gradients over DP x CP; megatron's schedule already multiplies each loss by
 the CP size (``forward_step_calc_loss``, for a loss function returning (loss, metrics)), so
 ``loss_scale`` stays num_microbatches x DP: together they undo both averages exactly.
+
+Clip-Cov and KL-Cov (docs/numerics.md §10) take their step constants (the centring means and
+thresholds, ``StepContext.covariance``) from the old policy's log-probs the same way: exact at
+the first update of a batch, where the old policy is the current one, then compared against each
+token's current covariance in the forward.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_archer.algorithms.config import SelectionConfig
+from megatron_archer.algorithms.config import COVARIANCE_METHODS, SelectionConfig
+from megatron_archer.algorithms.covariance import CovarianceStats, CovarianceTokens, covariance_stats
 from megatron_archer.algorithms.order_stats import kth_largest, top_count
 from megatron_archer.algorithms.sharded_rows import sharded_row_sums
 from megatron_archer.algorithms.token_selection import classify_tokens
@@ -51,7 +57,8 @@ class StepContext:
 
     ``num_selected`` is the summed policy-gradient weight; ``class_tokens`` the token count of the
     (low, high) entropy classes (fractional under ``archer_soft``); ``forking_threshold`` the
-    global forking tau (None unless forking with global scope).
+    global forking tau (None unless forking with global scope); ``covariance`` the step constants
+    of Clip-Cov and KL-Cov (None for the other methods).
     """
 
     num_tokens: float
@@ -61,6 +68,7 @@ class StepContext:
     forking_threshold: float | None
     num_microbatches: int
     dp_size: int  # data-parallel ranks (without context parallelism, see the module docstring)
+    covariance: CovarianceStats | None = None
 
     @property
     def loss_scale(self) -> int:
@@ -68,17 +76,24 @@ class StepContext:
         return self.num_microbatches * self.dp_size
 
 
-def _input_problem(micro_batches, selection: SelectionConfig) -> str | None:
-    """Why this rank's step inputs are invalid (bad mask, missing or non-finite entropy), or None."""
+def _input_problem(micro_batches, selection: SelectionConfig, covariance) -> str | None:
+    """Why this rank's step inputs are invalid (bad mask, missing or non-finite entropy or
+    covariance inputs), or None."""
     if not micro_batches:
         return "micro_batches is empty: a step needs at least one micro-batch"
+    by_covariance = selection.method in COVARIANCE_METHODS
+    if by_covariance and (covariance is None or len(covariance) != len(micro_batches)):
+        return (f"selection method {selection.method!r} needs covariance inputs for each of the "
+                f"{len(micro_batches)} micro-batches")
     try:
         for index, (entropy, mask) in enumerate(micro_batches):
             require_response_mask(mask)
-            if entropy is None and selection.method != "none":
+            if entropy is None and selection.uses_entropy:
                 raise ValueError(f"entropy is required by selection method {selection.method!r}")
             if entropy is not None:
                 require_token_tensor(f"entropy (micro-batch {index})", entropy, mask)
+            if by_covariance:
+                covariance[index].check(mask, f" (micro-batch {index})")
     except ValueError as error:
         return str(error)
     return None
@@ -89,6 +104,8 @@ def build_step_context(
     selection: SelectionConfig,
     group=None,
     cp_group=None,
+    *,
+    covariance: Sequence[CovarianceTokens] | None = None,
 ) -> StepContext:
     """The StepContext of one optimiser step from this rank's ``(entropy, response_mask)`` pairs.
 
@@ -97,6 +114,8 @@ def build_step_context(
     (None: one process), the DP x CP group under context parallelism with ``cp_group`` the
     context-parallel one (module docstring). Every rank must call this with the same number of
     micro-batches; costs a few small all-reduces, plus 32 for a global forking threshold.
+    ``covariance``: per micro-batch, the old policy's ``CovarianceTokens`` (required by Clip-Cov
+    and KL-Cov, ignored otherwise; ``covariance.covariance_stats`` lists their collectives).
     """
     _, group_size = rank_and_size(group)
     cp_rank, cp_size = rank_and_size(cp_group)
@@ -105,7 +124,7 @@ def build_step_context(
                          "pass the data x context parallel group as group")
     dp_size = group_size // cp_size
     count = len(micro_batches)
-    problem = _input_problem(micro_batches, selection)
+    problem = _input_problem(micro_batches, selection, covariance)
     # one max-reduce: equal micro-batch counts, and every rank raises when any rank's input is bad
     # (a rank that raised alone would leave the others waiting in the next collective)
     flags = all_reduce_(torch.tensor([count, -count, problem is not None], dtype=torch.int64), group,
@@ -130,9 +149,16 @@ def build_step_context(
         k = top_count(selection.forking.rho, int(num_tokens))
         threshold = kth_largest([entropy[mask] for entropy, mask in micro_batches], [k], group)[0]
 
+    stats = None
+    if selection.method in COVARIANCE_METHODS:
+        stats = covariance_stats(list(zip(covariance, (m for _, m in micro_batches))), selection,
+                                 int(num_tokens), group)
+
     masses = torch.zeros(3, dtype=torch.float64)
-    for entropy, mask in micro_batches:
-        pg_weight, high = classify_tokens(entropy, mask, selection, threshold, cp_group)
+    for index, (entropy, mask) in enumerate(micro_batches):
+        pg_weight, high = classify_tokens(
+            entropy, mask, selection, threshold, cp_group,
+            covariance=None if stats is None else covariance[index], covariance_stats=stats)
         masses += torch.stack(
             [pg_weight.sum(), (mask.to(high.dtype) - high).sum(), high.sum()]).double().cpu()
     num_selected, low_tokens, high_tokens = all_reduce_(masses, group).tolist()
@@ -144,4 +170,5 @@ def build_step_context(
         forking_threshold=threshold,
         num_microbatches=count,
         dp_size=dp_size,
+        covariance=stats,
     )

@@ -19,6 +19,10 @@ Methods:
 - ``archer``: H > q_i, q_i the per-response ``quantile`` (linear interpolation); all tokens weight 1.
 - ``archer_soft``: high_share = clamp((u - quantile) / soft_width + 1/2, 0, 1), u the token's
   mid-rank fraction of entropy within its response; all tokens weight 1.
+- ``clip_cov`` / ``kl_cov`` select by the covariance of log-prob and advantage instead of
+  entropy (``covariance.covariance_selection``, docs/numerics.md §10): class "high" is the tokens
+  Clip-Cov takes out of the policy gradient (weight 0) or KL-Cov penalises with
+  ``kl_cov.coef`` * |logp - logp_old| (``abs_kl_coef``; weight 1).
 
 Under context parallelism (``cp_group``) a response's tokens are spread over the CP ranks; the
 per-response statistics and a micro-batch's top-k are exact over all of them (docs/numerics.md §9).
@@ -30,7 +34,17 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_archer.algorithms.config import Constraints, LossConfig, SelectionConfig
+from megatron_archer.algorithms.config import (
+    COVARIANCE_METHODS,
+    Constraints,
+    LossConfig,
+    SelectionConfig,
+)
+from megatron_archer.algorithms.covariance import (
+    CovarianceStats,
+    CovarianceTokens,
+    covariance_selection,
+)
 from megatron_archer.algorithms.order_stats import row_rank_fraction, top_count
 from megatron_archer.algorithms.sharded_rows import check_together, sharded_row_quantile, sharded_rows
 from megatron_archer.algorithms.validation import require_response_mask, require_token_tensor
@@ -43,6 +57,7 @@ class TokenSelection:
     ``token_class`` is 1 (high entropy), 0 (low) or -1 (not a response token), for metrics.
     ``class_kl_coef`` is (low, high), for the class-mean KL. ``normalize_by_selected`` divides the
     policy-gradient sum by the selected rather than all tokens (forking's ``normalizer``).
+    ``abs_kl_coef``: KL-Cov's per-token coefficient of |logp - logp_old| (None for the others).
     """
 
     pg_weight: torch.Tensor
@@ -53,6 +68,7 @@ class TokenSelection:
     kl_coef: torch.Tensor
     class_kl_coef: tuple[float, float]
     normalize_by_selected: bool
+    abs_kl_coef: torch.Tensor | None = None
 
 
 def _top_micro_batch(entropy: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
@@ -72,8 +88,12 @@ def classify_tokens(
     selection: SelectionConfig,
     forking_threshold: float | None = None,
     cp_group=None,
+    *,
+    covariance: CovarianceTokens | None = None,
+    covariance_stats: CovarianceStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pg_weight, high_share), float [B, T], from the detached entropy (None allowed for ``none``).
+    """(pg_weight, high_share), float [B, T], from the detached entropy (None allowed for ``none``
+    and the covariance methods, which need ``covariance`` and the step's ``covariance_stats``).
 
     ``cp_group``: the context-parallel group whose ranks hold disjoint tokens of these same
     responses (``response_mask`` True at this rank's tokens, docs/numerics.md §9): per-response quantiles and
@@ -84,6 +104,15 @@ def classify_tokens(
         torch.promote_types(entropy.dtype, torch.float32))
     if selection.method == "none":
         return valid, torch.zeros_like(valid)
+    if selection.method in COVARIANCE_METHODS:
+        if covariance is None or covariance_stats is None:
+            raise ValueError(f"selection method {selection.method!r} needs the micro-batch's "
+                             f"covariance inputs and the step's covariance_stats")
+        covariance.check(response_mask)
+        valid = response_mask.to(torch.promote_types(covariance.logp.dtype, torch.float32))
+        chosen = covariance_selection(covariance, response_mask, selection,
+                                      covariance_stats).to(valid.dtype)
+        return (valid - chosen if selection.method == "clip_cov" else valid), chosen
     if entropy is None:
         raise ValueError(f"entropy is required by selection method {selection.method!r}")
     uses_rows = selection.method != "forking" or selection.forking.scope != "global"
@@ -115,9 +144,10 @@ def selection_entropy(
     selection: SelectionConfig, current: torch.Tensor | None, old: torch.Tensor | None
 ) -> torch.Tensor | None:
     """The detached entropy to select with, per ``entropy_source``: the current policy's from the
-    training forward, or the old policy's computed once per batch. None only for method ``none``."""
+    training forward, or the old policy's computed once per batch. None allowed only for the
+    methods that do not select by entropy (``none``, ``clip_cov``, ``kl_cov``)."""
     chosen = current if selection.entropy_source == "current" else old
-    if chosen is None and selection.method != "none":
+    if chosen is None and selection.uses_entropy:
         raise ValueError(f"entropy_source {selection.entropy_source!r} needs the "
                          f"{selection.entropy_source} policy's entropy")
     return None if chosen is None else chosen.detach()
@@ -137,11 +167,16 @@ def select_tokens(
     loss: LossConfig,
     forking_threshold: float | None = None,
     cp_group=None,
+    *,
+    covariance: CovarianceTokens | None = None,
+    covariance_stats: CovarianceStats | None = None,
 ) -> TokenSelection:
     """Per-token policy-gradient weight, class, clip range and KL coefficient for one micro-batch
-    (``cp_group``: see ``classify_tokens``)."""
+    (``cp_group``, ``covariance``, ``covariance_stats``: see ``classify_tokens``; for the
+    covariance methods ``covariance.logp`` is the current policy's, detached)."""
     pg_weight, high_share = classify_tokens(entropy, response_mask, selection, forking_threshold,
-                                            cp_group)
+                                            cp_group, covariance=covariance,
+                                            covariance_stats=covariance_stats)
     low, high = class_constraints(selection, loss)
 
     def per_token(low_value: float, high_value: float) -> torch.Tensor:
@@ -159,4 +194,5 @@ def select_tokens(
         class_kl_coef=(low.kl_coef, high.kl_coef),
         normalize_by_selected=(selection.method == "forking"
                                and selection.forking.normalizer == "selected"),
+        abs_kl_coef=(selection.kl_cov.coef * high_share if selection.method == "kl_cov" else None),
     )

@@ -23,11 +23,12 @@ def kl_and_grad(logp, ref, estimator):
 def policy_loss_reference(*, logp, old, adv, mask, pg_weight, eps_low, eps_high, kl_coef, high_share,
                           class_kl_coef, dual_clip, ref, estimator, kl_aggregation, entropy,
                           entropy_coef, aggregation, n_tokens, n_seqs, n_selected, by_selected,
-                          class_tokens, norm_length, pg_factor=None):
+                          class_tokens, norm_length, pg_factor=None, abs_kl_coef=None):
     """Loss and (d loss / d logp, d loss / d entropy) for one micro-batch of a step.
 
     ``pg_factor``: the mismatch correction's per-token factor on the policy term (docs/numerics.md §8); it
-    leaves every normaliser as it is."""
+    leaves every normaliser as it is. ``abs_kl_coef``: KL-Cov's per-token coefficient of
+    |logp - old| (docs/numerics.md §10), a regulariser like the KL."""
     m = mask.astype(np.float64)
     adv = np.broadcast_to(adv[:, None], mask.shape) if adv.ndim == 1 else adv
     adv = np.where(mask, adv, 0.0)
@@ -61,6 +62,9 @@ def policy_loss_reference(*, logp, old, adv, mask, pg_weight, eps_low, eps_high,
                 if count > 0:
                     kl_class_loss += coef * np.sum(share * kl) / count
                     dkl_class += coef * share * dkl / count
+    if abs_kl_coef is not None:
+        reg = reg + abs_kl_coef * np.abs(x) * m
+        dreg = dreg + abs_kl_coef * np.sign(x) * m
     if entropy_coef:
         reg = reg - entropy_coef * np.where(mask, entropy, 0.0)
         dent = -entropy_coef * m

@@ -1,6 +1,7 @@
 """Split invariance with real gloo processes (docs/numerics.md §3): one rank with one micro-batch and 2 ranks x 3
 micro-batches of unequal sizes and lengths give the same step loss, the same gradient with respect
-to every token's log-prob, and the same metrics, for every aggregation and selection method."""
+to every token's log-prob, and the same metrics, for every aggregation and selection method
+(Clip-Cov and KL-Cov, docs/numerics.md §10, included: the same step constants bit for bit)."""
 
 import math
 
@@ -10,8 +11,11 @@ import torch.distributed as dist
 from megatron_archer.algorithms import (
     AlgorithmConfig,
     ArcherConfig,
+    ClipCovConfig,
     Constraints,
+    CovarianceTokens,
     ForkingConfig,
+    KLCovConfig,
     LossConfig,
     SelectionConfig,
     build_step_context,
@@ -20,8 +24,9 @@ from megatron_archer.algorithms import (
     policy_loss,
     reduce_loss_metrics,
     select_tokens,
+    token_hash,
 )
-from megatron_archer.algorithms.config import RolloutCorrectionConfig
+from megatron_archer.algorithms.config import COVARIANCE_METHODS, RolloutCorrectionConfig
 from megatron_archer.algorithms.rollout_correction import (
     correction_metric_sums,
     loss_tokens,
@@ -44,7 +49,12 @@ SELECTIONS = {
     "archer": SelectionConfig("archer"),
     "archer_soft": SelectionConfig("archer_soft", archer=ArcherConfig(
         reasoning=Constraints(0.4, 0.5, 0.0), knowledge=Constraints(0.2, 0.2, 0.002))),
+    # docs/numerics.md §10: the band holds more tokens than the budget, so the draw decides
+    "clip_cov": SelectionConfig("clip_cov", clip_cov=ClipCovConfig(ratio=0.05, lb=0.2, ub=2.0)),
+    "clip_cov_paper": SelectionConfig("clip_cov"),
+    "kl_cov": SelectionConfig("kl_cov", kl_cov=KLCovConfig(ratio=0.1, coef=0.5)),
 }
+SALTS = (3, 1)  # seed, update: the covariance methods' draw
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 CORRECTIONS = [RolloutCorrectionConfig(True, "token", "truncate", 2.0),
                RolloutCorrectionConfig(True, "token", "mask", 1.5),
@@ -72,6 +82,7 @@ def _responses(seed):
             rollout=logp + 0.5 * torch.randn(length, generator=gen, dtype=torch.float64),
             entropy=entropy.double(),
             adv=torch.randn((), generator=gen, dtype=torch.float64),
+            id=torch.tensor(100 + 3 * len(out)),  # the response's id in the step
         ))
     return out
 
@@ -89,6 +100,7 @@ def _pad(responses):
             batch[key][i, :n] = r[key]
     batch["mask"] = mask
     batch["adv"] = torch.stack([r["adv"] for r in responses])
+    batch["hash"] = token_hash(SALTS, torch.stack([r["id"] for r in responses]), width)
     return batch
 
 
@@ -97,10 +109,15 @@ def _step(micro_batches, selection, loss_cfg, group, correction=AlgorithmConfig(
     (with the mismatch correction's, and its step summary, when ``correction`` is enabled)."""
     # the tokens in the loss: all, or those the correction keeps (mask_normalizer "drop")
     masks = [loss_tokens(mb["old"], mb["rollout"], mb["mask"], correction) for mb in micro_batches]
-    ctx = build_step_context([(mb["entropy"], m) for mb, m in zip(micro_batches, masks)], selection, group)
+    by_covariance = selection.method in COVARIANCE_METHODS  # step constants from the old logp
+    ctx = build_step_context([(mb["entropy"], m) for mb, m in zip(micro_batches, masks)], selection, group,
+                             covariance=[CovarianceTokens(mb["old"], mb["adv"], mb["hash"])
+                                         for mb in micro_batches] if by_covariance else None)
     total, grads, sums = 0.0, [], []
     for mb, mask in zip(micro_batches, masks):
-        sel = select_tokens(mb["entropy"], mask, selection, loss_cfg, ctx.forking_threshold)
+        current = CovarianceTokens(mb["logp"], mb["adv"], mb["hash"]) if by_covariance else None
+        sel = select_tokens(mb["entropy"], mask, selection, loss_cfg, ctx.forking_threshold,
+                            covariance=current, covariance_stats=ctx.covariance)
         logp = mb["logp"].clone().requires_grad_(True)
         weights = rollout_correction(mb["old"], mb["rollout"], mask, correction)
         out = policy_loss(logp, mb["old"], mb["adv"], mask, sel, ctx, loss_cfg,
@@ -161,7 +178,10 @@ def _worker(rank, world_size, seed):
         for key in metrics:
             _close(metrics[key], want_metrics[key], f"{what}: {key}")
         assert ctx.forking_threshold == want_ctx.forking_threshold, what
+        assert ctx.covariance == want_ctx.covariance, what  # bit for bit
         assert ctx.num_selected == want_ctx.num_selected, what
+        if selection.method in COVARIANCE_METHODS and name != "clip_cov_paper":
+            assert 0 < metrics["high/token_share"] < 1, what  # the selection is reached
         assert ctx.loss_scale == 3 * WORLD_SIZE and want_ctx.loss_scale == 1
 
     entropies = [(mb["entropy"], mb["mask"]) for mb in mine]
