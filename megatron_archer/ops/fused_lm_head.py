@@ -91,13 +91,12 @@ def _torch_local_stats(hidden, weight, labels, shard: VocabShard, temperature, c
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
         h = hidden[r0:r1].to(dtype)
-        rows, cols = shard.locate(labels[r0:r1])
+        cols = shard.local_columns(labels[r0:r1])
         stats = (m[r0:r1], s[r0:r1], b[r0:r1])
         for c0 in range(0, shard.valid, vchunk):
             c1 = min(c0 + vchunk, shard.valid)
             z = _logits_tile(h, weight, c0, c1)
-            here = (cols >= c0) & (cols < c1)
-            label_logit[r0 + rows[here]] = z[rows[here], cols[here] - c0]
+            label_logit[r0:r1] += softmax_stats.gather_labels(z, cols - c0)  # one tile holds it
             finite = torch.isfinite(z.amin(dim=-1))  # a -inf logit means a non-finite input
             tm, ts, tb = softmax_stats.slice_stats_(z, temperature)
             ts = ts.masked_fill(~finite, math.nan)
@@ -107,7 +106,7 @@ def _torch_local_stats(hidden, weight, labels, shard: VocabShard, temperature, c
 
 
 def _torch_tile_grad(
-    h, weight, c0, c1, rows, cols, m, log_s, entropy, grad_logp, grad_entropy, temperature
+    h, weight, c0, c1, label_cols, m, log_s, entropy, grad_logp, grad_entropy, temperature
 ):
     """G = dL/dz [n, c1 - c0] of one recomputed tile, via ``softmax_stats.logits_grad_``."""
     logp = _logits_tile(h, weight, c0, c1).sub_(m.unsqueeze(-1))
@@ -115,7 +114,7 @@ def _torch_tile_grad(
         logp.div_(temperature)
     logp.sub_(log_s.unsqueeze(-1))  # (z - m) / T - log s: the exact shift first (softmax_stats)
     return softmax_stats.logits_grad_(
-        logp, entropy, grad_logp, grad_entropy, rows, cols, 1.0 / temperature
+        logp, entropy, grad_logp, grad_entropy, label_cols, 1.0 / temperature
     )
 
 
@@ -173,7 +172,7 @@ class _FusedLMHead(torch.autograd.Function):
         for r0 in range(0, n, chunk):
             r1 = min(r0 + chunk, n)
             h = hidden[r0:r1].to(operand)
-            rows, cols = shard.locate(labels[r0:r1])
+            cols = shard.local_columns(labels[r0:r1])  # no host sync per tile: elementwise
             per_row = (
                 m[r0:r1],
                 log_s[r0:r1],
@@ -183,9 +182,7 @@ class _FusedLMHead(torch.autograd.Function):
             )
             for c0 in range(0, shard.valid, vchunk):
                 c1 = min(c0 + vchunk, shard.valid)
-                here = (cols >= c0) & (cols < c1)
-                g = tile_grad(h, weight, c0, c1, rows[here], cols[here] - c0, *per_row,
-                              temperature).to(operand)
+                g = tile_grad(h, weight, c0, c1, cols - c0, *per_row, temperature).to(operand)
                 if want_h:
                     d_hidden[r0:r1] += g @ weight[c0:c1].to(operand)
                 if want_w:

@@ -141,7 +141,6 @@ def logits_grad_(
     entropy: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor | None,
-    label_rows: torch.Tensor,
     label_cols: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
@@ -151,7 +150,8 @@ def logits_grad_(
 
         d logp_y / d x_j = 1[j = y] - p_j        d H / d x_j = -p_j (logp_j + H)
 
-    ``label_rows`` / ``label_cols`` locate the labels that fall inside this slice. Without an
+    ``label_cols`` [n]: each row's label as a column of this slice; a value outside [0, v) means
+    the label lies elsewhere (no host synchronisation to find which rows hit). Without an
     entropy gradient this needs no memory beyond ``logp``; with one, a second buffer of its size.
     """
     g_lp = grad_logp.unsqueeze(-1) * scale
@@ -163,5 +163,29 @@ def logits_grad_(
         coeff = logp.clamp_(min=log_underflow(logp.dtype)).add_(entropy.unsqueeze(-1))
         coeff.mul_(grad_entropy.unsqueeze(-1) * scale).add_(g_lp)
         grad.mul_(coeff).neg_()
-    grad[label_rows, label_cols] += g_lp[label_rows, 0]
-    return grad
+    return add_at_labels_(grad, label_cols, g_lp[:, 0])
+
+
+def label_hits(label_cols: torch.Tensor, width: int) -> torch.Tensor:
+    """Which rows' label column lies in [0, ``width``): the slice holds their label."""
+    return (label_cols >= 0) & (label_cols < width)
+
+
+def add_at_labels_(grad: torch.Tensor, label_cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``grad[r, label_cols[r]] += values[r]`` for the rows whose label is in the slice, in place,
+    elementwise (rows elsewhere add an exact 0 at column 0)."""
+    width = grad.shape[-1]
+    if width == 0:  # a rank whose slice is all padding
+        return grad
+    hit = label_hits(label_cols, width)
+    index = label_cols.clamp(0, width - 1).unsqueeze(-1)
+    return grad.scatter_add_(-1, index, torch.where(hit, values, 0.0).unsqueeze(-1).to(grad.dtype))
+
+
+def gather_labels(z: torch.Tensor, label_cols: torch.Tensor) -> torch.Tensor:
+    """``z[r, label_cols[r]]`` for the rows whose label is in the slice, 0 elsewhere."""
+    width = z.shape[-1]
+    if width == 0:  # a rank whose slice is all padding
+        return z.new_zeros(z.shape[:-1])
+    picked = z.gather(-1, label_cols.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(label_hits(label_cols, width), picked, 0.0)

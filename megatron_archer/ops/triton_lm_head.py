@@ -139,20 +139,13 @@ def _precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def _local_labels(n: int, rows: torch.Tensor, cols: torch.Tensor, device) -> torch.Tensor:
-    """Per token, the local column of its label, or -1 where another rank (or tile) owns it."""
-    label = torch.full((n,), -1, dtype=torch.int32, device=device)
-    label[rows] = cols.to(torch.int32)
-    return label
-
-
 def local_stats(hidden, weight, labels, shard: VocabShard, temperature: float, split: int):
     """This rank's (m, s, b, z_y) per token: the forward of ``fused_lm_head`` on the GPU."""
     n, k = hidden.shape
     split = triton.cdiv(split, BLOCK_V) * BLOCK_V
     n_splits = max(triton.cdiv(shard.valid, split), 1)
     out = torch.empty((4, n, n_splits), dtype=torch.float32, device=hidden.device)
-    label = _local_labels(n, *shard.locate(labels), hidden.device)
+    label = shard.local_columns(labels).to(torch.int32)  # -1: another rank's
     grid = (triton.cdiv(n, BLOCK_N), n_splits)
     _stats_kernel[grid](
         hidden, weight, label, out, n, k, shard.valid, split, temperature,
@@ -163,16 +156,17 @@ def local_stats(hidden, weight, labels, shard: VocabShard, temperature: float, s
     return m, s, b, out[3].sum(dim=1)
 
 
-def logits_grad(h, weight, c0, c1, rows, cols, m, log_s, entropy, grad_logp, grad_entropy,
+def logits_grad(h, weight, c0, c1, label_cols, m, log_s, entropy, grad_logp, grad_entropy,
                 temperature):
-    """G = dL/dz [n, c1 - c0] (fp32) of one tile, with the signature of the torch tile's."""
+    """G = dL/dz [n, c1 - c0] (fp32) of one tile, with the signature of the torch tile's
+    (``label_cols``: each row's label column in the tile; outside [0, c1 - c0]: none)."""
     n, k = h.shape
     w = weight[c0:c1]
     g = torch.empty((n, c1 - c0), dtype=torch.float32, device=h.device)
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(c1 - c0, BLOCK_V))
     has_entropy_grad = grad_entropy is not None
     _grad_kernel[grid](
-        h, w, _local_labels(n, rows, cols, h.device), m, log_s, entropy, grad_logp,
+        h, w, label_cols.to(torch.int32), m, log_s, entropy, grad_logp,
         grad_entropy if has_entropy_grad else grad_logp, g, n, k, c1 - c0, temperature,
         softmax_stats.log_underflow(torch.float32),
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),

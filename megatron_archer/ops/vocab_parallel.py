@@ -47,9 +47,8 @@ class _LogprobEntropy(torch.autograd.Function):
             m[r0:r1], s[r0:r1], b[r0:r1] = softmax_stats.slice_stats_(
                 _chunk_copy(logits, r0, r1, shard), temperature
             )
-        rows, cols = shard.locate(labels)
-        label_logit = torch.zeros(n, dtype=dtype, device=logits.device)
-        label_logit[rows] = logits[rows, cols].to(dtype)
+        label_logit = softmax_stats.gather_labels(logits[:, : shard.valid],
+                                                  shard.local_columns(labels)).to(dtype)
 
         m, s, b, label_logit = softmax_stats.all_reduce_stats(m, s, b, label_logit, group, temperature)
         _, entropy, logp = softmax_stats.finalize(m, s, b, label_logit, temperature)
@@ -73,20 +72,18 @@ class _LogprobEntropy(torch.autograd.Function):
             chunk = (chunk + 1) // 2  # two buffers per half-chunk: still one chunk of fp32
         else:
             grad_entropy = None
-        rows, cols = shard.locate(labels)
+        cols = shard.local_columns(labels)
         for r0, r1 in _chunks(n, chunk):
             logp = _chunk_copy(logits, r0, r1, shard).sub_(m[r0:r1].unsqueeze(-1))
             if temperature != 1.0:
                 logp.div_(temperature)
             logp.sub_(log_s[r0:r1].unsqueeze(-1))  # (z - m) / T - log s, exact shift first
-            in_chunk = (rows >= r0) & (rows < r1)
             grad[r0:r1, : shard.valid].copy_(softmax_stats.logits_grad_(
                 logp,
                 entropy[r0:r1],
                 grad_logp[r0:r1],
                 None if grad_entropy is None else grad_entropy[r0:r1],
-                rows[in_chunk] - r0,
-                cols[in_chunk],
+                cols[r0:r1],
                 1.0 / temperature,
             ))
         return grad, None, None, None, None, None, None

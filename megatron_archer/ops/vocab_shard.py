@@ -26,11 +26,11 @@ class VocabShard:
     valid: int
     vocab_size: int
 
-    def locate(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, local columns) of the flat ``labels`` whose id falls in this slice."""
+    def local_columns(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per label, its local column where its id falls in this slice, else -1. Elementwise:
+        no host synchronisation (a boolean index or ``nonzero`` would wait for the GPU)."""
         owned = (labels >= self.start) & (labels < self.start + self.valid)
-        rows = owned.nonzero().flatten()
-        return rows, labels[rows] - self.start
+        return torch.where(owned, labels - self.start, -1)
 
 
 def vocab_shard(local_size: int, group, vocab_size: int | None) -> VocabShard:

@@ -325,3 +325,39 @@ def test_forced_triton_never_falls_back():
     hidden, weight, labels = torch.randn(3, 8), torch.randn(5, 8), torch.tensor([0, 4, 1])
     with pytest.raises(RuntimeError, match="triton"):
         op(hidden, weight, labels, implementation="triton")
+
+
+class _HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make the host wait for the device on CUDA: ``nonzero``, a boolean
+    index, ``item``/``tolist``, a tensor's truth value."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        boolean_index = name in ("__getitem__", "__setitem__") and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:2])
+        if name in ("nonzero", "item", "tolist", "__bool__") or boolean_index:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_per_tile():
+    """Issue 24 (Triton review): finding each tile's labels by boolean indexing synchronised the
+    host once per (token chunk, vocabulary chunk). The syncs must not grow with the tile count:
+    the same call with 1 and with 24 tiles makes the same number."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (12,), generator=g)
+
+    def syncs(chunk, vocab_chunk):
+        with _HostSyncs() as mode:
+            logp, entropy = op(hidden, weight, labels, chunk_size=chunk,
+                               vocab_chunk_size=vocab_chunk, entropy_grad=True)
+            (logp.sum() + entropy.sum()).backward()
+        return mode.count
+
+    assert syncs(12, 40) == syncs(3, 7)  # 1 tile, 4 x 6 tiles
