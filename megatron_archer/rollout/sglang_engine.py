@@ -296,16 +296,20 @@ class SGLangEngine(RolloutEngine):
         mem_fraction_static: float | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 900.0,
+        python: str | Path = sys.executable,
+        memory_saver: bool = True,
         **engine_kwargs,
     ) -> SGLangEngine:
         """Start ``num_servers`` ``sglang.launch_server`` processes on 127.0.0.1 (server i on the
         GPUs from ``base_gpu_id + i * tp_size``; ``--mem-fraction-static`` when given: colocated
         servers must leave the trainer its memory), each with ``child_environment()``; wait for
         each to answer ``/health``. Servers already started are stopped when one fails to come
-        up."""
+        up. ``python``: the interpreter whose SGLang serves (SGLang in an environment of its
+        own); ``memory_saver``: ``--enable-memory-saver`` (GPU servers: the colocated release of
+        weights and KV cache needs it; CPU servers cannot start with it)."""
         commands = [
             launch_command(model_path, base_port + i, tp_size, base_gpu_id + i * tp_size,
-                           mem_fraction_static, extra_args)
+                           mem_fraction_static, extra_args, python, memory_saver)
             for i in range(num_servers)
         ]  # fmt: skip
         processes = []
@@ -717,12 +721,13 @@ def _peek(items: Iterable) -> tuple[object, Iterable]:
 
 
 def launch_command(model_path: str | Path, port: int, tp_size: int, base_gpu_id: int,
-                   mem_fraction_static: float | None, extra_args: Sequence[str]) -> list[str]:
+                   mem_fraction_static: float | None, extra_args: Sequence[str],
+                   python: str | Path = sys.executable, memory_saver: bool = True) -> list[str]:
     """The ``sglang.launch_server`` command line of one server."""
     command = [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+        str(python), "-m", "sglang.launch_server", "--model-path", str(model_path),
         "--host", "127.0.0.1", "--port", str(port), "--tp-size", str(tp_size),
-        "--base-gpu-id", str(base_gpu_id), "--enable-memory-saver",
+        "--base-gpu-id", str(base_gpu_id), *(["--enable-memory-saver"] if memory_saver else []),
     ]  # fmt: skip
     if mem_fraction_static is not None:
         command += ["--mem-fraction-static", str(mem_fraction_static)]
