@@ -1,9 +1,13 @@
-"""examples/scale: the configs validate, the launch scripts parse, tools/memory_estimate.py counts
-parameters exactly and its table is consistent."""
+"""examples/scale: the configs validate and pass ``megatron-archer plan`` at their world size, the
+launch scripts parse, the memory model counts parameters exactly and agrees exactly with what
+``plan`` builds, docs/scaling.md shows ``plan``'s tables."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,8 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 import transformers
 
+from megatron_archer import cli
+from megatron_archer.dryrun import memory, plan
+from megatron_archer.dryrun.memory import GIB, Arch, Layout, estimate
 from megatron_archer.models.spec import ModelSpec
 from megatron_archer.trainer import load_config
 from tests.models.checkpoints import hf_config
@@ -22,6 +30,14 @@ SCALE = ROOT / "examples" / "scale"
 _spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "tools" / "memory_estimate.py")
 me = sys.modules["memory_estimate"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(me)
+
+
+def plan_command(path: Path) -> list[str]:
+    """The ``megatron-archer plan`` command in the config's header comment."""
+    text = path.read_text()
+    match = re.search(r"^#\s+megatron-archer plan (.*?)\\\n#\s+(.*)$", text, re.MULTILINE)
+    assert match, f"{path.name}: add the header lines '#   megatron-archer plan {path} ...' "
+    return ["plan", *shlex.split(f"{match.group(1)} {match.group(2)}")]
 
 
 @pytest.mark.parametrize("path", sorted(SCALE.glob("*.yaml")), ids=lambda p: p.name)
@@ -60,7 +76,7 @@ def test_parameter_count_matches_transformers(case):
     config = hf_config(case)
     model = transformers.AutoModelForCausalLM.from_config(config)
     config.architectures = [type(model).__name__]
-    arch = me.Arch.from_spec(ModelSpec.from_hf_config(config))
+    arch = Arch.from_spec(ModelSpec.from_hf_config(config))
     assert arch.parameters() == sum(p.numel() for p in model.parameters())
 
 
@@ -71,8 +87,8 @@ def test_published_sizes():
 
 
 def test_memory_monotone_in_model_size():
-    layout = me.Layout(tp=8, pp=1, dp=2, tokens=8192, chunk=1024)
-    totals = [me.estimate(arch, layout) for arch in me.MODELS.values()]
+    layout = Layout(tp=8, pp=1, dp=2, tokens=8192, chunk=1024)
+    totals = [estimate(arch, layout) for arch in me.MODELS.values()]
     for key in ("weights", "grads", "optimizer", "activations", "total"):
         values = [t[key] for t in totals]
         assert values == sorted(values), key
@@ -82,59 +98,107 @@ def test_memory_monotone_in_model_size():
 def test_tensor_parallel_halves_weights(name):
     arch = me.MODELS[name]
     for tp in (1, 2, 4):
-        small, big = (me.estimate(arch, me.Layout(tp=t, tokens=4096)) for t in (tp, 2 * tp))
+        small, big = (estimate(arch, Layout(tp=t, tokens=4096)) for t in (tp, 2 * tp))
         # up to vocabulary padding (to 128 x tp rows) and replicated norms
         assert big["weights"] == pytest.approx(small["weights"] / 2, rel=5e-3)
         assert big["logprob_work"] == pytest.approx(small["logprob_work"] / 2, rel=5e-3)
 
 
 def test_memory_terms():
-    arch, layout = me.MODELS["Qwen3-8B"], me.Layout(tp=4, dp=4, tokens=24576, chunk=4096)
-    full = me.estimate(arch, replace(layout, chunk=None))
-    chunked = me.estimate(arch, layout)
+    arch, layout = me.MODELS["Qwen3-8B"], Layout(tp=4, dp=4, tokens=24576, chunk=4096)
+    full = estimate(arch, replace(layout, chunk=None))
+    chunked = estimate(arch, layout)
     assert full["logprob_work"] / chunked["logprob_work"] == pytest.approx(24576 / 4096)
-    assert me.estimate(arch, replace(layout, dp=8))["optimizer"] == pytest.approx(chunked["optimizer"] / 2)
-    assert me.estimate(arch, replace(layout, recompute=True))["activations"] < chunked["activations"] / 4
-    assert me.estimate(arch, replace(layout, reference=True))["reference"] == pytest.approx(chunked["weights"])
+    assert estimate(arch, replace(layout, dp=8))["optimizer"] == pytest.approx(chunked["optimizer"] / 2)
+    assert estimate(arch, replace(layout, recompute=True))["activations"] < chunked["activations"] / 4
+    assert estimate(arch, replace(layout, reference=True))["reference"] == chunked["weights"]
     # pipeline parallel 2 halves the layers a stage holds, not the in-flight activations (1F1B)
-    pp2 = me.estimate(arch, replace(layout, pp=2))
+    pp2 = estimate(arch, replace(layout, pp=2))
     assert pp2["weights"] < 0.6 * chunked["weights"]
     assert pp2["activations"] == pytest.approx(chunked["activations"])
+    # fp32 parameters are their own main copy: Adam's m and v only
+    fp32 = estimate(arch, replace(layout, param_bytes=4))
+    assert fp32["optimizer"] == pytest.approx(chunked["optimizer"] * 8 / 12)
+    assert estimate(arch, replace(layout, fused_logprobs=True))["logits"] == 0
+
+
+def test_largest_shard_is_megatrons():
+    """A one-bucket buffer padded to lcm(dp_cp, 128), cut in dp_cp equal shards."""
+    assert memory.largest_shard(1000, 1) == 1000
+    assert memory.largest_shard(1024, 8) == 128
+    assert memory.largest_shard(1000, 3) == 1152 // 3  # padded to 1152 = 3 x 384
+    assert memory.largest_shard(100, 3) == 100  # padded to 384: the first shard holds all 100
 
 
 def test_context_and_sequence_parallel_terms():
     arch, tokens = me.MODELS["Qwen3-32B"], 32768
-    plain = me.Layout(tp=8, pp=2, dp=2, tokens=tokens, chunk=4096)
-    base, cp2 = me.estimate(arch, plain), me.estimate(arch, replace(plain, dp=1, cp=2))
+    plain = Layout(tp=8, pp=2, dp=2, tokens=tokens, chunk=4096)
+    base, cp2 = estimate(arch, plain), estimate(arch, replace(plain, dp=1, cp=2))
     # a CP rank holds half of every sequence; the distributed optimizer shards over dp x cp
     for key in ("activations", "logits"):
         assert cp2[key] == pytest.approx(base[key] / 2), key
     for key in ("weights", "grads", "optimizer", "logprob_work"):
         assert cp2[key] == pytest.approx(base[key]), key
-    assert me.estimate(arch, replace(plain, cp=2))["optimizer"] == pytest.approx(base["optimizer"] / 2)
+    assert estimate(arch, replace(plain, cp=2))["optimizer"] == pytest.approx(base["optimizer"] / 2)
     # sequence parallelism splits the 4 h norm activations a token and layer over tp
-    saved = (me.activation_bytes_per_token_layer(arch, 8)
-             - me.activation_bytes_per_token_layer(arch, 8, sp=True))
+    saved = (memory.activation_bytes_per_token_layer(arch, 8)
+             - memory.activation_bytes_per_token_layer(arch, 8, sp=True))
     assert saved == pytest.approx(2 * 4 * arch.hidden * (1 - 1 / 8))
-    sp = me.estimate(arch, replace(plain, sp=True))
-    assert sp["activations"] == pytest.approx(base["activations"] - arch.layers * saved * tokens / me.GIB)
+    sp = estimate(arch, replace(plain, sp=True))
+    assert sp["activations"] == pytest.approx(base["activations"] - arch.layers * saved * tokens)
     # full recompute keeps each layer's input, 2 h bytes a token (2 h / tp under SP)
     for sp_on, split in ((False, 1), (True, 8)):
-        kept = me.estimate(arch, replace(plain, recompute=True, sp=sp_on))["activations"]
-        one_layer = me.activation_bytes_per_token_layer(arch, 8, sp=sp_on) * tokens / me.GIB
-        assert kept - one_layer == pytest.approx(arch.layers * 2 * arch.hidden / split * tokens / me.GIB)
+        kept = estimate(arch, replace(plain, recompute=True, sp=sp_on))["activations"]
+        one_layer = memory.activation_bytes_per_token_layer(arch, 8, sp=sp_on) * tokens
+        assert kept - one_layer == pytest.approx(arch.layers * 2 * arch.hidden / split * tokens)
     with pytest.raises(ValueError, match="needs tp > 1"):
-        me.estimate(arch, me.Layout(sp=True))
+        estimate(arch, Layout(sp=True))
     # the 32B forking config's layout (CP 2, SP, recompute) is a row of the table
     config = load_config(SCALE / "forking_80_20_qwen3_32b.yaml")
-    row = me.Layout(tp=config.parallel.tensor, pp=config.parallel.pipeline, dp=1,
-                    cp=config.parallel.context, sp=config.parallel.sequence_parallel,
-                    tokens=config.actor.max_tokens_per_micro_batch,
-                    chunk=config.actor.logprob_chunk_size, recompute=config.model.recompute == "full")
-    assert row.sp and ("Qwen3-32B", row) in me.TABLE and me.estimate(arch, row)["total"] < 30
+    row = Layout(tp=config.parallel.tensor, pp=config.parallel.pipeline, dp=1,
+                 cp=config.parallel.context, sp=config.parallel.sequence_parallel,
+                 tokens=config.actor.max_tokens_per_micro_batch,
+                 chunk=config.actor.logprob_chunk_size, recompute=config.model.recompute == "full")
+    assert row.sp and ("Qwen3-32B", row) in me.TABLE and estimate(arch, row)["total"] < 30 * GIB
 
 
 def test_markdown_table_has_every_row():
     lines = me.markdown().splitlines()
     assert len(lines) == 2 + len(me.TABLE)
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+@pytest.mark.parametrize("path", sorted(SCALE.glob("*.yaml")), ids=lambda p: p.name)
+def test_scale_config_passes_plan(path, tmp_path, capsys, monkeypatch):
+    """The config's own plan command (its header) builds every rank at its world size, every
+    rank fits 80 GiB, the memory model agrees exactly with what was built, and docs/scaling.md
+    shows this table."""
+    assert not dist.is_initialized()
+    monkeypatch.chdir(ROOT)  # the command's paths are the repository's
+    command = plan_command(path)
+    out = tmp_path / "plan.json"
+    assert cli.main([*command, "--out", str(out)]) == 0, capsys.readouterr()
+    report = json.loads(out.read_text())
+    config = load_config(path)
+    layout = report["layout"]
+    assert len(report["ranks"]) == report["world_size"] == (
+        layout["tensor"] * layout["pipeline"] * layout["context"] * layout["data"])
+    assert all(rank["fits"] for rank in report["ranks"])
+    # every layer on exactly one stage; no padding in these models' buffers
+    stages = {r["pipeline"]: tuple(r["layers"]) for r in report["ranks"]}
+    assert sorted(stages) == list(range(layout["pipeline"]))
+    assert all(r["buffer_padding"] == 0 for r in report["ranks"])
+    # the memory model from the published shapes against what plan built, in bytes
+    spec = plan.model_spec(command[command.index("--model-config") + 1])
+    model = Layout(tp=layout["tensor"], pp=layout["pipeline"], dp=layout["data"],
+                   cp=layout["context"], sp=layout["sequence_parallel"],
+                   tokens=config.actor.max_tokens_per_micro_batch,
+                   recompute=config.model.recompute == "full",
+                   chunk=config.actor.logprob_chunk_size,
+                   reference=report["reference"]["resident"])
+    expected = estimate(Arch.from_spec(spec), model)
+    for key in ("weights", "grads", "optimizer", "reference", "activations", "logits",
+                "logprob_work"):
+        assert max(r["bytes"][key] for r in report["ranks"]) == expected[key], key
+    assert plan.format_markdown(report) in (ROOT / "docs" / "scaling.md").read_text(), (
+        f"docs/scaling.md: paste the output of {' '.join(command)} --markdown")

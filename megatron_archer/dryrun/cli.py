@@ -30,6 +30,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="memory of one GPU, e.g. 80GiB: ranks above it are marked")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the table as markdown, ranks with equal figures on one row")
     parser.add_argument("--out", metavar="FILE",
                         help="JSON report (default: plan-<config name>.json here)")
     parser.set_defaults(func=handle)
@@ -57,6 +59,6 @@ def handle(args: argparse.Namespace) -> int:
     report = plan.plan(config, spec, world_size, gpu_memory)
     out = Path(args.out or f"plan-{Path(args.config).stem}.json")
     plan.write_json(report, out)
-    print(plan.format_table(report))
+    print(plan.format_markdown(report) if args.markdown else plan.format_table(report))
     print(f"JSON: {out}")
     return 1 if any(rank["fits"] is False for rank in report["ranks"]) else 0

@@ -269,6 +269,7 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
         "longest_sequence": config.data.max_prompt_length + config.rollout.max_new_tokens,
         "recompute": config.model.recompute,
         "gpu_memory": gpu_memory,
+        "params_bytes_per_element": config.actor.torch_params_dtype.itemsize,
         "estimated": ["activations", "logits", "logprob_work"],
         "rollout_share_bytes_per_rank": share,
         "weight_sync": sync,
@@ -301,7 +302,6 @@ def format_table(report: dict) -> str:
         rows.append(row)
     widths = [max(len(x) for x in column) for column in zip(head, *rows)]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows]]
-    sync = report["weight_sync"]
     layout = report["layout"]
     lines += [
         "",
@@ -313,18 +313,62 @@ def format_table(report: dict) -> str:
         f"{report['tokens_per_micro_batch']} tokens (longest sequence "
         f"{report['longest_sequence']}), recompute {report['recompute']}; the other columns are "
         "the built parameters, megatron's DDP buffers and the distributed optimizer's shard",
-        f"weight sync: {sync['num_buckets']} buckets of <= {sync['bucket_bytes_limit'] >> 20} MiB"
-        f" (largest {sync['largest_bucket_bytes'] / (1 << 20):.0f} MiB, total "
-        f"{_gib(sync['total_bytes'])} GiB; sent as {sync['weight_dtype']}: "
-        f"{_gib(sync['sent_bytes'])} GiB)",
-        f"rollout share: {report['rollout_share_bytes_per_rank'] / (1 << 20):.1f} MiB received "
-        f"by every rank a step (every response at the longest)",
+        _summary(report),
     ]
     if report["gpu_memory"] is not None:
         over = [r["rank"] for r in report["ranks"] if not r["fits"]]
         lines.append(f"GPU memory {_gib(report['gpu_memory'])} GiB: "
                      + (f"ranks {over} do not fit" if over else "every rank fits"))
     return "\n".join(lines)
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def format_markdown(report: dict) -> str:
+    """The table as markdown, ranks with equal figures on one row (docs/scaling.md)."""
+    keys = ("weights", "grads", "optimizer", "reference", "activations", "logits",
+            "logprob_work", "total")
+    rows: dict[tuple, list[int]] = {}
+    for r in report["ranks"]:
+        big = r["largest_collective"]
+        layers = f"{r['layers'][0]}-{r['layers'][1]}" if r["layers"] else "-"
+        row = (str(r["pipeline"]), layers, f"{r['parameters'] / 1e9:.3f}B",
+               *(_gib(r["bytes"][k]) for k in keys),
+               f"{big['name']} ({big['group']}) {_gib(big['bytes'])}")
+        rows.setdefault(row, []).append(r["rank"])
+    head = ("| ranks | stage | layers | params | weights | grads | optimizer | reference | "
+            "activations* | logits* | log-prob work* | total GiB | largest collective (GiB) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines += [f"| {_ranges(ranks)} | " + " | ".join(row) + " |" for row, ranks in rows.items()]
+    return "\n".join([*lines, "", _summary(report)])
+
+
+def _summary(report: dict) -> str:
+    """The weight sync, the reference model and the rollout share, in one paragraph."""
+    sync, reference = report["weight_sync"], report["reference"]
+    largest = sync["largest_bucket_bytes"]
+    alone = " (larger tensors travel alone)" if largest > sync["bucket_bytes_limit"] else ""
+    text = (f"Weight sync: {sync['num_buckets']} buckets of at most "
+            f"{sync['bucket_bytes_limit'] >> 20} MiB{alone}, the largest {largest >> 20} MiB, "
+            f"{_gib(sync['total_bytes'])} GiB in all, sent as {sync['weight_dtype']} "
+            f"({_gib(sync['sent_bytes'])} GiB). ")
+    if reference["built"]:
+        size = _gib(max(r["reference_parameters"] for r in report["ranks"])
+                    * report["params_bytes_per_element"])
+        text += (f"Reference model: {size} GiB a rank, "
+                 + ("resident. " if reference["resident"]
+                    else "offloaded to CPU memory between uses (colocated rollout). "))
+    return text + (f"Rollout share: {report['rollout_share_bytes_per_rank'] / (1 << 20):.1f} MiB "
+                   f"received by every rank a step at the longest responses.")
 
 
 def write_json(report: dict, path: str | Path) -> None:
