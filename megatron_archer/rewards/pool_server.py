@@ -8,7 +8,8 @@ environment: `python -I -S -B -c <this file> FD`, standard library only. It then
 one at a time on socket FD. A message either way is a 4-byte big-endian length and a UTF-8 JSON
 object (no pickles); a request's file descriptors (program, stdin, stdout, stderr, the run's
 cgroup.procs files) travel with it as SCM_RIGHTS. Anything malformed ends the server with one
-line on stderr (the caller then starts a new one).
+line on stderr (the caller then starts a new one). The server ends when its socket closes (the
+caller, or the thread that owns it, has gone), killing a run in progress.
 
 Per request:
 
@@ -42,6 +43,8 @@ import json
 import os
 import re
 import resource
+import select
+import selectors
 import socket
 import struct
 import sys
@@ -124,7 +127,8 @@ def encode(message: dict) -> bytes:
 
 def mount(source, target, fstype, flags, data=None) -> None:
     args = [None if v is None else os.fsencode(v) for v in (source, target, fstype, data)]
-    check(libc.mount(args[0], args[1], args[2], ctypes.c_ulong(flags), args[3]), f"mount {target}")
+    result = libc.mount(args[0], args[1], args[2], ctypes.c_ulong(flags), args[3])
+    check(result, f"mount {source or fstype} on {target}")
 
 
 def remount_read_only(path: str, bind: bool = True) -> None:
@@ -271,9 +275,11 @@ def fresh_stdio() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def enter_sandbox(start: dict, run: dict, fds: dict):
-    """pid 1 of the run: build the sandbox; returns the compiled program and its __main__."""
+def enter_sandbox(start: dict, run: dict, fds: dict, holder_alive: int):
+    """pid 1 of the run: build the sandbox; returns the program's source and its __main__."""
     check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "parent-death signal")
+    if select.select([holder_alive], [], [], 0)[0]:  # EOF: the holder died before the line above
+        raise ProcessLookupError("the run's holder has gone")
     os.setsid()
     build_root(start, run["workdir_bytes"])
     loopback_up()
@@ -281,7 +287,7 @@ def enter_sandbox(start: dict, run: dict, fds: dict):
     for target, name in enumerate(("stdin", "stdout", "stderr")):
         os.dup2(fds[name], target)
     with os.fdopen(fds["program"], "rb") as file:
-        code = compile(file.read(), "program.py", "exec")
+        source = file.read()
     main = types.ModuleType("__main__")
     sys.modules["__main__"] = main
     sys.argv = ["-c"]
@@ -292,15 +298,16 @@ def enter_sandbox(start: dict, run: dict, fds: dict):
     _signal.signal(SIGXCPU, lambda signum, frame: os._exit(128 + signum))
     set_limits(run)
     drop_privileges(start["last_cap"], start["bpf"])
-    return code, main
+    return source, main
 
 
-def run_program(code, main: types.ModuleType) -> int:
-    """Run the program as the interpreter runs a script, and the exit code it would give: an
-    uncaught exception's traceback (from the program's frames) and 1, SystemExit's code (a
-    non-integer printed, 1), atexit functions, stdout and stderr flushed (120 if that fails)."""
+def run_program(source: bytes, main: types.ModuleType) -> int:
+    """Run the program as the interpreter runs a script, and the exit code it would give: a
+    syntax error or an uncaught exception reported (from the program's frames) and 1,
+    SystemExit's code (a non-integer printed, 1), atexit functions, stdout and stderr flushed
+    (120 if that fails)."""
     try:
-        exec(code, main.__dict__)
+        exec(compile(source, "program.py", "exec"), main.__dict__)
         status = 0
     except SystemExit as done:
         status = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
@@ -320,11 +327,14 @@ def run_program(code, main: types.ModuleType) -> int:
     return status
 
 
-def holder(start: dict, run: dict, fds: dict, setup_error: int) -> None:
+def holder(start: dict, run: dict, fds: dict, setup_error: int, server: int) -> None:
     """The run's holder (forked from the server): namespaces, then pid 1, then wait for it and
-    exit as it did. A failure to build the sandbox is written to `setup_error`."""
+    exit as it did. A failure to build the sandbox is written to `setup_error`. Each of them
+    dies with its parent (the parent-death signal, checked for a parent gone before it was set)."""
     try:
         check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "parent-death signal")
+        if os.getppid() != server:
+            os._exit(1)
         for fd in fds["cgroups"]:
             os.write(fd, b"0")  # this process, before anything of the run exists
             os.close(fd)
@@ -333,22 +343,23 @@ def holder(start: dict, run: dict, fds: dict, setup_error: int) -> None:
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as file:
                 file.write(text)
+        alive_read, alive_write = os.pipe()  # pid 1 sees EOF once the holder has gone
         child = os.fork()
         if child == 0:
             status = 125
             try:
-                code, main = enter_sandbox(start, run, fds)
+                os.close(alive_write)
+                source, main = enter_sandbox(start, run, fds, alive_read)
             except BaseException as error:  # noqa: BLE001 - the sandbox could not be built
                 os.write(setup_error, f"{type(error).__name__}: {error}".encode()[:4000])
             else:
                 os.closerange(3, 1 << 20)  # the setup-error pipe too: only stdin, stdout, stderr are left
                 fresh_stdio()
-                status = run_program(code, main)
+                status = run_program(source, main)
             finally:
                 os._exit(status)  # never back into the server's code
-        for name in STREAMS:
-            os.close(fds[name])
-        os.close(setup_error)
+        for fd in (*(fds[name] for name in STREAMS), setup_error, alive_read):
+            os.close(fd)
         _, status = os.waitpid(child, 0)
         code = os.waitstatus_to_exitcode(status)
         os._exit(128 - code if code < 0 else code)
@@ -381,6 +392,26 @@ def valid_start(start: dict) -> dict:
     return {**start, "bpf": bytes.fromhex(start["seccomp"]), "last_cap": last_cap}
 
 
+def run_ends_before_the_caller(sock: socket.socket, pid: int) -> bool:
+    """Wait for the run's holder to exit; if the socket closes first (the caller or its thread
+    has gone), kill the run (the holder's end kills pid 1 and so the whole namespace) and say so.
+    A message in the middle of a run breaks the protocol."""
+    exited = os.pidfd_open(pid)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(exited, selectors.EVENT_READ)
+            selector.register(sock, selectors.EVENT_READ)
+            if any(key.fileobj is exited for key, _ in selector.select()):
+                return True
+    finally:
+        os.close(exited)
+    os.kill(pid, SIGKILL)
+    os.waitpid(pid, 0)
+    if sock.recv(1, socket.MSG_PEEK):
+        raise ProtocolError("a message arrived in the middle of a run")
+    return False
+
+
 def serve(sock: socket.socket) -> None:
     start = valid_start(receive(sock)[0])
     sock.sendall(encode({"ready": os.getpid()}))
@@ -393,18 +424,21 @@ def serve(sock: socket.socket) -> None:
             run = valid_run(request, fds)
             named = dict(zip(STREAMS, fds), cgroups=fds[len(STREAMS):])
             error_read, error_write = os.pipe()
+            server = os.getpid()
             pid = os.fork()
             if pid == 0:
                 try:
                     os.close(error_read)
                     sock.close()
-                    holder(start, run, named, error_write)
+                    holder(start, run, named, error_write, server)
                 finally:
                     os._exit(125)  # never back into the server's loop
             os.close(error_write)
         finally:
             for fd in fds:
                 os.close(fd)
+        if not run_ends_before_the_caller(sock, pid):
+            return
         _, status, usage = os.wait4(pid, 0)
         with os.fdopen(error_read, "rb") as file:
             failure = file.read(4000).decode("utf-8", "replace")
@@ -414,9 +448,6 @@ def serve(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "parent-death signal")
-    if os.getppid() == 1:
-        sys.exit(1)  # the caller has already gone
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
         serve(sock)

@@ -2,9 +2,10 @@
 
 Each thread that runs programs in the "bwrap" sandbox gets its own server (started on first use,
 as the sandbox user, see `pool_server`), which builds a fresh sandbox per program; the thread
-sends it one request at a time and reads the program's output itself. A server dies with the
-thread that started it (its parent-death signal) or when its socket closes. One found dead, or
-one that breaks the protocol or stops answering, is replaced with one logged line saying why.
+sends it one request at a time and reads the program's output itself. A server ends when its
+socket closes: when the thread ends (its `PoolServer` is freed with the thread's locals) or the
+caller exits, a run in progress included. One found dead, or one that breaks the protocol or
+stops answering, is replaced with one logged line saying why.
 """
 
 from __future__ import annotations
@@ -48,13 +49,8 @@ class PoolServer:
             theirs.close()
         self.sock = ours
         self.ended: str | None = None
-        start = {
-            "view": [list(op) for op in bwrap.view(setup.interpreter)],
-            "masked_files": list(bwrap.MASKED_PROC_FILES), "masked_dirs": list(bwrap.MASKED_PROC_DIRS),
-            "seccomp": seccomp_filter.bpf_program().hex(), "env": SERVER_ENV,
-        }  # fmt: skip
         try:
-            self.sock.sendall(pool_server.encode(start))
+            self.sock.sendall(pool_server.encode(start_message(setup)))
             ready = self._receive(START_TIMEOUT_S)
         except ServerGone as error:
             self.close()
@@ -64,6 +60,7 @@ class PoolServer:
         if set(ready) != {"ready"} or type(ready["ready"]) is not int:
             self.close()
             raise SandboxUnavailable(f"the warm sandbox pool's server answered {ready!r} to its start")
+        self.pid = ready["ready"]  # the server's own process (self.proc is the root bwrap for a root caller)
 
     def start_run(self, limits: dict, fds: list[int], cgroup_fds: list[int]) -> None:
         """Ask for one run: the program, stdin, stdout and stderr descriptors, the cgroups to join."""
@@ -119,13 +116,23 @@ class PoolServer:
             return pool_server.receive(self.sock)[0]
         except TimeoutError:
             raise ServerGone(self._gone(f"did not answer within {timeout_s:g} s")) from None
-        except EOFError:
+        except (EOFError, ConnectionError):
             raise ServerGone(self._gone("closed the connection")) from None
         except (pool_server.ProtocolError, ValueError, OSError) as error:
             raise ServerGone(self._gone(f"broke the protocol ({error})")) from None
 
     def _gone(self, what: str) -> str:
         return f"{what} (pid {self.proc.pid}, {self.close()})"
+
+
+def start_message(setup: bwrap.Bwrap) -> dict:
+    """What a server is told once: the view, the /proc entries to mask, the system-call filter
+    and the programs' environment."""
+    return {
+        "view": [list(op) for op in bwrap.view(setup.interpreter)],
+        "masked_files": list(bwrap.MASKED_PROC_FILES), "masked_dirs": list(bwrap.MASKED_PROC_DIRS),
+        "seccomp": seccomp_filter.bpf_program().hex(), "env": SERVER_ENV,
+    }  # fmt: skip
 
 
 _local = threading.local()

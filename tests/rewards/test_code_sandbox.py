@@ -1,5 +1,6 @@
 """The bwrap code sandbox: the attack suite, the kernel layers, attribution, cleanup, refusal;
-the in_process opt-in; the code reward on honest programs.
+the in_process opt-in; the code reward on honest programs. The sandbox tests run twice (the
+`launcher` fixture): on the warm pool (the default) and with bwrap launched per program.
 
 The attack suite runs in a separate caller process (as this test's user: root in CI) that holds a
 secret in its environment and scores every program of `attack_programs` in parallel; each must
@@ -46,6 +47,7 @@ SLACK_S = 6.0  # generous scheduling slack on 2 shared cores
 
 
 needs_bwrap = pytest.mark.usefixtures("sandbox_setup")  # tests/rewards/conftest.py
+both_launchers = pytest.mark.usefixtures("launcher")  # once on the warm pool, once per-run bwrap
 
 
 CALLER = """
@@ -57,7 +59,7 @@ from tests.rewards import attack_programs
 
 params, limits = json.loads(sys.argv[1]), SandboxLimits(**json.loads(sys.argv[2]))
 params["CALLER_PID"] = os.getpid()
-configure_sandbox("bwrap", workers=4)
+configure_sandbox(sys.argv[3], workers=4)
 def score(item):
     name, (program, _) = item
     start = time.monotonic()
@@ -68,8 +70,7 @@ with ThreadPoolExecutor(8) as pool:
 """
 
 
-@needs_bwrap
-def test_attack_suite_scores_zero_and_leaves_nothing(tmp_path):
+def test_attack_suite_scores_zero_and_leaves_nothing(tmp_path, launcher):
     secret = "ARCHER_TEST_SECRET_" + uuid.uuid4().hex
     mark = f"{37 + int(uuid.uuid4().int % 1000) / 1000:.3f}"  # a unique `sleep` duration and file name
     outside = tmp_path / "outside"
@@ -86,7 +87,7 @@ def test_attack_suite_scores_zero_and_leaves_nothing(tmp_path):
         params = {"MARK": mark, "PORT": tcp.getsockname()[1], "UDP_PORT": udp.getsockname()[1],
                   "OUTSIDE": str(outside), "SECRET_FILE": str(secret_file), "SHM_KEY": 0x5A5A0000 + os.getpid() % 4096}
         caller = subprocess.Popen(
-            [sys.executable, "-c", CALLER, json.dumps(params), json.dumps(dataclasses.asdict(LIMITS))],
+            [sys.executable, "-c", CALLER, json.dumps(params), json.dumps(dataclasses.asdict(LIMITS)), launcher],
             env={**os.environ, "ARCHER_TEST_SECRET": secret}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, cwd=Path(__file__).parents[2],
         )
@@ -128,7 +129,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@needs_bwrap
+@both_launchers
 def test_the_kernel_layers_are_in_place():
     """Every namespace differs from the caller's, no capabilities, no new privileges, the user
     is 65534 to the kernel when the caller is root, rlimits set, a minimal view and environment."""
@@ -160,7 +161,7 @@ print(repr({'ns': ns, 'caps': [status[k].strip() for k in ('CapInh', 'CapPrm', '
     assert seen["cwd"] == "/tmp" and seen["interfaces"] == ["lo"]
 
 
-@needs_bwrap
+@both_launchers
 def test_the_program_runs_as_an_unprivileged_user_seen_from_the_host():
     """Seen from here (not from inside, where bwrap's nested user namespaces renumber ids): the
     sandbox's process has real uid 65534 when the caller is root (the caller's uid otherwise),
@@ -181,7 +182,7 @@ def test_the_program_runs_as_an_unprivileged_user_seen_from_the_host():
         assert run.result().status == "ok"
 
 
-@needs_bwrap
+@both_launchers
 def test_only_tmp_and_dev_shm_are_writable_and_sized():
     program = """
 import os
@@ -206,7 +207,7 @@ except OSError as error:
     assert full and int(full[0].split()[2]) <= 8 and full[0].endswith(" 28"), result.stdout  # ENOSPC
 
 
-@needs_bwrap
+@both_launchers
 def test_nothing_is_written_to_the_hosts_tmp_or_dev_shm():
     name = "archer-leftover-" + uuid.uuid4().hex
     before = {d: set(os.listdir(d)) for d in ("/tmp", "/dev/shm")}
@@ -217,14 +218,14 @@ def test_nothing_is_written_to_the_hosts_tmp_or_dev_shm():
         assert not [n for n in set(os.listdir(directory)) - names if name in n or n.startswith("archer-")]
 
 
-@needs_bwrap
+@both_launchers
 def test_stdin_cannot_be_written_by_the_program():
     result = run_python("import os\ntry:\n    os.write(0, b'x')\nexcept OSError as e:\n    print(e.errno)\n"
                         "print(input())", "line\n", LIMITS)
     assert result.stdout == "9\nline\n", result  # EBADF: stdin is opened read-only
 
 
-@needs_bwrap
+@both_launchers
 def test_cpu_limit_is_attributed_even_when_the_program_handles_sigxcpu():
     handled = "import signal\nsignal.signal(signal.SIGXCPU, lambda *a: None)\nwhile True:\n    pass\n"
     result = run_python(handled, "", dataclasses.replace(LIMITS, wall_seconds=60.0))
@@ -233,13 +234,13 @@ def test_cpu_limit_is_attributed_even_when_the_program_handles_sigxcpu():
     assert plain.status == CPU_LIMIT and plain.describe() == "CPU time limit of 1 s exceeded", plain
 
 
-@needs_bwrap
+@both_launchers
 def test_a_self_inflicted_kill_is_not_a_cpu_limit():
     result = run_python("import os, signal\nos.kill(os.getpid(), signal.SIGXCPU)\nprint('after')", "", LIMITS)
     assert result.status == SIGNALED and result.describe() == "killed by SIGXCPU", result
 
 
-@needs_bwrap
+@both_launchers
 def test_the_memory_cgroup_kill_is_attributed_to_memory():
     layout, why = cgroups.machine_layout()
     if layout is None:
@@ -321,10 +322,9 @@ def test_assert_cases_need_the_test_code_to_finish():
     assert reward.value == 0 and "exited before the test code finished" in reward.reason
 
 
-@needs_bwrap
-def test_cases_run_in_parallel_on_the_pool():
+def test_cases_run_in_parallel_on_the_pool(launcher):
     """Four cases on a pool of two: two sandboxes at a time, never more (sampled from /proc)."""
-    configure_sandbox("bwrap", workers=2)
+    configure_sandbox(launcher, workers=2)
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(run_cases, "import time\ntime.sleep(1.5)\nprint('ok')", [IOCase("", "ok\n")] * 4, LIMITS)
         most = 0
@@ -356,7 +356,7 @@ def test_reward_sandbox_config_is_validated_and_reaches_the_sandbox(monkeypatch)
     from megatron_archer.trainer.config import RewardConfig
     from megatron_archer.trainer.reward_scoring import RewardScorer
 
-    with pytest.raises(ValueError, match="reward.sandbox must be one of bwrap, bwrap_per_run, in_process; got 'docker'"):
+    with pytest.raises(ValueError, match="reward.sandbox must be one of bwrap, bwrap_per_run, in_process; got 'dock"):
         from_dict(RewardConfig, {"sandbox": "docker"}, "reward.")
     monkeypatch.setattr(code_sandbox._settings, "warned", False)
     monkeypatch.setattr(code_sandbox._settings, "sandbox", "bwrap")

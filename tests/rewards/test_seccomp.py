@@ -1,7 +1,8 @@
-"""The sandbox's system-call filter: from inside, every denied call fails with EPERM (clone3 with
-ENOSYS, so the C library falls back to clone, whose namespace flags are denied), personality
-only keeps the default persona, the /proc entries runtimes hide are hidden, and ordinary Python
-programs (json, math, hashlib; numpy where the sandbox's interpreter has it) still run."""
+"""The sandbox's system-call filter, on the warm pool and with bwrap per run: from inside, every
+denied call fails with EPERM (clone3 with ENOSYS, so the C library falls back to clone, whose
+namespace flags are denied), personality only keeps the default persona, the /proc entries
+runtimes hide are hidden, and ordinary Python programs (json, math, hashlib; numpy where the
+sandbox's interpreter has it) still run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from megatron_archer.rewards.code_sandbox import run_python
 from megatron_archer.rewards.seccomp_filter import DENIED
-from tests.rewards.test_code_sandbox import LIMITS, needs_bwrap
+from tests.rewards.test_code_sandbox import LIMITS, both_launchers
 
 # runs inside the sandbox only: each denied call with harmless arguments, what the kernel said
 PROBE = """
@@ -41,7 +42,7 @@ print(json.dumps(out))
 """
 
 
-@needs_bwrap
+@both_launchers
 def test_denied_calls_fail_with_eperm_inside_the_sandbox():
     result = run_python(PROBE, "", LIMITS)
     assert result.status == "ok", result.describe() + result.stderr[-2000:]
@@ -57,7 +58,7 @@ def test_denied_calls_fail_with_eperm_inside_the_sandbox():
     assert seen["/proc/sys"] == []
 
 
-@needs_bwrap
+@both_launchers
 def test_ordinary_programs_still_run_under_the_filter():
     program = """
 import json, math, time, hashlib, random, collections, re, os
