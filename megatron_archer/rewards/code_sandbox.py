@@ -1,28 +1,33 @@
 """Run an untrusted Python program in a kernel-enforced sandbox and capture what it printed.
 
-Two sandboxes (`configure_sandbox`, or `reward.sandbox` in a run's config):
+Sandboxes (`configure_sandbox`, or `reward.sandbox` in a run's config):
 
-- "bwrap" (default): bubblewrap namespaces, an unprivileged user, rlimits and, where the machine
-  allows, a per-run cgroup (`bwrap.py`, `cgroups.py`, `sandbox_launcher.py`). The boundary is the
-  kernel. When bubblewrap is missing or cannot build the sandbox here, every run raises
+- "bwrap" (default): new namespaces of every kind, an unprivileged user, rlimits, the system-call
+  filter and, where the machine allows, a per-run cgroup, built per program by a warm server of
+  this thread (`sandbox_pool.py`, `pool_server.py`) that is started once, as bubblewrap would
+  start the program; the per-program cost is two forks. The boundary is the kernel.
+- "bwrap_per_run": the same sandbox with bubblewrap launched for every program (`bwrap.py`,
+  `cgroups.py`, `sandbox_launcher.py`): three process starts and an interpreter start a program.
+  When bubblewrap is missing or cannot build the sandbox here, every run of either raises
   `SandboxUnavailable` saying how to fix it: untrusted code is never run unconfined by accident.
 - "in_process" (opt-in, with a warning): the earlier guard, a Python audit hook plus rlimits and
   an empty network namespace in a host temporary directory. A program can switch the hook off,
   so this is not a boundary; use it only where bubblewrap cannot run and the programs are trusted.
 
-What one bwrap run gets: the program and its stdin on sealed, read-only memory files (nothing is
-written to the host's /tmp or /dev/shm); fresh tmpfs mounts for /tmp and /dev/shm inside, which
-vanish with the mount namespace, so no cleanup can be crashed or blocked by what the program left
-there; stdout and stderr read here under a combined byte cap; a wall-clock deadline. A run is
-stopped by SIGKILL to the sandbox's pid-namespace init, which the kernel answers by killing every
-process in the namespace before the init is reaped; so when the launcher has been waited for,
-nothing the program started is left. How a run ended is attributed from the exit status (bwrap
-reports a signal n as 128 + n), the CPU time of the whole tree (wait4), and the OOM-kill counters
-of the run's memory cgroup and of the kernel: a SIGKILL is `cpu_limit` only if the CPU limit was
-reached, `memory_limit` if the OOM killer fired.
+What one run in either bwrap sandbox gets: the program and its stdin on sealed, read-only memory
+files (nothing is written to the host's /tmp or /dev/shm); fresh tmpfs mounts for /tmp and
+/dev/shm inside, which vanish with the mount namespace, so no cleanup can be crashed or blocked by
+what the program left there; stdout and stderr read here under a combined byte cap; a wall-clock
+deadline. A run is stopped by SIGKILL to the sandbox's pid-namespace init, which the kernel
+answers by killing every process in the namespace before the init is reaped; so when the
+launcher (or the pool's run holder) has been waited for, nothing the program started is left.
+How a run ended is attributed from the exit status (a signal n is reported as 128 + n), the CPU
+time of the whole tree (wait4), and the OOM-kill counters of the run's memory cgroup and of the
+kernel: a SIGKILL is `cpu_limit` only if the CPU limit was reached, `memory_limit` if the OOM
+killer fired.
 
 `run_many` runs several programs on a shared pool of `workers` threads, each holding one sandbox
-at a time (bwrap costs about 20 ms a start, so runs overlap their starts with other runs' work).
+at a time (and, with "bwrap", one warm server).
 """
 
 from __future__ import annotations

@@ -375,8 +375,9 @@ class RewardConfig:
     """Reward functions (``megatron_archer.rewards.load_reward_fn`` specs): ``function`` for every
     prompt, or the one ``by_data_source`` names for the prompt's ``data_source``; scored by
     ``workers`` threads. ``sandbox``: where the code reward runs programs, ``bwrap`` (kernel
-    namespaces; refuses to run when bubblewrap cannot) or ``in_process`` (the weaker Python-level
-    guard, with a warning at start)."""
+    namespaces, a fresh set per program built by a warm server per worker; refuses to run when
+    bubblewrap cannot), ``bwrap_per_run`` (the same sandbox, bubblewrap launched per program) or
+    ``in_process`` (the weaker Python-level guard, with a warning at start)."""
 
     function: str = "math"
     by_data_source: Mapping[str, str] = field(default_factory=dict)
