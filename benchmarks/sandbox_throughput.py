@@ -1,11 +1,13 @@
 """Reward throughput: sandboxed programs per second and math verifications per second.
 
-    python -m benchmarks.sandbox_throughput [--programs 120] [--workers 2] [--math-calls 400]
+    python -m benchmarks.sandbox_throughput [--programs 120] [--workers 2] [--rounds 3] [--math-calls 400]
 
 Code: a trivial program (`print(1)`) and a typical stdin/stdout task (read 2,000 integers, sort
-them, print a checksum) through `code_sandbox.run_many` on a pool of `--workers`, in the bwrap
-sandbox and, as the baseline measured in the same run, today's launcher (`in_process`, the
-earlier design) on the same pool and one run at a time (as `run_cases` ran its cases before).
+them, print a checksum) through `code_sandbox.run_many` on a pool of `--workers`, in the warm
+sandbox pool ("bwrap", the default) and, as the baseline measured in the same run, with bubblewrap
+launched per program ("bwrap_per_run", the earlier default). The two alternate, `--rounds` times
+each, so that a change of the machine's load affects both; each rate is over all its rounds, and
+the load average is printed before and after.
 
 Math: `MathVerifier` end to end (extraction, worker round trip, the strict judge) at `--workers`
 processes; and the judge alone in this process against math-verify's plain `parse` + `verify`
@@ -15,6 +17,7 @@ processes; and the judge alone in this process against math-verify's plain `pars
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 import warnings
@@ -24,30 +27,38 @@ TASK = ("import sys\nnums = sorted(map(int, sys.stdin.read().split()))\n"
         "print(sum(n * i for i, n in enumerate(nums)) % 1000003)")
 
 
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+
+
 def _rate(fn, count: int) -> float:
     start = time.perf_counter()
     fn()
     return count / (time.perf_counter() - start)
 
 
-def code_rows(programs: int, workers: int) -> list[tuple[str, float, float]]:
-    from megatron_archer.rewards.code_sandbox import configure_sandbox, run_many
+def code_rows(programs: int, workers: int, rounds: int) -> list[tuple[str, float, float, float, float]]:
+    """(program, pool programs/s, per-run programs/s, lowest and highest per-round ratio)."""
+    from megatron_archer.rewards.code_sandbox import BWRAP, BWRAP_PER_RUN, configure_sandbox, run_many
 
-    configure_sandbox("bwrap", workers=workers)
+    configure_sandbox(BWRAP, workers=workers)
     rng = random.Random(0)
     stdin = " ".join(str(rng.randrange(10**6)) for _ in range(2000))
     jobs = {"trivial": [(TRIVIAL, "")] * programs, "stdin/stdout task": [(TASK, stdin)] * programs}
-    for batch in jobs.values():  # warm up: probe, page cache
-        assert all(r.status == "ok" for r in run_many(batch[:4], sandbox="bwrap"))
-        assert all(r.status == "ok" for r in run_many(batch[:4], sandbox="in_process"))
+    for batch in jobs.values():  # warm up: probe, page cache, the pool's servers
+        for sandbox in (BWRAP, BWRAP_PER_RUN):
+            assert all(r.status == "ok" for r in run_many(batch[: workers * 2], sandbox=sandbox))
     rows = []
     for name, batch in jobs.items():
-        new = _rate(lambda batch=batch: run_many(batch, sandbox="bwrap"), programs)
-        old_pool = _rate(lambda batch=batch: run_many(batch, sandbox="in_process"), programs)
-        configure_sandbox("bwrap", workers=1)
-        old_serial = _rate(lambda batch=batch: run_many(batch, sandbox="in_process"), programs)
-        configure_sandbox("bwrap", workers=workers)
-        rows.append((name, new, old_pool, old_serial))
+        seconds = {BWRAP: [], BWRAP_PER_RUN: []}
+        for _ in range(rounds):
+            for sandbox, times in seconds.items():
+                start = time.perf_counter()
+                assert all(r.status == "ok" for r in run_many(batch, sandbox=sandbox))
+                times.append(time.perf_counter() - start)
+        ratios = [old / new for new, old in zip(seconds[BWRAP], seconds[BWRAP_PER_RUN])]
+        pool, per_run = (programs * rounds / sum(seconds[s]) for s in (BWRAP, BWRAP_PER_RUN))
+        rows.append((name, pool, per_run, min(ratios), max(ratios)))
     return rows
 
 
@@ -88,19 +99,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--programs", type=int, default=120)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--math-calls", type=int, default=400)
     args = parser.parse_args()
-    warnings.simplefilter("ignore")  # the in_process baseline's warning
+    warnings.simplefilter("ignore")
     import logging
 
-    logging.getLogger("megatron_archer.rewards.code_sandbox").setLevel(logging.ERROR)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    print(f"code sandbox, programs/s ({args.programs} programs; pool of {args.workers} workers unless noted)")
-    print("| program | bwrap | in_process, same pool | x | in_process, one at a time | x |")
-    print("|---|---|---|---|---|---|")
-    for name, new, old_pool, old_serial in code_rows(args.programs, args.workers):
-        print(f"| {name} | {new:.1f} | {old_pool:.1f} | {new / old_pool:.2f} | {old_serial:.1f} "
-              f"| {new / old_serial:.2f} |")
+    print(f"load average (1, 5, 15 min) before: {_load()}")
+    print(f"code sandbox, programs/s ({args.programs} programs x {args.rounds} rounds; pool of {args.workers} "
+          "workers)")
+    print("| program | warm pool (bwrap) | bwrap per run | x | x per round |")
+    print("|---|---|---|---|---|")
+    for name, pool, per_run, low, high in code_rows(args.programs, args.workers, args.rounds):
+        print(f"| {name} | {pool:.1f} | {per_run:.1f} | {pool / per_run:.2f} | {low:.2f}-{high:.2f} |")
+    print(f"load average after: {_load()}")
     end_to_end, strict, plain = math_rows(args.math_calls, args.workers)
     print(f"\nmath: MathVerifier at {args.workers} workers: {end_to_end:.0f} calls/s")
     print(f"math judge in one process: strict {strict:.0f} calls/s, math-verify parse+verify {plain:.0f} calls/s "
