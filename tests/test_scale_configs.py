@@ -188,6 +188,13 @@ def test_scale_config_passes_plan(path, tmp_path, capsys, monkeypatch):
     stages = {r["pipeline"]: tuple(r["layers"]) for r in report["ranks"]}
     assert sorted(stages) == list(range(layout["pipeline"]))
     assert all(r["buffer_padding"] == 0 for r in report["ranks"])
+    # the actor's DDP does not overlap the gradient reduce, so the buffer is one bucket: the
+    # largest message of every rank is the reduce-scatter of its whole fp32 gradient buffer
+    for rank in report["ranks"]:
+        assert rank["grad_buckets"] == [rank["parameters"]]
+        assert rank["largest_collective"] == {"name": "gradient reduce-scatter",
+                                              "group": "data x context",
+                                              "bytes": 4 * rank["parameters"]}
     # the memory model from the published shapes against what plan built, in bytes
     spec = plan.model_spec(command[command.index("--model-config") + 1])
     model = Layout(tp=layout["tensor"], pp=layout["pipeline"], dp=layout["data"],

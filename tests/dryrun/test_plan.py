@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_archer.actor import SequenceBatch
 from megatron_archer.dryrun import plan
 from megatron_archer.dryrun.rank_build import BuildInputs, build_rank
-from megatron_archer.models import ModelSpec, build_gpt_model, hf_weight_buckets
+from megatron_archer.models import ModelSpec, build_gpt_model, hf_weight_buckets, transformer_config
 from megatron_archer.models.weight_map import global_named_parameters
 from megatron_archer.rollout.fp8_weights import fp8_weight_buckets
 from megatron_archer.trainer import load_config
@@ -180,3 +180,24 @@ def test_cli_table_json_and_fit(tmp_path):
     assert tight.returncode == 1 and "ranks [0, 1] do not fit" in tight.stdout
     missing = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "pass --model-config" in missing.stderr
+
+
+def test_fp8_job_builds_the_same_shapes(monkeypatch):
+    """With model.fp8 the job's Transformer Engine TransformerConfig (fp8 fields included) is
+    constructed on every rank; the parameters are those of the bf16 job."""
+    from megatron_archer.dryrun import rank_build
+
+    made = []
+
+    def recorded(*args, **kwargs):
+        config = transformer_config(*args, **kwargs)
+        made.append((kwargs["backend"], config.fp8, config.fp8_recipe))
+        return config
+
+    monkeypatch.setattr(rank_build, "transformer_config", recorded)
+    path = SCALE / "forking_80_20_qwen3_8b.yaml"
+    spec = plan.model_spec(SCALE / "model_configs" / "qwen3_8b_base")
+    reports = [plan.plan(load_config(path, overrides), spec, 16)
+               for overrides in ([], ["model.fp8=hybrid", "model.fp8_recipe=tensorwise"])]
+    assert made == [("te", None, "delayed")] * 16 + [("te", "hybrid", "tensorwise")] * 16
+    assert [r["bytes"] for r in reports[0]["ranks"]] == [r["bytes"] for r in reports[1]["ranks"]]
