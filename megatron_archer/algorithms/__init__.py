@@ -32,7 +32,12 @@ from megatron_archer.algorithms.config import (
     config_from_dict,
     preset,
 )
-from megatron_archer.algorithms.covariance import CovarianceStats, CovarianceTokens, token_hash
+from megatron_archer.algorithms.covariance import (
+    CovarianceStats,
+    CovarianceTokens,
+    content_ids,
+    token_hash,
+)
 from megatron_archer.algorithms.metrics import entropy_summary, loss_metric_sums, reduce_loss_metrics
 from megatron_archer.algorithms.order_stats import kth_largest, top_count
 from megatron_archer.algorithms.policy_loss import (
@@ -56,7 +61,7 @@ __all__ = [
     "CovarianceStats", "CovarianceTokens", "DynamicSamplingConfig", "DynamicSamplingResult",
     "ForkingConfig", "KLCovConfig", "LossConfig", "LossTerms", "OverlongConfig",
     "PolicyLossOutput", "SelectionConfig", "StepContext", "TokenSelection", "build_step_context",
-    "class_constraints", "classify_tokens", "clipped_pg_loss", "config_from_dict",
+    "class_constraints", "classify_tokens", "content_ids", "clipped_pg_loss", "config_from_dict",
     "dynamic_sampling_filter", "entropy_summary", "group_advantages", "groups_with_signal",
     "kl_penalty", "kth_largest", "loss_metric_sums", "overlong_penalty", "policy_loss", "preset",
     "reduce_loss_metrics", "select_tokens", "selection_entropy", "token_hash", "top_count",

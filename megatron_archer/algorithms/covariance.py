@@ -67,6 +67,19 @@ def token_hash(salts: Sequence[int], sequence_ids: torch.Tensor, width: int) -> 
     return _mix32(_mix32(rows ^ positions) ^ rows)
 
 
+def content_ids(sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B] int64 ids in [0, 2^32) of 1-D token-id sequences (prompt and response), from their
+    content: mix(sum_t mix(token_t ^ mix(t + 1)) mod 2^32). A sequence id for ``token_hash`` that
+    every rank derives alone; identical sequences (the same tokens, so the same log-probs and
+    advantages) share it."""
+    ids = []
+    for tokens in sequences:
+        tokens = tokens.to(torch.int64).cpu() & _MASK32
+        tags = _mix32(torch.arange(1, tokens.numel() + 1, dtype=torch.int64))
+        ids.append(int(_mix32(int(_mix32(tokens ^ tags).sum()) & _MASK32)))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 @dataclass(frozen=True)
 class CovarianceTokens:
     """One micro-batch's inputs: detached log-probs [B, T], advantages [B] or [B, T], and

@@ -285,7 +285,8 @@ class Trainer:
         with timed(times, "time/train"):
             train_metrics = train_on_mini_batches(
                 self.actor, mini_batches, config.algorithm, config.train.epochs, progress,
-                on_nonfinite=config.train.on_nonfinite, unusable=unusable)
+                on_nonfinite=config.train.on_nonfinite, unusable=unusable,
+                salts=(config.train.seed, step))
         # after training: the first mini-batch's old-policy results may come from its update
         batch_metrics, entropies = rollout_batch_metrics(mini_batches, unusable, config.algorithm)
         if config.rollout.async_:  # the rollout in flight first, timed apart from the sync

@@ -46,6 +46,7 @@ from megatron_archer.actor import (
 from megatron_archer.actor.packing import scatter_to_batch
 from megatron_archer.algorithms import (
     AlgorithmConfig,
+    CovarianceTokens,
     build_step_context,
     class_constraints,
     entropy_summary,
@@ -55,7 +56,10 @@ from megatron_archer.algorithms import (
     reduce_loss_metrics,
     select_tokens,
     selection_entropy,
+    token_hash,
 )
+from megatron_archer.algorithms.config import COVARIANCE_METHODS
+from megatron_archer.algorithms.covariance import content_ids
 from megatron_archer.algorithms.metrics import CLASSES
 from megatron_archer.algorithms.rollout_correction import (
     correction_metric_sums,
@@ -85,6 +89,8 @@ class MiniBatch:
     ref_logp: torch.Tensor | None = None
     # the old-policy results come from the first update's forward (``defers_old_forward``)
     old_deferred: bool = False
+    # [b] ids of the sequences from their content (``covariance.content_ids``), on first use
+    sequence_ids: torch.Tensor | None = None
 
 
 def needs_reference(algorithm: AlgorithmConfig) -> bool:
@@ -151,10 +157,10 @@ def _mini_batch(samples, advantages: torch.Tensor) -> MiniBatch:
 
 def runs_old_forward(algorithm: AlgorithmConfig) -> bool:
     """The old-policy forward runs: for the old log-probs (``old_logprobs: recompute``), or for
-    the step-start entropy that every selection method but ``none`` needs (the step context's
+    the step-start entropy that every entropy-based selection method needs (the step context's
     forking threshold and class or selected-token counts; the selection's with ``entropy_source:
-    old``), which the engine does not return."""
-    return algorithm.old_logprobs == "recompute" or algorithm.selection.method != "none"
+    old``), which the engine does not return. Clip-Cov and KL-Cov need only the old log-probs."""
+    return algorithm.old_logprobs == "recompute" or algorithm.selection.uses_entropy
 
 
 def defers_old_forward(actor: Actor, mb: MiniBatch, algorithm: AlgorithmConfig) -> bool:
@@ -253,17 +259,37 @@ def _loss_tokens(micro, mb: MiniBatch, algorithm: AlgorithmConfig) -> torch.Tens
                        micro.gather(mb.rollout_logp.to(mask.device)), mask, correction, _cp_group())
 
 
-def _step_context(micro, mb: MiniBatch, algorithm: AlgorithmConfig, dp_group):
+def _covariance_tokens(micro, mb: MiniBatch, logp: torch.Tensor, salts: tuple[int, ...]
+                       ) -> CovarianceTokens:
+    """Clip-Cov / KL-Cov inputs of one micro-batch (docs/numerics.md §10): ``logp`` [b, R_mb]
+    (detached), its advantages, and each token's hash of (``salts``, its sequence's content id,
+    its position in the response), the same on every split of the step."""
+    if mb.sequence_ids is None:
+        mb.sequence_ids = content_ids(mb.batch.input_ids)
+    device = micro.response_mask.device
+    return CovarianceTokens(logp.detach(), micro.gather(mb.advantages.to(device)),
+                            token_hash(salts, micro.gather(mb.sequence_ids).to(device),
+                                       micro.response_mask.shape[1]))
+
+
+def _step_context(micro, mb: MiniBatch, algorithm: AlgorithmConfig, dp_group,
+                  salts: tuple[int, ...] = ()):
     """``build_step_context`` of one update from its micro-batches' old entropy (None with
-    ``old_logprobs: rollout`` and selection ``none``) and loss tokens."""
+    ``old_logprobs: rollout`` and selection ``none``), loss tokens and, for the covariance
+    methods, old log-probs (``salts``: see ``_covariance_tokens``)."""
     old_entropy = mb.old_entropy
+    covariance = None
+    if algorithm.selection.method in COVARIANCE_METHODS:
+        covariance = [_covariance_tokens(m, mb, m.gather(mb.old_logp.to(m.response_mask.device)),
+                                         salts) for m in micro]
     return build_step_context([(None if old_entropy is None else
                                 m.gather(old_entropy.to(m.response_mask.device)),
                                 _loss_tokens(m, mb, algorithm)) for m in micro],
-                              algorithm.selection, dp_group, _cp_group())
+                              algorithm.selection, dp_group, _cp_group(), covariance=covariance)
 
 
-def _on_policy_loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, dp_group, device):
+def _on_policy_loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, dp_group, device,
+                       salts: tuple[int, ...] = ()):
     """The loss function of a deferred mini-batch's first update (``defers_old_forward``: one
     micro-batch): this forward's log-probs and entropy, detached, become ``mb``'s old-policy
     results, then the step context is built from them and the usual loss (``_loss_fn``) runs.
@@ -279,14 +305,15 @@ def _on_policy_loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, dp_group, devi
         if bad:
             name = "old_logp" if "old_logp" in bad else "old_entropy"
             raise NonFiniteError(name, f"{name} of the first update is non-finite")
-        ctx = _step_context([micro], mb, algorithm, dp_group)
-        return _loss_fn(mb, algorithm, ctx, device)(micro, logp, entropy)
+        ctx = _step_context([micro], mb, algorithm, dp_group, salts)
+        return _loss_fn(mb, algorithm, ctx, device, salts)(micro, logp, entropy)
 
     return loss_fn
 
 
-def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
-    """The micro-batch loss: selection, the mismatch correction from the engine's log-probs when
+def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device, salts: tuple[int, ...] = ()):
+    """The micro-batch loss: selection (by the current log-probs' covariance for Clip-Cov and
+    KL-Cov, ``salts`` as in ``_step_context``), the mismatch correction from the engine's log-probs when
     ``algorithm.rollout_correction`` is enabled (docs/numerics.md §8), the policy loss, and its metric sums."""
     selection, loss_config = algorithm.selection, algorithm.loss
     correction = algorithm.rollout_correction
@@ -305,8 +332,11 @@ def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
     def loss_fn(micro, logp, entropy):
         mask = _loss_tokens(micro, mb, algorithm)
         chosen = selection_entropy(selection, entropy, gather(micro, old_entropy))
+        covariance = (_covariance_tokens(micro, mb, logp, salts)
+                      if selection.method in COVARIANCE_METHODS else None)
         tokens = select_tokens(chosen, mask, selection, loss_config, ctx.forking_threshold,
-                               cp_group=cp_group)
+                               cp_group=cp_group, covariance=covariance,
+                               covariance_stats=ctx.covariance)
         weights = None if rollout_logp is None else rollout_correction(
             micro.gather(old_logp), micro.gather(rollout_logp), mask, correction, cp_group)
         out = policy_loss(
@@ -324,7 +354,8 @@ def _loss_fn(mb: MiniBatch, algorithm: AlgorithmConfig, ctx, device):
 
 def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm: AlgorithmConfig,
                           epochs: int, show_progress: bool, on_nonfinite: str = "skip",
-                          unusable: list[dict[str, int]] | None = None) -> dict[str, float]:
+                          unusable: list[dict[str, int]] | None = None,
+                          salts: tuple[int, ...] = ()) -> dict[str, float]:
     """``epochs`` passes of one optimiser step per mini-batch; the step's actor metrics.
 
     ``unusable[u]`` names the non-finite inputs of mini-batch u (``compute_old_and_reference``):
@@ -340,19 +371,25 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
     tokens are compared to it with the current policy's entropy, so the selected share moves
     away from rho as the policy changes within a step: ``actor/high/token_share_update_min`` /
     ``_max`` report the share each update actually selected.
+
+    ``salts`` (the trainer's seed and step), with the epoch and mini-batch, seed the covariance
+    methods' draw (docs/numerics.md §10): a new draw each update, the same on every split.
     """
     # every rank holding tokens of the step: data x context parallel (docs/numerics.md §9)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     entropy_grad = algorithm.loss.entropy_coef > 0
     sums, results, update_sums, nonfinite = [], [], [], Counter()
     updates = [(e, u) for e in range(epochs) for u in range(len(mini_batches))]
-    for _, u in progress(updates, show_progress, desc="train", unit="update"):
+    for epoch, u in progress(updates, show_progress, desc="train", unit="update"):
         mb, bad = mini_batches[u], unusable[u] if unusable else {}
         if not bad:
             micro, deferred = actor.micro_batches(mb.batch), mb.old_deferred
-            loss_fn = (_on_policy_loss_fn(mb, algorithm, dp_group, actor.device) if deferred else
-                       _loss_fn(mb, algorithm, _step_context(micro, mb, algorithm, dp_group),
-                                actor.device))
+            update_salts = (*salts, epoch, u)
+            loss_fn = (_on_policy_loss_fn(mb, algorithm, dp_group, actor.device, update_salts)
+                       if deferred else
+                       _loss_fn(mb, algorithm,
+                                _step_context(micro, mb, algorithm, dp_group, update_salts),
+                                actor.device, update_salts))
             result = actor.train_step(mb.batch, loss_fn, entropy_grad=entropy_grad,
                                       micro_batches=micro)
             bad = result.nonfinite

@@ -94,7 +94,7 @@ def test_the_shipped_ablation_holds_the_papers_variants():
     assert list(specs) == [
         "grpo", "dapo", "forking_rho0.2", "forking_rho0.2_micro_batch", "forking_rho0.1",
         "forking_rho0.5", "forking_rho1.0", "bottom_80", "archer", "archer_no_knowledge_kl",
-        "archer_equal_clip", "archer_soft"]
+        "archer_equal_clip", "archer_soft", "clip_cov", "kl_cov"]
     grpo, dapo = specs["grpo"], specs["dapo"]
     assert grpo.loss.clip.kl_coef == 0.04 and not grpo.dynamic_sampling.enabled
     assert dapo.selection.method == "none" and dapo.loss.clip.eps_high == 0.28
@@ -122,3 +122,9 @@ def test_the_shipped_ablation_holds_the_papers_variants():
     assert equal.knowledge.kl_coef == 0.001 and equal.reasoning.kl_coef == 0.0
     soft = specs["archer_soft"]
     assert soft.selection.method == "archer_soft" and soft.selection.archer == archer
+    for name in ("clip_cov", "kl_cov"):  # DAPO with one field changed, the paper's settings
+        assert specs[name].selection.method == name
+        assert specs[name].loss == dapo.loss and specs[name].overlong == dapo.overlong
+        assert specs[name].dynamic_sampling == dapo.dynamic_sampling
+    clip, kl = specs["clip_cov"].selection.clip_cov, specs["kl_cov"].selection.kl_cov
+    assert (clip.ratio, clip.lb, clip.ub, kl.ratio, kl.coef) == (2e-4, 1.0, 5.0, 2e-3, 1.0)
