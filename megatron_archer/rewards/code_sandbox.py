@@ -305,8 +305,8 @@ def _run_on_server(server: sandbox_pool.PoolServer, source: str, stdin: str, lim
         try:
             status, stdout, stderr = _collect(out_read, err_read, server.sock.fileno(),
                                               start + limits.wall_seconds, limits.output_bytes)
-            if status is not None:
-                server.stop_program()
+            if status is not None:  # the run's pid 1: its namespace dies, the server answers
+                _kill_namespace_inits(server.proc.pid)
             returncode, cpu = server.finish_run(STOP_TIMEOUT_S)
         except BaseException as error:  # interrupted: no run may outlive this call
             if not isinstance(error, (sandbox_pool.ServerGone, SandboxUnavailable)):
@@ -424,12 +424,17 @@ def _collect(stdout: int, stderr: int, done: int, deadline: float, cap: int) -> 
 def _stop_sandbox(proc: subprocess.Popen) -> None:
     """SIGKILL the sandbox's pid-namespace init (the kernel then kills the whole namespace before
     the init, bwrap and so `proc` exit); the process group if no init exists (yet or any more)."""
-    inits = [pid for pid in _descendants(proc.pid) if _is_namespace_init(pid)]
+    if not _kill_namespace_inits(proc.pid):
+        _kill_group(proc)
+
+
+def _kill_namespace_inits(root: int) -> bool:
+    """SIGKILL every pid-namespace init below process `root`; whether there was one."""
+    inits = [pid for pid in _descendants(root) if _is_namespace_init(pid)]
     for pid in inits:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    if not inits:
-        _kill_group(proc)
+    return bool(inits)
 
 
 def _descendants(pid: int) -> list[int]:

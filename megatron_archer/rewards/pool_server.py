@@ -63,6 +63,7 @@ MNT_DETACH = 2
 # statvfs f_flag bits -> the mount flags a read-only remount must repeat (the kernel locks them
 # on mounts a new user namespace inherits): rdonly, nosuid, nodev, noexec, noatime, nodiratime, relatime
 ST_TO_MS = {1: 1, 2: 2, 4: 4, 8: 8, 1024: 1024, 2048: 2048, 4096: 1 << 21}
+ST_NOATIME, ST_RELATIME, MS_STRICTATIME = 1024, 4096, 1 << 24
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 22, 24, 38, 47
 PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 4, 2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
@@ -134,6 +135,8 @@ def mount(source, target, fstype, flags, data=None) -> None:
 def remount_read_only(path: str, bind: bool = True) -> None:
     bits = os.statvfs(path).f_flag
     kept = sum(ms for st, ms in ST_TO_MS.items() if bits & st)
+    if not bits & (ST_NOATIME | ST_RELATIME):
+        kept |= MS_STRICTATIME  # else the remount would default to relatime, which a locked mount refuses
     mount(None, path, None, MS_REMOUNT | MS_RDONLY | kept | (MS_BIND if bind else 0))
 
 
@@ -451,8 +454,11 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
         serve(sock)
-    except (ProtocolError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        print(f"sandbox pool server: {error}", file=sys.stderr, flush=True)
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the caller has gone
+    except Exception as error:  # noqa: BLE001 - one line, then the caller starts a new server
+        what = str(error) if isinstance(error, ProtocolError) else f"{type(error).__name__}: {error}"
+        print(f"sandbox pool server: {what}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -83,16 +83,6 @@ class PoolServer:
             raise ServerGone(self._gone(f"answered {str(reply)[:200]} to a run"))
         return reply["exit"], float(reply["cpu"])
 
-    def stop_program(self) -> None:
-        """SIGKILL the running program's pid-namespace init: the kernel kills everything in its
-        namespace, the holder exits and the server answers. Nothing else is touched."""
-        from megatron_archer.rewards.code_sandbox import _descendants, _is_namespace_init
-
-        for pid in _descendants(self.proc.pid):
-            if _is_namespace_init(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
     def alive(self) -> bool:
         return self.ended is None and self.proc.poll() is None
 
