@@ -23,6 +23,7 @@ from megatron_archer.algorithms import (
     SelectionConfig,
     build_step_context,
     config_from_dict,
+    content_ids,
     loss_metric_sums,
     policy_loss,
     reduce_loss_metrics,
@@ -373,3 +374,12 @@ def test_one_config_change_on_a_preset_and_the_papers_defaults():
     cfg = config_from_dict({"preset": "dapo", "selection": {"method": "kl_cov"}})
     assert cfg.selection.kl_cov == KLCovConfig(ratio=2e-3, coef=1.0)
     assert isinstance(cfg, AlgorithmConfig)
+
+
+def test_content_ids_follow_the_tokens_not_the_batch():
+    a, b = torch.tensor([5, 1, 9, 9, 2]), torch.tensor([5, 1, 9, 2, 9])
+    ids = content_ids([a, b, a.clone(), a[:4], torch.tensor([2**40 + 5, 1])])
+    assert ids[0] == ids[2]  # the same tokens: the same id, wherever the sequence sits
+    assert len({ids[0].item(), ids[1].item(), ids[3].item(), ids[4].item()}) == 4  # order, length
+    assert torch.equal(content_ids([b, a]), ids[[1, 0]])
+    assert bool(((ids >= 0) & (ids < 2**32)).all())
