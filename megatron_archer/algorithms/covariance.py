@@ -11,9 +11,9 @@ the step constants, never on how the step is split.
 
 Exactness: the means are of the values rounded to multiples of 2^-53 (exact for float32 inputs
 of magnitude above 2^-30), summed exactly in two int64 parts and divided once, correctly
-rounded, so they are the same bits on every split; the thresholds are exact order statistics over all ranks
-(``order_stats.kth_largest_key``). The random draw of Clip-Cov and the tie-break of KL-Cov use a
-32-bit hash of (salts, the response's id in the step, the token's position in the response)
+rounded, so they are the same bits on every split; the thresholds are exact order statistics
+over all ranks (``order_stats.kth_largest_key``). The random draw of Clip-Cov and the tie-break
+of KL-Cov use a 32-bit hash of (salts, the response's id, the token's position in the response)
 (``token_hash``): a function of the token's identity, not of the order it is seen in.
 """
 
@@ -50,8 +50,9 @@ def _mix32(x):
 def token_hash(salts: Sequence[int], sequence_ids: torch.Tensor, width: int) -> torch.Tensor:
     """[B, width] int64 hashes in [0, 2^32) of (salts, sequence id, position in the response).
 
-    ``sequence_ids`` [B] are the responses' ids, unique within the step (e.g. their index in the
-    step's batch); ``salts`` vary the draw (the trainer passes seed, step, epoch and update).
+    ``sequence_ids`` [B] identify the responses (the trainer: ``content_ids``; any ids fixed
+    before the step is split); ``salts`` vary the draw (the trainer passes seed, step, epoch and
+    update).
     h = mix(mix(r_i ^ t) ^ r_i) with r_i = mix(salt ^ id_i): distinct tokens of a step collide
     only by chance (about 2^-32 a pair), never along a run of positions.
     """
