@@ -23,15 +23,20 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="Hugging Face model directory or its config.json (default: "
                              "model.path); examples/scale/model_configs/ has the published "
                              "configs of the example models")
-    parser.add_argument("--world-size", type=int, help="number of training GPUs")
+    parser.add_argument("--world-size", type=int,
+                        help="number of training GPUs (default: from --nodes, else the world "
+                             "size parallel.data implies)")
     parser.add_argument("--nodes", type=int,
-                        help="training nodes (world size = nodes x --gpus-per-node); default: "
-                             "the world size parallel.data implies")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="default 8")
+                        help="training nodes: world size = nodes x --gpus-per-node (default: "
+                             "none)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs of a training node (default 8)")
     parser.add_argument("--gpu-memory", metavar="SIZE",
-                        help="memory of one GPU, e.g. 80GiB: ranks above it are marked")
+                        help="memory of one GPU, e.g. 80GiB: ranks above it are marked and the "
+                             "exit status is 1 (default: none, nothing marked)")
     parser.add_argument("--markdown", action="store_true",
-                        help="print the table as markdown, ranks with equal figures on one row")
+                        help="print the table as markdown, ranks with equal figures on one row "
+                             "(default: one terminal row a rank)")
     parser.add_argument("--out", metavar="FILE",
                         help="JSON report (default: plan-<config name>.json here)")
     parser.set_defaults(func=handle)

@@ -10,6 +10,7 @@ returned as plain data (``report``) for the terminal table and the JSON file.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -21,14 +22,13 @@ import torch
 from megatron_archer.buckets import bounded_buckets
 from megatron_archer.dryrun import memory
 from megatron_archer.dryrun.rank_build import BuildInputs, RankBuild, build_rank
-from megatron_archer.models import ModelSpec
+from megatron_archer.models import ModelSpec, hf_weight_buckets
 from megatron_archer.models.weight_map import Layout, weight_mappings
 from megatron_archer.rollout.fp8_weights import BLOCK, is_quantized
 from megatron_archer.trainer.config import ExperimentConfig
 from megatron_archer.trainer.rollout_share import SIZES
 from megatron_archer.trainer.step import needs_reference
 
-DEFAULT_BUCKET_BYTES = 512 << 20  # models.hf_weight_buckets' default (the local engine's)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -121,7 +121,9 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
     then broadcast from its stage over the pipeline group)."""
     rollout = config.rollout
     sg = rollout.sglang if rollout.engine == "sglang" else None
-    bucket_bytes = sg.bucket_bytes if sg is not None else DEFAULT_BUCKET_BYTES
+    # the trainer passes sglang.bucket_bytes, or leaves hf_weight_buckets' default
+    default = inspect.signature(hf_weight_buckets).parameters["bucket_bytes"].default
+    bucket_bytes = sg.bucket_bytes if sg is not None else default
     dtype = config.actor.torch_params_dtype
     tensors = sync_tensors(spec, dtype)
     buckets = sync_bucket_bytes(spec, dtype, bucket_bytes)
