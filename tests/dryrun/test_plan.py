@@ -201,3 +201,20 @@ def test_fp8_job_builds_the_same_shapes(monkeypatch):
                for overrides in ([], ["model.fp8=hybrid", "model.fp8_recipe=tensorwise"])]
     assert made == [("te", None, "delayed")] * 16 + [("te", "hybrid", "tensorwise")] * 16
     assert [r["bytes"] for r in reports[0]["ranks"]] == [r["bytes"] for r in reports[1]["ranks"]]
+
+
+def test_each_rank_is_built_from_a_fresh_world():
+    """A rank's build does not depend on the ranks built before it, and nothing is left
+    initialised afterwards, after a refused layout too."""
+    from megatron.core import parallel_state
+
+    inputs = _inputs(_spec("qwen3", num_hidden_layers=4), 2, 2, 8)
+    forward = [build_rank(inputs, rank) for rank in range(8)]
+    backward = [build_rank(inputs, rank) for rank in reversed(range(8))][::-1]
+    assert forward == backward
+    assert [b.rank for b in forward] == list(range(8)) and len({b.pipeline for b in forward}) == 2
+    config = load_config(SCALE / "archer_r1_distill_1.5b_math.yaml", ["parallel.tensor=8"])
+    spec = plan.model_spec(SCALE / "model_configs" / "deepseek_r1_distill_qwen_1.5b")
+    with pytest.raises(ValueError, match="rank 0 of 64: num_attention_heads=12 is not divisible"):
+        plan.plan(config, spec, 64)
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
