@@ -4,7 +4,9 @@ and an interpreter start.
 
 `sandbox_pool` starts it once as the sandbox user (for a root caller inside the root bwrap that
 arranges the view, then `setpriv` down to 65534, as the per-run launch does) with the sandbox's
-environment: `python -I -S -B -c <this file> FD`, standard library only. It then serves requests
+environment: `python -I -S -B -c <this file> FD <sandbox_launcher.py>`, standard library only; it
+loads the per-run launcher's source as a module, whose `run_confined` then runs each program (so
+limits and the CPU-limit handler are the same code in both launches). It then serves requests
 one at a time on socket FD. A message either way is a 4-byte big-endian length and a UTF-8 JSON
 object (no pickles); a request's file descriptors (program, stdin, stdout, stderr, the run's
 cgroup.procs files) travel with it as SCM_RIGHTS. Anything malformed ends the server with one
@@ -23,9 +25,9 @@ Per request:
    devpts), a fresh /proc with the kernel's sensitive entries masked, size-limited tmpfs mounts
    for /tmp and /dev/shm, `/` and /dev read-only; it pivots into it and detaches everything else,
    brings loopback up, sets the hostname, forbids further user namespaces, starts a new session,
-   keeps only stdin, stdout and stderr, sets the resource limits, drops every capability
-   (bounding set included), sets no_new_privs, installs the system-call filter and runs the
-   program in this interpreter (as the per-run launcher does after its interpreter starts).
+   keeps only stdin, stdout, stderr and the program, drops every capability (bounding set
+   included), sets no_new_privs, installs the system-call filter, and runs the program in this
+   interpreter with `sandbox_launcher.run_confined`, which sets the resource limits first.
 
 What a program can reach: a copy-on-write copy of this server's memory as it was at the fork
 (an interpreter that has only ever held its start configuration, the view and the filter, and
@@ -42,7 +44,6 @@ import io
 import json
 import os
 import re
-import resource
 import select
 import selectors
 import socket
@@ -69,7 +70,7 @@ PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 4, 2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-SIGKILL, SIGXCPU = 9, 24
+SIGKILL = 9
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
              ("fd", "/proc/self/fd"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx"))
@@ -226,23 +227,6 @@ def loopback_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def set_limits(run: dict) -> None:
-    """The per-run launcher's limits (`sandbox_launcher.set_limits`), RLIMIT_NPROC = 0 included."""
-    cpu = run["cpu_seconds"]
-    for limit, soft, hard in (
-        (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at the soft limit, SIGKILL a second later
-        (resource.RLIMIT_AS, run["memory_bytes"], run["memory_bytes"]),
-        (resource.RLIMIT_FSIZE, run["file_bytes"], run["file_bytes"]),
-        (resource.RLIMIT_NOFILE, run["open_files"], run["open_files"]),
-        (resource.RLIMIT_CORE, 0, 0),
-        (resource.RLIMIT_NPROC, 0, 0),
-    ):
-        current_hard = resource.getrlimit(limit)[1]
-        if current_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        resource.setrlimit(limit, (soft, hard))
-
-
 class CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
@@ -278,8 +262,8 @@ def fresh_stdio() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def enter_sandbox(start: dict, run: dict, fds: dict, holder_alive: int):
-    """pid 1 of the run: build the sandbox; returns the program's source and its __main__."""
+def enter_sandbox(start: dict, run: dict, fds: dict, holder_alive: int) -> None:
+    """pid 1 of the run: build the sandbox, with the program on descriptor 3."""
     check(libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "parent-death signal")
     if select.select([holder_alive], [], [], 0)[0]:  # EOF: the holder died before the line above
         raise ProcessLookupError("the run's holder has gone")
@@ -287,30 +271,23 @@ def enter_sandbox(start: dict, run: dict, fds: dict, holder_alive: int):
     build_root(start, run["workdir_bytes"])
     loopback_up()
     check(libc.sethostname(b"sandbox", 7), "sethostname")
-    for target, name in enumerate(("stdin", "stdout", "stderr")):
+    for target, name in enumerate(("stdin", "stdout", "stderr", "program")):
         os.dup2(fds[name], target)
-    with os.fdopen(fds["program"], "rb") as file:
-        source = file.read()
-    main = types.ModuleType("__main__")
-    sys.modules["__main__"] = main
+    sys.modules["__main__"] = types.ModuleType("__main__")  # not the server's
     sys.argv = ["-c"]
     os.environ.clear()
     os.environ.update(start["env"])
-    import _signal  # pid 1 gets no default-action signals: RLIMIT_CPU's SIGXCPU needs a handler
-
-    _signal.signal(SIGXCPU, lambda signum, frame: os._exit(128 + signum))
-    set_limits(run)
     drop_privileges(start["last_cap"], start["bpf"])
-    return source, main
 
 
-def run_program(source: bytes, main: types.ModuleType) -> int:
-    """Run the program as the interpreter runs a script, and the exit code it would give: a
-    syntax error or an uncaught exception reported (from the program's frames) and 1,
-    SystemExit's code (a non-integer printed, 1), atexit functions, stdout and stderr flushed
-    (120 if that fails)."""
+def run_program(launcher: types.ModuleType, run: dict) -> int:
+    """Run the program with the per-run launcher's own code (`sandbox_launcher.run_confined`:
+    the program from descriptor 3, the SIGXCPU handler pid 1 needs, the resource limits), and
+    end as the interpreter ends a script, returning the exit code it would give: a syntax error
+    or an uncaught exception reported and 1, SystemExit's code (a non-integer printed, 1),
+    atexit functions run, stdout and stderr flushed (120 if that fails)."""
     try:
-        exec(compile(source, "program.py", "exec"), main.__dict__)
+        launcher.run_confined({**run, "program_fd": 3})
         status = 0
     except SystemExit as done:
         status = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
@@ -352,13 +329,13 @@ def holder(start: dict, run: dict, fds: dict, setup_error: int, server: int) -> 
             status = 125
             try:
                 os.close(alive_write)
-                source, main = enter_sandbox(start, run, fds, alive_read)
+                enter_sandbox(start, run, fds, alive_read)
             except BaseException as error:  # noqa: BLE001 - the sandbox could not be built
                 os.write(setup_error, f"{type(error).__name__}: {error}".encode()[:4000])
             else:
-                os.closerange(3, 1 << 20)  # the setup-error pipe too: only stdin, stdout, stderr are left
+                os.closerange(4, 1 << 20)  # the setup-error pipe too: only stdio and the program are left
                 fresh_stdio()
-                status = run_program(source, main)
+                status = run_program(start["launcher"], run)
             finally:
                 os._exit(status)  # never back into the server's code
         for fd in (*(fds[name] for name in STREAMS), setup_error, alive_read):
@@ -415,8 +392,8 @@ def run_ends_before_the_caller(sock: socket.socket, pid: int) -> bool:
     return False
 
 
-def serve(sock: socket.socket) -> None:
-    start = valid_start(receive(sock)[0])
+def serve(sock: socket.socket, launcher: types.ModuleType) -> None:
+    start = {**valid_start(receive(sock)[0]), "launcher": launcher}
     sock.sendall(encode({"ready": os.getpid()}))
     while True:
         try:
@@ -452,8 +429,10 @@ def serve(sock: socket.socket) -> None:
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    launcher = types.ModuleType("sandbox_launcher")  # the per-run launcher's code, from the caller
+    exec(compile(sys.argv[2], "sandbox_launcher.py", "exec"), launcher.__dict__)
     try:
-        serve(sock)
+        serve(sock, launcher)
     except (BrokenPipeError, ConnectionResetError):
         return  # the caller has gone
     except Exception as error:  # noqa: BLE001 - one line, then the caller starts a new server

@@ -3,11 +3,13 @@
 Two modes, chosen by the `mode=` argument (only the standard library is used here: it
 runs before and under the limits):
 
-- "bwrap" (the default sandbox): `code_sandbox` starts `python -I -S -B -c <this file> KEY=VALUE...`
-  inside bubblewrap, which is the boundary (`bwrap.py`). The program comes on an inherited,
-  sealed file descriptor (read, then closed); the launcher sets the resource limits (CPU seconds,
-  address space, file size, open files, no core dumps, RLIMIT_NPROC = 0: no new processes or
-  threads, enforced because the user is not root) and runs the program in this interpreter.
+- "bwrap" (`code_sandbox`'s "bwrap_per_run"): `code_sandbox` starts `python -I -S -B -c <this
+  file> KEY=VALUE...` inside bubblewrap, which is the boundary (`bwrap.py`). The program comes on
+  an inherited, sealed file descriptor (read, then closed); the launcher sets the resource limits
+  (CPU seconds, address space, file size, open files, no core dumps, RLIMIT_NPROC = 0: no new
+  processes or threads, enforced because the user is not root) and runs the program in this
+  interpreter. The warm pool's server (`pool_server.py`) loads this file as a module and runs
+  each program with the same `run_confined`, in the sandbox it has built.
 - "in_process" (the opt-in weak guard): started as `python -I -S -B sandbox_launcher.py KEY=VALUE...`
   in a private host directory, it
   1. reads `program.py` and deletes it (so the program cannot read its own test harness back);

@@ -34,11 +34,13 @@ class ServerGone(RuntimeError):
 
 
 class PoolServer:
-    """One server process and the socket to it."""
+    """One server process and the socket to it; `launcher_source`: `sandbox_launcher.py`, whose
+    `run_confined` the server runs each program with."""
 
-    def __init__(self, setup: bwrap.Bwrap) -> None:
+    def __init__(self, setup: bwrap.Bwrap, launcher_source: str) -> None:
         ours, theirs = socket.socketpair()
-        argv = [setup.interpreter.executable, "-I", "-S", "-B", "-c", SERVER_SOURCE, str(theirs.fileno())]
+        argv = [setup.interpreter.executable, "-I", "-S", "-B", "-c", SERVER_SOURCE, str(theirs.fileno()),
+                launcher_source]
         try:
             self.proc = subprocess.Popen(
                 setup.as_sandbox_user(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -128,7 +130,7 @@ def start_message(setup: bwrap.Bwrap) -> dict:
 _local = threading.local()
 
 
-def thread_server(setup: bwrap.Bwrap) -> tuple[PoolServer, bool]:
+def thread_server(setup: bwrap.Bwrap, launcher_source: str) -> tuple[PoolServer, bool]:
     """This thread's server and whether it was just started; one found dead is replaced, with a
     logged line saying how it ended."""
     current = getattr(_local, "server", None)
@@ -139,7 +141,7 @@ def thread_server(setup: bwrap.Bwrap) -> tuple[PoolServer, bool]:
         logger.warning("sandbox pool: the server of thread %s had exited (pid %d, %s); starting a new one",
                        threading.current_thread().name, pid, current.close())
     _local.server = None
-    _local.server = PoolServer(setup)
+    _local.server = PoolServer(setup, launcher_source)
     return _local.server, True
 
 

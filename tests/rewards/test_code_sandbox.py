@@ -229,7 +229,9 @@ def test_stdin_cannot_be_written_by_the_program():
 def test_cpu_limit_is_attributed_even_when_the_program_handles_sigxcpu():
     handled = "import signal\nsignal.signal(signal.SIGXCPU, lambda *a: None)\nwhile True:\n    pass\n"
     result = run_python(handled, "", dataclasses.replace(LIMITS, wall_seconds=60.0))
-    assert result.status == CPU_LIMIT and result.signal == 9 and result.cpu_seconds >= 1.8, result
+    # past the soft limit to the hard one (precise time, which trails the kernel's tick-sampled
+    # time under load: code_sandbox.CPU_LIMIT_SHARE)
+    assert result.status == CPU_LIMIT and result.signal == 9 and result.cpu_seconds > 1.0, result
     plain = run_python("while True:\n    pass\n", "", dataclasses.replace(LIMITS, wall_seconds=60.0))
     assert plain.status == CPU_LIMIT and plain.describe() == "CPU time limit of 1 s exceeded", plain
 
@@ -260,7 +262,8 @@ def test_attribution_rules():
     assert status(9, 0.1, oom=True) == MEMORY_LIMIT  # the OOM killer's SIGKILL
     assert status(9, 0.1, oom=False) == SIGNALED  # a SIGKILL below the CPU limit is not cpu_limit
     assert status(9, 3.0, oom=False) == CPU_LIMIT  # RLIMIT_CPU's hard limit
-    assert status(24, 1.95, oom=False, returncode=152) == CPU_LIMIT  # its soft limit (accounting jitter)
+    assert status(24, 1.95, oom=False, returncode=152) == CPU_LIMIT  # its soft limit
+    assert status(24, 1.62, oom=False, returncode=152) == CPU_LIMIT  # precise time trailing tick-sampled
     assert status(24, 0.2, oom=False, returncode=152) == SIGNALED
     assert status(9, 3.0, oom=True) == MEMORY_LIMIT
     assert status(None, 0.0, oom=False, returncode=0) == "ok"

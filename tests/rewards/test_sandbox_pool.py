@@ -196,7 +196,7 @@ def test_a_run_whose_server_is_killed_is_made_again(caplog):
     (b"\x80\x03cos\nsystem\n", "a message of"),  # a pickle is refused for its length, never unpickled
 ])
 def test_the_server_refuses_a_malformed_message_with_one_line(message, complaint):
-    server = sandbox_pool.PoolServer(bwrap.require())
+    server = sandbox_pool.PoolServer(bwrap.require(), code_sandbox.LAUNCHER_SOURCE)
     server.sock.sendall(message)
     server.proc.wait(timeout=30)
     ended = server.close()
