@@ -334,6 +334,12 @@ class Actor(ModelRunner):
         if not isinstance(config, ActorConfig):
             raise TypeError(f"config must be an ActorConfig, got {type(config).__name__}")
         super().__init__(model, spec, config, backend)
+        model_config = unwrap_chunk(self.chunks[0]).config
+        if spec.is_moe and model_config.tensor_model_parallel_size > 1 and \
+                not model_config.sequence_parallel:
+            raise ValueError("a mixture-of-experts model at parallel.tensor > 1 trains only with "
+                             "parallel.sequence_parallel=true (megatron's MoE layer refuses "
+                             "tensor parallelism without it)")
         self.steps_taken = 0
         if self.on_cuda:
             self._setup_cuda()

@@ -63,13 +63,20 @@ def finalize_model_grads_cpu(model_chunks, num_tokens=None, pg_collection=None,
         if shared and parallel_state.is_rank_in_embedding_group():
             _all_reduce_coalesced(shared, parallel_state.get_embedding_group())
     # DDP's group is data x context parallel (its dp_cp group): under CP a rank's gradient
-    # covers its own tokens only, and the sum over the group is the whole gradient
+    # covers its own tokens only, and the sum over the group is the whole gradient. Experts split
+    # by expert parallelism (megatron marks them allreduce=False) are summed over the expert
+    # data-parallel group instead, the ranks holding the same experts; DDP scales them by the
+    # same 1 / dp_cp (their tokens came from every rank of the expert-parallel group).
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = dist.get_world_size(dp_group)
+    expert_group = parallel_state.get_expert_data_parallel_group()
+    dense = [p.grad for _, p in params if getattr(p, "allreduce", True)]
+    experts = [p.grad for _, p in params if not getattr(p, "allreduce", True)]
+    for grads, group in ((dense, dp_group), (experts, expert_group)):
+        if grads and dist.get_world_size(group) > 1:
+            _all_reduce_coalesced(grads, group)
     if dp_size > 1:
-        grads = [p.grad for _, p in params]
-        _all_reduce_coalesced(grads, dp_group)
-        for grad in grads:
+        for grad in dense + experts:
             grad.div_(dp_size)  # DDP's average; the actor's loss scale undoes it
 
 
@@ -89,19 +96,33 @@ def grad_norm_cpu(model_chunks) -> float:
     Global L2 norm of ``param.grad`` over the model-parallel (tensor x pipeline) group, counting
     each parameter once: tensor-parallel duplicates only on TP rank 0 and the pipeline copy of a
     tied embedding only once, as megatron's ``param_is_not_tensor_parallel_duplicate`` and
-    ``param_is_not_shared`` decide. Call after ``finalize_model_grads_cpu`` (every data-parallel
-    rank then holds the same gradients).
+    ``param_is_not_shared`` decide. A mixture-of-experts model's experts are summed over the
+    group whose ranks hold distinct expert shards (expert-tensor x expert x pipeline), as
+    megatron's expert optimizer does, and added. Call after ``finalize_model_grads_cpu`` (every
+    data-parallel rank then holds the same gradients).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
-    total = torch.zeros((), dtype=torch.float64)
+    dense = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
     for chunk in model_chunks:
-        for p in chunk.parameters():
-            if p.grad is not None and param_is_not_shared(p) and (
-                param_is_not_tensor_parallel_duplicate(p)
-            ):
-                total += p.grad.double().square().sum()
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return math.sqrt(total.item()) if math.isfinite(total.item()) else float("nan")
+        for name, p in chunk.named_parameters():
+            if p.grad is None:
+                continue
+            if _is_expert(name):
+                experts += p.grad.double().square().sum()
+            elif param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                dense += p.grad.double().square().sum()
+    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    if model_chunks[0].config.num_moe_experts:
+        dist.all_reduce(experts,
+                        group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    total = (dense + experts).item()
+    return math.sqrt(total) if math.isfinite(total) else float("nan")
+
+
+def _is_expert(name: str) -> bool:
+    """An expert's weight (megatron's SequentialMLP / TEGroupedMLP live in ``mlp.experts``)."""
+    return ".mlp.experts." in name

@@ -99,6 +99,10 @@ class ModelConfig:
     TransformerConfig fields of the same names, its defaults. Packed rows are then padded to a
     multiple of 16 tokens (32 for ``mxfp8``; times the TP size under sequence parallelism) by a
     filler sequence that enters no loss or metric (actor.packing).
+
+    ``router_aux_loss_coef``: a mixture-of-experts model's load-balancing loss coefficient
+    (megatron's per-layer ``aux_loss``, docs/numerics.md §13); None: the checkpoint's
+    ``router_aux_loss_coef``; 0 turns the loss off. Set for a dense model, it is an error.
     """
 
     path: str
@@ -110,8 +114,11 @@ class ModelConfig:
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1
     fp8_amax_compute_algo: str = "most_recent"
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
+        if self.router_aux_loss_coef is not None:
+            number("router_aux_loss_coef", self.router_aux_loss_coef, low=0.0)
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"path must be a checkpoint directory; got {self.path!r}")
         _optional_str("tokenizer", self.tokenizer)
@@ -141,6 +148,8 @@ class ModelConfig:
             fields.update(fp8=self.fp8, fp8_recipe=self.fp8_recipe, fp8_margin=self.fp8_margin,
                           fp8_amax_history_len=self.fp8_amax_history_len,
                           fp8_amax_compute_algo=self.fp8_amax_compute_algo)
+        if self.router_aux_loss_coef is not None:
+            fields["moe_aux_loss_coeff"] = float(self.router_aux_loss_coef)
         return fields
 
 
@@ -155,7 +164,12 @@ class ParallelConfig:
     ``timeout_minutes``: the process group's collective timeout (NCCL's watchdog; torch's
     default is 10); ``rank_zero_timeout_minutes``: how long the other ranks wait
     for work done by rank 0 alone (rollout, rewards, weight pushes: ``trainer.rank_zero``), on a
-    CPU group of its own, so no NCCL collective is left pending for a whole rollout."""
+    CPU group of its own, so no NCCL collective is left pending for a whole rollout.
+    ``expert``: expert-parallel size of a mixture-of-experts model (its experts split over that
+    many ranks of the data x tensor x context ranks of a pipeline stage, tokens exchanged by
+    megatron's alltoall dispatcher); ``expert_tensor``: the experts' own tensor-parallel size
+    (None: ``tensor``, as in megatron). ``expert_tensor x expert x pipeline`` must divide the
+    world size; the model's expert counts are checked when it is built."""
 
     tensor: int = 1
     pipeline: int = 1
@@ -164,11 +178,16 @@ class ParallelConfig:
     data: int | None = None
     timeout_minutes: float = 30.0
     rank_zero_timeout_minutes: float = 720.0
+    expert: int = 1
+    expert_tensor: int | None = None
 
     def __post_init__(self):
         integer("tensor", self.tensor, low=1)
         integer("pipeline", self.pipeline, low=1)
         integer("context", self.context, low=1)
+        integer("expert", self.expert, low=1)
+        if self.expert_tensor is not None:
+            integer("expert_tensor", self.expert_tensor, low=1)
         boolean("sequence_parallel", self.sequence_parallel)
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError("sequence_parallel=true needs tensor parallelism: parallel.tensor is "
@@ -189,7 +208,18 @@ class ParallelConfig:
                 f"parallel.context ({self.context}) x "
                 f"parallel.data ({self.data if self.data is not None else 'auto'}) must equal the "
                 f"world size {world_size}")
+        experts = self.expert_tensor_size * self.expert * self.pipeline
+        if world_size % experts:
+            raise ValueError(
+                f"parallel.expert_tensor ({self.expert_tensor_size}) x parallel.expert "
+                f"({self.expert}) x parallel.pipeline ({self.pipeline}) must divide the world "
+                f"size {world_size}")
         return data
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """The experts' tensor-parallel size: ``expert_tensor``, by default ``tensor``."""
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
 
     def megatron_overrides(self) -> dict[str, Any]:
         """TransformerConfig fields for ``sequence_parallel`` (passed to ``models.load_hf_model``)."""

@@ -20,7 +20,8 @@ def init_parallel_state(parallel: ParallelConfig, world_size: int, **options) ->
     parallel.data_size(world_size)  # raises, naming the fields, when it does not fit
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
-        context_parallel_size=parallel.context, **options)
+        context_parallel_size=parallel.context, expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor_size, **options)
 
 
 def run_training(config: ExperimentConfig, engine: RolloutEngine | None = None) -> Trainer:

@@ -110,6 +110,9 @@ class Trainer:
         overrides = {**config.model.megatron_overrides(), **config.parallel.megatron_overrides()}
         loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
                                config_overrides=overrides)
+        if config.model.router_aux_loss_coef is not None and not loaded.spec.is_moe:
+            raise ValueError(f"model.router_aux_loss_coef is set, but {config.model.path} is a "
+                             f"dense model: it has no router")
         self.model = loaded
         self.actor = Actor(loaded.model, loaded.spec, config.actor, loaded.backend)
         self.reference = None

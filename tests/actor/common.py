@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import transformers
 
 from megatron_archer.actor import SequenceBatch
+from tests.models.checkpoints import hf_model
 
 VOCAB = 250  # tests/models/checkpoints.py's tiny models
 
@@ -31,7 +31,7 @@ def hf_logprobs(checkpoint, batch: SequenceBatch, temperature: float = 1.0,
     """Each sequence alone through transformers (positions from 0) in ``dtype``, float64
     log_softmax: per sequence, in order, its response tokens' (logp, entropy, max |logit|), the
     last being the scale log-probs and entropies round at (tests/numerics.py)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    model = hf_model(checkpoint, dtype)
     out = []
     with torch.no_grad():
         for ids, mask in zip(batch.input_ids, batch.response_mask):

@@ -13,7 +13,7 @@ from megatron_archer.actor import Actor, ActorConfig, SequenceBatch
 from megatron_archer.models import hf_weight_buckets, load_hf_model
 from tests.actor.common import make_batch
 from tests.distributed import run_distributed
-from tests.models.checkpoints import write_checkpoint
+from tests.models.checkpoints import hf_model, write_checkpoint
 from tests.models.parallel import model_parallel
 from tests.numerics import accuracy_failure
 
@@ -37,7 +37,7 @@ def _token_loss(logp, advantage):
 
 def _reference(path, batch: SequenceBatch, config: ActorConfig, dtype: torch.dtype):
     """transformers + torch AdamW, one process, no megatron: the step loss over all tokens."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = hf_model(path, dtype)
     named = dict(model.named_parameters())
     no_decay = [p for n, p in named.items() if n.endswith(".bias") or p.dim() == 1]
     decay = [p for n, p in named.items() if not (n.endswith(".bias") or p.dim() == 1)]

@@ -10,7 +10,7 @@ import torch
 
 from megatron_archer.rollout import SGLangEngine, sglang_engine
 from megatron_archer.trainer import load_config, parse_overrides, resolved_yaml
-from megatron_archer.trainer.config import ParallelConfig
+from megatron_archer.trainer.config import ModelConfig, ParallelConfig
 from megatron_archer.trainer.engines import build_engine, launch_base_gpu
 from tests.trainer.common import CPU_CONFIG
 
@@ -136,6 +136,28 @@ def test_parallel_layout_is_checked_against_the_world_size():
         ParallelConfig(tensor=2, context=2).data_size(6)
     with pytest.raises(ValueError, match="context must be"):
         ParallelConfig(context=0)
+
+
+def test_expert_parallel_sizes_are_checked_against_the_world_size():
+    assert ParallelConfig(tensor=2, expert=2, expert_tensor=1).data_size(2) == 1
+    assert ParallelConfig(expert=4).data_size(8) == 8
+    assert ParallelConfig(tensor=2, expert=2).expert_tensor_size == 2
+    with pytest.raises(ValueError, match=r"parallel.expert_tensor \(2\) x parallel.expert \(2\) "
+                                         r"x parallel.pipeline \(1\) must divide the world size 2"):
+        ParallelConfig(tensor=2, expert=2).data_size(2)
+    with pytest.raises(ValueError, match=r"parallel.expert_tensor \(1\) x parallel.expert \(3\)"):
+        ParallelConfig(expert=3).data_size(4)
+    for field, value in (("expert", 0), ("expert_tensor", 0)):
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            ParallelConfig(**{field: value})
+
+
+def test_router_aux_loss_coefficient_reaches_megatron_and_is_checked():
+    assert "moe_aux_loss_coeff" not in ModelConfig(path="m").megatron_overrides()
+    assert ModelConfig(path="m", router_aux_loss_coef=0).megatron_overrides()[
+        "moe_aux_loss_coeff"] == 0.0
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef must be in \[0.0"):
+        ModelConfig(path="m", router_aux_loss_coef=-1e-3)
 
 
 def test_sequence_parallel_is_checked_at_load():
