@@ -82,7 +82,7 @@ def transformer_config(
 def moe_fields(spec: ModelSpec, backend: Backend, expert_parallel: int,
                expert_tensor_parallel: int) -> dict[str, Any]:
     """TransformerConfig fields of a mixture-of-experts ``spec``, matching transformers'
-    Qwen3-MoE block (docs/numerics.md §13).
+    Qwen3-MoE block (docs/numerics.md §11).
 
     Router: logits in the activations' dtype, softmax scores in float32; with
     ``moe_norm_topk_prob`` the top-k weights are renormalised to sum to 1, which is megatron's

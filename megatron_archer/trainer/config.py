@@ -101,7 +101,7 @@ class ModelConfig:
     filler sequence that enters no loss or metric (actor.packing).
 
     ``router_aux_loss_coef``: a mixture-of-experts model's load-balancing loss coefficient
-    (megatron's per-layer ``aux_loss``, docs/numerics.md §13); None: the checkpoint's
+    (megatron's per-layer ``aux_loss``, docs/numerics.md §11); None: the checkpoint's
     ``router_aux_loss_coef``; 0 turns the loss off. Set for a dense model, it is an error.
     """
 
