@@ -133,12 +133,13 @@ def mount(source, target, fstype, flags, data=None) -> None:
     check(result, f"mount {source or fstype} on {target}")
 
 
-def remount_read_only(path: str, bind: bool = True) -> None:
+def remount_read_only(path: str) -> None:
+    """The mount at `path` read-only, without devices or set-user-ID (as bwrap remounts)."""
     bits = os.statvfs(path).f_flag
     kept = sum(ms for st, ms in ST_TO_MS.items() if bits & st)
     if not bits & (ST_NOATIME | ST_RELATIME):
         kept |= MS_STRICTATIME  # else the remount would default to relatime, which a locked mount refuses
-    mount(None, path, None, MS_REMOUNT | MS_RDONLY | kept | (MS_BIND if bind else 0))
+    mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | kept)
 
 
 def mount_points_under(target: str) -> list[str]:
@@ -201,21 +202,26 @@ def build_root(start: dict, workdir_bytes: int) -> None:
     mount("proc", f"{new}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     with open(f"{new}/proc/sys/user/max_user_namespaces", "w") as file:
         file.write("0")  # this user namespace may have none below it (bwrap --disable-userns)
+    # what masks them, made read-only once: a bind of either keeps its flags (one mount a mask);
+    # /dev/null on a nodev mount cannot even be opened
+    os.close(os.open("/null", os.O_CREAT | os.O_WRONLY, 0o444))
+    mount(f"{old}/dev/null", "/null", None, MS_BIND)
+    remount_read_only("/null")
+    tmpfs("/empty", 4096)
+    remount_read_only("/empty")
     for name in start["masked_files"]:
         if os.path.exists(f"{new}/proc/{name}"):
-            mount(f"{old}/dev/null", f"{new}/proc/{name}", None, MS_BIND)
-            remount_read_only(f"{new}/proc/{name}")
+            mount("/null", f"{new}/proc/{name}", None, MS_BIND)
     for name in start["masked_dirs"]:
         if os.path.isdir(f"{new}/proc/{name}"):
-            tmpfs(f"{new}/proc/{name}", 4096)
-            remount_read_only(f"{new}/proc/{name}", bind=False)
+            mount("/empty", f"{new}/proc/{name}", None, MS_BIND)
     tmpfs(new + "/tmp", workdir_bytes)
-    remount_read_only(new + "/dev", bind=False)
+    remount_read_only(new + "/dev")
     os.chdir(new)
     pivot_root(b".", b".")
     check(libc.umount2(b".", MNT_DETACH), "detach the server's file system")
     os.chdir("/")
-    remount_read_only("/", bind=False)
+    remount_read_only("/")
     os.chdir("/tmp")
 
 

@@ -301,3 +301,19 @@ def test_a_program_ends_on_the_pool_as_with_bwrap_per_run(program):
     last = [r.stderr.strip().splitlines()[-1:] for r in (pool, per_run)]
     assert (pool.status, pool.returncode, pool.stdout, last[0]) == (per_run.status, per_run.returncode,
                                                                     per_run.stdout, last[1])
+
+
+MOUNTS = """
+for line in open('/proc/self/mountinfo'):
+    fields = line.split()
+    print(fields[4], ','.join(sorted(fields[5].split(','))), fields[fields.index('-') + 1])
+"""
+
+
+def test_the_pool_builds_the_mount_table_bwrap_builds():
+    """Every mount point, its per-mount flags (ro, nodev, nosuid, noexec, atime) and file system
+    type, seen from inside, are those of bwrap's sandbox."""
+    pool, per_run = (run_python(MOUNTS, "", LIMITS, sandbox=s) for s in (BWRAP, code_sandbox.BWRAP_PER_RUN))
+    assert pool.status == per_run.status == "ok", (pool, per_run)
+    assert sorted(pool.stdout.splitlines()) == sorted(per_run.stdout.splitlines())
+    assert "/ nodev,nosuid,relatime,ro tmpfs" in pool.stdout.splitlines()

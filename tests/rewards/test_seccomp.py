@@ -38,6 +38,12 @@ try:
 except OSError as e:
     out["/proc/kallsyms"] = str(e)
 out["/proc/sys"] = os.listdir("/proc/sys")
+for path in ("/proc/kallsyms", "/proc/sys/x"):  # the masks are read-only
+    try:
+        open(path, "w").close()
+        out["write " + path] = "written"
+    except OSError as e:
+        out["write " + path] = errno.errorcode[e.errno]
 print(json.dumps(out))
 """
 
@@ -56,6 +62,7 @@ def test_denied_calls_fail_with_eperm_inside_the_sandbox():
     assert seen["personality(PER_LINUX)"] == "ok"  # the default persona stays allowed
     assert not isinstance(seen["/proc/kallsyms"], int) or seen["/proc/kallsyms"] == 0
     assert seen["/proc/sys"] == []
+    assert seen["write /proc/kallsyms"] in ("EROFS", "EACCES") and seen["write /proc/sys/x"] in ("EROFS", "EACCES")
 
 
 @both_launchers
