@@ -362,7 +362,13 @@ def _summary(report: dict) -> str:
     text = (f"Weight sync: {sync['num_buckets']} buckets of at most "
             f"{sync['bucket_bytes_limit'] >> 20} MiB{alone}, the largest {largest >> 20} MiB, "
             f"{_gib(sync['total_bytes'])} GiB in all, sent as {sync['weight_dtype']} "
-            f"({_gib(sync['sent_bytes'])} GiB). ")
+            f"({_gib(sync['sent_bytes'])} GiB) by global rank 0")
+    gathered, received = (max(r["weight_sync"][key] for r in report["ranks"])
+                          for key in ("tp_all_gather_bytes", "pp_broadcast_received_bytes"))
+    if gathered or received:
+        text += (f"; every rank all-gathers up to {_gib(gathered)} GiB over tensor parallel and "
+                 f"receives up to {_gib(received)} GiB by pipeline broadcast")
+    text += ". "
     if reference["built"]:
         size = _gib(max(r["reference_parameters"] for r in report["ranks"])
                     * report["params_bytes_per_element"])
