@@ -317,3 +317,27 @@ def test_the_pool_builds_the_mount_table_bwrap_builds():
     assert pool.status == per_run.status == "ok", (pool, per_run)
     assert sorted(pool.stdout.splitlines()) == sorted(per_run.stdout.splitlines())
     assert "/ nodev,nosuid,relatime,ro tmpfs" in pool.stdout.splitlines()
+
+
+PROCESS = """
+import os, socket
+status = dict(line.split(':\\t', 1) for line in open('/proc/self/status').read().splitlines() if ':\\t' in line)
+for key in ('Uid', 'Gid', 'Groups', 'CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb', 'NoNewPrivs', 'Seccomp',
+            'Seccomp_filters', 'NSpid', 'NStgid'):
+    print(key, status[key].strip())
+print(open('/proc/self/limits').read())
+print(socket.gethostname(), os.getsid(0), os.getpgrp(), os.getppid(), oct(os.umask(0)), os.getcwd())
+print(sorted(os.listdir('/proc/self/fd')), sorted(os.listdir('/dev')), sorted(os.listdir('/proc/self/ns')))
+print(open('/proc/self/setgroups').read(), open('/proc/self/oom_score_adj').read(), open('/proc/self/cgroup').read())
+"""
+
+
+def test_the_pool_gives_the_program_the_process_bwrap_gives():
+    """Ids, capabilities, no_new_privs, the filter, pid-namespace depth, every resource limit,
+    hostname, session, descriptors, /dev and the namespace set are those of bwrap's sandbox.
+    (One difference, not compared: bwrap nests the program's user namespace in an intermediate
+    one, so /proc/self/uid_map reads "65534 0 1" there and "65534 65534 1" on the pool.)"""
+    pool, per_run = (run_python(PROCESS, "", LIMITS, sandbox=s) for s in (BWRAP, code_sandbox.BWRAP_PER_RUN))
+    assert pool.status == per_run.status == "ok", (pool, per_run)
+    assert pool.stdout == per_run.stdout
+    assert "Seccomp 2" in pool.stdout and "NoNewPrivs 1" in pool.stdout
