@@ -434,6 +434,9 @@ def serve(sock: socket.socket, launcher: types.ModuleType) -> None:
 
 
 def main() -> None:
+    if os.uname().machine not in SYS_PIVOT_ROOT:
+        sys.exit(f"sandbox pool server: no pivot_root system call number for {os.uname().machine} here; "
+                 "use `reward.sandbox: bwrap_per_run`")
     sock = socket.socket(fileno=int(sys.argv[1]))
     launcher = types.ModuleType("sandbox_launcher")  # the per-run launcher's code, from the caller
     exec(compile(sys.argv[2], "sandbox_launcher.py", "exec"), launcher.__dict__)
