@@ -11,6 +11,7 @@ a Hugging Face checkpoint at start and from the actor's exported buckets afterwa
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,30 @@ def torch_threads(count: int | None):
         torch.set_num_threads(before)
 
 
+# a mixture-of-experts checkpoint's per-expert tensor, as buckets and checkpoints name it
+_EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def _target(params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The parameter an HF tensor ``name`` writes, or None. transformers keeps a Qwen3-MoE
+    layer's experts stacked in memory (``experts.gate_up_proj`` [E, 2I, H] with [gate; up] per
+    expert, ``experts.down_proj`` [E, H, I]) while checkpoints and buckets name each expert's
+    matrix: those names write their view of the stacked parameter."""
+    if name in params:
+        return params[name]
+    match = _EXPERT.match(name)
+    if match is None:
+        return None
+    prefix, expert, kind = match.group(1), int(match.group(2)), match.group(3)
+    stacked = params.get(f"{prefix}.{'down_proj' if kind == 'down' else 'gate_up_proj'}")
+    if stacked is None or expert >= stacked.shape[0]:
+        return None
+    if kind == "down":
+        return stacked[expert]
+    gate, up = stacked[expert].chunk(2, dim=0)
+    return gate if kind == "gate" else up
+
+
 class LocalEngine(RolloutEngine):
     """A transformers model on ``device`` in ``dtype`` (float32 for exact log-probs on CPU).
 
@@ -106,21 +131,22 @@ class LocalEngine(RolloutEngine):
         A tied ``lm_head`` follows its embedding."""
         self._check_usable()
         params = dict(self.model.named_parameters())
-        staged = {}
+        staged = []
         for bucket in buckets:
             for name, tensor in bucket:
-                staged[name] = self._staged(params, name, tensor, version)
-        for name, tensor in staged.items():
-            params[name].copy_(tensor)
+                target = _target(params, name)
+                staged.append((target, self._staged(target, name, tensor, version)))
+        for target, tensor in staged:
+            target.copy_(tensor)
         self._version = version
 
     @staticmethod
-    def _staged(params, name: str, tensor: torch.Tensor, version: int) -> torch.Tensor:
+    def _staged(param: torch.Tensor | None, name: str, tensor: torch.Tensor,
+                version: int) -> torch.Tensor:
         """``tensor`` copied to its parameter's device and dtype, if it fits the parameter."""
         where = f"update_weights (version {version}): {name}"
-        if name not in params:
+        if param is None:
             raise KeyError(f"{where} is not a parameter of the model")
-        param = params[name]
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"{where} has shape {list(tensor.shape)}, the model parameter {list(param.shape)}"

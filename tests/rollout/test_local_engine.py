@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from megatron_archer.models.hf_import import SafetensorsCheckpoint
 from megatron_archer.rollout.engine import EntropyAwareDecoding, SamplingParams
 from megatron_archer.rollout.local_engine import LocalEngine
 from megatron_archer.rollout.metrics import logprob_gap
@@ -258,3 +259,23 @@ def test_each_prompt_is_prefilled_once_for_its_n_rows(engine, checkpoint, monkey
         for s, r in zip(group, ref):
             assert s.finish_reason == r.finish_reason
     assert not sample_logprob_failures(checkpoint, prompts, got, want, 1.2)
+
+
+def test_per_expert_buckets_update_a_moe_engine_exactly(tmp_path):
+    """Buckets name each expert's matrix as checkpoints do on disk; transformers stacks them in
+    memory ([gate; up] per expert): after an update from another checkpoint's on-disk tensors
+    the engine's model is that checkpoint's model exactly."""
+    engine = LocalEngine(write_checkpoint(tmp_path / "a", "qwen3_moe", seed=0))
+    other = write_checkpoint(tmp_path / "b", "qwen3_moe", seed=1)
+    on_disk = SafetensorsCheckpoint(other)
+    bucket = [(name, on_disk.get(name)) for name in sorted(on_disk.names())]
+    assert "model.layers.0.mlp.experts.2.up_proj.weight" in dict(bucket)
+    engine.update_weights([bucket], version=1)
+    expected = transformers.AutoModelForCausalLM.from_pretrained(other).state_dict()
+    got = engine.model.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    with pytest.raises(KeyError, match="experts.4.gate_proj.weight is not a parameter"):
+        engine.update_weights([[("model.layers.0.mlp.experts.4.gate_proj.weight",
+                                 torch.zeros(48, 64))]], version=2)

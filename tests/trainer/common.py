@@ -15,10 +15,11 @@ from tests.models.checkpoints import write_checkpoint
 CPU_CONFIG = Path(__file__).parents[2] / "examples" / "configs" / "archer_arithmetic_cpu.yaml"
 
 
-def tiny_run(tmp_path: Path, prompts: int = 32) -> list[str]:
-    """Write the model and data under ``tmp_path``; the overrides pointing the CPU config at them."""
+def tiny_run(tmp_path: Path, prompts: int = 32, case: str = "qwen3") -> list[str]:
+    """Write the model (tests/models/checkpoints.py's ``case``) and data under ``tmp_path``; the
+    overrides pointing the CPU config at them."""
     tokenizer = build_tiny_tokenizer()
-    model = write_checkpoint(tmp_path / "model", "qwen3", vocab_size=len(tokenizer))
+    model = write_checkpoint(tmp_path / "model", case, vocab_size=len(tokenizer))
     tokenizer.save_pretrained(model)
     data = write_arithmetic_jsonl(tmp_path / "arithmetic.jsonl", prompts)
     return [f"model.path={model}", f"data.path={data}", f"logging.dir={tmp_path / 'run'}",
