@@ -134,11 +134,12 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
     for build in sorted(builds, key=lambda b: b.pipeline):
         for name in build.parameters:
             owner.setdefault(name, build.pipeline)
+    mappings = weight_mappings(spec, "local")
     per_rank = {}
     for build in builds:
         gathers = []
         received = 0
-        for mapping in weight_mappings(spec, "local"):
+        for mapping in mappings:
             full = sum(math.prod(s) for s in mapping.hf_shapes) * dtype.itemsize
             if mapping.megatron_name in build.parameters:
                 if mapping.layout is not Layout.REPLICATED and tp > 1:
