@@ -22,7 +22,7 @@ Weight sync, ``weight_sync``:
   (server k uses GPUs ``k * tp_size`` to ``k * tp_size + tp_size - 1``).
 - ``"distributed"`` (separate GPUs): after ``init_weight_update_group``, each bucket's metadata is
   posted to ``/update_weights_from_distributed`` while this process (rank 0) broadcasts its
-  tensors over NCCL. Never retried: a repeated call would wait for a broadcast that never comes;
+  tensors over NCCL (gloo for CPU servers). Never retried: a repeated call would wait for a broadcast that never comes;
   the group has the update timeout, so a server that refused does not hang the broadcast forever.
 - ``"disk"``: buckets are saved as a Hugging Face checkpoint (``models.hf_save``: safetensors
   shards of at most ``bucket_bytes``, an index when there are several, the base model's config and
@@ -38,10 +38,21 @@ for asynchronous training, where generation runs while the trainer updates: the 
 requests go back to the queue and continue on the new weights, none lost, and each sample's
 ``weight_version`` is the one its request started with), then ``/flush_cache`` and
 ``/continue_generation``; every server is sent ``/continue_generation`` even when the update
-fails. Weight-update and memory calls are not idempotent and are never repeated blindly
-(``http_client.RetryPolicy.idempotent``). A failed update leaves ``weight_version`` unchanged and
-raises an error naming each server that failed; servers that accepted part of it may hold new
-weights, so ``generate`` refuses until a later update succeeds.
+fails. SGLang versions differ here, and the engine asks each server once
+(``ServerProtocol``): later 0.5.x refuse tensor and distributed updates outside a
+``/begin_weight_update`` ... ``/end_weight_update`` session, which the engine opens on the
+servers that have it (and always closes); SGLang 0.5.5 has no retract (its pause aborts every
+running request), so a request that comes back aborted from an update's pause is sent again
+once the update is over, whole (its tokens came from the old weights), tagged with the new
+version (``rollout/requests_resubmitted``). ``/flush_cache`` answers 200 only when SGLang flushed
+(400: requests still running or waiting); while requests finish their abort it is asked again
+for up to ``CallPolicies.flush_wait_s``, then the update fails: a KV cache of the old weights is
+never served as the new version's. (A retract pause lets the flush through: the retracted
+requests hold no KV and recompute theirs on the new weights.) Weight-update and memory calls are
+not idempotent and are never repeated blindly (``http_client.RetryPolicy.idempotent``). A failed
+update leaves ``weight_version`` unchanged and raises an error naming each server that failed;
+servers that accepted part of it may hold new weights, so ``generate`` refuses until a later
+update succeeds.
 
 Memory (colocated): ``release_memory`` releases weights, KV cache and CUDA graphs; ``resume_memory``
 takes back only what each server has released (SGLang raises on a resume of a region that is not
@@ -50,6 +61,7 @@ released), ``weights`` and ``cache`` (KV cache and CUDA graphs) separately.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -87,6 +99,7 @@ from megatron_archer.rollout.http_client import (
     RetryPolicy,
     ServerError,
     ServerUnreachable,
+    has_route,
     request_json,
 )
 from megatron_archer.rollout.weight_buckets import (
@@ -156,13 +169,16 @@ class CallPolicies:
     count tries of one prompt's request, each possibly on another server); ``control``: pause,
     continue, cache flush; ``update``: tensor and distributed weight updates, the update group,
     memory release/resume (not idempotent); ``disk_update``: ``/update_weights_from_disk``;
-    ``health``: one ``/health`` probe."""
+    ``health``: one ``/health`` probe (and the one-time protocol probe). ``flush_wait_s``: how
+    long a ``/flush_cache`` refused because requests still run (an abort's last steps) is asked
+    again."""
 
     generate: RetryPolicy = RetryPolicy(timeout_s=3600.0, attempts=3)
     control: RetryPolicy = RetryPolicy(timeout_s=600.0, attempts=3)
     update: RetryPolicy = RetryPolicy(timeout_s=600.0, attempts=1, idempotent=False)
     disk_update: RetryPolicy = RetryPolicy(timeout_s=3600.0, attempts=1, idempotent=False)
     health: RetryPolicy = RetryPolicy(timeout_s=30.0, attempts=1)
+    flush_wait_s: float = 60.0
 
     def __post_init__(self):
         for name in ("update", "disk_update"):
@@ -170,10 +186,22 @@ class CallPolicies:
                 raise ValueError(f"{name} calls are not idempotent: use idempotent=False")
 
 
+@dataclass(frozen=True)
+class ServerProtocol:
+    """What one server's SGLang version asks of a weight update: its ``version``
+    (``/get_server_info``; None when it names none), and ``update_session``: tensor and
+    distributed updates only between ``/begin_weight_update`` and ``/end_weight_update`` (later
+    0.5.x; detected by the route, which 0.5.5 lacks)."""
+
+    version: str | None
+    update_session: bool
+
+
 @dataclass
 class _Server:
     """One server: its URL, the process and command when launched here, its GPUs, the requests
-    in flight, the memory regions it has released, and a restart count (``epoch``)."""
+    in flight, the memory regions it has released, a restart count (``epoch``), and its
+    ``protocol`` (asked once)."""
 
     url: str
     gpu_ids: tuple[int, ...]
@@ -182,6 +210,7 @@ class _Server:
     inflight: int = 0
     released: set[str] = field(default_factory=set)
     epoch: int = 0
+    protocol: ServerProtocol | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def alive(self) -> bool:
@@ -278,6 +307,10 @@ class SGLangEngine(RolloutEngine):
         self._version: int | None = None
         self._failed_update: str | None = None
         self._group = None
+        self._broadcast_device: str | None = None  # of the weight-update group's backend
+        self._update_epoch = 0  # updates begun; a request aborted by one is sent again
+        self._no_update = threading.Event()
+        self._no_update.set()
         self._visible_keys: Sequence[str] | None = None  # the servers' GPU numbering, by UUID
         self._pick_lock = threading.Lock()
         self._closed = False
@@ -356,6 +389,9 @@ class SGLangEngine(RolloutEngine):
         are left running. A restart still under way in a generation thread stops its new
         process itself."""
         self._closed = True
+        if self._group is not None:
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
         for server in self.servers:
             if server.process is not None:
                 _stop_process(server.process)
@@ -377,9 +413,15 @@ class SGLangEngine(RolloutEngine):
                    servers: Sequence[_Server] | None = None) -> list:
         """``path`` to every server (or ``servers``) in parallel, each with ``body(server)``, all
         of them even when some fail; the answers, or an error naming every server that failed."""
+        return self._each(lambda s: self._post(s, path, body(s), policy), servers)
+
+    def _each(self, call: Callable[[_Server], object],
+              servers: Sequence[_Server] | None = None) -> list:
+        """``call(server)`` for every server (or ``servers``) in parallel, all of them even when
+        some fail; the results, or an error naming every server that failed."""
         servers = self.servers if servers is None else servers
         with ThreadPoolExecutor(len(servers)) as pool:
-            futures = [pool.submit(self._post, s, path, body(s), policy) for s in servers]
+            futures = [pool.submit(call, s) for s in servers]
         errors = [e for e in (f.exception() for f in futures) if e is not None]
         if len(errors) == 1:
             raise errors[0]
@@ -423,18 +465,19 @@ class SGLangEngine(RolloutEngine):
         followed by a health check (and a restart of a dead launched server)."""
         body = payloads.generate_payload(rows, params, seeds)
         policy = replace(self.policies.generate, attempts=1)
-        avoid, last = None, None
-        for attempt in range(self.policies.generate.attempts):
+        avoid, last, attempt, resent_at = None, None, 0, None
+        while attempt < self.policies.generate.attempts:
             server = self._acquire(avoid)
-            epoch = server.epoch
+            epoch, update_epoch = server.epoch, self._update_epoch
             try:
                 results = self._post(server, "/generate", body, policy)
             except ServerUnreachable as error:
                 last, avoid = error, server
                 self._recover(server, epoch, error)
-                if attempt + 1 < self.policies.generate.attempts:
+                attempt += 1
+                if attempt < self.policies.generate.attempts:
                     self._count("requests_retried")
-                    time.sleep(self.policies.generate.backoff_s * 2**attempt)
+                    time.sleep(self.policies.generate.backoff_s * 2 ** (attempt - 1))
                 continue
             finally:
                 with self._pick_lock:
@@ -442,7 +485,14 @@ class SGLangEngine(RolloutEngine):
             if not isinstance(results, list) or len(results) != len(rows):
                 raise ServerError(f"{server.url}/generate: expected {len(rows)} results, got "
                                   f"{results!r:.200}")
-            return [payloads.parse_generate_result(r, params, server.url) for r in results]
+            if self._aborted_by_update(results, update_epoch):
+                resent_at = self._after_update()
+                continue
+            samples = [payloads.parse_generate_result(r, params, server.url) for r in results]
+            if resent_at is not None:  # it ran on the version loaded before it was sent again
+                samples = [s if s.weight_version is not None else replace(s, weight_version=resent_at)
+                           for s in samples]  # fmt: skip
+            return samples
         raise ServerError(f"/generate of one prompt failed {self.policies.generate.attempts} "
                           f"times, last: {last}")
 
@@ -457,6 +507,22 @@ class SGLangEngine(RolloutEngine):
                 server = min(choices, key=lambda s: s.inflight)
             server.inflight += 1
             return server
+
+    def _aborted_by_update(self, results: list, update_epoch: int) -> bool:
+        """Whether an update's pause aborted this answer (SGLang without retract, 0.5.5): one of
+        its samples ended "abort" while an update ran or after one began since it was sent."""
+        if not any(payloads.finish_kind(r) == "abort" for r in results):
+            return False
+        return not self._no_update.is_set() or self._update_epoch != update_epoch
+
+    def _after_update(self) -> int | None:
+        """Wait for the update under way to end; the version then served (the one a request sent
+        again runs on), or an error when the update failed."""
+        self._no_update.wait()
+        if self._failed_update is not None:
+            raise RuntimeError(self._failed_update)
+        self._count("requests_resubmitted")
+        return self._version
 
     def _recover(self, server: _Server, epoch: int, error: ServerError) -> None:
         """After ``error`` from ``server``: nothing if it answers ``/health`` (slow, not dead) or
@@ -507,7 +573,7 @@ class SGLangEngine(RolloutEngine):
                 f"{server.url} was restarted but cannot be given weight version {self._version} "
                 f"mid-rollout with weight_sync {self.weight_sync!r} (no weights source); it would "
                 f"serve the launch weights")  # fmt: skip
-        self._post(server, "/flush_cache", None, self.policies.control)
+        self._flush([server])
 
     # -- weights -------------------------------------------------------------------------------
     @property
@@ -517,10 +583,13 @@ class SGLangEngine(RolloutEngine):
     def update_weights(self, buckets: Iterable[Bucket | DeviceHandles], version: int) -> None:
         """Pause, load (``weight_sync``), flush, continue: see the module docstring."""
         error = None
+        with self._pick_lock:
+            self._update_epoch += 1
+            self._no_update.clear()
         try:
             self._post_all("/pause_generation", self.pause, self.policies.control)
             self._load(buckets, version)
-            self._post_all("/flush_cache", None, self.policies.control)
+            self._flush()
         except BaseException as caught:
             error = caught
         try:
@@ -536,10 +605,69 @@ class SGLangEngine(RolloutEngine):
                 f"the weight update to version {version} failed ({error}); the servers may hold "
                 f"a mix of versions: generate() refuses until an update succeeds"
             )
+            self._no_update.set()
             raise error
         self._version, self._failed_update = version, None
+        self._no_update.set()
         if self.weight_sync == "disk":
             self._prune_checkpoints(keep=self._checkpoint_dir(version))
+
+    def _flush(self, servers: Sequence[_Server] | None = None) -> None:
+        """``/flush_cache`` on every server (or ``servers``). SGLang answers 200 only when it
+        flushed, 400 when requests still run or wait; refusals are asked again for up to
+        ``policies.flush_wait_s`` (aborted requests take a step to leave), then raise."""
+        def flush(server):
+            deadline, delay = time.monotonic() + self.policies.flush_wait_s, 0.05
+            while True:
+                try:
+                    return self._post(server, "/flush_cache", None, self.policies.control)
+                except ServerError as error:
+                    if error.status != 400 or time.monotonic() + delay > deadline:
+                        raise ServerError(f"{server.url}: the KV cache was not flushed after the "
+                                          f"weight update ({error})", error.status) from error
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+        self._each(flush, servers)
+
+    def _protocol(self, server: _Server) -> ServerProtocol:
+        """``server``'s ``ServerProtocol``, asked once (a restart keeps its command, so its
+        version)."""
+        if server.protocol is None:
+            policy = self.policies.health
+            info = request_json(server.url, "/get_server_info", None, policy, method="GET",
+                                is_alive=server.alive)  # fmt: skip
+            server.protocol = ServerProtocol(
+                version=payloads.server_version(info),
+                update_session=has_route(server.url, "/begin_weight_update", policy))  # fmt: skip
+            logger.info("%s: SGLang %s%s", server.url, server.protocol.version,
+                        ", weight-update sessions" if server.protocol.update_session else "")
+        return server.protocol
+
+    @contextmanager
+    def _update_session(self, servers: Sequence[_Server]):
+        """``/begin_weight_update`` on the ``servers`` whose SGLang needs it; after the body,
+        ``/end_weight_update`` on each that began, even when the body or another begin failed
+        (a session left open refuses the next begin)."""
+        body = payloads.weight_update_session_payload()
+        began, error = [], None
+        try:
+            for server in servers:
+                if self._protocol(server).update_session:
+                    self._post(server, "/begin_weight_update", body, self.policies.update)
+                    began.append(server)
+            yield
+        except BaseException as caught:
+            error = caught
+        if began:
+            try:
+                self._post_all("/end_weight_update", body, self.policies.update, began)
+            except BaseException as caught:
+                if error is None:
+                    raise
+                error.add_note(f"/end_weight_update failed too: {caught}")
+        if error is not None:
+            raise error
 
     def _load(self, buckets: Iterable[Bucket | DeviceHandles], version: int) -> None:
         buckets = self._as_sent(buckets)
@@ -565,12 +693,13 @@ class SGLangEngine(RolloutEngine):
                      servers: Sequence[_Server]) -> None:
         """Each bucket to each server: from ``DeviceHandles``, each tensor-parallel rank its own
         GPU's handles; plain buckets are re-bucketed to ``bucket_bytes`` and serialised here."""
-        for bucket in self._tensor_buckets(buckets):
-            def body(server, bucket=bucket):
-                return payloads.update_from_tensor_payload(
-                    self._handles_for(server, bucket), version)
+        with self._update_session(servers):
+            for bucket in self._tensor_buckets(buckets):
+                def body(server, bucket=bucket):
+                    return payloads.update_from_tensor_payload(
+                        self._handles_for(server, bucket), version)
 
-            self._post_each("/update_weights_from_tensor", body, self.policies.update, servers)
+                self._post_each("/update_weights_from_tensor", body, self.policies.update, servers)
 
     def _tensor_buckets(self, buckets: Iterable[Bucket | DeviceHandles]):
         """``DeviceHandles`` as they come (bucketed by their senders); plain buckets re-bucketed."""
@@ -604,31 +733,30 @@ class SGLangEngine(RolloutEngine):
                               f"{len(self._visible_keys)} GPUs its environment makes visible")
         return [self._visible_keys[g] for g in server.gpu_ids]
 
-    def init_weight_update_group(self, master_address: str, master_port: int) -> None:
-        """Create the NCCL group {this process (rank 0), every server rank} for
-        ``weight_sync='distributed'`` (needs CUDA and SGLang's process-group helper here). This
-        process's side of the rendezvous runs without torchrun's variables, which would make it
-        wait for a store that nobody hosts; the group's timeout is the update timeout."""
+    def init_weight_update_group(self, master_address: str, master_port: int,
+                                 backend: str = "nccl") -> None:
+        """Create the group {this process (rank 0), every server rank} for
+        ``weight_sync='distributed'``: ``backend`` nccl (GPU servers; needs CUDA here) or gloo
+        (CPU servers). This process's side of the rendezvous runs without torchrun's variables,
+        which would make it wait for a store that nobody hosts; the group's timeout is the update
+        timeout."""
         from datetime import timedelta
-
-        from sglang.srt.utils import init_custom_process_group
 
         world_size = 1 + self.tp_size * len(self.servers)
         with ThreadPoolExecutor(len(self.servers)) as pool:
             pending = [
                 pool.submit(self._post, s, "/init_weights_update_group", payloads.init_group_payload(
-                    master_address, master_port, 1 + k * self.tp_size, world_size, GROUP_NAME),
-                    self.policies.update)
+                    master_address, master_port, 1 + k * self.tp_size, world_size, GROUP_NAME,
+                    backend), self.policies.update)
                 for k, s in enumerate(self.servers)
             ]  # fmt: skip
             with without_torchrun_environment():
-                self._group = init_custom_process_group(
-                    backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
-                    world_size=world_size, rank=0, group_name=GROUP_NAME,
-                    timeout=timedelta(seconds=self.policies.update.timeout_s),
-                )  # fmt: skip
+                self._group = weight_update_group(
+                    backend, f"tcp://{master_address}:{master_port}", world_size, GROUP_NAME,
+                    timedelta(seconds=self.policies.update.timeout_s))  # fmt: skip
             for future in pending:
                 future.result()
+        self._broadcast_device = "cpu" if backend == "gloo" else "cuda"
 
     def _update_distributed(self, buckets: Iterable[Bucket], version: int) -> None:
         """Per bucket: the metadata to every server (once: never retried), this process's
@@ -637,7 +765,11 @@ class SGLangEngine(RolloutEngine):
         wait for the group's timeout and end in NCCL's watchdog abort, not in this error."""
         if self._group is None:
             raise RuntimeError("weight_sync='distributed': call init_weight_update_group() first")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = self._broadcast_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        with self._update_session(self.servers):
+            self._broadcast_buckets(buckets, version, device)
+
+    def _broadcast_buckets(self, buckets: Iterable[Bucket], version: int, device: str) -> None:
         for bucket in bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes):
             body = payloads.update_from_distributed_payload(*bucket_metadata(bucket), GROUP_NAME,
                                                             version)
@@ -718,6 +850,25 @@ def _peek(items: Iterable) -> tuple[object, Iterable]:
     items = iter(items)
     first = next(items, None)
     return first, (itertools.chain([first], items) if first is not None else ())
+
+
+def weight_update_group(backend: str, init_method: str, world_size: int, group_name: str,
+                        timeout) -> torch.distributed.ProcessGroup:
+    """Rank 0 (this process, which hosts the TCP store) of the process group that SGLang's
+    ``/init_weights_update_group`` joins: the same rendezvous (``init_method``, keys under
+    ``group_name``), a group of its own beside any default group. torch names the options
+    argument of its group helper ``pg_options`` before 2.6, ``backend_options`` since."""
+    from torch.distributed import distributed_c10d as c10d
+
+    store, rank, world_size = next(c10d.rendezvous(init_method, 0, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    options = ("backend_options" if "backend_options" in
+               inspect.signature(c10d._new_process_group_helper).parameters else "pg_options")
+    group, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
+        group_name=group_name, timeout=timeout, **{options: None})  # fmt: skip
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
 
 
 def launch_command(model_path: str | Path, port: int, tp_size: int, base_gpu_id: int,

@@ -30,14 +30,25 @@ def fake_generate(body) -> list[dict]:
 
 
 class FakeServer:
-    def __init__(self, script: Script, delay_s: float = 0.0):
+    """``version``: what ``/get_server_info`` names; ``sessions``: whether it has the
+    ``/begin_weight_update`` and ``/end_weight_update`` routes (a GET answers 405; 404 without),
+    as later 0.5.x do. The engine's one-time protocol probe (these GETs) is answered here and not
+    recorded; every other request goes to ``script``."""
+
+    def __init__(self, script: Script, delay_s: float = 0.0, version: str = "0.5.5",
+                 sessions: bool = False):
         self.requests: list[tuple[str, object]] = []
         server = self
+        probes = {"/get_server_info": (200, {"version": version})}
+        for route in ("/begin_weight_update", "/end_weight_update"):
+            probes[route] = (405, {"detail": "Method Not Allowed"}) if sessions else (404, {})
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
+                if self.command == "GET" and self.path in probes:
+                    return self._send(*probes[self.path])
                 server.requests.append((self.path, body))
                 time.sleep(delay_s)
                 reply = script(self.path, body)
@@ -45,7 +56,9 @@ class FakeServer:
                     self.close_connection = True
                     self.connection.close()
                     return
-                status, answer = reply
+                self._send(*reply)
+
+            def _send(self, status, answer):
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(data)))

@@ -206,13 +206,12 @@ def test_launched_servers_get_a_clean_environment_and_are_stopped_on_failure(tmp
 
 
 def test_the_weight_group_rendezvous_runs_without_torchrun_variables(monkeypatch):
-    import sglang.srt.utils as sglang_utils
-
     seen = {}
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    monkeypatch.setattr(sglang_utils, "init_custom_process_group", lambda **kwargs: seen.update(
-        kwargs, agent_store=sglang_engine.os.environ.get("TORCHELASTIC_USE_AGENT_STORE")))
+    monkeypatch.setattr(sglang_engine, "weight_update_group", lambda *args: seen.update(
+        zip(("backend", "init_method", "world_size", "group_name", "timeout"), args),
+        agent_store=sglang_engine.os.environ.get("TORCHELASTIC_USE_AGENT_STORE")))
     with FakeServer(ok_script) as server:
         engine = SGLangEngine([server.url], weight_sync="distributed", policies=fast_policies())
         engine.init_weight_update_group("127.0.0.1", 29600)
