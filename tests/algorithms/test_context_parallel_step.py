@@ -2,7 +2,7 @@
 (DP 2, CP 1), (DP 1, CP 2) and, on 4 ranks, (DP 2, CP 2) and (DP 1, CP 4) give the same step
 loss, the same gradient after ``loss_scale`` (num_microbatches x DP), megatron's schedule (x CP,
 1/num_microbatches) and DDP's average over DP x CP, the same per-token gradients and the same
-metrics, for every selection method and aggregation.
+metrics, for every selection method (Clip-Cov and KL-Cov included) and aggregation.
 
 Under CP every rank of a CP group holds all of its replica's micro-batches in the same [B, T]
 layout but only its own tokens (random per token, one response wholly on one rank, one cut in
@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_archer.algorithms import (
     AlgorithmConfig,
     Constraints,
+    CovarianceTokens,
     ForkingConfig,
     LossConfig,
     SelectionConfig,
@@ -26,13 +27,15 @@ from megatron_archer.algorithms import (
     policy_loss,
     reduce_loss_metrics,
     select_tokens,
+    token_hash,
 )
+from megatron_archer.algorithms.config import COVARIANCE_METHODS
 from megatron_archer.algorithms.rollout_correction import (
     correction_metric_sums,
     rollout_correction,
     rollout_correction_summary,
 )
-from tests.algorithms.test_split_invariance import AGGREGATIONS, CORRECTIONS, SELECTIONS
+from tests.algorithms.test_split_invariance import AGGREGATIONS, CORRECTIONS, SALTS, SELECTIONS
 from tests.distributed import run_distributed
 
 SELECTIONS = {
@@ -71,6 +74,8 @@ def _micro_batches(seed):
             feat=torch.randn(size, width, FEATURES, generator=gen, dtype=torch.float64),
             entropy_feat=0.1 * torch.randn(size, width, FEATURES, generator=gen, dtype=torch.float64),
             draw=torch.rand(size, width, generator=gen),
+            # Clip-Cov / KL-Cov's per-token hash of (response id, position): kept by every share
+            hash=token_hash(SALTS, torch.arange(size) + 16 * index, width),
         )
         for key in KEYS:
             mb[key] = torch.where(mask, mb[key], torch.full((), float("nan"), dtype=torch.float64))
@@ -96,15 +101,19 @@ def _step(micro_batches, selection, loss_cfg, correction, group, cp_group):
     average over ``group``, per-token log-prob gradients of the step loss, metrics, context."""
     size = 1 if group is None else dist.get_world_size(group)
     cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+    by_covariance = selection.method in COVARIANCE_METHODS  # docs/numerics.md §10
     ctx = build_step_context([(mb["entropy"], mb["mask"]) for mb in micro_batches], selection,
-                             group, cp_group)
+                             group, cp_group,
+                             covariance=[CovarianceTokens(mb["old"], mb["adv"], mb["hash"])
+                                         for mb in micro_batches] if by_covariance else None)
     theta = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64, requires_grad=True)
     total, token_grads, sums = 0.0, [], []
     for mb in micro_batches:
-        sel = select_tokens(mb["entropy"], mb["mask"], selection, loss_cfg, ctx.forking_threshold,
-                            cp_group=cp_group)
         leaf = mb["logp"].clone().requires_grad_(True)
         logp = leaf + (mb["feat"] * theta).sum(-1)
+        current = CovarianceTokens(logp.detach(), mb["adv"], mb["hash"]) if by_covariance else None
+        sel = select_tokens(mb["entropy"], mb["mask"], selection, loss_cfg, ctx.forking_threshold,
+                            cp_group=cp_group, covariance=current, covariance_stats=ctx.covariance)
         entropy = mb["entropy"] + (mb["entropy_feat"] * theta).sum(-1)
         weights = rollout_correction(mb["old"], mb["rollout"], mb["mask"], correction, cp_group) \
             if correction.enabled else None
@@ -194,6 +203,7 @@ def _worker(rank, world_size, seed):
             for key in metrics:
                 _close(metrics[key], want[3][key], f"{what}: {key}")
             assert ctx.forking_threshold == want[4].forking_threshold, what
+            assert ctx.covariance == want[4].covariance, what  # bit for bit
             assert (ctx.num_tokens, ctx.num_sequences) == (want[4].num_tokens, want[4].num_sequences), what
             _close(ctx.num_selected, want[4].num_selected, what)
             for got_class, want_class in zip(ctx.class_tokens, want[4].class_tokens):
