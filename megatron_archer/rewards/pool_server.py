@@ -30,10 +30,11 @@ Per request:
    interpreter with `sandbox_launcher.run_confined`, which sets the resource limits first.
 
 What a program can reach: a copy-on-write copy of this server's memory as it was at the fork
-(an interpreter that has only ever held its start configuration, the view and the filter, and
-request sizes: the server never reads a program, its input or its output, which go straight
-between the caller and the run); none of the server's or any earlier run's files, processes or
-descriptors. The server and the holder are outside the program's pid namespace, so it cannot
+(an interpreter that has only ever held its start configuration, the view, the filter and each
+request's limits: the server never reads a program, its input or its output, which go straight
+between the caller and the run; tests/rewards/test_sandbox_pool.py searches a program's memory
+for the previous one's source and input); none of the server's or any earlier run's files,
+processes or descriptors. The server and the holder are outside the program's pid namespace, so it cannot
 name them to signal them, and ptrace and process_vm_* are filtered anyway. Whatever a run
 changes dies with its namespaces.
 """
