@@ -61,4 +61,15 @@ bench: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(PY) -m megatron_archer.quickstart
 
-.PHONY: install lint test test-kernels test-install example bench quickstart
+# The SGLang adapter against real SGLang servers on CPU (tests/sglang_server; README, "Real SGLang
+# servers"): each of SGLANG_VERSIONS in its own environment, .venv/sglang-server-VERSION
+# (tools/sglang_server_env.sh). SGLANG_CPU_MATERIAL: a folder holding SGLang's CPU kernel sources
+# (sgl-kernel-cpu-src.tar.gz) and wheels/ built from them; without it only a kernel wheel already
+# cached in .venv/sglang-kernels serves, and otherwise the tests skip, saying why.
+SGLANG_VERSIONS ?= 0.5.23 0.5.5
+SGLANG_CPU_MATERIAL ?=
+test-sglang: $(VENV)/.installed
+	for v in $(SGLANG_VERSIONS); do SGLANG_CPU_MATERIAL="$(SGLANG_CPU_MATERIAL)" bash tools/sglang_server_env.sh $$v || exit 1; done
+	SGLANG_SERVER_VERSIONS="$(SGLANG_VERSIONS)" $(PY) -m pytest -q -p no:cacheprovider tests/sglang_server
+
+.PHONY: install lint test test-kernels test-install example bench quickstart test-sglang
