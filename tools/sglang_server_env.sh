@@ -65,12 +65,12 @@ sources=${MATERIAL:+$MATERIAL/sgl-kernel-cpu-src.tar.gz}
 [ -n "$sources" ] && [ -f "$sources" ] || sources=""
 sources_id=$( [ -n "$sources" ] && sha256sum "$sources" | cut -c1-12 || echo none)
 CACHE=$ROOT/.venv/sglang-kernels/$sources_id-$py_tag-torch$torch_version-$isa
-mkdir -p "$CACHE"
 wheel=$(ls "$CACHE"/*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ] && [ "$isa" = avx512 ] && [ "$torch_version" = "$TORCH+cpu" ] && [ -n "$MATERIAL" ]; then
     # the material's wheels were built for torch 2.13.0 CPU with -march=x86-64-v4 (AVX-512)
     prebuilt=$(ls "$MATERIAL"/wheels/sglang_kernel_cpu-*-"$py_tag"-"$py_tag"-linux_x86_64.whl 2>/dev/null | head -1 || true)
-    [ -n "$prebuilt" ] && cp "$prebuilt" "$CACHE/" && wheel=$CACHE/$(basename "$prebuilt") && say "kernel wheel from $MATERIAL"
+    [ -n "$prebuilt" ] && mkdir -p "$CACHE" && cp "$prebuilt" "$CACHE/" && wheel=$CACHE/$(basename "$prebuilt") \
+        && say "kernel wheel from $MATERIAL"
 fi
 if [ -z "$wheel" ]; then
     [ -n "$sources" ] || unavailable "no CPU kernel wheel for $py_tag/torch $torch_version/$isa and no kernel sources (set SGLANG_CPU_MATERIAL to the folder holding sgl-kernel-cpu-src.tar.gz)"
@@ -81,6 +81,7 @@ if [ -z "$wheel" ]; then
             || unavailable "building the CPU kernels needs cmake and libnuma-dev, which could not be installed"
     fi
     "${PIP[@]}" -c "$CONSTRAINTS" scikit-build-core wheel
+    mkdir -p "$CACHE"
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     tar xzf "$sources" -C "$work"
