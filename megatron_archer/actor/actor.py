@@ -62,6 +62,7 @@ from megatron_archer.actor.packing import (
     plan_micro_batches,
     scatter_to_batch,
 )
+from megatron_archer.actor.routing import RoutingCapture, aux_loss_metric, load_metrics
 from megatron_archer.algorithms.sharded_rows import check_together
 from megatron_archer.nonfinite import NonFiniteError, first_ranks
 from megatron_archer.ops import (
@@ -79,6 +80,8 @@ class LogprobResult:
     logp: torch.Tensor
     entropy: torch.Tensor
     mask: torch.Tensor
+    # a mixture-of-experts model's routing, per chunk and micro-batch (actor.routing)
+    routing: list | None = None
 
 
 @dataclass
@@ -97,6 +100,8 @@ class StepResult:
     step: int
     micro_batch_metrics: list[dict] = field(default_factory=list)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    # a mixture-of-experts model's routing metrics (actor.routing), the same on every rank
+    moe_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def unwrap_chunk(chunk: nn.Module) -> nn.Module:
@@ -198,6 +203,10 @@ class ModelRunner:
         self._head = _hidden_states_head(self.chunks) if config.logprob_impl == "fused" else None
         # context parallelism (docs/numerics.md §9): every CP rank runs its chunks of each packed row
         self.cp_size = parallel_state.get_context_parallel_world_size()
+        # mixture of experts: every forward's routing is recorded, and replayed on request
+        self.routing = (RoutingCapture([unwrap_chunk(c) for c in self.chunks]) if spec.is_moe
+                        else None)
+        self._replay: list | None = None
 
     # ---------------------------------------------------------------- micro-batches
     def micro_batches(self, batch: SequenceBatch) -> list[MicroBatch]:
@@ -261,7 +270,16 @@ class ModelRunner:
 
     def _forward_step(self, loss_func_factory, data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb.input_ids, mb.position_ids, **self._model_inputs(mb))
+        if self.routing is None:
+            output = model(mb.input_ids, mb.position_ids, **self._model_inputs(mb))
+            return output, partial(loss_func_factory, mb)
+        chunk = self.chunks.index(model)
+        done = len(self.routing.routing[chunk])
+        self.routing.begin(chunk, self._replay[chunk][done] if self._replay else None)
+        try:
+            output = model(mb.input_ids, mb.position_ids, **self._model_inputs(mb))
+        finally:
+            self.routing.end(chunk)
         return output, partial(loss_func_factory, mb)
 
     def _run_schedule(self, micro_batches: list[MicroBatch], loss_func_factory, forward_only: bool):
@@ -296,6 +314,8 @@ class ModelRunner:
         for chunk in self.chunks:
             chunk.eval()
         micro_batches = self.micro_batches(batch)
+        if self.routing is not None:
+            self.routing.reset()
 
         def loss_func(mb, output):
             try:
@@ -319,7 +339,8 @@ class ModelRunner:
             logp = torch.zeros(mask.shape, dtype=self.result_dtype, device=self.device)
             entropy = torch.zeros_like(logp)
         self._broadcast_from_last_stage([logp, entropy])
-        return LogprobResult(logp=logp, entropy=entropy, mask=mask)
+        routing = self.routing.routing if self.routing is not None else None
+        return LogprobResult(logp=logp, entropy=entropy, mask=mask, routing=routing)
 
 
 class Actor(ModelRunner):
@@ -418,7 +439,8 @@ class Actor(ModelRunner):
         self.optimizer.step()
 
     def train_step(self, batch: SequenceBatch, loss_fn: LossFn, *, entropy_grad: bool = False,
-                   micro_batches: list[MicroBatch] | None = None) -> StepResult:
+                   micro_batches: list[MicroBatch] | None = None, routing: list | None = None,
+                   replay_routing: bool = False) -> StepResult:
         """One optimiser step on this rank's share of the step's sequences.
 
         ``loss_fn(micro_batch, logp, entropy)`` -> loss or (loss, metrics): ``logp`` and
@@ -437,7 +459,15 @@ class Actor(ModelRunner):
         found (that, a non-finite loss, a non-finite gradient norm). If anything was found the
         step is skipped on every rank: weights, optimiser state and the schedule position stay
         unchanged, ``StepResult.skipped`` is True and ``nonfinite`` names the tensors.
+
+        Mixture of experts (``actor.routing``): ``routing`` is a forward's recorded routing of the
+        same batch (``compute_logprobs_and_entropy(batch).routing``); the share of token-layer
+        pairs routed otherwise is reported, and with ``replay_routing`` every token is dispatched
+        to the recorded experts (the share is then 0). ``moe_metrics`` also holds the expert
+        load per layer and the load-balancing loss.
         """
+        if replay_routing and routing is None:
+            raise ValueError("replay_routing=True needs the recorded routing")
         if micro_batches is None:
             micro_batches = self.micro_batches(batch)
         # DDP averages over data x context parallel ranks; megatron's schedule multiplies each
@@ -462,7 +492,14 @@ class Actor(ModelRunner):
                 loss = loss + output.sum() * 0.0
             return loss * scale, {"loss": loss.detach().float(), **metrics}
 
-        outputs = self._run_schedule(micro_batches, loss_func, forward_only=False)
+        if self.routing is not None:
+            self.routing.reset()
+            self._replay = routing if replay_routing else None
+        try:
+            outputs = self._run_schedule(micro_batches, loss_func, forward_only=False)
+        finally:
+            self._replay = None
+        moe_metrics = self._moe_metrics(len(micro_batches), routing)
         device = self.device or torch.device("cpu")
         local = torch.zeros((), dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
@@ -490,4 +527,17 @@ class Actor(ModelRunner):
         return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped,
                           num_micro_batches=len(micro_batches), step=self.steps_taken,
                           micro_batch_metrics=list(outputs) if outputs and not skipped else [],
-                          nonfinite=nonfinite)
+                          nonfinite=nonfinite, moe_metrics=moe_metrics)
+
+    def _moe_metrics(self, num_micro_batches: int, routing: list | None) -> dict[str, float]:
+        """The step's routing metrics (every rank takes part: all-reduces)."""
+        if self.routing is None:
+            return {}
+        spec = self.spec
+        metrics = load_metrics(self.routing.expert_counts(spec.num_layers, spec.num_experts),
+                               spec.moe_layers)
+        if routing is not None:
+            differ, total = self.routing.mismatch(routing)
+            metrics["moe/routing_mismatch_share"] = differ / total if total else 0.0
+        metrics.update(aux_loss_metric(num_micro_batches, len(spec.moe_layers)))
+        return metrics

@@ -11,6 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_archer.actor import Actor, ActorConfig
+from megatron_archer.actor.routing import replay_fields
 from megatron_archer.models import hf_weight_buckets, load_hf_model
 from tests.actor.common import hf_logprobs, make_batch
 from tests.actor.test_train_step import CONFIG, STEPS, _advantages, _dp_share, _loss_fn, _reference
@@ -132,3 +133,49 @@ def _refusal_worker(rank, world_size, path):
 
 def test_moe_tensor_parallel_without_sequence_parallel_is_refused(tmp_path):
     run_distributed(_refusal_worker, 2, write_checkpoint(tmp_path / "moe", "qwen3_moe"))
+
+
+def _replay_worker(rank, world_size, path):
+    batch = make_batch(7, seed=4)
+    # a learning rate too small to move a weight: the three steps below see the same model
+    config = ActorConfig(max_tokens_per_micro_batch=48, lr=1e-30, weight_decay=0.0)
+    for tp, ep, etp, sp in LAYOUTS[1:]:
+        with model_parallel(tp, expert_parallel=ep, expert_tensor_parallel=etp):
+            loaded = load_hf_model(path, params_dtype=torch.float32, config_overrides={
+                **NO_AUX, **replay_fields(), "sequence_parallel": sp})
+            actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
+            old = actor.compute_logprobs_and_entropy(batch)
+
+            def loss_fn(mb, logp, entropy):
+                return logp.sum() * 0.0
+
+            differences = []
+
+            def compare(mb, logp, entropy):
+                want = mb.gather(old.logp.to(logp.device))
+                differences.append((logp - want)[mb.response_mask].abs().max().item())
+                return logp.sum() * 0.0
+
+            same = actor.train_step(batch, compare, routing=old.routing, replay_routing=True)
+            assert same.moe_metrics["moe/routing_mismatch_share"] == 0.0  # same weights
+            # the replayed training forward computes the recorded forward's log-probs again
+            assert max(differences) == 0.0, differences
+            with torch.no_grad():  # the router drifts: many tokens choose other experts
+                for name, param in loaded.model.named_parameters():
+                    if name.endswith("mlp.router.weight"):
+                        param.add_(0.5 * torch.randn(param.shape,
+                                                     generator=torch.Generator().manual_seed(7)))
+            drifted = actor.train_step(batch, loss_fn, routing=old.routing)
+            replayed = actor.train_step(batch, loss_fn, routing=old.routing, replay_routing=True)
+            share = drifted.moe_metrics["moe/routing_mismatch_share"]
+            assert share > 0.05, f"tp={tp} ep={ep}: only {share} routed otherwise"
+            assert replayed.moe_metrics["moe/routing_mismatch_share"] == 0.0
+            loads = [v for k, v in replayed.moe_metrics.items() if "expert_load" in k]
+            assert len(loads) == 2 and all(1.0 <= v <= 4.0 for v in loads)
+
+
+def test_routing_replay_dispatches_to_the_recorded_experts(tmp_path):
+    """The routing a forward recorded, replayed in a training forward after the router drifted:
+    every token goes to the recorded experts (without replay, some go elsewhere), at EP 2 and at
+    TP 2 x EP 2 with sequence parallelism."""
+    run_distributed(_replay_worker, 2, write_checkpoint(tmp_path / "moe", "qwen3_moe"))
