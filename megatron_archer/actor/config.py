@@ -16,6 +16,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("constant", "cosine")
 PARAMS_DTYPES = tuple(_DTYPES)
 LOGPROB_IMPLS = ("logits", "fused")
+ROUTING_REPLAY = ("none", "old")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class ActorConfig:
     - ``logprob_impl``: ``logits`` (the model's vocab-sharded logits, then the vocab-parallel op)
       or ``fused`` (the last stage hands its final hidden states and the output weight to the
       fused LM-head op, which never materialises logits: docs/numerics.md §1, "the strongest form").
+    - ``routing_replay`` (mixture-of-experts models, ``actor.routing``): ``none``, or ``old``:
+      every update dispatches each token to the experts the old-policy forward of its
+      mini-batch chose, so the updates' routing matches the policy the ratios are taken
+      against (docs/numerics.md §11). Replaying the rollout engine's routing is not built.
     """
 
     max_tokens_per_micro_batch: int = 4096
@@ -56,6 +61,7 @@ class ActorConfig:
     temperature: float = 1.0
     logprob_chunk_size: int = 1024
     logprob_impl: str = "logits"
+    routing_replay: str = "none"
 
     def __post_init__(self) -> None:
         integer("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch, low=2)
@@ -79,6 +85,7 @@ class ActorConfig:
         number("temperature", self.temperature, low=0.0, low_open=True)
         integer("logprob_chunk_size", self.logprob_chunk_size, low=1)
         choice("logprob_impl", self.logprob_impl, LOGPROB_IMPLS)
+        choice("routing_replay", self.routing_replay, ROUTING_REPLAY)
 
     @property
     def torch_params_dtype(self) -> torch.dtype:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_archer.actor import Actor, ReferenceModel
+from megatron_archer.actor.routing import replay_fields
 from megatron_archer.data import PromptSampler, load_prompt_set
 from megatron_archer.models import (
     hf_weight_buckets,
@@ -107,12 +108,15 @@ class Trainer:
             config.model.path, config.model.tokenizer, str(config.data.path)))
         dtype = config.actor.torch_params_dtype
         # the reference gets the actor's numerics (fp8, sequence parallelism), so KL starts at 0
-        overrides = {**config.model.megatron_overrides(), **config.parallel.megatron_overrides()}
+        overrides = {**config.model.megatron_overrides(), **config.parallel.megatron_overrides(),
+                     **(replay_fields() if config.actor.routing_replay != "none" else {})}
         loaded = load_hf_model(config.model.path, backend=config.model.backend, params_dtype=dtype,
                                config_overrides=overrides)
-        if config.model.router_aux_loss_coef is not None and not loaded.spec.is_moe:
-            raise ValueError(f"model.router_aux_loss_coef is set, but {config.model.path} is a "
-                             f"dense model: it has no router")
+        for field, value in (("model.router_aux_loss_coef", config.model.router_aux_loss_coef),
+                             ("actor.routing_replay", config.actor.routing_replay)):
+            if value not in (None, "none") and not loaded.spec.is_moe:
+                raise ValueError(f"{field}={value!r}, but {config.model.path} is a dense model: "
+                                 f"it has no router")
         self.model = loaded
         self.actor = Actor(loaded.model, loaded.spec, config.actor, loaded.backend)
         self.reference = None

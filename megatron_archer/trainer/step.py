@@ -91,6 +91,8 @@ class MiniBatch:
     old_deferred: bool = False
     # [b] ids of the sequences from their content (``covariance.content_ids``), on first use
     sequence_ids: torch.Tensor | None = None
+    # a mixture-of-experts model's routing in the old-policy forward (``actor.routing``)
+    old_routing: list | None = None
 
 
 def needs_reference(algorithm: AlgorithmConfig) -> bool:
@@ -206,6 +208,7 @@ def _set_old(mb: MiniBatch, logp: torch.Tensor, entropy: torch.Tensor,
 def _old_forward(actor: Actor, mb: MiniBatch, algorithm: AlgorithmConfig) -> None:
     old = actor.compute_logprobs_and_entropy(mb.batch)
     _set_old(mb, old.logp, old.entropy, algorithm)
+    mb.old_routing = old.routing
 
 
 def compute_old_and_reference(actor: Actor, reference: ReferenceModel | None,
@@ -268,7 +271,7 @@ def _covariance_tokens(micro, mb: MiniBatch, logp: torch.Tensor, salts: tuple[in
         mb.sequence_ids = content_ids(mb.batch.input_ids)
     device = micro.response_mask.device
     return CovarianceTokens(logp.detach(), micro.gather(mb.advantages.to(device)),
-                            token_hash(salts, micro.gather(mb.sequence_ids).to(device),
+                            token_hash(salts, micro.gather(mb.sequence_ids),
                                        micro.response_mask.shape[1]))
 
 
@@ -390,8 +393,13 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
                        _loss_fn(mb, algorithm,
                                 _step_context(micro, mb, algorithm, dp_group, update_salts),
                                 actor.device, update_salts))
-            result = actor.train_step(mb.batch, loss_fn, entropy_grad=entropy_grad,
-                                      micro_batches=micro)
+            # mixture of experts: the routing of the old-policy forward is compared with the
+            # update's, and with ``actor.routing_replay: old`` replayed (a deferred first
+            # update is its own old-policy forward)
+            result = actor.train_step(
+                mb.batch, loss_fn, entropy_grad=entropy_grad, micro_batches=micro,
+                routing=mb.old_routing, replay_routing=actor.config.routing_replay == "old"
+                and mb.old_routing is not None)
             bad = result.nonfinite
             if deferred:
                 mb.old_deferred = False
@@ -424,12 +432,21 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
             "actor/grad_norm": sum(r.grad_norm for r in results) / len(results),
             "actor/grad_norm_max": max(r.grad_norm for r in results),
             "actor/lr": results[-1].lr,
+            **_moe_means(results),
         })
         if parallel_state.is_pipeline_last_stage():
             metrics.update({f"actor/{k}": v
                             for k, v in reduce_loss_metrics(sums, dp_group).items()})
             metrics.update(_update_shares(update_sums, dp_group))
     return _from_last_stage(metrics)
+
+
+def _moe_means(results) -> dict[str, float]:
+    """A mixture-of-experts model's routing metrics (actor.routing), each the mean over the
+    updates that report it (a deferred first update has no recorded routing to compare)."""
+    keys = sorted(set().union(*(r.moe_metrics for r in results)))
+    return {key: sum(values) / len(values) for key in keys
+            for values in [[r.moe_metrics[key] for r in results if key in r.moe_metrics]]}
 
 
 def _update_shares(update_sums: list[list[torch.Tensor]], group) -> dict[str, float]:

@@ -1,7 +1,9 @@
-"""The trainer end to end with a Qwen3-MoE model (4 experts, top-2): 3 Archer steps at expert
-parallel 2 (2 gloo processes, data parallel 2) against the same run on one process, and a run
-stopped after step 2 and resumed at EP 2 equal to the uninterrupted one bitwise. The engine
-(transformers, experts stacked in memory) receives the actor's per-expert weight buckets."""
+"""The trainer end to end with a Qwen3-MoE model (4 experts, top-2) and routing replay
+(``actor.routing_replay: old``): 3 Archer steps at expert parallel 2 (2 gloo processes, data
+parallel 2) against the same run on one process, and a run stopped after step 2 and resumed at
+EP 2 equal to the uninterrupted one bitwise. The engine (transformers, experts stacked in
+memory) receives the actor's per-expert weight buckets; the checkpoint's load-balancing loss
+(coefficient 0.001) is on."""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ LOSS_ATOL = 1e-3
 def _train(root, base, name, *overrides):
     config = load_config(CPU_CONFIG, [*base, REWARD, f"logging.dir={root / name}",
                                       "checkpoint.interval=1", f"actor.adam_eps={ADAM_EPS}",
-                                      "parallel.tensor=1", *overrides])
+                                      "parallel.tensor=1", "actor.routing_replay=old",
+                                      *overrides])
     trainer = run_training(config)
     if trainer.rank0:
         engine = {n: p.detach().clone() for n, p in trainer.engine.model.named_parameters()}
@@ -72,6 +75,10 @@ def test_expert_parallel_run_equals_one_process(runs):
         for key in ("entropy/mean", "actor/grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
         assert b["actor/loss"] == pytest.approx(a["actor/loss"], abs=LOSS_ATOL), a["step"]
+    for record in single + ep2:  # every replayed update dispatched to the old forward's experts
+        assert record.get("moe/routing_mismatch_share", 0.0) == 0.0, record
+        assert record["moe/aux_loss"] > 0 and record["moe/expert_load_max_over_mean/layer_2"] >= 1
+    assert any("moe/routing_mismatch_share" in record for record in ep2)
     expected, got = _engine(runs, "single"), _engine(runs, "ep2")
     assert got.keys() == expected.keys() and any("experts.gate_up_proj" in n for n in got)
     start = _engine_start(runs)
