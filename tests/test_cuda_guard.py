@@ -23,13 +23,14 @@ from megatron_archer.actor.packing import scatter_to_batch
 from megatron_archer.algorithms import (
     SelectionConfig,
     build_step_context,
+    config_from_dict,
     entropy_summary,
     preset,
     reduce_loss_metrics,
 )
 from megatron_archer.algorithms.order_stats import kth_largest
 from megatron_archer.models import load_hf_model
-from megatron_archer.trainer.step import MiniBatch, _loss_fn
+from megatron_archer.trainer.step import MiniBatch, _loss_fn, _step_context
 from tests.cuda_guard import (
     FAKE_DEVICE,
     CollectiveDeviceError,
@@ -137,7 +138,7 @@ def _algorithm_results(rank: int, device):
     return out
 
 
-def _trainer_data_path(rank: int, runner: ModelRunner):
+def _trainer_data_path(rank: int, runner: ModelRunner, algorithm):
     """A trainer step's data path without the model: a mini-batch as the trainer holds it (on the
     CPU), the actor's micro-batching, the step context as train_on_mini_batches builds it, the
     loss closure with its gradient, and the loss metrics."""
@@ -154,13 +155,10 @@ def _trainer_data_path(rank: int, runner: ModelRunner):
                      old_logp=-torch.rand(rows, width, generator=gen),
                      old_entropy=torch.rand(rows, width, generator=gen),
                      ref_logp=-torch.rand(rows, width, generator=gen))
-    algorithm = preset("archer")
     device = runner.device
     micro = runner.micro_batches(mini.batch)
-    ctx = build_step_context([(m.gather(mini.old_entropy.to(m.response_mask.device)),
-                               m.response_mask) for m in micro], algorithm.selection,
-                             dist.group.WORLD)
-    loss_fn = _loss_fn(mini, algorithm, ctx, device)
+    ctx = _step_context(micro, mini, algorithm, dist.group.WORLD, (3, 1))
+    loss_fn = _loss_fn(mini, algorithm, ctx, device, (3, 1))
     # the actor's per-label results -> response layout -> the batch layout (compute_logprobs_...)
     per_label = [torch.arange(m.labels.numel(), dtype=torch.float32) for m in micro]
     laid_out = [m.to_layout(v.to(m.labels.device)) for m, v in zip(micro, per_label)]
@@ -180,16 +178,24 @@ def _trainer_data_path(rank: int, runner: ModelRunner):
 def _worker(rank: int, world_size: int, path):
     with model_parallel(1):
         plain = _algorithm_results(rank, None)
-        runner = _runner(path, 12, None)
-        plain_step = _trainer_data_path(rank, runner)
+        # Archer, and Clip-Cov / KL-Cov (docs/numerics.md §10: hashes, exact means, thresholds)
+        for algorithm in (preset("archer"), *(
+                config_from_dict({"preset": "dapo", "selection": selection}) for selection in (
+                    {"method": "clip_cov", "clip_cov": {"ratio": 0.2, "lb": -10.0, "ub": 10.0}},
+                    {"method": "kl_cov", "kl_cov": {"ratio": 0.2}}))):
+            runner = _runner(path, 12, None)
+            plain_step = _trainer_data_path(rank, runner, algorithm)
+            with fake_cuda():
+                runner.device = FAKE_DEVICE
+                wrapped_step = _trainer_data_path(rank, runner, algorithm)
+            assert all(torch.equal(a, b) for a, b in zip(wrapped_step[0], plain_step[0]))
+            assert wrapped_step[2] == plain_step[2]
+            assert all(torch.equal(a, b) for a, b in zip(wrapped_step[1], plain_step[1]))
+            if algorithm.selection.method != "archer":
+                assert 0 < plain_step[2]["high/token_share"] < 1  # the selection is reached
         with fake_cuda():
             wrapped = _algorithm_results(rank, FAKE_DEVICE)
-            runner.device = FAKE_DEVICE
-            wrapped_step = _trainer_data_path(rank, runner)
         assert wrapped == plain
-        assert all(torch.equal(a, b) for a, b in zip(wrapped_step[0], plain_step[0]))
-        assert wrapped_step[2] == plain_step[2]
-        assert all(torch.equal(a, b) for a, b in zip(wrapped_step[1], plain_step[1]))
         # the same micro-batching with an NCCL-only group: its CPU token count is refused
         batch = SequenceBatch([torch.arange(5)], [torch.arange(5) > 2])
         with fake_cuda(backend="nccl"):

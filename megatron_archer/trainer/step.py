@@ -271,7 +271,7 @@ def _covariance_tokens(micro, mb: MiniBatch, logp: torch.Tensor, salts: tuple[in
         mb.sequence_ids = content_ids(mb.batch.input_ids)
     device = micro.response_mask.device
     return CovarianceTokens(logp.detach(), micro.gather(mb.advantages.to(device)),
-                            token_hash(salts, micro.gather(mb.sequence_ids),
+                            token_hash(salts, micro.gather(mb.sequence_ids).to(device),
                                        micro.response_mask.shape[1]))
 
 
