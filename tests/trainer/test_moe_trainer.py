@@ -85,6 +85,7 @@ def test_expert_parallel_run_equals_one_process(runs):
     moved = max((expected[n] - start[n]).abs().max().item() for n in expected if "experts" in n)
     assert moved > 1e-4  # the experts trained (lr 1e-3 x several updates)
     worst = max((got[name] - tensor).abs().max().item() for name, tensor in expected.items())
+    print(f"ep2: largest weight difference from one process {worst:.3g}")
     assert worst <= PARAM_ATOL, worst
 
 
@@ -102,3 +103,17 @@ def test_expert_parallel_resume_is_bitwise(runs):
     for a, b in zip(full, resumed):
         for key in ("actor/loss", "actor/grad_norm", "reward/mean"):
             assert a[key] == b[key], (a["step"], key)
+
+
+def _dense_worker(rank, world_size, root, base, override):
+    config = load_config(CPU_CONFIG, [*base, REWARD, f"logging.dir={root / 'dense'}",
+                                      "parallel.tensor=1", override])
+    with pytest.raises(ValueError, match=r"is a dense model: it has no router") as error:
+        run_training(config)
+    assert str(error.value).startswith(override.split("=")[0])
+
+
+@pytest.mark.parametrize("override", ["actor.routing_replay=old",
+                                      "model.router_aux_loss_coef=0.01"])
+def test_moe_options_on_a_dense_model_name_the_field(tmp_path, override):
+    run_distributed(_dense_worker, 1, tmp_path, tiny_run(tmp_path, prompts=4), override)
