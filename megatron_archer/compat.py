@@ -201,9 +201,11 @@ def _patch_sequence_parallel_device() -> None:
     the schedules, the module global ``torch`` of those three modules is replaced, once per
     process, by ``_TorchServedOnCpu`` (``current_device()`` -> CPU; everything else torch's own),
     so the collectives (``all_gather_into_tensor``, ``reduce_scatter_tensor`` over gloo) and the
-    arithmetic are megatron's. The other ``current_device()`` calls of those modules (parameters
-    allocated without ``use_cpu_initialization``, expert-parallel all-to-all, batch helpers in
-    utils) are served on CPU too; none is on the CPU path's way. Checked against megatron-core
+    arithmetic are megatron's. The same serves the receive buffer of the expert-parallel
+    all-to-all (``mappings.all_to_all``, a mixture-of-experts model's token dispatch). The other
+    ``current_device()`` calls of those modules (parameters allocated without
+    ``use_cpu_initialization``, batch helpers in utils) are served on CPU too; none is on the CPU
+    path's way. Checked against megatron-core
     0.16.1, 0.17.1, 0.18.2 and 0.19.0 (5, 8 and 2-13 ``torch.cuda.current_device()`` calls).
     """
     from megatron.core import utils
