@@ -515,6 +515,12 @@ class ExperimentConfig:
                 "attention backend for packed (thd) batches in float32 (flash and fused attention "
                 "need bf16/fp16, unfused attention rejects thd); use actor.params_dtype="
                 "'bfloat16' or model.backend='local' ('auto' picks local for float32)")
+        if self.actor.routing_replay == "old" and self.algorithm.old_logprobs == "rollout" \
+                and not self.algorithm.selection.uses_entropy:
+            raise ValueError(
+                "actor.routing_replay='old' with algorithm.old_logprobs='rollout' and a selection "
+                "that needs no entropy: no old-policy forward runs, so no routing is recorded to "
+                "replay; use algorithm.old_logprobs='recompute' or actor.routing_replay='none'")
         if self.parallel.sequence_parallel and self.actor.logprob_impl == "fused":
             raise ValueError(
                 "actor.logprob_impl='fused' with parallel.sequence_parallel=true: the fused LM-head "

@@ -212,3 +212,12 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
     bad.write_text("model:\n  path: x\n bad: [1,\n")
     with pytest.raises(ValueError, match=rf"^{bad}: line 3, column 2: YAML syntax error: expected "):
         load_config(bad)
+
+
+def test_routing_replay_needs_an_old_policy_forward():
+    overrides = ["actor.routing_replay=old", "algorithm.old_logprobs=rollout",
+                 "algorithm.selection.method=none"]
+    with pytest.raises(ValueError, match="actor.routing_replay='old' with "
+                                         "algorithm.old_logprobs='rollout'"):
+        load_config(CPU_CONFIG, overrides)
+    assert load_config(CPU_CONFIG, overrides[:1]).actor.routing_replay == "old"
