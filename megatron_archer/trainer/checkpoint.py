@@ -224,17 +224,28 @@ def _verify(path: Path, actor: Actor) -> dict[str, Any]:
 
 def _agree(fn, group, failure: type[Exception] = CheckpointNotUsable):
     """Run ``fn`` on every rank of ``group``; if it raised ``failure`` on any, raise it on every
-    rank with each failing rank's message. Otherwise ``fn``'s result."""
+    rank with each failing rank's message. Any other error on a rank ends the agreement too
+    (no rank is left waiting in it): that rank raises its error, the others a RuntimeError
+    naming it. Otherwise ``fn``'s result."""
     if not dist.is_initialized():  # one process, no job: nothing to agree with
         return fn()
-    result, problem = None, None
+    result, problem, unexpected = None, None, None
     try:
         result = fn()
     except failure as error:
-        problem = str(error)
+        problem = (True, str(error))
+    except Exception as error:  # noqa: BLE001 - re-raised below, after every rank has heard
+        unexpected = error
+        problem = (False, f"rank {dist.get_rank()}: {type(error).__name__}: {error}")
     problems = [None] * dist.get_world_size(group)
     dist.all_gather_object(problems, problem, group=group)
-    found = list(dict.fromkeys(p for p in problems if p))
+    if unexpected is not None:
+        raise unexpected
+    reported = [p for p in problems if p is not None]
+    others = [text for expected, text in reported if not expected]
+    if others:
+        raise RuntimeError("; ".join(others))
+    found = list(dict.fromkeys(text for _, text in reported))
     if found:
         raise failure("; ".join(found))
     return result

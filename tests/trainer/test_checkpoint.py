@@ -330,3 +330,31 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_refuses_changed_sources
     assert re.search(r"resume: skipped \S+step_00000002: \S+tp0_pp0_dp0.pt: unreadable", out), out
     assert re.search(r"resumed from \S+step_00000001 at step 1", out)
     assert re.search(r"resume: checkpoint.allow_source_change: model.path: \S+other_model", out)
+
+
+def _agree_worker(rank: int, world: int) -> None:
+    from datetime import timedelta
+
+    # a short timeout: a rank left waiting in the agreement fails the test instead of hanging it
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=30))
+
+    def fails_on_rank_1(error: Exception):
+        def fn():
+            if rank == 1:
+                raise error
+            return "ok"
+        return fn
+
+    assert checkpoint._agree(lambda: rank, group) == rank
+    with pytest.raises(CheckpointNotUsable, match=r"^rank 1's file: damaged$"):
+        checkpoint._agree(fails_on_rank_1(CheckpointNotUsable("rank 1's file: damaged")), group)
+    # any other error on one rank ends the agreement on every rank too (none waits forever);
+    # the failing rank raises its own error, the others name it
+    expected = TypeError if rank == 1 else RuntimeError
+    with pytest.raises(expected, match=r"list indices must be integers"):
+        checkpoint._agree(fails_on_rank_1(TypeError("list indices must be integers")), group)
+    dist.barrier(group)
+
+
+def test_agreement_ends_on_every_rank_whatever_one_rank_raises():
+    run_distributed(_agree_worker, 2)
