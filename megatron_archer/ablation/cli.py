@@ -18,13 +18,19 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="field=value overrides of the ablation config (out=..., seeds=[0])")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report of the finished runs; run nothing")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant names: run (and report) only these, e.g. "
+                             "one lane of an ablation run in two processes on the same out")
     parser.set_defaults(func=handle)
     return parser
 
 
 def handle(args: argparse.Namespace) -> int:
     from megatron_archer.ablation.ablate import ablate
-    from megatron_archer.ablation.config import load_ablation_config
+    from megatron_archer.ablation.config import load_ablation_config, select_variants
 
-    ablate(load_ablation_config(args.config, args.overrides), report_only=args.report_only)
+    config = load_ablation_config(args.config, args.overrides)
+    if args.variants is not None:
+        config = select_variants(config, [n for n in args.variants.split(",") if n])
+    ablate(config, report_only=args.report_only)
     return 0

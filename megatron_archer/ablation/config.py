@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,18 @@ class AblationConfig:
                           ("warm_start", WarmStartConfig), ("eval", EvalConfig),
                           ("entropy", EntropyConfig)):
             instance(name, getattr(self, name), cls)
+
+
+def select_variants(config: AblationConfig, names: list[str]) -> AblationConfig:
+    """``config`` with only the variants ``names``, in the config's order: lanes of one ablation
+    run side by side on the same ``out`` with disjoint variants (a run directory is only ever
+    written by the lane that owns its variant); an unknown name is an error."""
+    known = [v.name for v in config.variants]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise ValueError(f"--variants: {', '.join(unknown) or 'none given'} not in the config's "
+                         f"variants ({', '.join(known)})")
+    return replace(config, variants=tuple(v for v in config.variants if v.name in names))
 
 
 def load_ablation_config(path: str | os.PathLike, overrides=()) -> AblationConfig:

@@ -128,3 +128,17 @@ def test_the_shipped_ablation_holds_the_papers_variants():
         assert specs[name].dynamic_sampling == dapo.dynamic_sampling
     clip, kl = specs["clip_cov"].selection.clip_cov, specs["kl_cov"].selection.kl_cov
     assert (clip.ratio, clip.lb, clip.ub, kl.ratio, kl.coef) == (2e-4, 1.0, 5.0, 2e-3, 1.0)
+
+
+def test_select_variants_keeps_the_named_in_order_and_names_unknown(tmp_path):
+    from megatron_archer.ablation.config import select_variants
+
+    config = _load(tmp_path)
+    assert [v.name for v in select_variants(config, ["archer"]).variants] == ["archer"]
+    assert [v.name for v in select_variants(config, ["archer", "grpo"]).variants] == \
+        ["grpo", "archer"]
+    with pytest.raises(ValueError, match="--variants: dapo not in the config's variants "
+                                         "\\(grpo, archer\\)"):
+        select_variants(config, ["grpo", "dapo"])
+    with pytest.raises(ValueError, match="--variants: none given"):
+        select_variants(config, [])
