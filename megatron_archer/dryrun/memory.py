@@ -72,7 +72,12 @@ class Arch:
 
     @classmethod
     def from_spec(cls, spec, name: str = "model") -> Arch:
-        """From a ``megatron_archer.models.ModelSpec``."""
+        """From a ``megatron_archer.models.ModelSpec``; a mixture-of-experts model is refused
+        (its experts, router and token dispatch are not modelled here)."""
+        if spec.is_moe:
+            raise ValueError(f"{spec.architecture} is a mixture-of-experts model "
+                             f"({spec.num_experts} experts), which the memory model and the "
+                             "weight-sync plan do not model yet (dense decoders only)")
         return cls(name, spec.hidden_size, spec.num_layers, spec.num_attention_heads,
                    spec.num_query_groups, spec.head_dim, spec.ffn_hidden_size, spec.vocab_size,
                    spec.tie_word_embeddings, spec.qkv_bias, spec.qk_layernorm)

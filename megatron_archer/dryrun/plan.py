@@ -221,6 +221,7 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
          gpu_memory: int | None = None) -> dict:
     """Build every rank of ``config`` at ``world_size`` and report it (module docstring)."""
     started = time.perf_counter()
+    arch = memory.Arch.from_spec(spec)  # first: it refuses what the memory model cannot count
     inputs = build_inputs(config, spec, world_size)
     builds = []
     for rank in range(world_size):
@@ -263,7 +264,7 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
                    "sequence_parallel": parallel.sequence_parallel},
         "model": {"architecture": spec.architecture, "layers": spec.num_layers,
                   "hidden": spec.hidden_size, "vocab": spec.vocab_size,
-                  "parameters": memory.Arch.from_spec(spec).parameters()},
+                  "parameters": arch.parameters()},
         "backend": config.model.backend,
         "layer_spec_built": "local (portable; Transformer Engine's parameters have the same shapes)",
         "reference": {"built": inputs.reference,

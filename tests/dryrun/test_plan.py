@@ -218,3 +218,15 @@ def test_each_rank_is_built_from_a_fresh_world():
     with pytest.raises(ValueError, match="rank 0 of 64: num_attention_heads=12 is not divisible"):
         plan.plan(config, spec, 64)
     assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+
+
+def test_a_mixture_of_experts_model_is_refused_in_one_line():
+    """The memory model is a dense decoder's (README: no MoE plan yet): a Qwen3-MoE model is
+    refused before any rank is built rather than reported with dense-model figures."""
+    config = hf_config("qwen3_moe")
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    spec = ModelSpec.from_hf_config(config)
+    job = load_config(CPU_CONFIG, ["parallel.tensor=1", "parallel.expert=2"])
+    with pytest.raises(ValueError, match=r"^Qwen3MoeForCausalLM is a mixture-of-experts model .* do not model yet"):
+        plan.plan(job, spec, 2)
+    assert not dist.is_initialized()
