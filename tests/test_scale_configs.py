@@ -187,6 +187,9 @@ def test_scale_config_passes_plan(path, tmp_path, capsys, monkeypatch):
     # every layer on exactly one stage; no padding in these models' buffers
     stages = {r["pipeline"]: tuple(r["layers"]) for r in report["ranks"]}
     assert sorted(stages) == list(range(layout["pipeline"]))
+    bounds = [stages[stage] for stage in sorted(stages)]
+    assert [first for first, _ in bounds] == [0] + [last + 1 for _, last in bounds[:-1]]
+    assert bounds[-1][1] == report["model"]["layers"] - 1
     assert all(r["buffer_padding"] == 0 for r in report["ranks"])
     # the actor's DDP does not overlap the gradient reduce, so the buffer is one bucket: the
     # largest message of every rank is the reduce-scatter of its whole fp32 gradient buffer
