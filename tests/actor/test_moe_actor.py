@@ -87,9 +87,10 @@ def _train_worker(rank, world_size, path, layouts):
     baseline_weights, expected_weights = (_on_disk(w, 48) for w in (baseline[0], expected))
     advantages = _advantages(batch)
     failures = []
-    for tp, ep, etp, sp in layouts:
-        dp = world_size // tp
-        with model_parallel(tp, expert_parallel=ep, expert_tensor_parallel=etp):
+    for tp, ep, etp, sp, *pp in layouts:
+        pp = pp[0] if pp else 1
+        dp = world_size // (tp * pp)
+        with model_parallel(tp, pp, expert_parallel=ep, expert_tensor_parallel=etp):
             loaded = _load(path, tp, sp)
             actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
             share, adv = _dp_share(batch, advantages, parallel_state.get_data_parallel_rank(), dp)
@@ -97,7 +98,7 @@ def _train_worker(rank, world_size, path, layouts):
             for step in range(STEPS):
                 result = actor.train_step(share, loss_fn)
                 assert not result.skipped and result.num_micro_batches > 1
-                where = f"tp={tp} ep={ep} dp={dp} step {step}"
+                where = f"tp={tp} pp={pp} ep={ep} dp={dp} step {step}"
                 failures.append(accuracy_failure(f"{where} grad_norm", result.grad_norm,
                                                  baseline[1][step], norms[step]))
                 failures.append(accuracy_failure(f"{where} loss", result.loss,
@@ -105,7 +106,7 @@ def _train_worker(rank, world_size, path, layouts):
             got = dict(pair for bucket in hf_weight_buckets(loaded.model, loaded.spec,
                                                             loaded.backend) for pair in bucket)
             assert set(got) == set(expected_weights)
-            failures.extend(accuracy_failure(f"tp={tp} ep={ep} dp={dp} {name}", tensor,
+            failures.extend(accuracy_failure(f"tp={tp} pp={pp} ep={ep} dp={dp} {name}", tensor,
                                              baseline_weights[name], expected_weights[name])
                             for name, tensor in got.items())
     failures = [f for f in failures if f]
@@ -114,7 +115,8 @@ def _train_worker(rank, world_size, path, layouts):
 
 
 def test_moe_steps_equal_single_process_transformers(tmp_path):
-    run_distributed(_train_worker, 2, write_checkpoint(tmp_path / "moe", "qwen3_moe"), LAYOUTS)
+    run_distributed(_train_worker, 2, write_checkpoint(tmp_path / "moe", "qwen3_moe"),
+                    (*LAYOUTS, (1, 1, 1, False, 2)))  # the last at pipeline parallel 2
 
 
 def test_moe_steps_with_expert_data_parallel_equal_transformers(tmp_path):

@@ -43,15 +43,17 @@ def test_moe_logits_match_transformers(tmp_path):
 
 def _export_worker(rank: int, world_size: int, checkpoint, root) -> None:
     original = SafetensorsCheckpoint(checkpoint)
-    for tp, ep, etp in LAYOUTS:
-        with model_parallel(tp, expert_parallel=ep, expert_tensor_parallel=etp):
+    # (tensor, expert, expert-tensor, pipeline): at PP 2 each stage broadcasts its layer's experts
+    for tp, ep, etp, pp in (*((*layout, 1) for layout in LAYOUTS), (1, 1, 1, 2)):
+        with model_parallel(tp, pp, expert_parallel=ep, expert_tensor_parallel=etp):
             loaded = load_hf_model(checkpoint, params_dtype=torch.float32)
             exported = {name: tensor for bucket in hf_weight_buckets(
                 loaded.model, loaded.spec, loaded.backend, bucket_bytes=50_000)
                 for name, tensor in bucket}
-        assert set(exported) == original.names(), f"tp={tp} ep={ep} etp={etp}: names differ"
+        where = f"tp={tp} ep={ep} etp={etp} pp={pp}"
+        assert set(exported) == original.names(), f"{where}: names differ"
         differ = [n for n, t in exported.items() if not torch.equal(t, original.get(n))]
-        assert not differ, f"tp={tp} ep={ep} etp={etp}: {differ} differ"
+        assert not differ, f"{where}: {differ} differ"
     hf_to_megatron(checkpoint, root / "mg_ep2", tensor_parallel=1, expert_parallel=2)
     megatron_to_hf(root / "mg_ep2", root / "hf_tp2_etp2", tensor_parallel=2)
     megatron_to_hf(root / "mg_ep2", root / "hf_tp2_ep2", tensor_parallel=2, expert_parallel=2,
