@@ -5,10 +5,11 @@ transformers in float32 is (tests/numerics.py)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_archer.models import hf_weight_buckets, load_hf_model
-from megatron_archer.models.convert import hf_to_megatron, megatron_to_hf
+from megatron_archer.models.convert import hf_to_megatron, main, megatron_to_hf
 from megatron_archer.models.hf_import import SafetensorsCheckpoint
 from tests.distributed import run_distributed
 from tests.models.checkpoints import hf_logits, write_checkpoint
@@ -70,3 +71,18 @@ def test_moe_export_and_conversion_round_trip_are_bit_exact(tmp_path):
     for out in ("hf_tp2_etp2", "hf_tp2_ep2"):
         for name in ("model.safetensors", "config.json"):
             assert (tmp_path / out / name).read_bytes() == (checkpoint / name).read_bytes(), out
+
+
+def test_convert_cli_takes_expert_sizes_and_checks_them(tmp_path, capsys):
+    """``--ep`` / ``--etp`` reach the layout check: on one process EP 2 does not fit, and EP 3
+    does not divide the 4 experts; each is one line naming the sizes."""
+    checkpoint = write_checkpoint(tmp_path / "moe", "qwen3_moe")
+    for args, message in (
+            (["--ep", "2"], "world size 1 is not a multiple of expert-tensor x expert x pipeline "
+                            "parallel 1 x 2 x 1"),
+            (["--ep", "3"], "num_experts=4 is not divisible by expert-parallel size 3")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["hf-to-megatron", "--hf", str(checkpoint), "--out", str(tmp_path / "out"),
+                  *args])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
