@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_archer.actor import Actor, unwrap_chunk
 from megatron_archer.models.dist_checkpoint import (
@@ -254,17 +255,40 @@ def _agree(fn, group, failure: type[Exception] = CheckpointNotUsable):
 def _saving(out: Path, tmp: Path, write) -> None:
     """``write()``, a failure as CheckpointNotSaved saying whether the disk is full; checked
     while the partial save still occupies ``tmp`` (torch.save reports a full disk only as
-    "unexpected pos")."""
+    "unexpected pos"). A failed distributed-checkpoint write (the weights) is raised by torch
+    as a CheckpointException, a BaseException, on every rank: it is caught here too."""
     try:
         write()
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, CheckpointException) as error:
         free = shutil.disk_usage(tmp).free
-        full = getattr(error, "errno", None) == errno.ENOSPC or free < _LOW_SPACE
+        full = _no_space(error) or free < _LOW_SPACE
         cause = (f"No space left on device ({free} bytes free there)" if full
-                 else f"{type(error).__name__}: {error}")
+                 else _describe(error))
         raise CheckpointNotSaved(
             f"checkpoint {out} not saved: {cause}; nothing of it was kept and the earlier "
             "checkpoints are intact") from error
+
+
+def _describe(error: BaseException) -> str:
+    """One line: a distributed checkpoint's failure by rank (only its coordinator has them)."""
+    if not isinstance(error, CheckpointException):
+        return f"{type(error).__name__}: {error}"
+    failed = [f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in error.failures.items()]
+    return "; ".join(failed) or "the weights' write failed on another rank"
+
+
+def _no_space(error: BaseException | None) -> bool:
+    """ENOSPC in ``error``, its causes, or a distributed checkpoint's per-rank failures (whose
+    causes are lost on their way to the coordinator: megatron keeps the text, "[Errno 28] ...")."""
+    while error is not None:
+        if (getattr(error, "errno", None) == errno.ENOSPC
+                or f"[Errno {errno.ENOSPC}]" in str(error)):
+            return True
+        if isinstance(error, CheckpointException) and any(
+                _no_space(failure) for failure, _ in error.failures.values()):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _readable(file: Path, load):

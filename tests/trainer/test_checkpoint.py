@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from torch.distributed.checkpoint.utils import _wrap_exception
 
 from megatron_archer.actor import Actor, ActorConfig
 from megatron_archer.data.sampler import PromptSampler
@@ -165,6 +167,16 @@ def _disk_full(actor, directory):
     raise OSError(errno.ENOSPC, "No space left on device", str(directory))
 
 
+def _disk_full_results(writer):
+    """What megatron's writer reports for a worker that hit a full disk: the error, wrapped
+    (filesystem_async.FileSystemWriterAsync.retrieve_write_results)."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        raise RuntimeError(f"Worker failure: {full}") from full
+    except RuntimeError as error:
+        return _wrap_exception(error)
+
+
 def _damage_worker(rank, hf, run_dir, actor, save):
     """DP 2, checkpoints 2 and 3 saved: a full disk on one rank and damaged files on one rank
     end in the same error on every rank (none waits forever), naming the file."""
@@ -177,6 +189,19 @@ def _damage_worker(rank, hf, run_dir, actor, save):
             save_checkpoint(run_dir, 4, actor, **save)
     finally:
         checkpoint._save_optimizer = writer
+    dist.barrier()
+    assert _listing(run_dir) == ["step_00000002", "step_00000003"]
+    # a full disk while the weights are written: the distributed checkpoint's own failure
+    # (raised on every rank, ENOSPC inside) is named the same way
+    results = FileSystemWriterAsync.retrieve_write_results
+    if rank == 1:
+        FileSystemWriterAsync.retrieve_write_results = _disk_full_results
+    try:
+        with pytest.raises(checkpoint.CheckpointNotSaved,
+                           match=r"step_00000004 not saved: No space left on device.*intact"):
+            save_checkpoint(run_dir, 4, actor, **save)
+    finally:
+        FileSystemWriterAsync.retrieve_write_results = results
     dist.barrier()
     assert _listing(run_dir) == ["step_00000002", "step_00000003"]
 
