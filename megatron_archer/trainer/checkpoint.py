@@ -164,13 +164,16 @@ def load_checkpoint(path: str | Path, actor: Actor, group=None) -> ResumeState:
     Each rank first checks the manifest, the layout, the trainer state and the files it will
     read (sizes against the distributed checkpoints' indexes), and the ranks agree over
     ``group`` (None: the default group) before the collective loads; a rank-local file that
-    still fails to load is agreed on again after. Either way every rank raises
+    still fails to load is agreed on again after (a failed collective read of the weights
+    fails on every rank by itself). Either way every rank raises
     CheckpointNotUsable naming the file, so the caller can fall back to an older checkpoint
     (``load_checkpoint`` again restores everything it touched).
     """
     path = Path(path)
     trainer_state = _agree(lambda: _verify(path, actor), group)
-    load_model_weights(unwrap_chunk(actor.chunks[0]), path / MODEL_DIR)
+    weights = path / MODEL_DIR
+    _readable(weights / WEIGHTS_DIR, lambda: load_model_weights(unwrap_chunk(actor.chunks[0]),
+                                                                 weights))  # every rank raises
 
     def load_rank_local():
         optimizer = path / OPTIMIZER_DIR
@@ -292,10 +295,12 @@ def _no_space(error: BaseException | None) -> bool:
 
 
 def _readable(file: Path, load):
-    """``load()``, its failure (a truncated or foreign file) as CheckpointNotUsable naming ``file``."""
+    """``load()``, its failure (a truncated or foreign file) as CheckpointNotUsable naming ``file``;
+    a distributed checkpoint's failed read is torch's CheckpointException, raised on every rank."""
     try:
         return load()
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as error:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+            CheckpointException) as error:
         raise CheckpointNotUsable(f"{file}: unreadable ({type(error).__name__}: "
                                   f"{str(error).splitlines()[0] if str(error) else ''})") from None
 

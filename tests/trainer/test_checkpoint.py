@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.utils import _wrap_exception
 
 from megatron_archer.actor import Actor, ActorConfig
@@ -177,6 +178,10 @@ def _disk_full_results(writer):
         return _wrap_exception(error)
 
 
+def _read_error(reader, plan, planner):
+    raise OSError(errno.EIO, "Input/output error")
+
+
 def _damage_worker(rank, hf, run_dir, actor, save):
     """DP 2, checkpoints 2 and 3 saved: a full disk on one rank and damaged files on one rank
     end in the same error on every rank (none waits forever), naming the file."""
@@ -218,6 +223,16 @@ def _damage_worker(rank, hf, run_dir, actor, save):
     dist.barrier()
     with pytest.raises(CheckpointNotUsable, match=r"\.distcp: truncated, 64 bytes where"):
         load_checkpoint(step3, _actor(hf))
+    # a weights file that passes the size check but cannot be read on one rank: torch's
+    # collective load fails on every rank (a CheckpointException), which is a fallback too
+    reader = FileSystemReader.read_data
+    if rank == 1:
+        FileSystemReader.read_data = _read_error
+    try:
+        with pytest.raises(CheckpointNotUsable, match=r"step_00000002/model/weights: unreadable"):
+            load_checkpoint(step_dir(run_dir, 2), _actor(hf))
+    finally:
+        FileSystemReader.read_data = reader
     assert load_checkpoint(step_dir(run_dir, 2), _actor(hf)).step == 2
 
 
