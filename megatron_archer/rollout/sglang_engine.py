@@ -311,7 +311,9 @@ class SGLangEngine(RolloutEngine):
         self._update_epoch = 0  # updates begun; a request aborted by one is sent again
         self._no_update = threading.Event()
         self._no_update.set()
-        self._visible_keys: Sequence[str] | None = None  # the servers' GPU numbering, by UUID
+        # the servers' GPU numbering, by UUID (None: no CUDA here), listed at the first use
+        self._visible_keys: Sequence[str] | None = None
+        self._keys_listed = False
         self._pick_lock = threading.Lock()
         self._closed = False
         self._metrics: Counter[str] = Counter()
@@ -723,9 +725,10 @@ class SGLangEngine(RolloutEngine):
         """The UUIDs of ``server``'s GPUs: its ``gpu_ids`` count in the numbering of the servers'
         environment (``child_environment()``), which may differ from any trainer rank's (per-task
         GPU binding gives every rank device 0)."""
-        if self._visible_keys is None:
-            self._visible_keys = visible_device_keys(child_environment()) or ()
-        if not self._visible_keys:  # no CUDA: the stand-in keys name the indices
+        if not self._keys_listed:
+            self._visible_keys = visible_device_keys(child_environment())
+            self._keys_listed = True
+        if self._visible_keys is None:  # no CUDA here: the stand-in keys name the indices
             return [device_key(g) for g in server.gpu_ids]
         outside = [g for g in server.gpu_ids if g >= len(self._visible_keys)]
         if outside:

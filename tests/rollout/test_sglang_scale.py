@@ -420,3 +420,14 @@ def test_cuda_tensors_are_pickled_naming_their_gpu_by_uuid(monkeypatch):
 
     [(name, tensor)] = _deserialize(weight_buckets.serialize_named_tensors([("w", torch.ones(2))]))
     assert calls == [torch.Size([2])] and name == "w" and torch.equal(tensor, torch.ones(2))
+
+
+def test_servers_that_see_no_gpu_are_named_not_given_the_trainers_numbering(monkeypatch):
+    """With CUDA here but no GPU visible to the servers' environment, the update is refused
+    naming the server, instead of falling back to this process's device numbering."""
+    monkeypatch.setattr(sglang_engine, "visible_device_keys", lambda env: [])
+    with FakeServer(ok_script) as server:
+        engine = SGLangEngine([server.url], policies=fast_policies())
+        with pytest.raises(ServerError, match=rf"{server.url}: its GPU\(s\) \[0\] are not among "
+                                              r"the 0 GPUs its environment makes visible"):
+            engine.update_weights([DeviceHandles({"GPU-a": "on-a"})], version=1)
