@@ -29,13 +29,19 @@ CPU_ARGS = (
     "--mem-fraction-static", "0.05", "--skip-server-warmup", "--dtype", "float32",
     "--skip-tokenizer-init",
 )  # fmt: skip
-# SGLANG_CPU_NO_AMX: tools/sglang_server_env.sh (SGLang's AMX kernels have no float32).
-# SGLANG_CPU_OMP_THREADS_BIND: the cores of server i ("GPU" i), one each; SGLang's default binds
-# server i to NUMA node i, and a 2-core machine has one node.
-_CORES = sorted(os.sched_getaffinity(0))
+# SGLANG_CPU_NO_AMX: tools/sglang_server_env.sh (SGLang's AMX kernels have no float32)
 SERVER_ENVIRONMENT = {"SGLANG_USE_CPU_ENGINE": "1", "SGLANG_CPU_NO_AMX": "1",
-                      "SGLANG_CPU_OMP_THREADS_BIND": f"{_CORES[0]}|{_CORES[-1]}",
                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+
+
+def thread_binding(version: str) -> dict[str, str]:
+    """SGLANG_CPU_OMP_THREADS_BIND for 2 servers of one tensor-parallel rank each. Later 0.5.x
+    bind server i ("GPU" i) to NUMA node i by default, and a 2-core machine has one node: one
+    core each. 0.5.5 binds by tensor-parallel rank and wants one entry per rank: its default."""
+    if version == "0.5.5":
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    return {"SGLANG_CPU_OMP_THREADS_BIND": f"{cores[0]}|{cores[-1]}"}
 VOCAB = 256
 
 
@@ -169,8 +175,9 @@ def servers(request) -> Servers:
     version = request.param
     python = server_python(version)
     models = request.getfixturevalue("models")
-    saved = {k: os.environ.get(k) for k in SERVER_ENVIRONMENT}
-    os.environ.update(SERVER_ENVIRONMENT)  # read by every (re)start: child_environment()
+    environment = {**SERVER_ENVIRONMENT, **thread_binding(version)}
+    saved = {k: os.environ.get(k) for k in environment}
+    os.environ.update(environment)  # read by every (re)start: child_environment()
     strategy = torch.multiprocessing.get_sharing_strategy()
     # CPU tensors reach the server through shared memory; with the default file-descriptor
     # strategy its scheduler dies ("AuthenticationError: digest sent was rejected")
