@@ -315,6 +315,7 @@ class SGLangEngine(RolloutEngine):
         self._visible_keys: Sequence[str] | None = None
         self._keys_listed = False
         self._pick_lock = threading.Lock()
+        self._rotation = 0
         self._closed = False
         self._metrics: Counter[str] = Counter()
 
@@ -500,13 +501,16 @@ class SGLangEngine(RolloutEngine):
 
     def _acquire(self, avoid: _Server | None) -> _Server:
         """The router, or the server with the fewest requests in flight (not ``avoid`` when
-        another exists); its in-flight count is taken."""
+        another exists; among equals, each in turn: requests that finish before the next is sent
+        would otherwise all go to the first server); its in-flight count is taken."""
         with self._pick_lock:
             if self.router is not None:
                 server = self.router
             else:
                 choices = [s for s in self.servers if s is not avoid] or self.servers
-                server = min(choices, key=lambda s: s.inflight)
+                start = self._rotation % len(choices)  # ties: round robin, not always the first
+                self._rotation += 1
+                server = min(choices[start:] + choices[:start], key=lambda s: s.inflight)
             server.inflight += 1
             return server
 

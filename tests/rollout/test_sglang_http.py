@@ -266,3 +266,12 @@ def test_a_request_that_never_gets_an_answer_fails_after_its_attempts():
             engine.generate([[1]], PARAMS)
     assert server.paths().count("/generate") == 3
     assert engine.take_metrics() == {"rollout/requests_retried": 2.0}
+
+
+def test_servers_take_turns_when_each_request_finishes_before_the_next():
+    """One request at a time (max_inflight 1): every pick sees both servers idle, and the ties
+    go round, so both servers serve (the first server took all three before)."""
+    with FakeServer(ok_script) as a, FakeServer(ok_script) as b:
+        engine = SGLangEngine([a.url, b.url], policies=FAST, max_inflight=1)
+        engine.generate(PROMPTS, PARAMS)
+    assert (len(a.paths()), len(b.paths())) == (2, 1)
