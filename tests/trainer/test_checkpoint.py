@@ -185,30 +185,22 @@ def _read_error(reader, plan, planner):
 def _damage_worker(rank, hf, run_dir, actor, save):
     """DP 2, checkpoints 2 and 3 saved: a full disk on one rank and damaged files on one rank
     end in the same error on every rank (none waits forever), naming the file."""
-    writer = checkpoint._save_optimizer
-    if rank == 1:
-        checkpoint._save_optimizer = _disk_full
-    try:
-        with pytest.raises(checkpoint.CheckpointNotSaved,
-                           match=r"step_00000004 not saved: No space left on device.*intact"):
-            save_checkpoint(run_dir, 4, actor, **save)
-    finally:
-        checkpoint._save_optimizer = writer
-    dist.barrier()
-    assert _listing(run_dir) == ["step_00000002", "step_00000003"]
-    # a full disk while the weights are written: the distributed checkpoint's own failure
-    # (raised on every rank, ENOSPC inside) is named the same way
-    results = FileSystemWriterAsync.retrieve_write_results
-    if rank == 1:
-        FileSystemWriterAsync.retrieve_write_results = _disk_full_results
-    try:
-        with pytest.raises(checkpoint.CheckpointNotSaved,
-                           match=r"step_00000004 not saved: No space left on device.*intact"):
-            save_checkpoint(run_dir, 4, actor, **save)
-    finally:
-        FileSystemWriterAsync.retrieve_write_results = results
-    dist.barrier()
-    assert _listing(run_dir) == ["step_00000002", "step_00000003"]
+    # a full disk on rank 1 while its optimizer state is written; then while the weights are
+    # written (the distributed checkpoint's own failure, raised on every rank, ENOSPC inside)
+    for owner, name, failing in ((checkpoint, "_save_optimizer", _disk_full),
+                                 (FileSystemWriterAsync, "retrieve_write_results",
+                                  _disk_full_results)):
+        real = getattr(owner, name)
+        if rank == 1:
+            setattr(owner, name, failing)
+        try:
+            with pytest.raises(checkpoint.CheckpointNotSaved,
+                               match=r"step_00000004 not saved: No space left on device.*intact"):
+                save_checkpoint(run_dir, 4, actor, **save)
+        finally:
+            setattr(owner, name, real)
+        dist.barrier()
+        assert _listing(run_dir) == ["step_00000002", "step_00000003"]
 
     step3 = step_dir(run_dir, 3)
     if rank == 1:  # this rank's RNG file, cut short
