@@ -12,13 +12,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_archer.actor.context_parallel import split_for_context_parallel
-from megatron_archer.actor.packing import pack
 from megatron_archer.algorithms import ClipCovConfig, KLCovConfig, SelectionConfig, preset
-from megatron_archer.trainer.step import _loss_fn, _step_context
 from tests.distributed import run_distributed
 from tests.models.parallel import model_parallel
-from tests.trainer.test_cp_loss_fn import _mini_batch
+from tests.trainer.test_cp_loss_fn import _mini_batch, step_shares, summed_share_failures
 
 SELECTIONS = {  # budgets large enough that the toy step's draw and ranking decide something
     "clip_cov": SelectionConfig("clip_cov", clip_cov=ClipCovConfig(ratio=0.05, lb=0.1, ub=3.0)),
@@ -26,48 +23,26 @@ SELECTIONS = {  # budgets large enough that the toy step's draw and ranking deci
 }
 
 
-def _step(mb, algorithm, plans, cp_size, cp_rank, group, salts):
-    """This rank's summed loss shares, d/d(logp [B, R]) and the high-class token count."""
-    micro = [pack(mb.batch, p) for p in plans]
-    if cp_size > 1:
-        micro = [split_for_context_parallel(m, cp_size, cp_rank) for m in micro]
-    logp = (mb.old_logp + 0.05 * torch.sin(torch.arange(mb.old_logp.numel()).view(
-        mb.old_logp.shape).double())).requires_grad_()  # the current policy, near the old one
-    ctx = _step_context(micro, mb, algorithm, group, salts)
-    loss_fn = _loss_fn(mb, algorithm, ctx, None, salts)
-    total, high = 0.0, 0.0
-    for m in micro:
-        loss, sums = loss_fn(m, torch.where(m.response_mask, m.gather(logp), 0.0),
-                             m.gather(mb.old_entropy))
-        total = total + loss
-        high += float(sums["high/tokens"])
-    total.backward()
-    return total.detach(), logp.grad, high
-
-
 def _worker(rank, world_size):
     mb, plans = _mini_batch(), [[0, 3, 5], [1, 2, 4], [6]]
+    logp = mb.old_logp + 0.05 * torch.sin(torch.arange(mb.old_logp.numel()).view(
+        mb.old_logp.shape).double())  # the current policy, near the old one
     failures = []
     for name, selection in SELECTIONS.items():
         algorithm = replace(preset("dapo"), selection=selection)
         with model_parallel(1):
-            want = _step(mb, algorithm, plans, 1, 0, None, (5, 1, 0, 0))
-            other = _step(mb, algorithm, plans, 1, 0, None, (5, 1, 0, 1))
+            want = step_shares(mb, algorithm, plans, 1, 0, None, logp, (5, 1, 0, 0))
+            other = step_shares(mb, algorithm, plans, 1, 0, None, logp, (5, 1, 0, 1))
         tokens = int(mb.batch.response_layout_mask().sum())
         if not 0 < want[2] < tokens:
             failures.append(f"{name}: {want[2]} of {tokens} tokens selected, the case is not reached")
         if name == "clip_cov" and torch.equal(want[1], other[1]):
             failures.append("clip_cov: another update's salts drew the same tokens")
         with model_parallel(1, context_parallel=world_size):
-            got = _step(mb, algorithm, plans, world_size, rank,
-                        parallel_state.get_data_parallel_group(with_context_parallel=True),
-                        (5, 1, 0, 0))
-        for label, part, expected in (("loss", got[0], want[0]), ("grad", got[1], want[1])):
-            summed = part.clone()
-            dist.all_reduce(summed)  # the step is the sum of every CP rank's shares
-            diff = (summed - expected).abs().max().item()
-            if diff > 1e-6 * (1 + expected.abs().max().item()):
-                failures.append(f"{name}: {label} off by {diff:.3g}")
+            got = step_shares(mb, algorithm, plans, world_size, rank,
+                              parallel_state.get_data_parallel_group(with_context_parallel=True),
+                              logp, (5, 1, 0, 0))
+        failures += summed_share_failures(name, got, want)
         high = torch.tensor([got[2]], dtype=torch.float64)
         dist.all_reduce(high)
         if high.item() != want[2]:

@@ -51,37 +51,51 @@ def _mini_batch() -> MiniBatch:
                      ref_logp=old + 0.1 * torch.randn(mask.shape, generator=g, dtype=torch.float64))
 
 
-def _step_loss(mb, algorithm, plans, cp_size, cp_rank, dp_group):
-    """This rank's summed loss shares over the micro-batches ``plans``, and d/d(logp [B, R])."""
+def step_shares(mb, algorithm, plans, cp_size, cp_rank, group, logp, salts=()):
+    """This rank's summed loss shares over the micro-batches ``plans`` at the current policy
+    ``logp`` [B, R], d/d(logp), and the high-class token count."""
     micro = [pack(mb.batch, p) for p in plans]
     if cp_size > 1:
         micro = [split_for_context_parallel(m, cp_size, cp_rank) for m in micro]
-    logp = (mb.old_logp + 0.05).requires_grad_()  # the current policy, near the old one
-    ctx = _step_context(micro, mb, algorithm, dp_group)
-    loss_fn = _loss_fn(mb, algorithm, ctx, None)
-    total = sum(loss_fn(m, torch.where(m.response_mask, m.gather(logp), 0.0),
-                        m.gather(mb.old_entropy))[0] for m in micro)
+    logp = logp.clone().requires_grad_()
+    ctx = _step_context(micro, mb, algorithm, group, salts)
+    loss_fn = _loss_fn(mb, algorithm, ctx, None, salts)
+    total, high = 0.0, 0.0
+    for m in micro:
+        loss, sums = loss_fn(m, torch.where(m.response_mask, m.gather(logp), 0.0),
+                             m.gather(mb.old_entropy))
+        total = total + loss
+        high += float(sums["high/tokens"])
     total.backward()
-    return total.detach(), logp.grad
+    return total.detach(), logp.grad, high
+
+
+def summed_share_failures(name: str, got, want) -> list[str]:
+    """Where this rank's loss and gradient shares, summed over the ranks, miss the one-rank step."""
+    failures = []
+    for label, part, expected in (("loss", got[0], want[0]), ("grad", got[1], want[1])):
+        summed = part.clone()
+        dist.all_reduce(summed)  # the step is the sum of every CP rank's shares
+        diff = (summed - expected).abs().max().item()
+        if diff > 1e-6 * (1 + expected.abs().max().item()):
+            failures.append(f"{name}: {label} off by {diff:.3g}")
+    return failures
 
 
 def _worker(rank, world_size):
     mb, plans = _mini_batch(), [[0, 3, 5], [1, 2, 4], [6]]
     assert pack(mb.batch, plans[-1]).response_mask.shape == (1, 0)
+    logp = mb.old_logp + 0.05  # the current policy, near the old one
     failures = []
     for name, correction in CORRECTIONS.items():
         algorithm = replace(preset("archer"), rollout_correction=correction)
         with model_parallel(1):  # CP 1: the whole step on this rank alone
-            want = _step_loss(mb, algorithm, plans, 1, 0, None)
+            want = step_shares(mb, algorithm, plans, 1, 0, None, logp)
         with model_parallel(1, context_parallel=world_size):
-            got = _step_loss(mb, algorithm, plans, world_size, rank,
-                             parallel_state.get_data_parallel_group(with_context_parallel=True))
-        for label, part, expected in (("loss", got[0], want[0]), ("grad", got[1], want[1])):
-            summed = part.clone()
-            dist.all_reduce(summed)  # the step is the sum of every CP rank's shares
-            diff = (summed - expected).abs().max().item()
-            if diff > 1e-6 * (1 + expected.abs().max().item()):
-                failures.append(f"{name}: {label} off by {diff:.3g}")
+            got = step_shares(mb, algorithm, plans, world_size, rank,
+                              parallel_state.get_data_parallel_group(with_context_parallel=True),
+                              logp)
+        failures += summed_share_failures(name, got, want)
     assert not failures, "; ".join(failures)
 
 
