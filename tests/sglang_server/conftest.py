@@ -140,17 +140,9 @@ class Servers:
     and what other engines need to attach to them."""
 
     version: str
-    python: Path
     engine: object
     urls: list[str]
     weights: dict = field(default_factory=dict)  # "current": the reference the servers hold
-
-    def at_least(self, version: str) -> bool:
-        return _release(self.version) >= _release(version)
-
-
-def _release(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:3])
 
 
 def server_python(version: str) -> Path:
@@ -190,7 +182,7 @@ def servers(request) -> Servers:
         policies=fast_policies(timeout_s=120.0), max_inflight=4,
         weights_source=lambda: weights["current"].buckets())  # fmt: skip
     try:
-        yield Servers(version, python, engine, list(engine.server_urls), weights)
+        yield Servers(version, engine, list(engine.server_urls), weights)
     finally:
         engine.shutdown()
         torch.multiprocessing.set_sharing_strategy(strategy)
