@@ -221,6 +221,13 @@ def test_the_weight_group_rendezvous_runs_without_torchrun_variables(monkeypatch
     assert server.paths() == ["/init_weights_update_group"]
 
 
+def refuse_distributed_update(path, body):
+    """A server that refuses every distributed weight update (and answers the rest)."""
+    if path == "/update_weights_from_distributed":
+        return 400, {"success": False, "message": "shape mismatch"}
+    return ok_script(path, body)
+
+
 def _refused_distributed_update_worker(rank, world_size):
     from megatron_archer.trainer.rank_zero import (
         RankZeroError,
@@ -230,10 +237,8 @@ def _refused_distributed_update_worker(rank, world_size):
     )
 
     init_control_group(timeout_minutes=1.0)
-    refuse = lambda path, body: (400, {"success": False, "message": "shape mismatch"}) \
-        if path == "/update_weights_from_distributed" else ok_script(path, body)  # noqa: E731
     group = dist.new_group([0])  # this process's end of the weight group (a size-1 stand-in)
-    server = FakeServer(refuse).__enter__() if rank == 0 else None
+    server = FakeServer(refuse_distributed_update).__enter__() if rank == 0 else None
     url = [server.url if server else None]
     dist.broadcast_object_list(url, src=0)
     engine = SGLangEngine([url[0]], weight_sync="distributed", policies=fast_policies())
@@ -357,8 +362,6 @@ def test_no_broadcast_follows_a_refused_distributed_update(monkeypatch):
     """Issue 24.6: once a server has refused the update, the remaining tensors of the bucket are
     not broadcast (the refusing server joins none of them; each would wait for the group's
     timeout), and the server's error is what the caller gets."""
-    refuse = lambda path, body: (400, {"success": False, "message": "shape mismatch"}) \
-        if path == "/update_weights_from_distributed" else ok_script(path, body)  # noqa: E731
     sent = []
 
     def slow_broadcast(tensor, src, group):
@@ -367,7 +370,7 @@ def test_no_broadcast_follows_a_refused_distributed_update(monkeypatch):
 
     monkeypatch.setattr(sglang_engine.torch.distributed, "broadcast", slow_broadcast)
     bucket = [(f"w{i}", torch.ones(2)) for i in range(40)]
-    with FakeServer(refuse) as server:
+    with FakeServer(refuse_distributed_update) as server:
         engine = SGLangEngine([server.url], weight_sync="distributed", policies=fast_policies())
         engine._group = object()  # this process's end of the weight group (never used here)
         with pytest.raises(ServerError, match=r"HTTP 400.*shape mismatch"):
