@@ -61,6 +61,7 @@ released), ``weights`` and ``cache`` (KV cache and CUDA graphs) separately.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -311,9 +312,6 @@ class SGLangEngine(RolloutEngine):
         self._update_epoch = 0  # updates begun; a request aborted by one is sent again
         self._no_update = threading.Event()
         self._no_update.set()
-        # the servers' GPU numbering, by UUID (None: no CUDA here), listed at the first use
-        self._visible_keys: Sequence[str] | None = None
-        self._keys_listed = False
         self._pick_lock = threading.Lock()
         self._rotation = 0
         self._closed = False
@@ -725,13 +723,15 @@ class SGLangEngine(RolloutEngine):
                               f"(got GPUs {sorted(bucket.by_device)})")
         return [bucket.by_device[k] for k in keys]
 
+    @functools.cached_property
+    def _visible_keys(self) -> list[str] | None:
+        """The servers' GPU numbering, by UUID (None: no CUDA here), listed at the first use."""
+        return visible_device_keys(child_environment())
+
     def _device_keys(self, server: _Server) -> list[str]:
         """The UUIDs of ``server``'s GPUs: its ``gpu_ids`` count in the numbering of the servers'
         environment (``child_environment()``), which may differ from any trainer rank's (per-task
         GPU binding gives every rank device 0)."""
-        if not self._keys_listed:
-            self._visible_keys = visible_device_keys(child_environment())
-            self._keys_listed = True
         if self._visible_keys is None:  # no CUDA here: the stand-in keys name the indices
             return [device_key(g) for g in server.gpu_ids]
         outside = [g for g in server.gpu_ids if g >= len(self._visible_keys)]

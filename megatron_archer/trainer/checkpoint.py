@@ -161,9 +161,9 @@ def load_checkpoint(path: str | Path, actor: Actor, group=None) -> ResumeState:
     this rank's RNG states from the checkpoint at ``path``; return the trainer's state.
 
     The actor must be built as for the saved run (same model, config and parallel layout).
-    Each rank first checks the manifest, the layout, the trainer state and the files it will
-    read (sizes against the distributed checkpoints' indexes), and the ranks agree over
-    ``group`` (None: the default group) before the collective loads; a rank-local file that
+    Each rank first checks the manifest, the layout, the trainer state and its own files, and
+    the ranks agree over ``group`` (None: the default group) before the collective loads, which
+    check their files' sizes against their indexes first; a rank-local file that
     still fails to load is agreed on again after (a failed collective read of the weights
     fails on every rank by itself). Either way every rank raises
     CheckpointNotUsable naming the file, so the caller can fall back to an older checkpoint
@@ -209,12 +209,11 @@ def _verify(path: Path, actor: Actor) -> dict[str, Any]:
     for file in rank_files:
         if not file.is_file():
             raise CheckpointNotUsable(f"{file}: missing (this rank's state)")
-    try:
-        check_distcp_files(path / MODEL_DIR / WEIGHTS_DIR)
-        if actor.on_cuda:
+    if actor.on_cuda:  # the weights' files are checked by load_model_weights, on every rank
+        try:
             check_distcp_files(path / OPTIMIZER_DIR)
-    except CheckpointError as error:
-        raise CheckpointNotUsable(str(error)) from None
+        except CheckpointError as error:
+            raise CheckpointNotUsable(str(error)) from None
     file = path / TRAINER_STATE
     try:
         state = json.loads(file.read_text())
