@@ -166,7 +166,6 @@ def save_model_checkpoint(
             sharded_strategy=parallel_save_strategy(), async_sharded_save=async_save)
 
 
-@torch.no_grad()
 def check_distcp_files(directory: str | Path) -> None:
     """Raise CheckpointError naming the file if a ``torch_dist`` directory's index is unreadable
     or one of its data files is missing or shorter than the index says (a truncated copy, a full
@@ -193,6 +192,7 @@ def check_distcp_files(directory: str | Path) -> None:
                                   f"index needs {size}")
 
 
+@torch.no_grad()
 def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     """Every rank of the job: copy the checkpoint's weights into this rank's shard of ``model``."""
     weights = str(Path(directory) / WEIGHTS_DIR)
