@@ -54,6 +54,11 @@ OPTIMIZER_BYTES_BF16 = 12  # fp32 main parameter + Adam m + v, per element of th
 OPTIMIZER_BYTES_FP32 = 8   # Adam m + v: fp32 parameters are their own main copy
 
 
+def optimizer_bytes(param_bytes: int) -> int:
+    """Optimizer bytes an element of the shard for parameters of ``param_bytes`` bytes."""
+    return OPTIMIZER_BYTES_BF16 if param_bytes < 4 else OPTIMIZER_BYTES_FP32
+
+
 @dataclass(frozen=True)
 class Arch:
     """A dense decoder as megatron builds it (the fields of ``models.spec.ModelSpec``)."""
@@ -180,13 +185,13 @@ def estimate(arch: Arch, layout: Layout) -> dict[str, float]:
     if layout.sp and layout.tp == 1:
         raise ValueError("sequence parallelism needs tp > 1")
     params = stage_params(arch, layout, fuller_stage(arch, layout))
-    optimizer = OPTIMIZER_BYTES_BF16 if layout.param_bytes < 4 else OPTIMIZER_BYTES_FP32
     logits, working = logit_bytes(layout.tokens / layout.cp, arch.padded_vocab(layout.tp) // layout.tp,
                                   layout.chunk, layout.fused_logprobs)
     terms = {
         "weights": float(layout.param_bytes * params),
         "grads": 4.0 * params,
-        "optimizer": float(optimizer * largest_shard(params, layout.dp * layout.cp)),
+        "optimizer": float(optimizer_bytes(layout.param_bytes)
+                           * largest_shard(params, layout.dp * layout.cp)),
         "reference": float(layout.param_bytes * params) if layout.reference else 0.0,
         "activations": activation_bytes(arch, layout, arch.layers // layout.pp, layout.pp),
         "logits": logits,

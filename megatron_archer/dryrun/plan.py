@@ -100,10 +100,11 @@ def sync_tensors(spec: ModelSpec, dtype: torch.dtype) -> list[tuple[str, torch.T
             for name, shape in zip(mapping.hf_names, mapping.hf_shapes)]
 
 
-def sync_bucket_bytes(spec: ModelSpec, dtype: torch.dtype, bucket_bytes: int) -> list[int]:
-    """Bytes of each bucket ``models.hf_weight_buckets`` yields (``buckets.bounded_buckets``)."""
+def sync_bucket_bytes(tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[int]:
+    """Bytes of each bucket ``models.hf_weight_buckets`` yields (``buckets.bounded_buckets``) of
+    ``sync_tensors``."""
     return [sum(t.numel() * t.element_size() for _, t in bucket)
-            for bucket in bounded_buckets(sync_tensors(spec, dtype), bucket_bytes)]
+            for bucket in bounded_buckets(tensors, bucket_bytes)]
 
 
 def fp8_bytes(name: str, tensor: torch.Tensor) -> int:
@@ -126,7 +127,7 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
     bucket_bytes = sg.bucket_bytes if sg is not None else default
     dtype = config.actor.torch_params_dtype
     tensors = sync_tensors(spec, dtype)
-    buckets = sync_bucket_bytes(spec, dtype, bucket_bytes)
+    buckets = sync_bucket_bytes(tensors, bucket_bytes)
     fp8 = sg is not None and sg.weight_dtype == "fp8"
     sent = sum(fp8_bytes(n, t) if fp8 else t.numel() * t.element_size() for n, t in tensors)
     tp, pp = config.parallel.tensor, config.parallel.pipeline
@@ -157,17 +158,15 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
             "per_rank": per_rank}
 
 
-def _rank_memory(config: ExperimentConfig, spec: ModelSpec, build: RankBuild) -> dict[str, float]:
+def _rank_memory(config: ExperimentConfig, arch: memory.Arch, build: RankBuild) -> dict[str, float]:
     """The memory terms (``memory`` module docstring) of one built rank, in bytes."""
     parallel, actor = config.parallel, config.actor
     pp, cp = parallel.pipeline, parallel.context
-    arch = memory.Arch.from_spec(spec)
     layout = memory.Layout(tp=parallel.tensor, pp=pp, cp=cp, sp=parallel.sequence_parallel,
                            tokens=actor.max_tokens_per_micro_batch,
                            recompute=config.model.recompute == "full",
                            chunk=actor.logprob_chunk_size)
     dtype = config.actor.torch_params_dtype
-    per_element = memory.OPTIMIZER_BYTES_BF16 if dtype.itemsize < 4 else memory.OPTIMIZER_BYTES_FP32
     logits = working = 0.0
     if build.vocab_rows:
         logits, working = memory.logit_bytes(actor.max_tokens_per_micro_batch / cp,
@@ -176,7 +175,8 @@ def _rank_memory(config: ExperimentConfig, spec: ModelSpec, build: RankBuild) ->
     terms = {
         "weights": float(sum(b.param_bytes for b in build.buffers)),
         "grads": float(sum(b.grad_bytes for b in build.buffers)),
-        "optimizer": float(per_element * sum(b.shard for b in build.buffers)),
+        "optimizer": float(memory.optimizer_bytes(dtype.itemsize)
+                           * sum(b.shard for b in build.buffers)),
         # colocated runs offload the reference between uses (trainer.step)
         "reference": 0.0 if config.rollout.colocated
         else float(build.reference_parameters * dtype.itemsize),
@@ -239,7 +239,7 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
     sync = weight_sync_plan(config, spec, builds)
     ranks = []
     for build in builds:
-        terms = _rank_memory(config, spec, build)
+        terms = _rank_memory(config, arch, build)
         collectives = _collectives(config, spec, build, sync, share, dp)
         ranks.append({
             "rank": build.rank, "pipeline": build.pipeline, "tensor": build.tensor,

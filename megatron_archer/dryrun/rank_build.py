@@ -93,13 +93,14 @@ def build_rank(inputs: BuildInputs, rank: int) -> RankBuild:
         portable = {k: v for k, v in inputs.overrides.items() if k not in _TE_ONLY}
         # parameters from torch.empty without a device, so on meta, on a CUDA machine too
         portable["use_cpu_initialization"] = True
+
+        def stage():
+            return build_gpt_model(inputs.spec, backend="local", params_dtype=inputs.params_dtype,
+                                   perform_initialization=False, config_overrides=portable)
+
         with torch.device("meta"):
-            model = build_gpt_model(inputs.spec, backend="local", params_dtype=inputs.params_dtype,
-                                    perform_initialization=False, config_overrides=portable)
-            reference = (build_gpt_model(inputs.spec, backend="local",
-                                         params_dtype=inputs.params_dtype,
-                                         perform_initialization=False, config_overrides=portable)
-                         if inputs.reference else None)
+            model = stage()
+            reference = stage() if inputs.reference else None
         parameters = {name: p.numel() for name, p in global_named_parameters(model).items()}
         output = getattr(model, "output_layer", None) if model.post_process else None
         build = RankBuild(

@@ -121,7 +121,7 @@ def test_weight_sync_buckets_are_hf_weight_buckets(tmp_path):
     run_distributed(_export_buckets, 1, spec, 40_000, str(tmp_path / "sizes.json"))
     expected = json.loads((tmp_path / "sizes.json").read_text())
     assert len(expected) > 3
-    assert plan.sync_bucket_bytes(spec, torch.bfloat16, 40_000) == expected
+    assert plan.sync_bucket_bytes(plan.sync_tensors(spec, torch.bfloat16), 40_000) == expected
 
 
 def test_parse_bytes():
