@@ -239,12 +239,7 @@ def _run_bwrap(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
         if status is not None:
             _stop_sandbox(proc)
         returncode, cpu = _reap(proc)
-        signum = returncode - 128 if 128 < returncode < 128 + signal.NSIG else None
-        if returncode < 0:  # bwrap itself was killed (no namespace init was found to stop)
-            signum = -returncode
-        oom = (group is not None and group.oom_killed()) or (
-            signum == signal.SIGKILL and _kernel_oom_kills() > oom_before
-        )
+        signum, oom = _sandboxed_death(returncode, group, oom_before)
         return _result(status, returncode, signum, cpu, oom, stdout, stderr, time.monotonic() - start, limits)
 
 
@@ -317,13 +312,24 @@ def _run_on_server(server: sandbox_pool.PoolServer, source: str, stdin: str, lim
             if not isinstance(error, (sandbox_pool.ServerGone, SandboxUnavailable)):
                 sandbox_pool.drop_thread_server(f"was stopped with its run ({type(error).__name__})")
             raise
-        signum = returncode - 128 if 128 < returncode < 128 + signal.NSIG else None
-        if returncode < 0:  # the run's holder itself was killed (the memory cgroup's OOM killer, say)
-            signum = -returncode
-        oom = (group is not None and group.oom_killed()) or (
-            signum == signal.SIGKILL and _kernel_oom_kills() > oom_before
-        )
+        signum, oom = _sandboxed_death(returncode, group, oom_before)
         return _result(status, returncode, signum, cpu, oom, stdout, stderr, time.monotonic() - start, limits)
+
+
+def _sandboxed_death(returncode: int, group: cgroups.RunCgroup | None,
+                     oom_before: int) -> tuple[int | None, bool]:
+    """(signal, OOM-killed) of a run in either bwrap sandbox: the namespace's init reports a
+    signal n as 128 + n; a negative status means the process holding the run (bwrap, or the
+    pool's run holder) was itself killed (no namespace init was found to stop; the memory
+    cgroup's OOM killer, say). OOM: the run's memory cgroup saw one, or a SIGKILL came while the
+    kernel's OOM-kill counter rose from ``oom_before``."""
+    signum = returncode - 128 if 128 < returncode < 128 + signal.NSIG else None
+    if returncode < 0:
+        signum = -returncode
+    oom = (group is not None and group.oom_killed()) or (
+        signum == signal.SIGKILL and _kernel_oom_kills() > oom_before
+    )
+    return signum, oom
 
 
 def _run_in_process(source: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
