@@ -54,10 +54,6 @@ class RoutingCapture:
             for router in routers:
                 router.register_forward_hook(self._hook)
 
-    @property
-    def has_experts(self) -> bool:
-        return any(self.routers)
-
     def reset(self) -> None:
         self.routing = [[] for _ in self.chunks]
 
