@@ -14,7 +14,14 @@ from megatron_archer.actor import Actor, ActorConfig
 from megatron_archer.actor.routing import replay_fields
 from megatron_archer.models import hf_weight_buckets, load_hf_model
 from tests.actor.common import hf_logprobs, make_batch
-from tests.actor.test_train_step import CONFIG, STEPS, _advantages, _dp_share, _loss_fn, _reference
+from tests.actor.test_train_step import (
+    CONFIG,
+    _advantages,
+    _dp_share,
+    _loss_fn,
+    _reference,
+    _step_failures,
+)
 from tests.distributed import run_distributed
 from tests.models.checkpoints import write_checkpoint
 from tests.models.parallel import model_parallel
@@ -95,14 +102,8 @@ def _train_worker(rank, world_size, path, layouts):
             actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
             share, adv = _dp_share(batch, advantages, parallel_state.get_data_parallel_rank(), dp)
             loss_fn = _loss_fn(sum(batch.response_counts), adv)
-            for step in range(STEPS):
-                result = actor.train_step(share, loss_fn)
-                assert not result.skipped and result.num_micro_batches > 1
-                where = f"tp={tp} pp={pp} ep={ep} dp={dp} step {step}"
-                failures.append(accuracy_failure(f"{where} grad_norm", result.grad_norm,
-                                                 baseline[1][step], norms[step]))
-                failures.append(accuracy_failure(f"{where} loss", result.loss,
-                                                 baseline[2][step], losses[step]))
+            failures += _step_failures(actor, share, loss_fn, f"tp={tp} pp={pp} ep={ep} dp={dp}",
+                                       baseline, norms, losses)
             got = dict(pair for bucket in hf_weight_buckets(loaded.model, loaded.spec,
                                                             loaded.backend) for pair in bucket)
             assert set(got) == set(expected_weights)

@@ -84,6 +84,22 @@ def _dp_share(batch: SequenceBatch, advantages, rank: int, dp: int):
     return share, advantages[keep]
 
 
+def _step_failures(actor: Actor, share: SequenceBatch, loss_fn, where: str, baseline, norms,
+                   losses) -> list:
+    """STEPS micro-batched steps of ``actor``: each step's gradient norm and loss against the
+    float64 reference's, with ``baseline`` (float32 ``_reference``) setting the accuracy."""
+    failures = []
+    for step in range(STEPS):
+        result = actor.train_step(share, loss_fn)
+        assert not result.skipped and result.num_micro_batches > 1
+        failures.append(accuracy_failure(f"{where} step {step} grad_norm", result.grad_norm,
+                                         baseline[1][step], norms[step]))
+        failures.append(accuracy_failure(f"{where} step {step} loss", result.loss,
+                                         baseline[2][step], losses[step]))
+        assert result.lr == actor.config.lr_at(step)
+    return failures
+
+
 def _train_worker(rank, world_size, path):
     batch = make_batch(9, seed=5)
     config = ActorConfig(**CONFIG)
@@ -98,15 +114,8 @@ def _train_worker(rank, world_size, path):
             actor = Actor(loaded.model, loaded.spec, config, loaded.backend)
             share, adv = _dp_share(batch, advantages, rank // (tp * pp) if dp > 1 else 0, dp)
             loss_fn = _loss_fn(sum(batch.response_counts), adv)
-            for step in range(STEPS):
-                result = actor.train_step(share, loss_fn)
-                assert not result.skipped and result.num_micro_batches > 1
-                where = f"tp={tp} pp={pp} dp={dp} step {step}"
-                failures.append(accuracy_failure(f"{where} grad_norm", result.grad_norm,
-                                                 baseline[1][step], norms[step]))
-                failures.append(accuracy_failure(f"{where} loss", result.loss,
-                                                 baseline[2][step], losses[step]))
-                assert result.lr == config.lr_at(step)
+            failures += _step_failures(actor, share, loss_fn, f"tp={tp} pp={pp} dp={dp}",
+                                       baseline, norms, losses)
             got = dict(pair for bucket in hf_weight_buckets(loaded.model, loaded.spec,
                                                             loaded.backend) for pair in bucket)
             failures.extend(accuracy_failure(f"tp={tp} pp={pp} dp={dp} {name}", tensor,
