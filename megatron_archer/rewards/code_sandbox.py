@@ -441,7 +441,7 @@ def _stop_sandbox(proc: subprocess.Popen) -> None:
 
 def _kill_namespace_inits(root: int) -> bool:
     """SIGKILL every pid-namespace init below process `root`; whether there was one."""
-    inits = [pid for pid in _descendants(root) if _is_namespace_init(pid)]
+    inits = _namespace_inits(root)
     for pid in inits:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -463,6 +463,11 @@ def _descendants(pid: int) -> list[int]:
                 found += children
                 todo += children
     return found
+
+
+def _namespace_inits(root: int) -> list[int]:
+    """The pid-namespace inits (a sandbox's pid 1) below process `root`."""
+    return [pid for pid in _descendants(root) if _is_namespace_init(pid)]
 
 
 def _is_namespace_init(pid: int) -> bool:

@@ -265,7 +265,7 @@ def _wait_until_gone(pid: int) -> None:
 
 def _namespace_inits(root: int | None = None) -> list[int]:
     """The sandboxes' pid 1 below `root` (this process)."""
-    return [p for p in code_sandbox._descendants(root or os.getpid()) if code_sandbox._is_namespace_init(p)]
+    return code_sandbox._namespace_inits(root or os.getpid())
 
 
 def _running(pid: int) -> bool:
