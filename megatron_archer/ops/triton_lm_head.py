@@ -14,6 +14,13 @@ logit is very negative.
   G = dL/dz in fp32 with the formula of ``softmax_stats.logits_grad_``; the caller does the
   matmuls into d_hidden and d_weight.
 
+Tile shapes are autotuned (``CONFIGS``), keyed on the hidden size, the vocabulary extent, the
+dtypes and the token count rounded up to a power of two (so variable packed lengths re-tune a
+handful of times, not once per length); the choice can differ between runs, and with it the
+rounding of the fp32 accumulation (never the formula). Under ``TRITON_INTERPRET=1`` there is no
+GPU to time: the first config alone runs. The host never waits for the device inside these
+functions: grids, splits and keys come from shapes, labels are located elementwise.
+
 This module imports triton; ``fused_lm_head`` imports it only when the Triton path is used.
 fp32 inputs use IEEE fp32 dots (no TF32), so results match the torch path to fp32 rounding;
 bf16/fp16 inputs are loaded as they are (tensor-core dots, fp32 accumulation), in forward and in
@@ -22,6 +29,8 @@ backward. Every pointer offset is computed in int64.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,10 +38,35 @@ import triton.language as tl
 from megatron_archer.ops import softmax_stats
 from megatron_archer.ops.vocab_shard import VocabShard
 
-# Tile shapes (tl.dot needs each >= 16); module-level so that tests can shrink them.
-BLOCK_N = 64
-BLOCK_V = 64
-BLOCK_K = 32
+
+def _tiles(block_n, block_v, block_k, num_warps, num_stages=3):
+    """One autotuning config: the three block sizes and the launch shape."""
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+# The tile shapes the autotuner times (tl.dot needs each >= 16): the former fixed 64x64x32, and
+# wider tiles that re-read each hidden-state tile for fewer vocabulary tiles. A shape that does
+# not fit a GPU's shared memory (Triton's OutOfResources) is timed as infinite, never chosen.
+CONFIGS = [
+    _tiles(64, 64, 32, num_warps=4),
+    _tiles(64, 128, 32, num_warps=4),
+    _tiles(128, 64, 32, num_warps=4),
+    _tiles(128, 128, 32, num_warps=8),
+    _tiles(128, 128, 64, num_warps=8),
+]
+
+
+def _autotune(key):
+    """``triton.autotune`` over ``CONFIGS`` by ``key``; under the interpreter the first config only
+    (a single config is never benchmarked, and there is no GPU to time the others on)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return triton.autotune(configs=CONFIGS[:1] if interpreting else CONFIGS, key=key)
+
+
+def _n_bucket(n: int) -> int:
+    """The autotuning key for a token count: the next power of two."""
+    return triton.next_power_of_2(n)
 
 
 @triton.jit
@@ -54,12 +88,14 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, k, stride_hn, stride_
     return acc
 
 
+@_autotune(key=["n_bucket", "k", "valid", "split"])
 @triton.jit
-def _stats_kernel(h_ptr, w_ptr, label_ptr, out_ptr, n, k, valid, split, temperature,
+def _stats_kernel(h_ptr, w_ptr, label_ptr, out_ptr, n, k, valid, split, temperature, n_bucket,
                   stride_hn, stride_hk, stride_wv, stride_wk,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """Partial (m, s, b, z_y) of a token block over a vocabulary split, into out[4, n, splits]."""
+    """Partial (m, s, b, z_y) of a token block over a vocabulary split, into out[4, n, splits]
+    (every entry written, so the autotuner may run it once per config)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -105,13 +141,15 @@ def _stats_kernel(h_ptr, w_ptr, label_ptr, out_ptr, n, k, valid, split, temperat
     tl.store(out_ptr + 3 * plane + at, z_y, mask=row_ok)
 
 
+@_autotune(key=["n_bucket", "k", "vc", "HAS_ENTROPY_GRAD"])
 @triton.jit
 def _grad_kernel(h_ptr, w_ptr, label_ptr, m_ptr, log_s_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr,
-                 g_ptr, n, k, vc, temperature, log_underflow,
+                 g_ptr, n, k, vc, temperature, log_underflow, n_bucket,
                  stride_hn, stride_hk, stride_wv, stride_wk,
                  HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """G[n, vc] = dL/dz of one recomputed tile (softmax_stats.logits_grad_, docs/numerics.md §1)."""
+    """G[n, vc] = dL/dz of one recomputed tile (softmax_stats.logits_grad_, docs/numerics.md §1),
+    every entry written."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n
@@ -142,15 +180,21 @@ def _precision(dtype: torch.dtype):
 def local_stats(hidden, weight, labels, shard: VocabShard, temperature: float, split: int):
     """This rank's (m, s, b, z_y) per token: the forward of ``fused_lm_head`` on the GPU."""
     n, k = hidden.shape
-    split = triton.cdiv(split, BLOCK_V) * BLOCK_V
+    # Splits are whole tiles of every config's BLOCK_V (powers of two), so their count, and with
+    # it the output's shape, does not depend on the config the autotuner picks.
+    block_v = max(config.kwargs["BLOCK_V"] for config in _stats_kernel.configs)
+    split = triton.cdiv(split, block_v) * block_v
     n_splits = max(triton.cdiv(shard.valid, split), 1)
     out = torch.empty((4, n, n_splits), dtype=torch.float32, device=hidden.device)
     label = shard.local_columns(labels).to(torch.int32)  # -1: another rank's
-    grid = (triton.cdiv(n, BLOCK_N), n_splits)
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), n_splits
+
     _stats_kernel[grid](
-        hidden, weight, label, out, n, k, shard.valid, split, temperature,
+        hidden, weight, label, out, n, k, shard.valid, split, temperature, _n_bucket(n),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, PRECISION=_precision(hidden.dtype),
+        PRECISION=_precision(hidden.dtype),
     )
     m, s, b = softmax_stats.reduce_over_dim(out[0], out[1], out[2], 1, temperature)
     return m, s, b, out[3].sum(dim=1)
@@ -163,14 +207,16 @@ def logits_grad(h, weight, c0, c1, label_cols, m, log_s, entropy, grad_logp, gra
     n, k = h.shape
     w = weight[c0:c1]
     g = torch.empty((n, c1 - c0), dtype=torch.float32, device=h.device)
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(c1 - c0, BLOCK_V))
     has_entropy_grad = grad_entropy is not None
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c1 - c0, meta["BLOCK_V"])
+
     _grad_kernel[grid](
         h, w, label_cols.to(torch.int32), m, log_s, entropy, grad_logp,
         grad_entropy if has_entropy_grad else grad_logp, g, n, k, c1 - c0, temperature,
-        softmax_stats.log_underflow(torch.float32),
+        softmax_stats.log_underflow(torch.float32), _n_bucket(n),
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-        HAS_ENTROPY_GRAD=has_entropy_grad, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
-        PRECISION=_precision(h.dtype),
+        HAS_ENTROPY_GRAD=has_entropy_grad, PRECISION=_precision(h.dtype),
     )
     return g

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,9 @@ class _CountingKernel:
     def __init__(self, kernel):
         self.kernel, self.launches, self.operand_dtypes = kernel, 0, set()
 
+    def __getattr__(self, name):  # the autotuner's configs
+        return getattr(self.kernel, name)
+
     def __getitem__(self, grid):
         self.launches += 1
         launch = self.kernel[grid]
@@ -275,20 +279,35 @@ class _CountingKernel:
         return run
 
 
+def _time_once(kernel_call, quantiles):
+    """The autotuner's benchmark on CPU: one timed run."""
+    start = time.perf_counter()
+    kernel_call()
+    return [time.perf_counter() - start] * len(quantiles)
+
+
 def _triton_worker(rank, world_size):
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    import triton
+
     from megatron_archer.ops import triton_lm_head
 
-    triton_lm_head.BLOCK_N = triton_lm_head.BLOCK_V = triton_lm_head.BLOCK_K = 16
-    kernels = {
-        name: _CountingKernel(getattr(triton_lm_head, name))
-        for name in ("_stats_kernel", "_grad_kernel")
-    }
+    names = ("_stats_kernel", "_grad_kernel")
+    tuners = {name: getattr(triton_lm_head, name) for name in names}
+    # The interpreter gets the first config alone: nothing to time without a GPU.
+    assert all(tuner.configs == triton_lm_head.CONFIGS[:1] for tuner in tuners.values())
+    # Blocks of 16 (several tiles per program and per split) in two shapes, timed on CPU, so the
+    # autotuner benchmarks both and runs the one it picks, once per key.
+    small = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_K": 16}),
+             triton.Config({"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_K": 32})]
+    for tuner in tuners.values():
+        tuner.configs, tuner.do_bench = small, _time_once
+    kernels = {name: _CountingKernel(tuner) for name, tuner in tuners.items()}
     for name, kernel in kernels.items():
         setattr(triton_lm_head, name, kernel)
     shape = dict(local_vocab=37, lead=(3, 7), hidden_size=40)
-    for tp in (1, 2):
-        group, _ = dist.new_subgroups(group_size=tp)
+    groups = {tp: dist.new_subgroups(group_size=tp)[0] for tp in (1, 2)}
+    for tp, group in groups.items():
         for seed, case in enumerate(TRITON_CASES):
             try:
                 fused = _check(group, case, seed, implementation="triton", **shape)
@@ -303,6 +322,18 @@ def _triton_worker(rank, world_size):
     # upcast to fp32 (which selects IEEE fp32 dots)
     for kernel in kernels.values():
         assert kernel.operand_dtypes == {torch.float32, torch.float16}, kernel.operand_dtypes
+    # tuned per key (fp32 and fp16 at least), each time picking one of the configs
+    for tuner in tuners.values():
+        assert len(tuner.cache) > 1 and set(tuner.cache.values()) <= set(small), tuner.cache
+    # Every production tile shape, each alone (a single config runs untimed), at TP 1.
+    for config in triton_lm_head.CONFIGS:
+        for tuner in tuners.values():
+            tuner.configs = [config]
+        for seed, case in enumerate(TRITON_CASES):
+            try:
+                _check(groups[1], case, seed, implementation="triton", **shape)
+            except AssertionError as error:
+                raise AssertionError(f"config={config} case={case}") from error
 
 
 def _triton_interpreter_main():
