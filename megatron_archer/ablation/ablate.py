@@ -53,7 +53,7 @@ def ablate(config: AblationConfig, report_only: bool = False) -> dict:
     report = {}
     if summaries:
         report = write_report(layout.report, summaries, config.eval.k, config.entropy.rho,
-                              config.seeds, missing)
+                              config.seeds, missing, config.claims)
     if report:
         print(markdown_table(report["table"], config.eval.k, config.entropy.rho), flush=True)
     print(f"[ablate] {len(ran)} runs done now, {len(reused)} found finished, {len(missing)} "

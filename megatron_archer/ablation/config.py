@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from megatron_archer.ablation.claims import HIGHER, LOWER
 from megatron_archer.config_fields import (
+    choice,
     from_dict,
     instance,
     integer,
@@ -157,10 +159,32 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A paper's claim for the report's verdicts (``claims``): ``variant`` reaches a ``higher``
+    (or ``lower``) held-out avg@k than ``reference`` (another variant, or ``warm_start``);
+    ``source`` says who claims it."""
+
+    variant: str
+    reference: str
+    direction: str = HIGHER
+    source: str = ""
+
+    def __post_init__(self):
+        for name in ("variant", "reference"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a variant name; got {getattr(self, name)!r}")
+        if self.reference == self.variant:
+            raise ValueError(f"reference must differ from variant; both are {self.variant!r}")
+        choice("direction", self.direction, (HIGHER, LOWER))
+        instance("source", self.source, str)
+
+
+@dataclass(frozen=True)
 class AblationConfig:
     """The whole ablation; see the module docstring. ``out``: the output directory (every run,
     the report); ``nproc``: processes per RL run (torchrun); ``overrides``: applied to every
-    run's experiment; ``threads``: torch threads of the orchestrating process (0: every core)."""
+    run's experiment; ``threads``: torch threads of the orchestrating process (0: every core);
+    ``claims``: the comparisons the report gives a verdict on (``claims.claim_verdicts``)."""
 
     experiment: str
     variants: tuple[Variant, ...]
@@ -174,6 +198,7 @@ class AblationConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    claims: tuple[Claim, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.experiment, str) or not self.experiment:
@@ -204,6 +229,17 @@ class AblationConfig:
                           ("warm_start", WarmStartConfig), ("eval", EvalConfig),
                           ("entropy", EntropyConfig)):
             instance(name, getattr(self, name), cls)
+        if not isinstance(self.claims, (list, tuple)):
+            raise ValueError(f"claims must be a list; got {self.claims!r}")
+        claims = tuple(c if isinstance(c, Claim) else from_dict(Claim, c, f"claims[{i}].")
+                       for i, c in enumerate(self.claims))
+        for i, claim in enumerate(claims):
+            for side in ("variant", "reference"):
+                name = getattr(claim, side)
+                if name not in names and not (side == "reference" and name == WARM_START):
+                    raise ValueError(f"claims[{i}].{side} {name!r} is not a variant "
+                                     f"({', '.join(names)})")
+        object.__setattr__(self, "claims", claims)
 
 
 def select_variants(config: AblationConfig, names: list[str]) -> AblationConfig:
@@ -215,7 +251,10 @@ def select_variants(config: AblationConfig, names: list[str]) -> AblationConfig:
     if unknown or not names:
         raise ValueError(f"--variants: {', '.join(unknown) or 'none given'} not in the config's "
                          f"variants ({', '.join(known)})")
-    return replace(config, variants=tuple(v for v in config.variants if v.name in names))
+    kept = {*names, WARM_START}
+    return replace(config, variants=tuple(v for v in config.variants if v.name in names),
+                   claims=tuple(c for c in config.claims
+                                if c.variant in kept and c.reference in kept))
 
 
 def load_ablation_config(path: str | os.PathLike, overrides=()) -> AblationConfig:

@@ -1,7 +1,9 @@
 """The ablation's report from the per-run summaries: mean +- standard deviation over seeds per
 variant (``table.md`` / ``table.csv``, and ``README.md`` with "mean +- std" cells), accuracy and
 entropy curves per variant shaded by the seed spread (``curves.png``), the final metrics with
-error bars (``final.png``) and everything machine-readable in ``summary.json``.
+error bars (``final.png``), the per-claim paired differences, intervals and verdicts of held-out
+avg@k (``claims.md`` / ``claims.csv``, and a section of ``README.md``: ``claims.claim_verdicts``)
+and everything machine-readable in ``summary.json``.
 
 The standard deviation is the sample one (n - 1 in the denominator) over the seeds that finished;
 with one seed it is null. Curves: at each step, the mean over the seeds that logged a finite
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_archer.ablation.config import WARM_START
+from megatron_archer.ablation.claims import claim_verdicts
+from megatron_archer.ablation.config import WARM_START, Claim
 from megatron_archer.analysis.report import _pyplot, write_json, write_table
 
 CURVE_PANELS = (("accuracy", "rollout accuracy (training prompts)"),
@@ -140,16 +143,47 @@ def markdown_table(table: Mapping[str, Mapping], k: int, rho: float) -> str:
     return "\n".join(lines)
 
 
+def _points(value: float | None, signed: bool = True) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def claims_markdown(rows: Sequence[Mapping], k: int) -> str:
+    """The claims' table: differences of held-out avg@k in percentage points."""
+    headers = ["claim (variant > or < reference)", "source", "seeds",
+               "per-seed difference (points)", "mean (points)", "95% interval (points)",
+               "SD of the differences", "detectable at 80% power (points)", "verdict"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        interval = "-" if row["low"] is None else \
+            f"{_points(row['low'])} to {_points(row['high'])}"
+        per_seed = ", ".join(f"{seed}: {_points(d)}" for seed, d in row["differences"].items())
+        lines.append("| " + " | ".join([
+            row["claim"], row["source"] or "-", str(row["n"]), per_seed or "-",
+            _points(row["mean"]), interval, _points(row["sd"], signed=False),
+            _points(row["mde"], signed=False), row["verdict"]]) + " |")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: int, rho: float,
-                 seeds: Sequence[int], missing: Sequence[str]) -> dict:
+                 seeds: Sequence[int], missing: Sequence[str],
+                 claims: Sequence[Claim] = ()) -> dict:
     """Every report file under ``out``; returns what ``summary.json`` holds. ``summaries``:
-    variant -> seed -> run summary, in table order (the warm start first)."""
+    variant -> seed -> run summary, in table order (the warm start first); ``claims``: the
+    comparisons to give a verdict on (none: no claims section)."""
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(summaries, k)
     names = metric_names(k)
     write_table([{"variant": v, "seeds": row[names[0]]["n"],
                   **{f"{n}_{part}": row[n][part] for n in names for part in ("mean", "std")}}
                  for v, row in table.items()], out / "table")
+    verdicts = claim_verdicts(claims, {v: row[names[0]]["values"] for v, row in table.items()})
+    files = ["README.md", "table.md", "table.csv", "curves.png", "final.png"]
+    if verdicts:
+        write_table([{**{key: row[key] for key in ("claim", "source", "verdict", "n", "mean",
+                                                   "low", "high", "sd", "mde")},
+                      "differences": " ".join(f"{s}:{d!r}" for s, d in row["differences"].items())}
+                     for row in verdicts], out / "claims")
+        files += ["claims.md", "claims.csv"]
     bands = {v: curve_bands(by_seed) for v, by_seed in summaries.items() if v != WARM_START}
     plot_curves(bands, out / "curves.png")
     plot_final(table, k, out / "final.png")
@@ -157,14 +191,22 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: i
             f"avg@{k} and pass@{k} at T = 1 on held-out problems, mean ± sample std over the "
             f"seeds that finished (seeds {list(seeds)}).", "", markdown_table(table, k, rho), "",
             "![curves](curves.png)", "", "![final](final.png)", ""]
+    if verdicts:
+        text += ["## Claims", "",
+                 f"Held-out avg@{k}, variant minus reference, paired by seed (same warm-start "
+                 f"evaluation, same prompts), in percentage points: mean, 95% t-interval, and "
+                 f"the smallest difference this design detects with 80% power (two-sided alpha "
+                 f"0.05, from the SD of the differences). Reproduced: the interval excludes 0 on "
+                 f"the paper's side; contradicted: on the other side; else inconclusive.", "",
+                 claims_markdown(verdicts, k), ""]
     if missing:
         text += ["Not finished yet: " + ", ".join(missing), ""]
     (out / "README.md").write_text("\n".join(text), encoding="utf-8")
     times = [s["time"]["total"] for by_seed in summaries.values() for s in by_seed.values()]
     summary = {"k": k, "rho": rho, "seeds": list(seeds), "metrics": list(names), "table": table,
-               "curves": bands, "missing": list(missing),
+               "curves": bands, "claims": verdicts, "missing": list(missing),
                "time": {"runs": len(times), "wall_s": sum(t["wall_s"] for t in times),
                         "cpu_s": sum(t["cpu_s"] for t in times)},
-               "files": ["README.md", "table.md", "table.csv", "curves.png", "final.png"]}
+               "files": files}
     write_json(summary, out / "summary.json")
     return summary
