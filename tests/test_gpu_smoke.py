@@ -36,6 +36,28 @@ def test_dry_run_passes_without_a_gpu(tmp_path):
     assert "dry-run a: stage (a) inputs and the fused op's torch path on CPU" in names
     assert sum(name.startswith("actor: ") for name in names) == 4, names
     assert "dry-run b: actor worker exited cleanly" in names
+    # stage (d)'s worker ran up to building the TE model, which refused only for want of CUDA;
+    # stage (e) made its models, launch command and serialised update buckets
+    [te] = [check for check in report["checks"] if check["check"].startswith("te: ")]
+    assert "needs CUDA and transformer_engine" in te["details"]["stopped_at"], te
+    assert "dry-run d: te worker exited cleanly" in names
+    assert "dry-run e: stage (e) models, launch command and update buckets" in names
+
+
+def test_stages_without_their_package_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    """On the GPU machine, stage (d) without Transformer Engine and stage (e) without SGLang are
+    reported skipped (not failed), each naming what did not import."""
+    gpu_smoke = _module()
+    assert "no_such_module_xyz is not importable: ModuleNotFoundError" in \
+        gpu_smoke.import_problem("no_such_module_xyz")
+    assert gpu_smoke.import_problem("json") is None
+    monkeypatch.setattr(gpu_smoke, "import_problem", lambda module: f"{module}: missing")
+    checks = gpu_smoke.Checks("smoke")
+    gpu_smoke.stage_d(checks, tmp_path)
+    gpu_smoke.stage_e(checks, tmp_path)
+    assert [(c["check"], c["ok"], c["skipped"]) for c in checks.results] == [
+        ("smoke: TE layer spec with fp8", True, "transformer_engine.pytorch: missing"),
+        ("smoke: SGLang server with a tensor weight update", True, "sglang: missing")]
 
 
 def test_wheels_list_is_pinned_and_unique(tmp_path):
