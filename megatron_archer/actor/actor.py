@@ -62,7 +62,12 @@ from megatron_archer.actor.packing import (
     plan_micro_batches,
     scatter_to_batch,
 )
-from megatron_archer.actor.routing import RoutingCapture, aux_loss_metric, load_metrics
+from megatron_archer.actor.routing import (
+    RoutingCapture,
+    aux_loss_metric,
+    load_metrics,
+    rollout_replay,
+)
 from megatron_archer.algorithms.sharded_rows import check_together
 from megatron_archer.nonfinite import NonFiniteError, first_ranks
 from megatron_archer.ops import (
@@ -282,6 +287,22 @@ class ModelRunner:
             self.routing.end(chunk)
         return output, partial(loss_func_factory, mb)
 
+    def _rollout_routing(self, batch: SequenceBatch, micro_batches: list[MicroBatch]):
+        """The engine's routing of ``batch`` (``SequenceBatch.routing``) laid out as this rank's
+        recorded routing of ``micro_batches``, with the mask of the tokens it routed
+        (``routing.rollout_replay``); None for a dense model or a batch without it."""
+        if self.routing is None or batch.routing is None:
+            return None
+        model_config = unwrap_chunk(self.chunks[0]).config
+        sp = model_config.sequence_parallel and model_config.tensor_model_parallel_size > 1
+        return rollout_replay(
+            batch.routing, micro_batches, self.routing.layer_numbers, self.spec.num_layers,
+            self.spec.moe_top_k, parallel_state.get_tensor_model_parallel_world_size() if sp else 1,
+            parallel_state.get_tensor_model_parallel_rank() if sp else 0)
+
+    def _replays_rollout(self, rollout) -> bool:
+        return rollout is not None and self.config.routing_replay == "rollout"
+
     def _run_schedule(self, micro_batches: list[MicroBatch], loss_func_factory, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -310,12 +331,15 @@ class ModelRunner:
         """Log-prob and entropy of every response token of ``batch``, forward only, packed.
 
         Returns [B, R] tensors (response layout, see ``packing``) on every rank of the pipeline.
+        With ``routing_replay: rollout`` a batch carrying the engine's routing is routed by it.
         """
         for chunk in self.chunks:
             chunk.eval()
         micro_batches = self.micro_batches(batch)
         if self.routing is not None:
             self.routing.reset()
+            rollout = self._rollout_routing(batch, micro_batches)
+            self._replay = rollout[0] if self._replays_rollout(rollout) else None
 
         def loss_func(mb, output):
             try:
@@ -325,7 +349,10 @@ class ModelRunner:
                 entropy = logp.clone()
             return output.new_zeros(()), {"logp": logp, "entropy": entropy}
 
-        outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
+        try:
+            outputs = self._run_schedule(micro_batches, loss_func, forward_only=True)
+        finally:
+            self._replay = None
         mask = batch.response_layout_mask().to(self.device)
         width = mask.shape[1]
         if parallel_state.is_pipeline_last_stage():
@@ -463,13 +490,22 @@ class Actor(ModelRunner):
         Mixture of experts (``actor.routing``): ``routing`` is a forward's recorded routing of the
         same batch (``compute_logprobs_and_entropy(batch).routing``); the share of token-layer
         pairs routed otherwise is reported, and with ``replay_routing`` every token is dispatched
-        to the recorded experts (the share is then 0). ``moe_metrics`` also holds the expert
+        to the recorded experts (the share is then 0). A batch carrying the engine's routing
+        (``SequenceBatch.routing``) is compared with it instead, at the tokens the engine routed,
+        and replayed with ``routing_replay: rollout``. ``moe_metrics`` also holds the expert
         load per layer and the load-balancing loss.
         """
         if replay_routing and routing is None:
             raise ValueError("replay_routing=True needs the recorded routing")
         if micro_batches is None:
             micro_batches = self.micro_batches(batch)
+        known = None
+        rollout = self._rollout_routing(batch, micro_batches)
+        if rollout is not None:
+            if routing is not None:
+                raise ValueError("train_step: a recorded routing for a batch that carries the "
+                                 "engine's: compare with one")
+            (routing, known), replay_routing = rollout, self._replays_rollout(rollout)
         # DDP averages over data x context parallel ranks; megatron's schedule multiplies each
         # loss by the CP size itself (forward_step_calc_loss), so the scale is over DP only
         scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
@@ -499,7 +535,7 @@ class Actor(ModelRunner):
             outputs = self._run_schedule(micro_batches, loss_func, forward_only=False)
         finally:
             self._replay = None
-        moe_metrics = self._moe_metrics(len(micro_batches), routing)
+        moe_metrics = self._moe_metrics(len(micro_batches), routing, known)
         device = self.device or torch.device("cpu")
         local = torch.zeros((), dtype=torch.float64, device=device)
         if parallel_state.is_pipeline_last_stage():
@@ -529,7 +565,8 @@ class Actor(ModelRunner):
                           micro_batch_metrics=list(outputs) if outputs and not skipped else [],
                           nonfinite=nonfinite, moe_metrics=moe_metrics)
 
-    def _moe_metrics(self, num_micro_batches: int, routing: list | None) -> dict[str, float]:
+    def _moe_metrics(self, num_micro_batches: int, routing: list | None,
+                     known: list | None) -> dict[str, float]:
         """The step's routing metrics (every rank takes part: all-reduces)."""
         if self.routing is None:
             return {}
@@ -537,7 +574,7 @@ class Actor(ModelRunner):
         metrics = load_metrics(self.routing.expert_counts(spec.num_layers, spec.num_experts),
                                spec.moe_layers)
         if routing is not None:
-            differ, total = self.routing.mismatch(routing)
+            differ, total = self.routing.mismatch(routing, known)
             metrics["moe/routing_mismatch_share"] = differ / total if total else 0.0
         metrics.update(aux_loss_metric(num_micro_batches, len(spec.moe_layers)))
         return metrics

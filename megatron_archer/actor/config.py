@@ -16,7 +16,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("constant", "cosine")
 PARAMS_DTYPES = tuple(_DTYPES)
 LOGPROB_IMPLS = ("logits", "fused")
-ROUTING_REPLAY = ("none", "old")
+ROUTING_REPLAY = ("none", "rollout", "old")
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,12 @@ class ActorConfig:
     - ``logprob_impl``: ``logits`` (the model's vocab-sharded logits, then the vocab-parallel op)
       or ``fused`` (the last stage hands its final hidden states and the output weight to the
       fused LM-head op, which never materialises logits: docs/numerics.md §1, "the strongest form").
-    - ``routing_replay`` (mixture-of-experts models, ``actor.routing``): ``none``, or ``old``:
+    - ``routing_replay`` (mixture-of-experts models, ``actor.routing``): ``none``; ``old``:
       every update dispatches each token to the experts the old-policy forward of its
       mini-batch chose, so the updates' routing matches the policy the ratios are taken
-      against (docs/numerics.md §11). Replaying the rollout engine's routing is not built.
+      against (docs/numerics.md §11); ``rollout``: every forward of a batch that carries the
+      rollout engine's routing (``SequenceBatch.routing``: the old-policy, reference and update
+      forwards) dispatches each token to the experts the engine chose for it.
     """
 
     max_tokens_per_micro_batch: int = 4096

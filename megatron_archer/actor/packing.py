@@ -28,10 +28,16 @@ class SequenceBatch:
 
     ``response_mask[i][t]`` is True when token t of sequence i is a response token to be scored
     (its log-prob comes from position t - 1); token 0 cannot be scored.
+
+    ``routing`` (mixture of experts, optional): per sequence, the experts the rollout engine
+    routed its tokens to, [tokens, num_layers, top_k] integers for its first ``tokens`` tokens
+    (every token but the last, which the engine never runs: its own or its length; a dense
+    layer's rows are ignored). ``actor.routing`` replays them.
     """
 
     input_ids: Sequence[torch.Tensor]
     response_mask: Sequence[torch.Tensor]
+    routing: Sequence[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if len(self.input_ids) == 0:
@@ -50,6 +56,17 @@ class SequenceBatch:
                                  f"{tuple(ids.shape)}, got {mask.dtype} {tuple(mask.shape)}")
             if bool(mask[0]):
                 raise ValueError(f"response_mask[{i}][0] is True: the first token has no context")
+        if self.routing is not None:
+            if len(self.routing) != len(self.input_ids):
+                raise ValueError(f"SequenceBatch has {len(self.input_ids)} input_ids but "
+                                 f"{len(self.routing)} routing entries")
+            for i, (ids, experts) in enumerate(zip(self.input_ids, self.routing)):
+                if experts.dim() != 3 or experts.dtype.is_floating_point or \
+                        experts.shape[0] not in (ids.numel() - 1, ids.numel()):
+                    raise ValueError(
+                        f"routing[{i}] must be [tokens, layers, top_k] integers for "
+                        f"{ids.numel() - 1} or {ids.numel()} tokens, got {experts.dtype} "
+                        f"{tuple(experts.shape)}")
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -13,14 +13,27 @@ the same in two forwards exactly when its packing is: the actor packs a batch de
 replays in ``train_step(batch)`` at any layout (tensor, sequence, context and pipeline parallel:
 each rank keeps the routing of its own tokens and its own layers).
 
+The rollout engine's routing (``actor.routing_replay: rollout``) comes per sequence
+(``SequenceBatch.routing``: [tokens, num_layers, top_k]); ``rollout_replay`` lays it out as a
+recorded forward of this rank would have it: the micro-batch's packed row (its filler, under CP
+the rank's chunks of each padded sequence, under sequence parallelism the rank's 1/TP of the row),
+each chunk's own layers (pipeline stages). Tokens the engine did not route (each sequence's last,
+the filler, the CP padding) get experts 0..k-1: they are scored nowhere, and no scored token
+attends to them; the mismatch share leaves them out.
+
 The model must be built with ``moe_enable_routing_replay=True`` to replay (``replay_fields``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from megatron_archer.actor.context_parallel import ContextParallelMicroBatch, cp_rank_positions
+from megatron_archer.actor.packing import MicroBatch
 
 # one micro-batch's routing on this rank: per MoE layer of the chunk, [tokens, k] expert numbers
 MicroBatchRouting = list[torch.Tensor]
@@ -109,24 +122,80 @@ class RoutingCapture:
         dist.all_reduce(counts)
         return counts
 
-    def mismatch(self, reference: list[list[MicroBatchRouting]]) -> tuple[int, int]:
+    def mismatch(self, reference: list[list[MicroBatchRouting]],
+                 known: list[list[torch.Tensor]] | None = None) -> tuple[int, int]:
         """(token-layer pairs whose expert set differs from ``reference``, all pairs), summed
-        over this rank's micro-batches and every rank of the job (one all-reduce)."""
+        over this rank's micro-batches and every rank of the job (one all-reduce); with
+        ``known`` ([tokens] bool per chunk and micro-batch, ``rollout_replay``) only its
+        tokens count."""
         totals = torch.zeros(2, dtype=torch.int64)
-        for recorded, expected in zip(self.routing, reference):
+        for c, (recorded, expected) in enumerate(zip(self.routing, reference)):
             if len(recorded) != len(expected):
                 raise ValueError(f"routing: {len(recorded)} micro-batches ran, "
                                  f"{len(expected)} recorded")
-            for layers, expected_layers in zip(recorded, expected):
+            for m, (layers, expected_layers) in enumerate(zip(recorded, expected)):
                 for got, want in zip(layers, expected_layers):
                     if got.shape != want.shape:
                         raise ValueError(f"routing: a micro-batch's tokens differ from the "
                                          f"recorded ones ({tuple(got.shape)} vs "
                                          f"{tuple(want.shape)}): the batch was packed otherwise")
-                    totals[0] += int((got != want).any(dim=-1).sum())
-                    totals[1] += got.shape[0]
+                    differ = (got != want).any(dim=-1)
+                    if known is not None:
+                        differ = differ[known[c][m]]
+                    totals[0] += int(differ.sum())
+                    totals[1] += differ.numel()
         dist.all_reduce(totals)
         return int(totals[0]), int(totals[1])
+
+
+def _row_routing(routing: Sequence[torch.Tensor], mb: MicroBatch, num_layers: int,
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts of each token of ``mb``'s row on this rank ([n, num_layers, top_k] int16,
+    sorted, as ``RoutingCapture`` records them) and which tokens the engine routed ([n] bool),
+    from per-sequence ``routing`` (module docstring)."""
+    real = mb.cu_seqlens.cpu().long()
+    n = int(real[-1])
+    experts = torch.arange(top_k, dtype=torch.int16).expand(n, num_layers, top_k).clone()
+    known = torch.zeros(n, dtype=torch.bool)
+    for start, i in zip(real.tolist(), mb.indices):
+        rows = routing[i]
+        if tuple(rows.shape[1:]) != (num_layers, top_k):
+            raise ValueError(f"routing of sequence {i}: [tokens, layers, top_k] = "
+                             f"{list(rows.shape)}, the model has {num_layers} layers, top-{top_k}")
+        experts[start:start + rows.shape[0]] = rows.sort(dim=-1).values.to(torch.int16)
+        known[start:start + rows.shape[0]] = True
+    if not isinstance(mb, ContextParallelMicroBatch):
+        return experts, known
+    padded = mb.cu_seqlens_padded.cpu().long()
+    sequence = torch.repeat_interleave(torch.arange(real.numel() - 1), real[1:] - real[:-1])
+    to_padded = torch.arange(n) - real[sequence] + padded[sequence]
+    full = torch.arange(top_k, dtype=torch.int16).expand(
+        int(padded[-1]), num_layers, top_k).clone()
+    full_known = torch.zeros(int(padded[-1]), dtype=torch.bool)
+    full[to_padded], full_known[to_padded] = experts, known
+    positions = cp_rank_positions(padded, mb.cp_size, mb.cp_rank)
+    return full[positions], full_known[positions]
+
+
+def rollout_replay(routing: Sequence[torch.Tensor], micro_batches: Sequence[MicroBatch],
+                   layer_numbers: list[list[int]], num_layers: int, top_k: int,
+                   sp_size: int = 1, sp_rank: int = 0
+                   ) -> tuple[list[list[MicroBatchRouting]], list[list[torch.Tensor]]]:
+    """The engine's per-sequence ``routing`` as this rank's recorded routing of
+    ``micro_batches`` (``RoutingCapture.routing``'s layout: per chunk, per micro-batch, one
+    [tokens, k] tensor per MoE layer of the chunk, ``layer_numbers`` 1-based), and per chunk and
+    micro-batch the [tokens] mask of those the engine routed. ``sp_size`` > 1 (sequence
+    parallelism): the rank's router sees part ``sp_rank`` of ``sp_size`` equal parts of the
+    row."""
+    rows = []
+    for mb in micro_batches:
+        experts, known = _row_routing(routing, mb, num_layers, top_k)
+        part = experts.shape[0] // sp_size
+        rows.append((experts[sp_rank * part:(sp_rank + 1) * part],
+                     known[sp_rank * part:(sp_rank + 1) * part]))
+    replay = [[[experts[:, number - 1] for number in numbers] for experts, _ in rows]
+              for numbers in layer_numbers]
+    return replay, [[known for _, known in rows] for _ in layer_numbers]
 
 
 def load_metrics(counts: torch.Tensor, moe_layers) -> dict[str, float]:

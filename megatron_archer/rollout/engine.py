@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from megatron_archer.buckets import Bucket
 from megatron_archer.config_fields import integer, number
 
@@ -88,13 +90,17 @@ class Sample:
     """One response: its tokens, the engine's log-prob of each (see the module docstring), the
     temperature each was sampled at, and why it ended. ``weight_version``: the weights its
     generation started with (an update mid-request serves its later tokens newer ones); None
-    when the engine does not say (the rollout phase then tags it, ``rollout_phase``)."""
+    when the engine does not say (the rollout phase then tags it, ``rollout_phase``).
+    ``routing`` (a mixture-of-experts model, when asked for): the experts the engine's forward
+    routed each token of prompt + response to, [tokens, num_layers, top_k] integers (a dense
+    layer's rows are 0), for every token but the response's last, which no forward ran."""
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
     temperatures: list[float] = field(default_factory=list)
     weight_version: int | None = None
+    routing: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if len(self.logprobs) != len(self.token_ids):
@@ -108,6 +114,10 @@ class Sample:
             )
         if self.finish_reason not in ("stop", "length"):
             raise ValueError(f"finish_reason={self.finish_reason!r} must be 'stop' or 'length'")
+        if self.routing is not None and (self.routing.dim() != 3
+                                         or self.routing.dtype.is_floating_point):
+            raise ValueError(f"routing must be [tokens, layers, top_k] integers, got "
+                             f"{self.routing.dtype} {tuple(self.routing.shape)}")
 
 
 def check_prompts(prompts: Sequence[Sequence[int]]) -> None:

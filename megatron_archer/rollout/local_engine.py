@@ -5,7 +5,9 @@ most of a short rollout's work) runs once, and its KV cache and last logits are 
 ``n`` rows: the same arithmetic as prefilling every row, up to float rounding (the matmuls see
 fewer rows; log-probs within ~1e-6 on CPU, tokens equal in the tests). The weights come from
 a Hugging Face checkpoint at start and from the actor's exported buckets afterwards
-(``update_weights``).
+(``update_weights``). With ``record_routing`` (a mixture-of-experts model) every sample carries
+the experts each of its tokens was routed to in the engine's own forwards (``Sample.routing``):
+the prompt's in the prefill, each response token's in the decode step that ran it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,6 +89,41 @@ def _target(params: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
     return gate if kind == "gate" else up
 
 
+class _RoutingRecorder:
+    """Forward hooks on the routers of a transformers mixture-of-experts model (each MoE layer's
+    ``mlp.gate``, which returns (logits, weights, expert indices)): inside ``record`` the experts
+    of every token of one forward, [tokens, num_layers, top_k] int16, sorted (dense layers 0)."""
+
+    def __init__(self, model):
+        config = model.config
+        self.num_layers, self.top_k = config.num_hidden_layers, config.num_experts_per_tok
+        self._current: dict[int, torch.Tensor] | None = None
+        routers = [(i, layer.mlp.gate) for i, layer in enumerate(model.model.layers)
+                   if hasattr(layer.mlp, "experts")]
+        if not routers:
+            raise ValueError("LocalEngine record_routing=True: the model has no MoE layer")
+        for index, gate in routers:
+            gate.register_forward_hook(partial(self._hook, index))
+
+    def _hook(self, index, module, inputs, output) -> None:
+        if self._current is not None:
+            self._current[index] = output[2]
+
+    def record(self, forward):
+        """``forward()``'s result and the routing of its tokens (batch-major, as flattened)."""
+        self._current = {}
+        try:
+            out = forward()
+            layers = self._current
+        finally:
+            self._current = None
+        tokens = next(iter(layers.values())).shape[0]
+        experts = torch.zeros(tokens, self.num_layers, self.top_k, dtype=torch.int16)
+        for index, chosen in layers.items():
+            experts[:, index] = chosen.sort(dim=-1).values.cpu().to(torch.int16)
+        return out, experts
+
+
 class LocalEngine(RolloutEngine):
     """A transformers model on ``device`` in ``dtype`` (float32 for exact log-probs on CPU).
 
@@ -94,6 +133,7 @@ class LocalEngine(RolloutEngine):
     (a blocking gloo wait, no spinning), so their cores would otherwise idle. The thread count
     changes only the summation order inside matmuls: tokens and log-probs for a fixed seed are
     today's up to float rounding (tested: equal tokens, log-probs within 1e-5).
+    ``record_routing``: samples carry their routing (module docstring).
     """
 
     def __init__(
@@ -103,6 +143,7 @@ class LocalEngine(RolloutEngine):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         threads: int | None = None,
+        record_routing: bool = False,
     ):
         self.device = torch.device(device)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
@@ -114,6 +155,7 @@ class LocalEngine(RolloutEngine):
             checkpoint_dir, dtype=dtype
         ).to(self.device)
         self.model.eval()
+        self._recorder = _RoutingRecorder(self.model) if record_routing else None
         self._version: int | None = None
         self._released = False
 
@@ -176,10 +218,10 @@ class LocalEngine(RolloutEngine):
         else:
             generator.manual_seed(params.seed)
 
-        cache, logits, mask = self._prefill(prompts, params.n)
+        cache, logits, mask, routing = self._prefill(prompts, params.n)
         stop = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
         done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-        out_tokens, out_logp, out_temp, out_stopped = [], [], [], []
+        out_tokens, out_logp, out_temp, out_stopped, out_routing = [], [], [], [], []
         for step in range(params.max_new_tokens):
             tokens, logp, temps = _sample_rows(logits[:, :vocab], params, generator)
             stopped = torch.isin(tokens, stop) & ~done
@@ -189,30 +231,48 @@ class LocalEngine(RolloutEngine):
             if done.all() or step == params.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
-            out = self.model(
-                input_ids=tokens[:, None], attention_mask=mask,
+            out, experts = self._forward(partial(
+                self.model, input_ids=tokens[:, None], attention_mask=mask,
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, -1:],
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
-            )  # fmt: skip
+            ))  # fmt: skip
+            out_routing.append(experts)
             cache, logits = out.past_key_values, out.logits[:, -1]
-        return self._samples(rows, params.n, out_tokens, out_logp, out_temp, out_stopped)
+        samples = self._samples(rows, params.n, out_tokens, out_logp, out_temp, out_stopped)
+        if routing is None:
+            return samples
+        return [[replace(s, routing=torch.cat([routing[i * params.n + j]] + [
+            step[i * params.n + j][None] for step in out_routing[:len(s.token_ids) - 1]]))
+                 for j, s in enumerate(group)] for i, group in enumerate(samples)]
+
+    def _forward(self, forward):
+        """``forward()``'s result, and with ``record_routing`` its tokens' routing (else None)."""
+        if self._recorder is None:
+            return forward(), None
+        return self._recorder.record(forward)
 
     def _prefill(self, prompts: Sequence[Sequence[int]], n: int):
         """The prompts' forward, once per prompt, left-padded (every row's next token is at the
         end): the KV cache, the last position's logits and the attention mask, each repeated for
-        the prompt's ``n`` rows (prompt-major, as the samples are returned)."""
+        the prompt's ``n`` rows (prompt-major, as the samples are returned), and with
+        ``record_routing`` each row's prompt routing [prompt tokens, layers, k] (else None)."""
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(list(prompt))
             mask[i, width - len(prompt):] = 1
-        out = self.model(input_ids=ids, attention_mask=mask,
-                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-                         logits_to_keep=1)
+        out, experts = self._forward(partial(
+            self.model, input_ids=ids, attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1))
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
-        return cache, out.logits[:, -1].repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        routing = None
+        if experts is not None:
+            experts = experts.view(len(prompts), width, *experts.shape[1:])
+            routing = [experts[i, width - len(p):] for i, p in enumerate(prompts) for _ in range(n)]
+        return (cache, out.logits[:, -1].repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
+                routing)
 
     @staticmethod
     def _samples(rows, n, tokens, logps, temps, stops) -> list[list[Sample]]:

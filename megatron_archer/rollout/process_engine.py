@@ -35,14 +35,17 @@ START_TIMEOUT_S = 600.0
 
 
 class ProcessEngine(RolloutEngine):
-    """``LocalEngine(checkpoint_dir, device=, dtype=, threads=)`` in a spawned process."""
+    """``LocalEngine(checkpoint_dir, device=, dtype=, threads=, record_routing=)`` in a spawned
+    process."""
 
     def __init__(self, checkpoint_dir: str | Path, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, threads: int | None = None):
+                 dtype: torch.dtype = torch.float32, threads: int | None = None,
+                 record_routing: bool = False):
         context = mp.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve, daemon=True, name="local-engine",
-                                        args=(child, str(checkpoint_dir), device, dtype, threads))
+                                        args=(child, str(checkpoint_dir), device, dtype, threads,
+                                              record_routing))
         self._process.start()
         child.close()
         self._lock = threading.Lock()
@@ -154,12 +157,14 @@ class _Stream:
                 pass
 
 
-def _serve(conn, checkpoint_dir: str, device: str, dtype: torch.dtype, threads: int | None):
+def _serve(conn, checkpoint_dir: str, device: str, dtype: torch.dtype, threads: int | None,
+           record_routing: bool):
     """The child: build the engine, then answer calls until ``stop``."""
     from megatron_archer.rollout.local_engine import LocalEngine
 
     try:
-        engine = LocalEngine(checkpoint_dir, device=device, dtype=dtype, threads=threads)
+        engine = LocalEngine(checkpoint_dir, device=device, dtype=dtype, threads=threads,
+                             record_routing=record_routing)
         conn.send(("ok", None, None))
     except Exception as error:  # noqa: BLE001 - reported to the parent
         conn.send(("error", error, traceback.format_exc()))

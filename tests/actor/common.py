@@ -26,15 +26,40 @@ def make_batch(num_sequences: int, seed: int, min_len: int = 6, max_len: int = 2
     return SequenceBatch(input_ids=ids, response_mask=masks)
 
 
+def _forced_routing(model, routing: list[torch.Tensor]):
+    """Hooks on a transformers Qwen3-MoE model's routers that dispatch the first tokens of the
+    next forward (one sequence) to ``routing[0]`` ([tokens, num_layers, k]) with the router's own
+    softmax weights at those experts (renormalised with ``norm_topk_prob``), as megatron's
+    replay does; the handles."""
+    def hook(index, module, inputs, output):
+        logits, _, chosen = output
+        forced = chosen.clone()
+        rows = routing[0][:, index].long()
+        forced[:rows.shape[0]] = rows
+        weights = torch.softmax(logits, dim=-1, dtype=logits.dtype).gather(-1, forced)
+        if module.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, weights, forced
+
+    return [layer.mlp.gate.register_forward_hook(
+        lambda module, inputs, output, index=index: hook(index, module, inputs, output))
+        for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
 def hf_logprobs(checkpoint, batch: SequenceBatch, temperature: float = 1.0,
                 dtype: torch.dtype = torch.float32):
     """Each sequence alone through transformers (positions from 0) in ``dtype``, float64
     log_softmax: per sequence, in order, its response tokens' (logp, entropy, max |logit|), the
-    last being the scale log-probs and entropies round at (tests/numerics.py)."""
+    last being the scale log-probs and entropies round at (tests/numerics.py). A batch carrying
+    the engine's routing (``SequenceBatch.routing``) is dispatched to those experts."""
     model = hf_model(checkpoint, dtype)
     out = []
+    current: list[torch.Tensor] = []
+    if batch.routing is not None:
+        _forced_routing(model, current)
     with torch.no_grad():
-        for ids, mask in zip(batch.input_ids, batch.response_mask):
+        for i, (ids, mask) in enumerate(zip(batch.input_ids, batch.response_mask)):
+            current[:] = [batch.routing[i]] if batch.routing is not None else []
             logits = model(input_ids=ids[None]).logits[0].double() / temperature
             logsm = torch.log_softmax(logits[:-1], dim=-1)
             logp = logsm.gather(-1, ids[1:, None])[:, 0]

@@ -20,7 +20,7 @@ from tests.actor.common import make_batch
     ("lr_schedule", "linear"), ("lr_warmup_steps", -1), ("min_lr", 1.0),
     ("params_dtype", "float16"), ("temperature", 0.0), ("logprob_chunk_size", 0),
     ("adam_eps", float("inf")), ("clip_grad", float("-inf")), ("logprob_impl", "vocab"),
-    ("max_tokens_per_micro_batch", 8.0), ("routing_replay", "rollout"),
+    ("max_tokens_per_micro_batch", 8.0), ("routing_replay", "engine"),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field} must .*; got {re.escape(repr(value))}$"):
