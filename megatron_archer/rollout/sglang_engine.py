@@ -16,10 +16,14 @@ sees each completed prompt's responses.
 
 Weight sync, ``weight_sync``:
 
-- ``"tensor"`` (colocated, same host): each size-bounded bucket is serialised as CUDA IPC handles
-  (``weight_buckets.serialize_named_tensors``) and posted to ``/update_weights_from_tensor``; a
-  ``DeviceHandles`` bucket gives each server's tensor-parallel rank the copy on its own GPU
-  (server k uses GPUs ``k * tp_size`` to ``k * tp_size + tp_size - 1``).
+- ``"tensor"`` (same host): each size-bounded bucket is serialised as CUDA IPC handles
+  (``weight_buckets.serialize_named_tensors``) and posted to ``/update_weights_from_tensor``;
+  each server's tensor-parallel rank gets the copy on its own GPU (server k uses GPUs
+  ``base_gpu_id + k * tp_size`` onwards; GPUs compared by UUID): from a ``DeviceHandles`` bucket
+  (colocated: every trainer rank serialised its own GPU's copy), or from a plain bucket (the
+  non-colocated sync, a restarted server's ``weights_source``) the handles of its tensors for
+  the rank on their GPU and a host copy through shared memory (made once per bucket) for every
+  other rank, which never opens a CUDA context on a GPU it does not use.
 - ``"distributed"`` (separate GPUs): after ``init_weight_update_group``, each bucket's metadata is
   posted to ``/update_weights_from_distributed`` while this process (rank 0) broadcasts its
   tensors over NCCL (gloo for CPU servers). Never retried: a repeated call would wait for a broadcast that never comes;
@@ -53,6 +57,11 @@ not idempotent and are never repeated blindly (``http_client.RetryPolicy.idempot
 update leaves ``weight_version`` unchanged and raises an error naming each server that failed;
 servers that accepted part of it may hold new weights, so ``generate`` refuses until a later
 update succeeds.
+
+Routing (``routing``: the model's (num_layers, top_k), for ``actor.routing_replay: rollout``):
+every request asks for ``return_routed_experts`` and every sample carries its tokens' experts
+(``sglang_payloads.parse_routing``); servers must run with ``--enable-return-routed-experts``, and
+SGLang 0.5.5, which has no such request field, is refused at the first request.
 
 Memory (colocated): ``release_memory`` releases weights, KV cache and CUDA graphs; ``resume_memory``
 takes back only what each server has released (SGLang raises on a resume of a region that is not
@@ -105,9 +114,11 @@ from megatron_archer.rollout.http_client import (
 )
 from megatron_archer.rollout.weight_buckets import (
     DeviceHandles,
+    bucket_device_key,
     bucket_metadata,
     device_key,
     serialize_named_tensors,
+    to_host,
     visible_device_keys,
 )
 
@@ -278,6 +289,7 @@ class SGLangEngine(RolloutEngine):
         weight_dtype: str = "bf16",
         pause_mode: str = "abort",
         base_gpu_id: int = 0,
+        routing: tuple[int, int] | None = None,
     ):
         if not server_urls:
             raise ValueError("server_urls is empty")
@@ -288,6 +300,7 @@ class SGLangEngine(RolloutEngine):
         if weight_dtype == "fp8" and base_model_path is not None:
             fp8_weights.require_fp8_checkpoint(base_model_path)
         self.weight_dtype = weight_dtype  # fp8: every sync sends fp8_weights.fp8_weight_buckets
+        self.routing = routing  # (num_layers, top_k): samples carry their routing
         self.pause = payloads.pause_payload(pause_mode)  # checks the mode
         self.updates_during_generation = pause_mode == "retract"
         urls = [u.rstrip("/") for u in server_urls]
@@ -464,13 +477,15 @@ class SGLangEngine(RolloutEngine):
                       params: SamplingParams) -> list[Sample]:
         """One prompt's request: tried up to ``policies.generate.attempts`` times, each failure
         followed by a health check (and a restart of a dead launched server)."""
-        body = payloads.generate_payload(rows, params, seeds)
+        body = payloads.generate_payload(rows, params, seeds, routing=self.routing is not None)
+        shape = None if self.routing is None else (len(rows[0]), *self.routing)
         policy = replace(self.policies.generate, attempts=1)
         avoid, last, attempt, resent_at = None, None, 0, None
         while attempt < self.policies.generate.attempts:
             server = self._acquire(avoid)
             epoch, update_epoch = server.epoch, self._update_epoch
             try:
+                self._check_routing(server)
                 results = self._post(server, "/generate", body, policy)
             except ServerUnreachable as error:
                 last, avoid = error, server
@@ -489,13 +504,24 @@ class SGLangEngine(RolloutEngine):
             if self._aborted_by_update(results, update_epoch):
                 resent_at = self._after_update()
                 continue
-            samples = [payloads.parse_generate_result(r, params, server.url) for r in results]
+            samples = [payloads.parse_generate_result(r, params, server.url, shape)
+                       for r in results]
             if resent_at is not None:  # it ran on the version loaded before it was sent again
                 samples = [s if s.weight_version is not None else replace(s, weight_version=resent_at)
                            for s in samples]  # fmt: skip
             return samples
         raise ServerError(f"/generate of one prompt failed {self.policies.generate.attempts} "
                           f"times, last: {last}")
+
+    def _check_routing(self, server: _Server) -> None:
+        """A server asked for routing must have it (``payloads.has_routed_experts``)."""
+        if self.routing is None:
+            return
+        version = self._protocol(server).version
+        if not payloads.has_routed_experts(version):
+            raise ValueError(f"actor.routing_replay='rollout' needs /generate's "
+                             f"return_routed_experts, which SGLang {version} ({server.url}) "
+                             f"lacks: use a later SGLang 0.5.x or rollout.engine='local'")
 
     def _acquire(self, avoid: _Server | None) -> _Server:
         """The router, or the server with the fewest requests in flight (not ``avoid`` when
@@ -696,12 +722,18 @@ class SGLangEngine(RolloutEngine):
     def _load_tensor(self, buckets: Iterable[Bucket | DeviceHandles], version: int,
                      servers: Sequence[_Server]) -> None:
         """Each bucket to each server: from ``DeviceHandles``, each tensor-parallel rank its own
-        GPU's handles; plain buckets are re-bucketed to ``bucket_bytes`` and serialised here."""
+        GPU's handles; plain buckets are re-bucketed to ``bucket_bytes`` and serialised here
+        (``_plain_handles``)."""
         with self._update_session(servers):
             for bucket in self._tensor_buckets(buckets):
-                def body(server, bucket=bucket):
+                # a plain bucket's tensors and host copy stay referenced until every server
+                # has loaded them (``bucket``, ``host``)
+                handles, host = (bucket, None) if isinstance(bucket, DeviceHandles) else \
+                    self._plain_handles(bucket, servers)
+
+                def body(server, handles=handles):
                     return payloads.update_from_tensor_payload(
-                        self._handles_for(server, bucket), version)
+                        self._handles_for(server, handles), version)
 
                 self._post_each("/update_weights_from_tensor", body, self.policies.update, servers)
 
@@ -713,9 +745,24 @@ class SGLangEngine(RolloutEngine):
         else:
             yield from bounded_buckets(itertools.chain.from_iterable(buckets), self.bucket_bytes)
 
-    def _handles_for(self, server: _Server, bucket: Bucket | DeviceHandles) -> list[str]:
-        if not isinstance(bucket, DeviceHandles):
-            return [serialize_named_tensors(bucket)] * self.tp_size
+    def _plain_handles(self, bucket: Bucket, servers: Sequence[_Server]
+                       ) -> tuple[DeviceHandles, Bucket | None]:
+        """A plain bucket serialised for each GPU of ``servers``: its CUDA tensors' IPC handles
+        for the GPU that holds them, the handles of one host copy for every other GPU (returned
+        too: it must outlive the posts); CPU tensors, one serialisation for all."""
+        keys = {key for server in servers for key in self._device_keys(server)}
+        gpu = bucket_device_key(bucket)
+        if gpu is None:
+            return DeviceHandles(dict.fromkeys(keys, serialize_named_tensors(bucket))), None
+        by_device, host = {}, None
+        if gpu in keys:
+            by_device[gpu] = serialize_named_tensors(bucket)
+        if keys - {gpu}:
+            host = to_host(bucket)
+            by_device.update(dict.fromkeys(keys - {gpu}, serialize_named_tensors(host)))
+        return DeviceHandles(by_device), host
+
+    def _handles_for(self, server: _Server, bucket: DeviceHandles) -> list[str]:
         keys = self._device_keys(server)
         missing = [k for k in keys if k not in bucket.by_device]
         if missing:

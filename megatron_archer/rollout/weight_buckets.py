@@ -1,7 +1,8 @@
 """Weight buckets on their way to an inference server: the tensor serialisation SGLang's
 ``/update_weights_from_tensor`` expects (gathered from every GPU of the host for colocated
-servers), and the metadata that ``/update_weights_from_distributed`` announces before a
-broadcast. Re-bucketing to a size bound is ``megatron_archer.buckets``."""
+servers; a host copy for a server on a GPU that does not hold the tensors), and the metadata
+that ``/update_weights_from_distributed`` announces before a broadcast. Re-bucketing to a size
+bound is ``megatron_archer.buckets``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 
@@ -28,12 +31,49 @@ def serialize_named_tensors(bucket: Bucket) -> str:
     as IPC handles (the sender must keep them alive until the server has loaded them) naming
     their GPU by UUID, as SGLang's own reduction does: its receiver maps the UUID to its own
     device numbering, which differs from the sender's under another ``CUDA_VISIBLE_DEVICES``.
-    CPU tensors travel through shared memory. Either way only the same host can read them."""
+    CPU tensors travel through shared memory named by file (torch's ``file_system`` strategy,
+    whatever this process's own): the default strategy's file descriptors go through
+    multiprocessing's resource sharer, which only this process's own children can authenticate
+    to, not a server. Either way only the same host can read them."""
     buffer = io.BytesIO()
     pickler = ForkingPickler(buffer)
     pickler.dispatch_table[torch.Tensor] = _reduce_naming_gpu_by_uuid
-    pickler.dump([(name, tensor.detach()) for name, tensor in bucket])
+    with _sharing_by_file_name():
+        pickler.dump([(name, tensor.detach()) for name, tensor in bucket])
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+_SHARING_LOCK = threading.Lock()
+
+
+@contextmanager
+def _sharing_by_file_name():
+    """torch's sharing strategy ``file_system`` for the duration (read by its CPU storage
+    reduction), restored afterwards; one thread at a time."""
+    with _SHARING_LOCK:
+        saved = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        try:
+            yield
+        finally:
+            torch.multiprocessing.set_sharing_strategy(saved)
+
+
+def bucket_device_key(bucket: Bucket) -> str | None:
+    """``device_key`` of the GPU that holds every tensor of ``bucket``; None for CPU tensors (or
+    tensors on several devices)."""
+    devices = {tensor.device for _, tensor in bucket}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return device_key(device.index) if device.type == "cuda" else None
+
+
+def to_host(bucket: Bucket) -> Bucket:
+    """``bucket`` copied to host memory: what a server rank on another GPU is sent (through
+    shared memory), so that it copies the weights to its GPU itself and no process opens a CUDA
+    context on a GPU it does not otherwise use."""
+    return [(name, tensor.detach().to("cpu")) for name, tensor in bucket]
 
 
 # the device index among the arguments of torch's ``reduce_tensor`` for a CUDA tensor (the

@@ -434,3 +434,52 @@ def test_servers_that_see_no_gpu_are_named_not_given_the_trainers_numbering(monk
         with pytest.raises(ServerError, match=rf"{server.url}: its GPU\(s\) \[0\] are not among "
                                               r"the 0 GPUs its environment makes visible"):
             engine.update_weights([DeviceHandles({"GPU-a": "on-a"})], version=1)
+
+
+def test_plain_buckets_reach_each_server_rank_on_its_own_gpu(monkeypatch):
+    """Issue 24.5 (plain buckets: non-colocated tensor sync, a restarted server's
+    ``weights_source``): the tensors sit on this process's GPU ("GPU-a"). The server rank on that
+    GPU gets their CUDA IPC handles; a rank on another GPU gets a host copy through shared memory,
+    never handles on GPU-a (its process would open a CUDA context there and copy across
+    devices). Server GPUs count in the servers' own numbering, by UUID; the host copy is made
+    once per bucket, whatever the number of ranks on other GPUs."""
+    monkeypatch.setattr(sglang_engine, "visible_device_keys",
+                        lambda env: ["GPU-c", "GPU-a", "GPU-b", "GPU-d"])
+    monkeypatch.setattr(sglang_engine, "bucket_device_key", lambda bucket: "GPU-a")
+    host_copies = []
+    monkeypatch.setattr(sglang_engine, "to_host", lambda bucket: host_copies.append(bucket) or
+                        [(f"host:{name}", tensor) for name, tensor in bucket])
+    monkeypatch.setattr(sglang_engine, "serialize_named_tensors",
+                        lambda bucket: ",".join(name for name, _ in bucket))
+    bucket = [("w0", torch.ones(2)), ("w1", torch.ones(3))]
+    with FakeServer(ok_script) as first, FakeServer(ok_script) as second:
+        # server 0: GPUs 0, 1 (GPU-c, GPU-a); server 1: GPUs 2, 3 (GPU-b, GPU-d)
+        engine = SGLangEngine([first.url, second.url], tp_size=2, policies=fast_policies(),
+                              weights_source=lambda: [bucket])
+        engine.update_weights([bucket], version=1)
+        engine._restore_weights(engine.servers[1])  # a restarted server: from weights_source
+    assert len(host_copies) == 2, "one host copy per bucket sent"
+    for server, expected in ((first, ["host:w0,host:w1", "w0,w1"]),
+                             (second, ["host:w0,host:w1", "host:w0,host:w1"])):
+        bodies = [b for p, b in server.requests if p == "/update_weights_from_tensor"]
+        assert [b["serialized_named_tensors"] for b in bodies] == \
+            [expected] * (1 if server is first else 2), server.url
+
+
+def test_cpu_tensors_are_shared_by_name_with_processes_that_are_not_children():
+    """A host copy reaches an SGLang server, a process this one did not start by
+    multiprocessing: under torch's default file-descriptor strategy the descriptor travels
+    through multiprocessing's resource sharer, which such a process cannot authenticate to
+    ("digest sent was rejected"); serialised tensors are shared by file name instead."""
+    from megatron_archer.rollout.weight_buckets import serialize_named_tensors
+
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"
+    tensor = torch.arange(6.0)
+    serialized = serialize_named_tensors([("w", tensor)])
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor", "restored"
+    code = ("import base64, sys, pickle, torch.multiprocessing.reductions as r; "
+            "[(n, t)] = pickle.loads(base64.b64decode(sys.stdin.read())); print(n, t.tolist())")
+    read = subprocess.run([sys.executable, "-c", code], input=serialized, text=True,
+                          capture_output=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert read.stdout.split(maxsplit=1) == ["w", "[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]\n"]
