@@ -4,8 +4,12 @@ the installed SGLang's request types)."""
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from megatron_archer.rollout.engine import Sample, SamplingParams
 
@@ -33,15 +37,45 @@ def sampling_params_payload(params: SamplingParams, sample_seed: int | None) -> 
 
 
 def generate_payload(
-    rows: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int | None]
+    rows: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int | None],
+    routing: bool = False,
 ) -> dict[str, Any]:
-    """A batched ``/generate`` body: one row per sample, each with its own seed."""
-    return {
+    """A batched ``/generate`` body: one row per sample, each with its own seed; ``routing``:
+    each answer carries its tokens' experts (``return_routed_experts``, later 0.5.x: SGLang 0.5.5
+    lacks it, ``has_routed_experts``)."""
+    body = {
         "input_ids": [list(r) for r in rows],
         "sampling_params": [sampling_params_payload(params, s) for s in seeds],
         "return_logprob": True,
         "logprob_start_len": -1,  # output tokens only
     }
+    if routing:
+        body["return_routed_experts"] = True  # the whole sequence: routed_experts_start_len 0
+    return body
+
+
+def has_routed_experts(version: str | None) -> bool:
+    """Whether an SGLang version has ``GenerateReqInput.return_routed_experts`` (0.5.5 does not;
+    the later 0.5.x checked here do). An unknown version is given the benefit of the doubt: its
+    answer then says (``parse_routing``)."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
+    return match is None or tuple(int(x) for x in match.groups()) > (0, 5, 5)
+
+
+def parse_routing(meta: dict[str, Any], tokens: int, layers: int, top_k: int,
+                  url: str) -> torch.Tensor:
+    """The experts of a sequence's first ``tokens`` tokens, [tokens, layers, top_k] int16, from
+    ``meta_info.routed_experts``: base64 of SGLang's int32 array [tokens, num_hidden_layers,
+    top_k] (row t: the t-th token of prompt + response, every token but the last)."""
+    encoded = meta.get("routed_experts")
+    if encoded is None:
+        raise RuntimeError(f"{url}: the /generate answer has no meta_info.routed_experts: start "
+                           f"the server with --enable-return-routed-experts")
+    flat = torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.int32)
+    if flat.numel() != tokens * layers * top_k:
+        raise RuntimeError(f"{url}: meta_info.routed_experts holds {flat.numel()} experts, "
+                           f"expected {tokens} tokens x {layers} layers x top-{top_k}")
+    return flat.view(tokens, layers, top_k).to(torch.int16)
 
 
 def finish_kind(result: dict[str, Any]) -> str | None:
@@ -51,9 +85,11 @@ def finish_kind(result: dict[str, Any]) -> str | None:
     return reason.get("type") if isinstance(reason, dict) else reason
 
 
-def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: str) -> Sample:
+def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: str,
+                          routing: tuple[int, int, int] | None = None) -> Sample:
     """A ``Sample`` from one element of a ``/generate`` answer (``output_ids``, and
-    ``meta_info.output_token_logprobs`` as ``[logprob, token_id, text]`` triples)."""
+    ``meta_info.output_token_logprobs`` as ``[logprob, token_id, text]`` triples); ``routing``:
+    (prompt tokens, layers, top_k) of a request that asked for its routing (``parse_routing``)."""
     meta = result["meta_info"]
     reason = meta.get("finish_reason")
     kind = finish_kind(result)
@@ -70,6 +106,8 @@ def parse_generate_result(result: dict[str, Any], params: SamplingParams, url: s
         finish_reason=kind,
         temperatures=[temperature] * len(token_ids),
         weight_version=_first_version(meta.get("weight_versions")),
+        routing=None if routing is None else parse_routing(
+            meta, routing[0] + len(token_ids) - 1, routing[1], routing[2], url),
     )
 
 

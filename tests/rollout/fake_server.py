@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -14,18 +15,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 Script = Callable[[str, object], "tuple[int, object] | str"]
 
 
+# the fake model's (num_hidden_layers, top_k), for routed experts
+ROUTING_SHAPE = (3, 2)
+
+
+def fake_routing(row: list[int], tokens: list[int]):
+    """The experts the fake routes a sequence's tokens to: [len(row) + len(tokens) - 1 (every
+    token but the last), layers, top_k] int32, distinct per token, layer and slot."""
+    import torch
+
+    count = len(row) + len(tokens) - 1
+    return (torch.arange(count * ROUTING_SHAPE[0] * ROUTING_SHAPE[1], dtype=torch.int32)
+            + row[0]).remainder(128).view(count, *ROUTING_SHAPE)
+
+
 def fake_generate(body) -> list[dict]:
-    """SGLang's /generate answer shape: each row generates its first prompt token + 1, twice."""
+    """SGLang's /generate answer shape: each row generates its first prompt token + 1, twice;
+    with ``return_routed_experts`` (later 0.5.x) ``meta_info.routed_experts`` as SGLang's
+    tokenizer manager encodes it: base64 of the int32 array's bytes (``fake_routing``)."""
     out = []
     for row in body["input_ids"]:
         tokens = [row[0] + 1, row[0] + 1]
-        out.append({
-            "output_ids": tokens,
-            "meta_info": {
-                "finish_reason": {"type": "length"},
-                "output_token_logprobs": [[-0.5, t, None] for t in tokens],
-            },
-        })  # fmt: skip
+        meta = {"finish_reason": {"type": "length"},
+                "output_token_logprobs": [[-0.5, t, None] for t in tokens]}
+        if body.get("return_routed_experts"):
+            data = fake_routing(row, tokens).numpy().tobytes()
+            meta["routed_experts"] = base64.b64encode(data).decode("utf-8")
+        out.append({"output_ids": tokens, "meta_info": meta})
     return out
 
 

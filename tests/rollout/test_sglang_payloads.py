@@ -69,6 +69,11 @@ BROKEN = [  # guard: the same check must reject these
 ]  # fmt: skip
 
 
+# routing replay's request (``actor.routing_replay: rollout``): a field of later 0.5.x only
+ROUTING = ("GenerateReqInput", payloads.generate_payload([[1, 2], [3]], PARAMS, [1, 2],
+                                                         routing=True))
+
+
 def _validate(cases, newest: bool, tmp_path) -> dict:
     """The validator's report for ``cases`` under one SGLang version."""
     env = dict(os.environ)
@@ -89,9 +94,13 @@ def _validate(cases, newest: bool, tmp_path) -> dict:
 
 @pytest.mark.parametrize("newest", [False, True], ids=["sglang-0.5.5", "sglang-newest"])
 def test_every_payload_is_a_valid_request_at_both_versions(newest, tmp_path):
-    report = _validate(_cases() + BROKEN, newest, tmp_path)
+    report = _validate(_cases() + BROKEN + [ROUTING], newest, tmp_path)
     assert report["version"] == ("0.5.23" if newest else "0.5.5"), report["file"]
-    results = report["results"]
+    *results, routing = report["results"]
+    if newest:
+        assert routing["status"] == "ok", routing
+    else:  # the engine refuses routing replay with 0.5.5 before sending it (test_sglang_versions)
+        assert routing["status"] == "error" and "return_routed_experts" in routing["error"]
     good, broken = results[: len(results) - len(BROKEN)], results[len(results) - len(BROKEN):]
     for result in good:
         later = BODYLESS_IN_055 | ABSENT_IN_055

@@ -19,7 +19,14 @@ import torch
 from megatron_archer.rollout.engine import SamplingParams
 from megatron_archer.rollout.http_client import ServerError
 from megatron_archer.rollout.sglang_engine import SGLangEngine
-from tests.rollout.fake_server import FakeServer, fake_generate, fast_policies, ok_script
+from tests.rollout.fake_server import (
+    ROUTING_SHAPE,
+    FakeServer,
+    fake_generate,
+    fake_routing,
+    fast_policies,
+    ok_script,
+)
 
 BUCKETS = [[("w", torch.zeros(4))]]
 SESSION_REFUSAL = "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
@@ -172,3 +179,36 @@ def test_requests_aborted_by_an_update_pause_are_sent_again_on_the_new_weights()
     assert [g[0].weight_version for g in samples] == [5, 5]
     assert server.paths().count("/generate") == 4
     assert engine.take_metrics()["rollout/requests_resubmitted"] == 2
+
+
+def test_routing_is_asked_for_and_parsed_where_sglang_has_it():
+    """``actor.routing_replay: rollout``: later 0.5.x return each sequence's routed experts when
+    asked (``return_routed_experts``), base64 of an int32 [tokens - 1, layers, top_k] array; 0.5.5
+    has no such field and is refused before any request; a server started without
+    ``--enable-return-routed-experts`` answers without them."""
+    params = SamplingParams(max_new_tokens=2, n=2, seed=1)
+    with FakeServer(ok_script, version="0.5.23") as server:
+        engine = SGLangEngine([server.url], policies=fast_policies(), routing=ROUTING_SHAPE)
+        (group,) = engine.generate([[3, 4, 5]], params)
+    ((path, body),) = server.requests
+    assert path == "/generate" and body["return_routed_experts"] is True
+    for sample in group:
+        assert sample.routing.dtype == torch.int16 and sample.routing.shape == (4, 3, 2)
+        assert torch.equal(sample.routing, fake_routing([3, 4, 5], sample.token_ids).short())
+    with FakeServer(ok_script) as old:
+        engine = SGLangEngine([old.url], policies=fast_policies(), routing=ROUTING_SHAPE)
+        with pytest.raises(ValueError, match=r"^actor.routing_replay='rollout' needs /generate's "
+                                             r"return_routed_experts, which SGLang 0\.5\.5 "):
+            engine.generate([[3, 4, 5]], params)
+    assert old.requests == []
+
+    def without(path, body):
+        status, answer = ok_script(path, body)
+        for result in answer:
+            del result["meta_info"]["routed_experts"]
+        return status, answer
+
+    with FakeServer(without, version="0.5.23") as server:
+        engine = SGLangEngine([server.url], policies=fast_policies(), routing=ROUTING_SHAPE)
+        with pytest.raises(RuntimeError, match="--enable-return-routed-experts"):
+            engine.generate([[3, 4, 5]], params)
