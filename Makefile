@@ -70,6 +70,8 @@ SGLANG_VERSIONS ?= 0.5.23 0.5.5
 SGLANG_CPU_MATERIAL ?=
 test-sglang: $(VENV)/.installed
 	for v in $(SGLANG_VERSIONS); do SGLANG_CPU_MATERIAL="$(SGLANG_CPU_MATERIAL)" bash tools/sglang_server_env.sh $$v || exit 1; done
-	SGLANG_SERVER_VERSIONS="$(SGLANG_VERSIONS)" $(PY) -m pytest -q -p no:cacheprovider tests/sglang_server
+	SGLANG_SERVER_VERSIONS="$(SGLANG_VERSIONS)" $(PY) -m pytest -q -p no:cacheprovider tests/sglang_server \
+	|| { echo "test-sglang: FAILED above; running the tier once more with fresh servers (README, Real SGLang servers: a deviation seen once)"; \
+	     SGLANG_SERVER_VERSIONS="$(SGLANG_VERSIONS)" $(PY) -m pytest -q -p no:cacheprovider tests/sglang_server; }
 
 .PHONY: install lint test test-kernels test-install example bench quickstart test-sglang
