@@ -33,20 +33,23 @@ and the ratio carries both.
 
 Exact resume: the checkpoint after step k records rollout k + 1, finished (step 4 waited for it,
 or saving waits), as JSON in the trainer state (prompt indices, tokens, engine log-probs and
-versions, rewards, scores, its metrics) with the sampler position after its draws; the resumed
-run trains step k + 1 on it and equals the uninterrupted run bitwise. Regenerating it instead
-would need version k - 1's weights, which the checkpoint does not hold. When the last step saves
-a checkpoint, the rollout after it is generated too, so a run extended by resume continues
-exactly.
+versions, the engine's routing as base64 of its int16 array, rewards, scores, its metrics)
+with the sampler position after its draws; the resumed run trains step k + 1 on it and equals
+the uninterrupted run bitwise. Regenerating it instead would need version k - 1's weights,
+which the checkpoint does not hold. When the last step saves a checkpoint, the rollout after
+it is generated too, so a run extended by resume continues exactly.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
+
+import torch
 
 from megatron_archer.data import PromptSet
 from megatron_archer.rollout import Sample
@@ -141,7 +144,8 @@ def batch_to_dict(batch: RolloutBatch) -> dict[str, Any]:
     prompts by their index in the prompt set, the kept groups by position in ``all_groups``."""
     position = {id(g): i for i, g in enumerate(batch.all_groups)}
     return {"all_groups": [{"index": g.index, "rewards": g.rewards, "scores": g.scores,
-                            "samples": [asdict(s) for s in g.samples]} for g in batch.all_groups],
+                            "samples": [_sample_to_dict(s) for s in g.samples]}
+                           for g in batch.all_groups],
             "groups": [position[id(g)] for g in batch.groups],
             "generated_groups": batch.generated_groups, "passed_groups": batch.passed_groups,
             "rounds": batch.rounds, "times": batch.times, "engine_metrics": batch.engine_metrics}
@@ -149,10 +153,29 @@ def batch_to_dict(batch: RolloutBatch) -> dict[str, Any]:
 
 def batch_from_dict(data: dict[str, Any], prompt_set: PromptSet) -> RolloutBatch:
     """The inverse of ``batch_to_dict``."""
-    every = [Group(prompt_set[g["index"]], [Sample(**s) for s in g["samples"]], g["rewards"],
-                   g["scores"], g["index"]) for g in data["all_groups"]]
+    every = [Group(prompt_set[g["index"]], [_sample_from_dict(s) for s in g["samples"]],
+                   g["rewards"], g["scores"], g["index"]) for g in data["all_groups"]]
     return RolloutBatch(groups=[every[i] for i in data["groups"]],
                         generated_groups=data["generated_groups"],
                         passed_groups=data["passed_groups"], rounds=data["rounds"],
                         all_groups=every, times=data["times"],
                         engine_metrics=data["engine_metrics"])
+
+
+def _sample_to_dict(sample: Sample) -> dict[str, Any]:
+    """A Sample as plain data; its routing (int16) as its shape and base64 bytes."""
+    data = asdict(replace(sample, routing=None))
+    if sample.routing is not None:
+        routing = sample.routing.to(torch.int16).contiguous()
+        data["routing"] = {"shape": list(routing.shape),
+                           "int16": base64.b64encode(routing.numpy().tobytes()).decode("ascii")}
+    return data
+
+
+def _sample_from_dict(data: dict[str, Any]) -> Sample:
+    """The inverse of ``_sample_to_dict``."""
+    routing = data.get("routing")
+    if routing is not None:
+        raw = bytearray(base64.b64decode(routing["int16"]))
+        routing = torch.frombuffer(raw, dtype=torch.int16).view(routing["shape"])
+    return Sample(**{**data, "routing": routing})

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable
 
 import torch
+import transformers
 
 from megatron_archer.buckets import Bucket
 from megatron_archer.rollout import LocalEngine, RetryPolicy, RolloutEngine, SGLangEngine
@@ -73,19 +74,29 @@ def build_engine(config: ExperimentConfig,
     (``master_address``/``master_port``, needs CUDA) before the first weight sync. Servers
     launched here are stopped when that fails; with ``rollout.async`` an update pauses the
     servers in ``retract`` mode (their requests resume on the new weights). ``weights_source``:
-    the current weights, for a server restarted mid-rollout (``SGLangEngine``)."""
+    the current weights, for a server restarted mid-rollout (``SGLangEngine``). With
+    ``actor.routing_replay: rollout`` every engine returns each sample's routing."""
     rollout, path = config.rollout, config.model.path
+    routing = config.actor.routing_replay == "rollout"
     if rollout.engine == "local":
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, rollout.dtype)
         threads = rollout.threads
         if rollout.async_:
             threads = threads or (max(1, cpu_cores() // 2) if device == "cpu" else None)
-            return ProcessEngine(path, device=device, dtype=dtype, threads=threads)
-        return LocalEngine(path, device=device, dtype=dtype, threads=threads)
+            return ProcessEngine(path, device=device, dtype=dtype, threads=threads,
+                                 record_routing=routing)
+        return LocalEngine(path, device=device, dtype=dtype, threads=threads,
+                           record_routing=routing)
     sg = rollout.sglang
+    extra_args, routing_shape = list(sg.extra_args), None
+    if routing:  # the model's layers and top-k shape the servers' routing answers
+        hf = transformers.AutoConfig.from_pretrained(path)
+        routing_shape = (hf.num_hidden_layers, hf.num_experts_per_tok)
+        extra_args.append("--enable-return-routed-experts")
     path = sg.model_path or path  # what the servers serve (a block-FP8 copy for weight_dtype fp8)
-    options = dict(weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,
+    options = dict(routing=routing_shape,
+                   weight_sync=sg.weight_sync, bucket_bytes=sg.bucket_bytes, disk_dir=sg.disk_dir,
                    base_model_path=path, weight_dtype=sg.weight_dtype,
                    policies=call_policies(sg), max_inflight=sg.max_inflight,
                    max_restarts=sg.max_restarts, weights_source=weights_source,
@@ -97,7 +108,7 @@ def build_engine(config: ExperimentConfig,
         engine = SGLangEngine.launch(path, num_servers=sg.num_servers, base_port=sg.base_port,
                                      tp_size=sg.tp_size, base_gpu_id=base_gpu,
                                      mem_fraction_static=sg.mem_fraction_static,
-                                     extra_args=sg.extra_args,
+                                     extra_args=extra_args,
                                      startup_timeout_s=sg.startup_timeout_s, **options)
     else:
         engine = SGLangEngine(sg.server_urls, router_url=sg.router_url, tp_size=sg.tp_size,

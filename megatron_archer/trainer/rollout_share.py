@@ -7,7 +7,9 @@ rollout log-probs), and scatters over the world group deliver them: first the bu
 (with the padded widths), then the buffers, padded to the largest share (a scatter sends equal
 sizes). The ranks of one
 model-parallel group (tensor and pipeline ranks of the same data-parallel rank) receive the same
-share. No Python object is pickled.
+share. No Python object is pickled. The engine's routing (``actor.routing_replay: rollout``)
+follows the rest of the int32 buffer: [num_layers, top_k, then per sequence its routed tokens and
+their experts, flat]; a share without it is packed as before.
 
 Bytes moved per step: about world_size x (4 x T_max + 4 x R_max + 8 x S_max) where T_max,
 R_max and S_max are the largest share's tokens (prompt + response), response tokens and
@@ -35,9 +37,10 @@ def pack_share(mini_batches: Sequence[MiniBatch]) -> tuple[torch.Tensor, torch.T
     """Mini-batches (their batch, advantages and rollout log-probs) -> (int32, float32 buffer).
 
     int32: [num_mini_batches, then per mini-batch: num_sequences, then per sequence:
-    prompt_length, response_length, then its token ids]; float32: per mini-batch its advantages
-    [b], then each sequence's rollout log-probs [response_length]. Response tokens are the
-    sequence's tail (a prompt followed by a response, as the trainer builds them).
+    prompt_length, response_length, then its token ids], then the routing when the mini-batches
+    carry it (module docstring); float32: per mini-batch its advantages [b], then each
+    sequence's rollout log-probs [response_length]. Response tokens are the sequence's tail (a
+    prompt followed by a response, as the trainer builds them).
     """
     ints, floats = [len(mini_batches)], []
     for mb in mini_batches:
@@ -47,7 +50,14 @@ def pack_share(mini_batches: Sequence[MiniBatch]) -> tuple[torch.Tensor, torch.T
             responses = int(mask.sum())
             ints.extend([ids.numel() - responses, responses, *ids.tolist()])
             floats.extend(mb.rollout_logp[i, :responses].tolist())
-    return torch.tensor(ints, dtype=torch.int32), torch.tensor(floats, dtype=torch.float32)
+    parts = [torch.tensor(ints, dtype=torch.int32)]
+    routing = [r for mb in mini_batches if mb.batch.routing is not None for r in mb.batch.routing]
+    if routing:
+        parts.append(torch.tensor(routing[0].shape[1:], dtype=torch.int32))
+        for experts in routing:
+            parts += [torch.tensor([experts.shape[0]], dtype=torch.int32),
+                      experts.reshape(-1).to(torch.int32)]
+    return torch.cat(parts), torch.tensor(floats, dtype=torch.float32)
 
 
 def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> list[MiniBatch]:
@@ -72,6 +82,17 @@ def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> list[MiniBatch]:
             fpos += responses
         out.append(MiniBatch(SequenceBatch(ids, masks), advantages,
                              torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True)))
+    if pos < len(ints):
+        layers, top_k = ints[pos:pos + 2]
+        pos += 2
+        for mb in out:
+            routing = []
+            for _ in range(len(mb.batch)):
+                rows = ints[pos]
+                routing.append(torch.tensor(ints[pos + 1:pos + 1 + rows * layers * top_k],
+                                            dtype=torch.int16).view(rows, layers, top_k))
+                pos += 1 + rows * layers * top_k
+            mb.batch = SequenceBatch(mb.batch.input_ids, mb.batch.response_mask, routing)
     return out
 
 

@@ -147,13 +147,17 @@ def build_shares(groups: list[Group], algorithm: AlgorithmConfig, mini_batch_siz
 
 
 def _mini_batch(samples, advantages: torch.Tensor) -> MiniBatch:
+    """The samples' mini-batch; the engine's routing travels with it when every sample has it
+    (``actor.routing_replay: rollout``)."""
     ids, masks, rollout = [], [], []
     for prompt, sample in samples:
         ids.append(torch.tensor([*prompt.input_ids, *sample.token_ids], dtype=torch.long))
         masks.append(torch.cat([torch.zeros(len(prompt.input_ids), dtype=torch.bool),
                                 torch.ones(len(sample.token_ids), dtype=torch.bool)]))
         rollout.append(torch.tensor(sample.logprobs, dtype=torch.float32))
-    return MiniBatch(SequenceBatch(ids, masks), advantages,
+    routing = [s.routing for _, s in samples]
+    routing = routing if all(r is not None for r in routing) else None
+    return MiniBatch(SequenceBatch(ids, masks, routing), advantages,
                      torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True))
 
 
@@ -395,11 +399,13 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
                                 actor.device, update_salts))
             # mixture of experts: the routing of the old-policy forward is compared with the
             # update's, and with ``actor.routing_replay: old`` replayed (a deferred first
-            # update is its own old-policy forward)
+            # update is its own old-policy forward); a batch carrying the engine's routing
+            # (``routing_replay: rollout``) is compared with, and replays, that instead
+            old_routing = None if mb.batch.routing is not None else mb.old_routing
             result = actor.train_step(
                 mb.batch, loss_fn, entropy_grad=entropy_grad, micro_batches=micro,
-                routing=mb.old_routing, replay_routing=actor.config.routing_replay == "old"
-                and mb.old_routing is not None)
+                routing=old_routing, replay_routing=actor.config.routing_replay == "old"
+                and old_routing is not None)
             bad = result.nonfinite
             if deferred:
                 mb.old_deferred = False

@@ -64,6 +64,8 @@ def test_a_group_older_than_max_staleness_is_dropped_and_counted():
 
 def test_the_in_flight_batch_round_trips_exactly_through_json():
     groups = [_group([3, 3], index=5), _group([3, 2], index=1)]
+    routing = torch.randint(0, 128, (3, 4, 2), dtype=torch.int16)  # [tokens, layers, top_k]
+    groups[0].samples[1] = replace(groups[0].samples[1], routing=routing)
     batch = RolloutBatch(groups=[groups[1]], generated_groups=2, passed_groups=1, rounds=2,
                          all_groups=groups, times={"rollout": 0.1, "reward": 1e-9},
                          engine_metrics={"rollout/requests_retried": 1.0})
@@ -76,6 +78,8 @@ def test_the_in_flight_batch_round_trips_exactly_through_json():
                                                              b.index)
     assert (back.rounds, back.times, back.engine_metrics) == (2, batch.times,
                                                               batch.engine_metrics)
+    assert torch.equal(back.all_groups[0].samples[1].routing, routing)
+    assert back.all_groups[0].samples[0].routing is None
 
 
 def test_samples_carry_the_engine_version_of_their_round_unless_the_engine_tags_them():

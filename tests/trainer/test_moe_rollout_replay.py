@@ -1,0 +1,121 @@
+"""The trainer end to end with rollout routing replay (``actor.routing_replay: rollout``) on a
+Qwen3-MoE model (4 experts, top-2): the local engine (generating one step ahead,
+``rollout.async``) returns each sample's routing, which travels with the rank's share and routes
+every training forward. 3 Archer steps at expert parallel 2 (2 gloo processes) against one process, and a run
+stopped after step 2 (its in-flight rollout, routing included, saved with the checkpoint) and
+resumed equal to the uninterrupted one bitwise."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_archer.algorithms import AlgorithmConfig
+from megatron_archer.rollout.local_engine import LocalEngine
+from megatron_archer.trainer import load_config, run_training
+from megatron_archer.trainer.rollout_share import pack_share, unpack_share
+from megatron_archer.trainer.step import build_shares
+from tests.distributed import run_distributed
+from tests.trainer.common import CPU_CONFIG, random_groups, tiny_run
+from tests.trainer.test_moe_trainer import LOSS_ATOL
+from tests.trainer.test_parallel_layouts import (
+    ADAM_EPS,
+    LOSS_RTOL,
+    PARAM_ATOL,
+    REWARD,
+    STEPS,
+    _engine,
+    _metrics,
+)
+
+ROLLOUT = ("actor.routing_replay=rollout", "rollout.async=true", "rollout.colocated=false")
+
+
+def _train(root, base, name, *overrides):
+    """A run whose engine (rank 0) is a LocalEngine in this process recording routing, as
+    ``build_engine`` makes it, so that its weights (every expert) can be saved afterwards."""
+    config = load_config(CPU_CONFIG, [*base, REWARD, f"logging.dir={root / name}",
+                                      "checkpoint.interval=1", f"actor.adam_eps={ADAM_EPS}",
+                                      "parallel.tensor=1", *overrides])
+    engine = LocalEngine(config.model.path, record_routing=True, threads=1) \
+        if dist.get_rank() == 0 else None
+    trainer = run_training(config, engine=engine)
+    if trainer.rank0:
+        weights = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+        torch.save(weights, root / f"{name}.engine.pt")
+
+
+def _single_worker(rank, world_size, root, base):
+    _train(root, base, "single", *ROLLOUT, f"train.steps={STEPS}")
+
+
+def _ep2_worker(rank, world_size, root, base):
+    _train(root, base, "ep2", *ROLLOUT, "parallel.expert=2", f"train.steps={STEPS}")
+    _train(root, base, "ep2_resumed", *ROLLOUT, "parallel.expert=2", "train.steps=2")
+    _train(root, base, "ep2_resumed", *ROLLOUT, "parallel.expert=2", f"train.steps={STEPS}",
+           "checkpoint.resume=true")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_rollout")
+    base = tiny_run(root, case="qwen3_moe")
+    run_distributed(_single_worker, 1, root, base)
+    run_distributed(_ep2_worker, 2, root, base)
+    return root
+
+
+def test_rollout_replay_at_expert_parallel_equals_one_process(runs):
+    config = load_config(runs / "ep2" / "config.yaml")
+    assert config.parallel.expert == 2 and config.actor.routing_replay == "rollout"
+    single, ep2 = _metrics(runs, "single"), _metrics(runs, "ep2")
+    assert [m["step"] for m in ep2] == list(range(1, STEPS + 1))
+    for a, b in zip(single, ep2):
+        assert b["step/skipped"] == 0 and b["actor/updates"] == 2
+        for key in ("reward/mean", "response/length_mean", "dynamic_sampling/groups"):
+            assert a[key] == b[key], (a["step"], key)
+        for key in ("entropy/mean", "actor/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
+        assert b["actor/loss"] == pytest.approx(a["actor/loss"], abs=LOSS_ATOL), a["step"]
+    for record in single + ep2:  # every update routed each token to the engine's experts
+        assert record["moe/routing_mismatch_share"] == 0.0, record
+    expected, got = _engine(runs, "single"), _engine(runs, "ep2")
+    worst = max((got[name] - tensor).abs().max().item() for name, tensor in expected.items())
+    assert worst <= PARAM_ATOL, worst
+
+
+def test_rollout_replay_resume_is_bitwise(runs):
+    full, resumed = _metrics(runs, "ep2"), _metrics(runs, "ep2_resumed")
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    state = (runs / "ep2_resumed").rglob("trainer_state.json")
+    assert any('"routing"' in path.read_text() for path in state)  # saved in flight
+    expected, got = _engine(runs, "ep2"), _engine(runs, "ep2_resumed")
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    for a, b in zip(full, resumed):
+        for key in ("actor/loss", "actor/grad_norm", "reward/mean"):
+            assert a[key] == b[key], (a["step"], key)
+
+
+def test_routing_travels_with_the_share():
+    """Each sequence's engine routing ([prompt + response - 1 tokens, layers, k]) comes back from
+    the share's flat int32 buffer with its sequence; a share without routing has none."""
+    groups = random_groups(4, 2, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for group in groups:
+        group.samples = [replace(s, routing=torch.randint(
+            0, 128, (len(group.prompt.input_ids) + len(s.token_ids) - 1, 3, 2), generator=g,
+            dtype=torch.int16)) for s in group.samples]
+    for share in build_shares(groups, AlgorithmConfig(), 2, 2):
+        back = unpack_share(*pack_share(share))
+        for mb, got in zip(share, back):
+            assert [t.tolist() for t in got.batch.input_ids] == \
+                [t.tolist() for t in mb.batch.input_ids]
+            assert len(got.batch.routing) == len(mb.batch.routing) > 0
+            for want, have in zip(mb.batch.routing, got.batch.routing):
+                assert have.dtype == torch.int16 and torch.equal(have, want)
+    dense = build_shares(random_groups(4, 2, seed=1), AlgorithmConfig(), 2, 2)[0]
+    assert all(mb.batch.routing is None for mb in unpack_share(*pack_share(dense)))
