@@ -76,3 +76,21 @@ def test_a_dead_child_is_an_error_with_its_exit_code(engines):  # last: it kills
     with pytest.raises(RuntimeError, match="exit code -9"):
         remote.update_weights([[("w", torch.zeros(1))]], 9)
     assert not remote.health()
+
+
+def test_routing_crosses_the_process_boundary(tmp_path):
+    """``record_routing`` reaches the child, and each sample's routing comes back equal to the
+    in-process engine's (a mixture-of-experts checkpoint; one more child)."""
+    checkpoint = write_checkpoint(tmp_path / "moe", "qwen3_moe")
+    local = LocalEngine(checkpoint, threads=1, record_routing=True)
+    remote = ProcessEngine(checkpoint, threads=1, record_routing=True)
+    try:
+        got = remote.generate(PROMPTS, PARAMS)
+    finally:
+        remote.shutdown()
+    want = local.generate(PROMPTS, PARAMS)
+    assert _plain(got) == _plain(want)
+    for prompt, group, expected in zip(PROMPTS, got, want):
+        for sample, other in zip(group, expected):
+            assert sample.routing.shape == (len(prompt) + len(sample.token_ids) - 1, 2, 2)
+            assert torch.equal(sample.routing, other.routing)
