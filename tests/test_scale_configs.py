@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import transformers
 
@@ -30,6 +31,7 @@ SCALE = ROOT / "examples" / "scale"
 _spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "tools" / "memory_estimate.py")
 me = sys.modules["memory_estimate"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(me)
+DENSE = [name for name, arch in me.MODELS.items() if not arch.experts]
 
 
 def plan_command(path: Path) -> list[str]:
@@ -71,7 +73,7 @@ def test_launch_script_names_a_missing_variable():
     assert result.returncode == 2 and "NNODES is not set" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["qwen3", "qwen2", "qwen2_tied", "llama3"])
+@pytest.mark.parametrize("case", ["qwen3", "qwen2", "qwen2_tied", "llama3", "qwen3_moe"])
 def test_parameter_count_matches_transformers(case):
     config = hf_config(case)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -83,18 +85,108 @@ def test_parameter_count_matches_transformers(case):
 def test_published_sizes():
     sizes = {name: arch.parameters() / 1e9 for name, arch in me.MODELS.items()}
     assert sizes == pytest.approx({"R1-Distill-Qwen-1.5B": 1.78, "Qwen3-8B": 8.19,
-                                   "Qwen3-14B": 14.77, "Qwen3-32B": 32.76}, abs=0.01)
+                                   "Qwen3-14B": 14.77, "Qwen3-32B": 32.76,
+                                   "Qwen3-30B-A3B": 30.53}, abs=0.01)
+
+
+# Qwen3-30B-A3B's published shapes (Hugging Face config.json), written out here: no hub access
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+    moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+    decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, tie_word_embeddings=False,
+    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, router_aux_loss_coef=0.001)
+
+
+def test_qwen3_30b_a3b_published_totals():
+    """30.5B parameters, 3.3B active (Qwen's model card), from the config's shapes; the count
+    equals transformers' model of that config (built on the meta device) exactly, and the
+    config.json shipped under examples/scale/model_configs has those shapes."""
+    config = transformers.Qwen3MoeConfig(**QWEN3_30B_A3B)
+    arch = Arch.from_spec(ModelSpec.from_hf_config(config))
+    # 30.532B and 3.353B: the card truncates both to one decimal
+    assert 30.5e9 <= arch.parameters() < 30.6e9
+    assert 3.3e9 <= arch.parameters(active=True) < 3.4e9
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert arch.parameters() == sum(p.numel() for p in model.parameters())
+    assert replace(me.MODELS["Qwen3-30B-A3B"], name="model") == arch
+
+
+def test_expert_sharding():
+    """Qwen3-30B-A3B's static terms at EP 1 and EP 8 (and ETP, PP, expert data parallel),
+    against the counts written out from its shapes."""
+    arch = me.MODELS["Qwen3-30B-A3B"]
+    h, layers, experts, top_k, vocab = 2048, 48, 128, 8, 151936
+    per_expert = 3 * h * 768                             # gate, up (768 x h), down (h x 768)
+    attention = h * (32 * 128 + 2 * 4 * 128) + 32 * 128 * h
+    dense_layer = attention + 2 * h + 2 * 128 + experts * h  # norms, q/k norms, router
+    dense = layers * dense_layer + 2 * vocab * h + h     # vocab 151936 = 1187 x 128: no padding
+    expert_total = layers * experts * per_expert
+    assert dense + expert_total == arch.parameters()
+    assert dense + layers * top_k * per_expert == arch.parameters(active=True)  # top_k experts
+    base = Layout(tp=1, pp=1, dp=16, tokens=4096)
+    ep1, ep8 = estimate(arch, base), estimate(arch, replace(base, ep=8))
+    assert ep1["weights"] == 2 * (dense + expert_total)
+    assert ep8["weights"] == 2 * (dense + expert_total // 8)
+    assert (ep1["weights"] - 2 * dense) / (ep8["weights"] - 2 * dense) == 8
+    assert ep8["grads"] == 4 * (dense + expert_total // 8)
+    # the optimizer shards the dense buffer over dp x cp = 16 (padded to lcm(16, 128) = 128)
+    # and the experts' over expert data = 16 / 8 = 2 (EP 1: over 16)
+    dense_shard = -(-dense // 128) * 128 // 16
+    assert ep8["optimizer"] == 12 * (dense_shard + expert_total // 8 // 2)
+    assert ep1["optimizer"] == 12 * (dense_shard + expert_total // 16)
+    # expert-tensor parallel 2 (tp 2 with SP) splits each expert: 1/16 of them a rank, and the
+    # dense part over tp 2 but the router whole; pipeline 2 halves each stage's experts again
+    tp2 = estimate(arch, replace(base, tp=2, sp=True, dp=8, ep=8))
+    padded = 152064  # 151936 padded to a multiple of 128 x tp = 256
+    dense_tp2 = layers * (attention // 2 + 2 * h + 2 * 128 + experts * h) + 2 * padded * h // 2 + h
+    assert tp2["weights"] == 2 * (dense_tp2 + expert_total // 16)
+    pp2 = estimate(arch, replace(base, pp=2, dp=8, ep=8))
+    last_stage = layers // 2 * dense_layer + vocab * h + h
+    assert pp2["weights"] == 2 * (last_stage + expert_total // 8 // 2)
+    assert pp2["optimizer"] == 12 * (-(-last_stage // 128) * 128 // 8 + expert_total // 16)
+    assert replace(base, pp=2, dp=8, ep=8).expert_data == 1
+    with pytest.raises(ValueError, match="do not split over expert parallel 3"):
+        estimate(arch, replace(base, ep=3))
+    with pytest.raises(ValueError, match="expert-tensor 2 x expert 16 parallel does not divide"):
+        estimate(arch, replace(base, ep=16, etp=2))
+    with pytest.raises(ValueError, match="tensor parallel > 1 trains only with sequence parallel"):
+        estimate(arch, replace(base, tp=2, dp=8))
+    with pytest.raises(ValueError, match="Qwen3-8B has no experts"):
+        estimate(me.MODELS["Qwen3-8B"], replace(base, ep=2))
+
+
+def test_expert_activations():
+    """A layer with experts stores the attention part, the router's 5 E bytes and, per routed
+    copy (top_k x etp a token of the rank), fc1's input and output and the SwiGLU output; the
+    dispatcher's two copies of the layer in flight count once."""
+    arch = me.MODELS["Qwen3-30B-A3B"]
+    h, f, experts, top_k, tokens = 2048, 768, 128, 8, 8192
+    for tp, etp in ((1, 1), (2, 1), (2, 2)):
+        s = tp  # sequence parallel at tp 2
+        layout = Layout(tp=tp, sp=tp > 1, dp=16 // tp, ep=8, etp=etp, tokens=tokens)
+        attention = 2 * (4 * h / s + (32 + 8) * 128 / tp + 32 * 128 / tp)
+        routed = top_k * etp / s                         # copies a token of the micro-batch
+        layer = attention + 5 * experts / s + 2 * routed * (h + 3 * f / etp)
+        assert memory.activation_bytes_per_token_layer(arch, tp, tp > 1, True, etp) == \
+            pytest.approx(layer, rel=1e-12)
+        dispatch = 2 * top_k * h * (1 + etp) / s * tokens
+        assert estimate(arch, layout)["activations"] == pytest.approx(
+            48 * layer * tokens + dispatch, rel=1e-12)
+        kept = estimate(arch, replace(layout, recompute=True))["activations"]
+        assert kept == pytest.approx(48 * 2 * h / s * tokens + layer * tokens + dispatch, rel=1e-12)
 
 
 def test_memory_monotone_in_model_size():
     layout = Layout(tp=8, pp=1, dp=2, tokens=8192, chunk=1024)
-    totals = [estimate(arch, layout) for arch in me.MODELS.values()]
+    totals = [estimate(me.MODELS[name], layout) for name in DENSE]
     for key in ("weights", "grads", "optimizer", "activations", "total"):
         values = [t[key] for t in totals]
         assert values == sorted(values), key
 
 
-@pytest.mark.parametrize("name", list(me.MODELS))
+@pytest.mark.parametrize("name", DENSE)
 def test_tensor_parallel_halves_weights(name):
     arch = me.MODELS[name]
     for tp in (1, 2, 4):
@@ -191,13 +283,18 @@ def test_scale_config_passes_plan(path, tmp_path, capsys, monkeypatch):
     assert [first for first, _ in bounds] == [0] + [last + 1 for _, last in bounds[:-1]]
     assert bounds[-1][1] == report["model"]["layers"] - 1
     assert all(r["buffer_padding"] == 0 for r in report["ranks"])
-    # the actor's DDP does not overlap the gradient reduce, so the buffer is one bucket: the
-    # largest message of every rank is the reduce-scatter of its whole fp32 gradient buffer
+    # the actor's DDP does not overlap the gradient reduce, so each buffer (the dense one, and
+    # the experts' in a mixture of experts) is one bucket: the largest message of every rank is
+    # the reduce-scatter of its whole dense fp32 gradient buffer (the MoE config's experts are
+    # not reduced: expert data parallel 1)
+    moe = report["model"]["experts"] > 0
+    assert not moe or layout["expert_data"] == 1
     for rank in report["ranks"]:
-        assert rank["grad_buckets"] == [rank["parameters"]]
+        buckets = rank["grad_buckets"]
+        assert len(buckets) == 1 + moe and sum(buckets) == rank["parameters"]
         assert rank["largest_collective"] == {"name": "gradient reduce-scatter",
                                               "group": "data x context",
-                                              "bytes": 4 * rank["parameters"]}
+                                              "bytes": 4 * buckets[0]}
     # the memory model from the published shapes against what plan built, in bytes
     spec = plan.model_spec(command[command.index("--model-config") + 1])
     model = Layout(tp=layout["tensor"], pp=layout["pipeline"], dp=layout["data"],
@@ -205,7 +302,8 @@ def test_scale_config_passes_plan(path, tmp_path, capsys, monkeypatch):
                    tokens=config.actor.max_tokens_per_micro_batch,
                    recompute=config.model.recompute == "full",
                    chunk=config.actor.logprob_chunk_size,
-                   reference=report["reference"]["resident"])
+                   reference=report["reference"]["resident"], ep=layout["expert"],
+                   etp=layout["expert_tensor"])
     expected = estimate(Arch.from_spec(spec), model)
     for key in ("weights", "grads", "optimizer", "reference", "activations", "logits",
                 "logprob_work"):

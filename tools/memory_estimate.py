@@ -25,7 +25,7 @@ MODELS = {
     name: Arch.from_spec(ModelSpec.from_pretrained(CONFIGS / directory), name)
     for name, directory in (("R1-Distill-Qwen-1.5B", "deepseek_r1_distill_qwen_1.5b"),
                             ("Qwen3-8B", "qwen3_8b_base"), ("Qwen3-14B", "qwen3_14b_base"),
-                            ("Qwen3-32B", "qwen3_32b_base"))
+                            ("Qwen3-32B", "qwen3_32b_base"), ("Qwen3-30B-A3B", "qwen3_30b_a3b"))
 }
 
 # Layouts of the examples/scale models; tokens = max prompt + max response
@@ -48,11 +48,19 @@ TABLE = [
                          recompute=True)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=24576, chunk=4096)),
     ("Qwen3-32B", Layout(tp=8, pp=2, dp=1, cp=2, sp=True, tokens=32768, chunk=4096)),
+    # mixture of experts on 16 GPUs, experts over expert parallel 8: the config's layout (tp 2
+    # with SP, pp 2: expert data 1), without recompute, and pp 1 (expert data 2) at tp 1 and 2
+    ("Qwen3-30B-A3B", Layout(tp=2, pp=2, dp=4, sp=True, ep=8, etp=1, tokens=18432, chunk=4096,
+                             recompute=True)),
+    ("Qwen3-30B-A3B", Layout(tp=2, pp=2, dp=4, sp=True, ep=8, etp=1, tokens=18432, chunk=4096)),
+    ("Qwen3-30B-A3B", Layout(tp=1, pp=1, dp=16, ep=8, tokens=18432, chunk=4096, recompute=True)),
+    ("Qwen3-30B-A3B", Layout(tp=2, pp=1, dp=8, sp=True, ep=8, etp=1, tokens=18432, chunk=4096,
+                             recompute=True)),
 ]
 
 
 def markdown(rows=TABLE) -> str:
-    head = ("| model | params | tp | pp | dp | cp | sp | tokens | recompute | chunk | weights | "
+    head = ("| model | params | tp | pp | dp | cp | sp | ep x etp | tokens | recompute | chunk | weights | "
             "grads | optimizer | reference | activations | logits | log-prob work | total GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, layout in rows:
@@ -60,7 +68,8 @@ def markdown(rows=TABLE) -> str:
         t = {k: v / GIB for k, v in estimate(arch, layout).items()}
         lines.append(
             f"| {name} | {arch.parameters() / 1e9:.2f}B | {layout.tp} | {layout.pp} | {layout.dp} "
-            f"| {layout.cp} | {'yes' if layout.sp else 'no'} | {layout.tokens} "
+            f"| {layout.cp} | {'yes' if layout.sp else 'no'} "
+            f"| {f'{layout.ep} x {layout.expert_tensor}' if arch.experts else '-'} | {layout.tokens} "
             f"| {'yes' if layout.recompute else 'no'} | {layout.chunk or 'none'} "
             f"| {t['weights']:.1f} | {t['grads']:.1f} | {t['optimizer']:.1f} | {t['reference']:.1f} "
             f"| {t['activations']:.1f} | {t['logits']:.1f} | {t['logprob_work']:.1f} "

@@ -118,8 +118,10 @@ def fp8_bytes(name: str, tensor: torch.Tensor) -> int:
 
 def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[RankBuild]) -> dict:
     """The buckets of a weight sync and what each rank gathers (module docstring of
-    ``models.hf_export``: each parameter all-gathered over its stage's tensor-parallel group,
-    then broadcast from its stage over the pipeline group)."""
+    ``models.hf_export``: each parameter all-gathered over its stage's tensor-parallel group, an
+    expert's over the expert-tensor-parallel group, an expert broadcast from the expert-parallel
+    rank that holds it to the others of its stage, then everything broadcast from its stage over
+    the pipeline group)."""
     rollout = config.rollout
     sg = rollout.sglang if rollout.engine == "sglang" else None
     # the trainer passes sglang.bucket_bytes, or leaves hf_weight_buckets' default
@@ -131,6 +133,7 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
     fp8 = sg is not None and sg.weight_dtype == "fp8"
     sent = sum(fp8_bytes(n, t) if fp8 else t.numel() * t.element_size() for n, t in tensors)
     tp, pp = config.parallel.tensor, config.parallel.pipeline
+    etp = config.parallel.expert_tensor_size
     owner: dict[str, int] = {}
     for build in sorted(builds, key=lambda b: b.pipeline):
         for name in build.parameters:
@@ -139,17 +142,21 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
     per_rank = {}
     for build in builds:
         gathers = []
-        received = 0
+        received = from_experts = 0
         for mapping in mappings:
             full = sum(math.prod(s) for s in mapping.hf_shapes) * dtype.itemsize
+            split = etp if mapping.expert is not None else tp
             if mapping.megatron_name in build.parameters:
-                if mapping.layout is not Layout.REPLICATED and tp > 1:
-                    gathers.append(build.parameters[mapping.megatron_name] * tp * dtype.itemsize)
+                if mapping.layout is not Layout.REPLICATED and split > 1:
+                    gathers.append(build.parameters[mapping.megatron_name] * split * dtype.itemsize)
+            elif mapping.expert is not None and owner[mapping.megatron_name] == build.pipeline:
+                from_experts += full  # held by another expert-parallel rank of this stage
             elif pp > 1 and owner.get(mapping.megatron_name) is not None:
                 received += full
         per_rank[build.rank] = {"tp_all_gather_bytes": sum(gathers),
                                 "largest_tp_all_gather_bytes": max(gathers, default=0),
-                                "pp_broadcast_received_bytes": received}
+                                "pp_broadcast_received_bytes": received,
+                                "ep_broadcast_received_bytes": from_experts}
     return {"bucket_bytes_limit": bucket_bytes, "buckets": buckets, "num_buckets": len(buckets),
             "largest_bucket_bytes": max(buckets), "total_bytes": sum(buckets),
             "weight_dtype": sg.weight_dtype if sg is not None else "as trained",
@@ -158,14 +165,23 @@ def weight_sync_plan(config: ExperimentConfig, spec: ModelSpec, builds: list[Ran
             "per_rank": per_rank}
 
 
-def _rank_memory(config: ExperimentConfig, arch: memory.Arch, build: RankBuild) -> dict[str, float]:
-    """The memory terms (``memory`` module docstring) of one built rank, in bytes."""
+def memory_layout(config: ExperimentConfig, world_size: int) -> memory.Layout:
+    """The memory model's layout of ``config`` at ``world_size``."""
     parallel, actor = config.parallel, config.actor
-    pp, cp = parallel.pipeline, parallel.context
-    layout = memory.Layout(tp=parallel.tensor, pp=pp, cp=cp, sp=parallel.sequence_parallel,
-                           tokens=actor.max_tokens_per_micro_batch,
-                           recompute=config.model.recompute == "full",
-                           chunk=actor.logprob_chunk_size)
+    return memory.Layout(tp=parallel.tensor, pp=parallel.pipeline,
+                         dp=parallel.data_size(world_size), cp=parallel.context,
+                         sp=parallel.sequence_parallel, tokens=actor.max_tokens_per_micro_batch,
+                         recompute=config.model.recompute == "full",
+                         chunk=actor.logprob_chunk_size,
+                         param_bytes=actor.torch_params_dtype.itemsize,
+                         fused_logprobs=actor.logprob_impl == "fused", ep=parallel.expert,
+                         etp=parallel.expert_tensor_size)
+
+
+def _rank_memory(config: ExperimentConfig, arch: memory.Arch, layout: memory.Layout,
+                 build: RankBuild) -> dict[str, float]:
+    """The memory terms (``memory`` module docstring) of one built rank, in bytes."""
+    actor, pp, cp = config.actor, layout.pp, layout.cp
     dtype = config.actor.torch_params_dtype
     logits = working = 0.0
     if build.vocab_rows:
@@ -180,7 +196,7 @@ def _rank_memory(config: ExperimentConfig, arch: memory.Arch, build: RankBuild) 
         # colocated runs offload the reference between uses (trainer.step)
         "reference": 0.0 if config.rollout.colocated
         else float(build.reference_parameters * dtype.itemsize),
-        "activations": memory.activation_bytes(arch, layout, len(build.layers), pp - build.pipeline),
+        "activations": memory.activation_bytes(arch, layout, build.layers, pp - build.pipeline),
         "logits": logits,
         "logprob_work": working,
     }
@@ -189,21 +205,32 @@ def _rank_memory(config: ExperimentConfig, arch: memory.Arch, build: RankBuild) 
 
 
 def _collectives(config: ExperimentConfig, spec: ModelSpec, build: RankBuild, sync: dict,
-                 share: int, dp: int) -> list[dict]:
-    """The collectives this rank takes part in with their largest message, in bytes."""
+                 share: int, layout: memory.Layout) -> list[dict]:
+    """The collectives this rank takes part in with their largest message, in bytes (an
+    all-to-all: what this rank sends, with balanced routing)."""
     parallel = config.parallel
     tp, pp, cp = parallel.tensor, parallel.pipeline, parallel.context
-    dp_cp = dp * cp
+    etp, ep = parallel.expert_tensor_size, parallel.expert
+    groups = {False: ("data x context", layout.dp * cp), True: ("expert data", layout.expert_data)}
     tokens = config.actor.max_tokens_per_micro_batch / cp
     hidden = tokens * spec.hidden_size * config.actor.torch_params_dtype.itemsize
     out = [{"name": "rollout share scatter (received)", "group": "world", "bytes": share}]
-    if dp_cp > 1:
-        for buffer in build.buffers:
+    for buffer in build.buffers:
+        group, size = groups[buffer.expert]
+        if size > 1:
             largest = max(buffer.buckets)
-            out += [{"name": "gradient reduce-scatter", "group": "data x context",
+            out += [{"name": "gradient reduce-scatter", "group": group,
                      "bytes": largest * buffer.grad_dtype.itemsize},
-                    {"name": "parameter all-gather", "group": "data x context",
+                    {"name": "parameter all-gather", "group": group,
                      "bytes": largest * buffer.param_dtype.itemsize}]
+    if spec.is_moe and ep * etp > 1:
+        # each of this rank's tokens (1/tp of them under sequence parallelism) goes to top_k experts
+        routed = int(hidden / (tp if parallel.sequence_parallel else 1) * spec.moe_top_k)
+        if ep > 1:
+            out.append({"name": "expert all-to-all", "group": "expert", "bytes": routed})
+        if etp > 1:
+            out.append({"name": "expert-tensor all-gather", "group": "expert tensor",
+                        "bytes": routed * etp})
     if tp > 1:
         name = "sequence-parallel all-gather" if parallel.sequence_parallel else "activation all-reduce"
         out.append({"name": name, "group": "tensor", "bytes": int(hidden)})
@@ -221,7 +248,7 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
          gpu_memory: int | None = None) -> dict:
     """Build every rank of ``config`` at ``world_size`` and report it (module docstring)."""
     started = time.perf_counter()
-    arch = memory.Arch.from_spec(spec)  # first: it refuses what the memory model cannot count
+    arch = memory.Arch.from_spec(spec)
     inputs = build_inputs(config, spec, world_size)
     builds = []
     for rank in range(world_size):
@@ -230,6 +257,8 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
         except Exception as error:  # noqa: BLE001 - the job's construction error, any type
             kind = "" if isinstance(error, ValueError) else f"{type(error).__name__}: "
             raise ValueError(f"rank {rank} of {world_size}: {kind}{error}") from error
+    layout = memory_layout(config, world_size)
+    memory.check_layout(arch, layout)  # what the actor refuses after the build
     parallel = config.parallel
     dp = parallel.data_size(world_size)
     sequences = math.ceil(config.train.mini_batch_size * config.rollout.n / dp)
@@ -239,8 +268,8 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
     sync = weight_sync_plan(config, spec, builds)
     ranks = []
     for build in builds:
-        terms = _rank_memory(config, arch, build)
-        collectives = _collectives(config, spec, build, sync, share, dp)
+        terms = _rank_memory(config, arch, layout, build)
+        collectives = _collectives(config, spec, build, sync, share, layout)
         ranks.append({
             "rank": build.rank, "pipeline": build.pipeline, "tensor": build.tensor,
             "context": build.context, "data": build.data,
@@ -261,10 +290,13 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
         "world_size": world_size,
         "layout": {"tensor": parallel.tensor, "pipeline": parallel.pipeline,
                    "context": parallel.context, "data": dp,
-                   "sequence_parallel": parallel.sequence_parallel},
+                   "sequence_parallel": parallel.sequence_parallel,
+                   "expert": parallel.expert, "expert_tensor": parallel.expert_tensor_size,
+                   "expert_data": layout.expert_data},
         "model": {"architecture": spec.architecture, "layers": spec.num_layers,
                   "hidden": spec.hidden_size, "vocab": spec.vocab_size,
-                  "parameters": arch.parameters()},
+                  "parameters": arch.parameters(), "active_parameters": arch.parameters(True),
+                  "experts": spec.num_experts, "top_k": spec.moe_top_k},
         "backend": config.model.backend,
         "layer_spec_built": "local (portable; Transformer Engine's parameters have the same shapes)",
         "reference": {"built": inputs.reference,
@@ -306,11 +338,16 @@ def format_table(report: dict) -> str:
         rows.append(row)
     widths = [max(len(x) for x in column) for column in zip(head, *rows)]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [head, *rows]]
-    layout = report["layout"]
+    layout, model = report["layout"], report["model"]
+    experts = ""
+    if model["experts"]:
+        experts = (f"; {model['experts']} experts, top-{model['top_k']}, over expert "
+                   f"{layout['expert']} x expert-tensor {layout['expert_tensor']} x pipeline "
+                   f"{layout['pipeline']} x expert data {layout['expert_data']}")
     lines += [
         "",
         f"{report['world_size']} ranks (tensor {layout['tensor']} x pipeline {layout['pipeline']}"
-        f" x context {layout['context']} x data {layout['data']}), each built on the meta "
+        f" x context {layout['context']} x data {layout['data']}{experts}), each built on the meta "
         f"device in a fake world, in {report['seconds']} s; layer spec built: "
         f"{report['layer_spec_built']}",
         "* estimated (docs/scaling.md: the memory model) for a micro-batch of "
@@ -365,11 +402,16 @@ def _summary(report: dict) -> str:
             f"{sync['bucket_bytes_limit'] >> 20} MiB{alone}, the largest {largest >> 20} MiB, "
             f"{_gib(sync['total_bytes'])} GiB in all, sent as {sync['weight_dtype']} "
             f"({_gib(sync['sent_bytes'])} GiB) by global rank 0")
-    gathered, received = (max(r["weight_sync"][key] for r in report["ranks"])
-                          for key in ("tp_all_gather_bytes", "pp_broadcast_received_bytes"))
+    gathered, received, from_experts = (
+        max(r["weight_sync"][key] for r in report["ranks"])
+        for key in ("tp_all_gather_bytes", "pp_broadcast_received_bytes",
+                    "ep_broadcast_received_bytes"))
     if gathered or received:
         text += (f"; every rank all-gathers up to {_gib(gathered)} GiB over tensor parallel and "
                  f"receives up to {_gib(received)} GiB by pipeline broadcast")
+    if from_experts:
+        text += (f"{',' if gathered or received else '; every rank'} receives up to "
+                 f"{_gib(from_experts)} GiB of other ranks' experts by expert-parallel broadcast")
     text += ". "
     if reference["built"]:
         size = _gib(max(r["reference_parameters"] for r in report["ranks"])

@@ -57,6 +57,7 @@ class Buffer:
     numel_unpadded: int
     buckets: tuple[int, ...]       # each bucket's padded elements (one collective each)
     shard: int                     # this rank's distributed-optimizer shard: parameter elements
+    expert: bool = False           # the experts' buffer (sharded over the expert-data group)
 
     @property
     def param_bytes(self) -> int:
@@ -134,12 +135,13 @@ def _ddp_buffers(model) -> tuple[Buffer, ...]:
     with cuda_allocations_on_meta():
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config(), module=model)
     out = []
-    for buffer in [*ddp.buffers, *ddp.expert_parallel_buffers]:
-        ranges = DistributedOptimizer._build_gbuf_range_map(buffer)
-        shard = sum(len(r["param"]) for per_bucket in ranges.values() for bucket in per_bucket
-                    for r in bucket["param_map"].values())
-        out.append(Buffer(param_dtype=buffer.param_dtype, grad_dtype=buffer.grad_dtype,
-                          numel=buffer.numel, numel_unpadded=buffer.numel_unpadded,
-                          buckets=tuple(b.grad_data.numel() for b in buffer.buckets),
-                          shard=shard))
+    for expert, buffers in ((False, ddp.buffers), (True, ddp.expert_parallel_buffers)):
+        for buffer in buffers:
+            ranges = DistributedOptimizer._build_gbuf_range_map(buffer)
+            shard = sum(len(r["param"]) for per_bucket in ranges.values()
+                        for bucket in per_bucket for r in bucket["param_map"].values())
+            out.append(Buffer(param_dtype=buffer.param_dtype, grad_dtype=buffer.grad_dtype,
+                              numel=buffer.numel, numel_unpadded=buffer.numel_unpadded,
+                              buckets=tuple(b.grad_data.numel() for b in buffer.buckets),
+                              shard=shard, expert=expert))
     return tuple(out)

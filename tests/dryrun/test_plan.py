@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_archer.actor import SequenceBatch
-from megatron_archer.dryrun import plan
+from megatron_archer.dryrun import memory, plan
 from megatron_archer.dryrun.rank_build import BuildInputs, build_rank
 from megatron_archer.models import ModelSpec, build_gpt_model, hf_weight_buckets, transformer_config
 from megatron_archer.models.weight_map import global_named_parameters
@@ -34,21 +34,22 @@ SCALE = ROOT / "examples" / "scale"
 
 def _spec(case: str, **overrides) -> ModelSpec:
     config = hf_config(case, **overrides)
-    config.architectures = [{"qwen3": "Qwen3ForCausalLM"}.get(case, "Qwen2ForCausalLM")]
+    config.architectures = [{"qwen3": "Qwen3ForCausalLM",
+                             "qwen3_moe": "Qwen3MoeForCausalLM"}.get(case, "Qwen2ForCausalLM")]
     return ModelSpec.from_hf_config(config)
 
 
-def _inputs(spec: ModelSpec, tp: int, pp: int, world: int, cp: int = 1) -> BuildInputs:
-    return BuildInputs(spec=spec, parallel=ParallelConfig(tensor=tp, pipeline=pp, context=cp),
-                       world_size=world, params_dtype=torch.float32, overrides={}, te=False,
-                       reference=False)
+def _inputs(spec: ModelSpec, tp: int, pp: int, world: int, cp: int = 1, ep: int = 1) -> BuildInputs:
+    parallel = ParallelConfig(tensor=tp, pipeline=pp, context=cp, expert=ep)
+    return BuildInputs(spec=spec, parallel=parallel, world_size=world,
+                       params_dtype=torch.float32, overrides={}, te=False, reference=False)
 
 
 def _real_stages(rank: int, world: int, cases: list, out: str) -> None:
     """In a gloo process: each case's stage built as the job builds it (CPU tensors)."""
     result = {}
-    for name, spec, tp, pp in cases:
-        with model_parallel(tp, pp):
+    for name, spec, tp, pp, ep in cases:
+        with model_parallel(tp, pp, expert_parallel=ep):
             model = build_gpt_model(spec, backend="local", params_dtype=torch.float32,
                                     perform_initialization=False)
             result[name] = {n: p.numel() for n, p in global_named_parameters(model).items()}
@@ -56,13 +57,14 @@ def _real_stages(rank: int, world: int, cases: list, out: str) -> None:
 
 
 def test_fake_world_builds_what_real_processes_build(tmp_path):
-    cases = [("qwen3", _spec("qwen3", num_hidden_layers=4), 2, 2),
-             ("qwen2_tied", _spec("qwen2_tied", num_hidden_layers=4), 2, 2)]
+    cases = [("qwen3", _spec("qwen3", num_hidden_layers=4), 2, 2, 1),
+             ("qwen2_tied", _spec("qwen2_tied", num_hidden_layers=4), 2, 2, 1),
+             ("qwen3_moe", _spec("qwen3_moe", num_hidden_layers=4), 1, 2, 2)]
     run_distributed(_real_stages, 4, cases, str(tmp_path))
-    for name, spec, tp, pp in cases:
+    for name, spec, tp, pp, ep in cases:
         for rank in range(4):
             real = json.loads((tmp_path / f"{rank}.json").read_text())[name]
-            built = build_rank(_inputs(spec, tp, pp, 4), rank)
+            built = build_rank(_inputs(spec, tp, pp, 4, ep=ep), rank)
             assert built.parameters == real, (name, rank)
             assert built.layers == tuple(range(2 * built.pipeline, 2 * built.pipeline + 2))
 
@@ -220,13 +222,44 @@ def test_each_rank_is_built_from_a_fresh_world():
     assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
 
 
-def test_a_mixture_of_experts_model_is_refused_in_one_line():
-    """The memory model is a dense decoder's (README: no MoE plan yet): a Qwen3-MoE model is
-    refused before any rank is built rather than reported with dense-model figures."""
-    config = hf_config("qwen3_moe")
-    config.architectures = ["Qwen3MoeForCausalLM"]
-    spec = ModelSpec.from_hf_config(config)
-    job = load_config(CPU_CONFIG, ["parallel.tensor=1", "parallel.expert=2"])
-    with pytest.raises(ValueError, match=r"^Qwen3MoeForCausalLM is a mixture-of-experts model .* do not model yet"):
-        plan.plan(job, spec, 2)
+def test_mixture_of_experts_plan_is_the_memory_model():
+    """A Qwen3-MoE job at EP 2 and TP 2 x EP 2 (sequence parallel): the experts are megatron's
+    second DDP buffer, one expert-parallel rank's experts, sharded over the expert-data group,
+    and the memory model's static terms equal what was built, byte for byte; the dispatcher's
+    all-to-all is among the collectives; TP 2 without sequence parallelism is refused in one
+    line, as the actor refuses it."""
+    spec = _spec("qwen3_moe", head_dim=64)  # 2 layers of 4 experts (48 x 64), top-2; every
+    # parameter a multiple of 64 elements, so megatron pads only the end of the dense buffer
+    arch = memory.Arch.from_spec(spec)
+    per_rank_experts = 2 * 2 * 3 * 64 * 48  # layers x experts a rank x (gate, up, down)
+    for overrides, world, etp in ((["parallel.tensor=1", "parallel.expert=2"], 4, 1),
+                                  (["parallel.sequence_parallel=true", "parallel.expert=2"], 4, 2)):
+        config = load_config(CPU_CONFIG, overrides)
+        report = plan.plan(config, spec, world)
+        layout = plan.memory_layout(config, world)
+        expected = memory.estimate(arch, layout)
+        assert layout.expert_tensor == etp and report["layout"]["expert_data"] == 4 // (2 * etp)
+        for rank in report["ranks"]:
+            dense, experts = rank["grad_buckets"]
+            assert experts == per_rank_experts // etp
+            # the dense buffer's end is padded to a multiple of lcm(dp x cp, 128) elements, which
+            # weights and grads leave out (the optimizer's largest_shard counts it); fp32 here
+            padding = rank["buffer_padding"]
+            assert dense % 128 == 0 and padding < 128
+            for key in ("weights", "grads"):
+                assert rank["bytes"][key] == expected[key] + 4 * padding, (overrides, key)
+            for key in ("activations", "logits"):
+                assert rank["bytes"][key] == expected[key], (overrides, key)
+            all_to_all = [c for c in rank["collectives"] if c["name"] == "expert all-to-all"]
+            tokens = config.actor.max_tokens_per_micro_batch // config.parallel.tensor
+            assert all_to_all == [{"name": "expert all-to-all", "group": "expert",
+                                   "bytes": tokens * 2 * 64 * 4}]  # top-2 copies, fp32
+        # the largest shard (the last holds the padding): dense over dp 4, experts over the
+        # expert-data group (4 / (ep x etp))
+        assert max(r["bytes"]["optimizer"] for r in report["ranks"]) == expected["optimizer"]
+    assert report["model"]["parameters"] == arch.parameters()
+    config = load_config(CPU_CONFIG, ["parallel.expert=2"])  # tensor 2, no sequence parallel
+    with pytest.raises(ValueError, match=r"^a mixture-of-experts model at tensor parallel > 1 "
+                                         r"trains only with sequence parallelism"):
+        plan.plan(config, spec, 4)
     assert not dist.is_initialized()
