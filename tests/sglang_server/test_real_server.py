@@ -23,7 +23,7 @@ from megatron_archer.rollout import SGLangEngine
 from megatron_archer.rollout import sglang_payloads as payloads
 from megatron_archer.rollout.engine import SamplingParams
 from megatron_archer.rollout.http_client import RetryPolicy, request_json
-from tests.numerics import assert_as_accurate
+from tests.numerics import accuracy_failure
 from tests.rollout.fake_server import fast_policies
 
 PROMPTS = [[5, 17, 42, 99], [200, 3, 3, 8, 150], [77]]
@@ -49,9 +49,13 @@ def check_samples(samples, prompts, ref, params: SamplingParams, *, greedy=True)
             index = torch.tensor(tokens)[:, None]
             baseline = torch.log_softmax(logits32 / temperature, -1).gather(1, index)[:, 0]
             reference = torch.log_softmax(logits64 / temperature, -1).gather(1, index)[:, 0]
-            assert_as_accurate(torch.tensor(sample.logprobs, dtype=torch.float32), baseline,
-                               reference, f"log-probs of prompt {prompt}", dtype=torch.float32,
-                               scale=(logits64 / temperature).abs().max().item())  # fmt: skip
+            tested = torch.tensor(sample.logprobs, dtype=torch.float32)
+            failure = accuracy_failure(f"log-probs of prompt {prompt}", tested, baseline,
+                                       reference, dtype=torch.float32,
+                                       scale=(logits64 / temperature).abs().max().item())
+            # the error at each position tells a precision loss (even) from a position one (RoPE)
+            errors = " ".join(f"{e:.1e}" for e in (tested.double() - reference).abs().tolist())
+            assert failure is None, f"{failure}; error by position: {errors}"
 
 
 def serve(servers, models, engine, name: str, version: int) -> None:
