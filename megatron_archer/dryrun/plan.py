@@ -410,8 +410,8 @@ def _summary(report: dict) -> str:
         text += (f"; every rank all-gathers up to {_gib(gathered)} GiB over tensor parallel and "
                  f"receives up to {_gib(received)} GiB by pipeline broadcast")
     if from_experts:
-        text += (f"{',' if gathered or received else '; every rank'} receives up to "
-                 f"{_gib(from_experts)} GiB of other ranks' experts by expert-parallel broadcast")
+        text += (" and " if gathered or received else "; every rank receives up to ") + (
+            f"{_gib(from_experts)} GiB of other ranks' experts by expert-parallel broadcast")
     text += ". "
     if reference["built"]:
         size = _gib(max(r["reference_parameters"] for r in report["ranks"])
