@@ -301,6 +301,7 @@ class ModelRunner:
             parallel_state.get_tensor_model_parallel_rank() if sp else 0)
 
     def _replays_rollout(self, rollout) -> bool:
+        """Whether the forwards replay the engine's routing ``rollout`` (``_rollout_routing``)."""
         return rollout is not None and self.config.routing_replay == "rollout"
 
     def _run_schedule(self, micro_batches: list[MicroBatch], loss_func_factory, forward_only: bool):
@@ -503,8 +504,8 @@ class Actor(ModelRunner):
         rollout = self._rollout_routing(batch, micro_batches)
         if rollout is not None:
             if routing is not None:
-                raise ValueError("train_step: a recorded routing for a batch that carries the "
-                                 "engine's: compare with one")
+                raise ValueError("train_step: routing given for a batch that carries the "
+                                 "engine's routing (SequenceBatch.routing); pass routing=None")
             (routing, known), replay_routing = rollout, self._replays_rollout(rollout)
         # DDP averages over data x context parallel ranks; megatron's schedule multiplies each
         # loss by the CP size itself (forward_step_calc_loss), so the scale is over DP only

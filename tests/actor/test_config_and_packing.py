@@ -63,6 +63,13 @@ def test_batch_validation():
         SequenceBatch([ids], [torch.ones(4, dtype=torch.bool)])
     with pytest.raises(ValueError, match="1 input_ids but 2"):
         SequenceBatch([ids], [ids.bool(), ids.bool()])
+    mask = torch.arange(5) >= 2
+    for routing in ([torch.zeros(4, 2, 2, dtype=torch.int16)] * 2, [torch.zeros(3, 2, 2)],
+                    [torch.zeros(3, 2, 2, dtype=torch.int16)], [torch.zeros(4, 2)]):
+        with pytest.raises(ValueError, match=r"routing"):
+            SequenceBatch([ids], [mask], routing)
+    for tokens in (4, 5):  # every token but the last (the engine's), or every token
+        SequenceBatch([ids], [mask], [torch.zeros(tokens, 2, 2, dtype=torch.int16)])
 
 
 def test_pack_labels_positions_and_layout():

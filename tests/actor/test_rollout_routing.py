@@ -2,7 +2,8 @@
 top-2, 2 layers) in real gloo processes, at EP 2, TP 2 x EP 2 (sequence parallel), PP 2 and
 CP 2: the local engine's recorded routing (prompt and response tokens) laid out on each rank
 makes the training forward choose exactly the engine's experts; with the engine's routers
-perturbed, some tokens route otherwise without replay and none with it; and the replayed
+perturbed, some tokens route otherwise without replay and none with it (a recorded routing
+passed with such a batch is refused); and the replayed
 forward's log-probs equal transformers' forced to the same experts, as accurately as the engine's
 own (tests/numerics.py)."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from megatron_archer.actor import Actor, ActorConfig, SequenceBatch
@@ -88,6 +90,8 @@ def _worker(rank, world_size, path):
             drifted = actor.train_step(perturbed, _zero_loss)
             share = drifted.moe_metrics["moe/routing_mismatch_share"]
             assert share > 0.05, f"{where}: only {share} routed otherwise without replay"
+            with pytest.raises(ValueError, match=r"carries the engine's routing .* routing=None"):
+                actor.train_step(perturbed, _zero_loss, routing=result.routing)
     failures = [f for f in failures if f]
     assert not failures, "; ".join(failures)
 
