@@ -3,9 +3,8 @@ top-2, 2 layers) in real gloo processes, at EP 2, TP 2 x EP 2 (sequence parallel
 CP 2: the local engine's recorded routing (prompt and response tokens) laid out on each rank
 makes the training forward choose exactly the engine's experts; with the engine's routers
 perturbed, some tokens route otherwise without replay and none with it (a recorded routing
-passed with such a batch is refused); and the replayed
-forward's log-probs equal transformers' forced to the same experts, as accurately as the engine's
-own (tests/numerics.py)."""
+passed with such a batch is refused); and the replayed forward's log-probs equal transformers'
+forced to the same experts, as accurately as the engine's own (tests/numerics.py)."""
 
 from __future__ import annotations
 
