@@ -118,8 +118,9 @@ def _export_buckets(rank: int, world: int, spec: ModelSpec, limit: int, out: str
     Path(out).write_text(json.dumps(sizes))
 
 
-def test_weight_sync_buckets_are_hf_weight_buckets(tmp_path):
-    spec = _spec("qwen3")
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_moe"])
+def test_weight_sync_buckets_are_hf_weight_buckets(case, tmp_path):
+    spec = _spec(case)
     run_distributed(_export_buckets, 1, spec, 40_000, str(tmp_path / "sizes.json"))
     expected = json.loads((tmp_path / "sizes.json").read_text())
     assert len(expected) > 3
@@ -223,17 +224,19 @@ def test_each_rank_is_built_from_a_fresh_world():
 
 
 def test_mixture_of_experts_plan_is_the_memory_model():
-    """A Qwen3-MoE job at EP 2 and TP 2 x EP 2 (sequence parallel): the experts are megatron's
-    second DDP buffer, one expert-parallel rank's experts, sharded over the expert-data group,
-    and the memory model's static terms equal what was built, byte for byte; the dispatcher's
-    all-to-all is among the collectives; TP 2 without sequence parallelism is refused in one
-    line, as the actor refuses it."""
+    """A Qwen3-MoE job at EP 2 and TP 2 x EP 2 (sequence parallel, ETP 2 and 1): the experts are
+    megatron's second DDP buffer, one expert-parallel rank's experts, sharded over the
+    expert-data group, and the memory model's terms equal what was built, byte for byte; the
+    dispatcher's all-to-all is among the collectives and the weight sync gathers experts over
+    ETP and broadcasts them over EP; TP 2 without sequence parallelism is refused in one line,
+    as the actor refuses it."""
     spec = _spec("qwen3_moe", head_dim=64)  # 2 layers of 4 experts (48 x 64), top-2; every
     # parameter a multiple of 64 elements, so megatron pads only the end of the dense buffer
     arch = memory.Arch.from_spec(spec)
     per_rank_experts = 2 * 2 * 3 * 64 * 48  # layers x experts a rank x (gate, up, down)
-    for overrides, world, etp in ((["parallel.tensor=1", "parallel.expert=2"], 4, 1),
-                                  (["parallel.sequence_parallel=true", "parallel.expert=2"], 4, 2)):
+    sp = ["parallel.sequence_parallel=true", "parallel.expert=2"]  # tensor 2
+    for overrides, world, etp in ((["parallel.tensor=1", "parallel.expert=2"], 4, 1), (sp, 4, 2),
+                                  ([*sp, "parallel.expert_tensor=1"], 4, 1)):
         config = load_config(CPU_CONFIG, overrides)
         report = plan.plan(config, spec, world)
         layout = plan.memory_layout(config, world)
@@ -254,8 +257,21 @@ def test_mixture_of_experts_plan_is_the_memory_model():
             tokens = config.actor.max_tokens_per_micro_batch // config.parallel.tensor
             assert all_to_all == [{"name": "expert all-to-all", "group": "expert",
                                    "bytes": tokens * 2 * 64 * 4}]  # top-2 copies, fp32
-        # the largest shard (the last holds the padding): dense over dp 4, experts over the
-        # expert-data group (4 / (ep x etp))
+        # weight sync (fp32): the other expert-parallel rank's 2 experts of each layer arrive by
+        # broadcast; at TP 2 every split tensor is gathered whole: per layer q, k, v (64 x (512 + 2 x
+        # 128)) and the output projection (512 x 64), embedding and output layer (256 padded rows
+        # x 64); at ETP 2 this rank's 2 experts of 3 x 64 x 48 (router and norms: replicated)
+        other_experts = 2 * 2 * 3 * 64 * 48 * 4
+        tp = config.parallel.tensor
+        gathered = (4 * (2 * (64 * 768 + 512 * 64) + 2 * 256 * 64) if tp > 1 else 0) + (
+            4 * 2 * 2 * 3 * 64 * 48 if etp > 1 else 0)
+        for rank in report["ranks"]:
+            sync = rank["weight_sync"]
+            assert sync["ep_broadcast_received_bytes"] == other_experts
+            assert sync["pp_broadcast_received_bytes"] == 0
+            assert sync["tp_all_gather_bytes"] == gathered
+        # the largest shard (the last holds the padding): dense over data x context, experts
+        # over the expert-data group (4 / (ep x etp))
         assert max(r["bytes"]["optimizer"] for r in report["ranks"]) == expected["optimizer"]
     assert report["model"]["parameters"] == arch.parameters()
     config = load_config(CPU_CONFIG, ["parallel.expert=2"])  # tensor 2, no sequence parallel
