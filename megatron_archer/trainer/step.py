@@ -147,8 +147,8 @@ def build_shares(groups: list[Group], algorithm: AlgorithmConfig, mini_batch_siz
 
 
 def _mini_batch(samples, advantages: torch.Tensor) -> MiniBatch:
-    """The samples' mini-batch; the engine's routing travels with it when every sample has it
-    (``actor.routing_replay: rollout``)."""
+    """The samples' mini-batch; the engine's routing travels with it when the samples have it
+    (``actor.routing_replay: rollout``): all of them or none."""
     ids, masks, rollout = [], [], []
     for prompt, sample in samples:
         ids.append(torch.tensor([*prompt.input_ids, *sample.token_ids], dtype=torch.long))
@@ -156,7 +156,11 @@ def _mini_batch(samples, advantages: torch.Tensor) -> MiniBatch:
                                 torch.ones(len(sample.token_ids), dtype=torch.bool)]))
         rollout.append(torch.tensor(sample.logprobs, dtype=torch.float32))
     routing = [s.routing for _, s in samples]
-    routing = routing if all(r is not None for r in routing) else None
+    missing = sum(r is None for r in routing)
+    if 0 < missing < len(routing):
+        raise ValueError(f"{missing} of {len(routing)} samples of a mini-batch came back from the "
+                         f"rollout engine without their routing (actor.routing_replay: rollout)")
+    routing = None if missing else routing
     return MiniBatch(SequenceBatch(ids, masks, routing), advantages,
                      torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True))
 
@@ -401,6 +405,9 @@ def train_on_mini_batches(actor: Actor, mini_batches: list[MiniBatch], algorithm
             # update's, and with ``actor.routing_replay: old`` replayed (a deferred first
             # update is its own old-policy forward); a batch carrying the engine's routing
             # (``routing_replay: rollout``) is compared with, and replays, that instead
+            if actor.config.routing_replay == "rollout" and mb.batch.routing is None:
+                raise ValueError("actor.routing_replay is 'rollout' but the rollout engine "
+                                 "returned no routing with its samples")
             old_routing = None if mb.batch.routing is not None else mb.old_routing
             result = actor.train_step(
                 mb.batch, loss_fn, entropy_grad=entropy_grad, micro_batches=micro,

@@ -119,3 +119,14 @@ def test_routing_travels_with_the_share():
                 assert have.dtype == torch.int16 and torch.equal(have, want)
     dense = build_shares(random_groups(4, 2, seed=1), AlgorithmConfig(), 2, 2)[0]
     assert all(mb.batch.routing is None for mb in unpack_share(*pack_share(dense)))
+
+
+def test_a_mini_batch_with_some_samples_missing_their_routing_is_refused():
+    """The engine's routing comes with every sample of a mini-batch or with none: a partial
+    one is an error naming the count, not a mini-batch silently trained without replay."""
+    groups = random_groups(2, 2, seed=3)
+    first = groups[0].samples[0]
+    groups[0].samples[0] = replace(first, routing=torch.zeros(
+        len(groups[0].prompt.input_ids) + len(first.token_ids) - 1, 3, 2, dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"3 of 4 samples .* without their routing"):
+        build_shares(groups, AlgorithmConfig(), 4, 1)
