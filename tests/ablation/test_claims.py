@@ -197,12 +197,14 @@ def test_claims_load_and_follow_the_selected_variants(tmp_path):
     assert select_variants(config, ["grpo"]).claims == (Claim("grpo", "warm_start"),)
 
 
-def test_power_yaml_runs_the_core_claims_at_the_sweep_settings():
+def test_power_yaml_runs_the_papers_comparisons_at_the_sweep_settings():
     config = load_ablation_config(EXAMPLES / "power.yaml")
     papers = {v.name: v for v in load_ablation_config(EXAMPLES / "papers.yaml").variants}
     assert config.seeds == (0, 1, 2, 3, 4)
     names = [v.name for v in config.variants]
-    assert names == ["dapo", "forking_rho0.2", "bottom_80", "archer", "clip_cov", "kl_cov"]
+    assert names == ["dapo", "forking_rho0.2", "bottom_80", "archer", "clip_cov", "kl_cov",
+                     "forking_rho0.5", "forking_rho1.0", "archer_no_knowledge_kl",
+                     "archer_equal_clip", "archer_soft"]
     for variant in config.variants:  # as papers.yaml defines them
         assert variant.algorithm == papers[variant.name].algorithm
         assert variant.overrides == papers[variant.name].overrides == ()
@@ -217,4 +219,6 @@ def test_power_yaml_runs_the_core_claims_at_the_sweep_settings():
         ("dapo", "warm_start", "higher"), ("forking_rho0.2", "dapo", "higher"),
         ("bottom_80", "dapo", "lower"), ("bottom_80", "forking_rho0.2", "lower"),
         ("archer", "dapo", "higher"), ("clip_cov", "dapo", "higher"),
-        ("kl_cov", "dapo", "higher")]
+        ("kl_cov", "dapo", "higher"), ("forking_rho0.2", "forking_rho1.0", "higher"),
+        ("forking_rho0.2", "forking_rho0.5", "higher"), ("archer", "archer_no_knowledge_kl", "higher"),
+        ("archer", "archer_equal_clip", "higher")]
