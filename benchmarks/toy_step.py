@@ -2,6 +2,7 @@
 
     python -m benchmarks.toy_step [--baseline main] [--runs 4] [--steps 8] [--warmup 2]
                                   [--out runs/sweep] [--variant dapo_lr3e-5]
+                                  [--after-override rollout.threads=1 ...]
 
 The work is one run of the toy sweep (``examples/ablations/sweep.yaml``, issue 29): its tiny
 Qwen3 (0.43M parameters) from the sweep's warm start, 8 prompts x 8 responses of at most 48
@@ -10,8 +11,9 @@ at seed 0. The sweep's prepared start (``<out>/prepare``: data and warm start) i
 made as ``megatron-archer ablate`` makes it.
 
 BEFORE is ``megatron_archer`` as of the git revision ``--baseline``, exported with ``git
-archive`` into a temporary directory and put first on PYTHONPATH; AFTER is this tree. Each run
-is a fresh ``megatron-archer train`` process of ``--steps`` steps (checkpoints off), under the
+archive`` into a temporary directory and put first on PYTHONPATH; AFTER is this tree, with the
+experiment overrides ``--after-override`` (none by default: the same settings). Each run is
+a fresh ``megatron-archer train`` process of ``--steps`` steps (checkpoints off), under the
 sweep's thread settings (OMP_NUM_THREADS=1, OMP_WAIT_POLICY=PASSIVE, unless already set). The
 two alternate run by run (ABBA: before, after, after, before, ...), so a change of the machine's
 load hits both alike, and the first ``--warmup`` steps of every run are dropped.
@@ -19,10 +21,10 @@ load hits both alike, and the first ``--warmup`` steps of every run are dropped.
 Per side: seconds per step over the kept steps of all runs (``time/step`` of the trainer's
 metrics: the whole step, logging excluded; median, min, max), the median rollout seconds
 (``time/rollout``: generation), and the CPU seconds per kept step of each run (the process's,
-all threads, from /proc; unlike wall time, barely inflated by other jobs on the machine). The ratio is of the
-medians, after / before. The same seed gives both sides the same rollouts when the change keeps
-the engine's samples (the per-step mean response length and reward are compared and the result
-printed). The 1-minute load average is sampled before every run.
+all threads, from /proc; unlike wall time, barely inflated by other jobs on the machine). The
+ratios are of the medians, after / before. The same seed gives both sides the same rollouts when
+the change keeps the engine's samples (the per-step mean response length and reward are compared
+and the result printed). The 1-minute load average is sampled before every run.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_once(experiment: Path, python_path: Path, steps: int, warmup: int,
-             run_dir: Path) -> dict:
+def run_once(experiment: Path, python_path: Path, steps: int, warmup: int, run_dir: Path,
+             overrides: list[str]) -> dict:
     """One training run: per-step metrics and the CPU seconds of its steps after the warm-up
     (read from /proc when the metrics file gains its line of step ``warmup`` and of the last
     step, polled every 10 ms). It runs in the directory above ``run_dir`` (``python -m`` puts
@@ -93,7 +95,7 @@ def run_once(experiment: Path, python_path: Path, steps: int, warmup: int,
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     command = [sys.executable, "-m", "megatron_archer.cli", "train", str(experiment),
                f"train.steps={steps}", f"logging.dir={run_dir}", "logging.overwrite=true",
-               "checkpoint.interval=0"]
+               "checkpoint.interval=0", *overrides]
     metrics = run_dir / "metrics.jsonl"
     marks: dict[int, float] = {}
     with tempfile.TemporaryFile("w+") as log:
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(ROOT / "runs" / "sweep"),
                         help="the sweep's out directory (its prepare/ is reused or made)")
     parser.add_argument("--variant", default="dapo_lr3e-5", help="the sweep variant run")
+    parser.add_argument("--after-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an experiment override for the AFTER runs only (repeatable)")
     parser.add_argument("--json", help="also write the table as JSON here")
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         experiment.write_text(experiment_yaml(args.out, args.variant))
         (tmp / "before").mkdir()
         paths = {"before": export_revision(args.baseline, tmp / "before"), "after": ROOT}
+        overrides = {"before": [], "after": args.after_override}
         for path in paths.values():
             check_import(path, tmp)
         start = time.perf_counter()
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             for side in SIDES if index % 2 == 0 else SIDES[::-1]:
                 loads.append(os.getloadavg()[0])
                 run = run_once(experiment, paths[side], args.steps, args.warmup,
-                               tmp / f"{side}_{index}")
+                               tmp / f"{side}_{index}", overrides[side])
                 results[side].append(run)
                 print(f"run {index + 1}/{args.runs} {side}: "
                       f"{[round(r['time/step'], 3) for r in run['steps']]} s/step, "
@@ -195,13 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
         loads.append(os.getloadavg()[0])
     table = summarise(results, args.warmup)
     same = same_rollouts(results)
-    print(f"\nbaseline {args.baseline}, variant {args.variant}, {args.steps} steps a run "
+    print(f"\nbaseline {args.baseline}, variant {args.variant}, after-overrides "
+          f"{args.after_override or 'none'}, {args.steps} steps a run "
           f"({args.warmup} dropped), {args.runs} runs a side, {time.perf_counter() - start:.0f} "
           f"s in all; 1-minute load average {min(loads):.1f}-{max(loads):.1f}; same rollouts on "
           f"both sides: {'yes' if same else 'NO'}\n")
     print(format_table(table))
     report = {"table": table, "load": [min(loads), max(loads)], "same_rollouts": same,
-              "baseline": args.baseline, "variant": args.variant}
+              "baseline": args.baseline, "variant": args.variant,
+              "after_overrides": args.after_override}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
