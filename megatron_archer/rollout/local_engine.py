@@ -270,8 +270,8 @@ class LocalEngine(RolloutEngine):
         where every layer is full SDPA attention, the 4D boolean mask [B, 1, 1, L] that
         transformers would build from it (the step's query attends every unpadded key, so the
         causal part is all true), or None where nothing is padded (transformers then passes no
-        mask either). Handing it over skips transformers' mask construction, most of a small
-        model's decode step; other models get the 2D mask (``_prepared_mask``)."""
+        mask either). Handing it over skips transformers' mask construction each step (a few
+        percent of a tiny model's rollout); other models get the 2D mask (``_prepared_mask``)."""
         if not self._prepared_mask:
             return mask
         return None if bool(mask.all()) else mask.bool()[:, None, None, :]
