@@ -124,6 +124,18 @@ class _RoutingRecorder:
         return out, experts
 
 
+def _full_sdpa_attention(config) -> bool:
+    """Whether every attention layer of a transformers model is full (causal, no sliding window
+    or chunks) under SDPA: then a decode step's padding mask is its whole attention mask."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None or not getattr(
+        config, "use_sliding_window", True)
+
+
 class LocalEngine(RolloutEngine):
     """A transformers model on ``device`` in ``dtype`` (float32 for exact log-probs on CPU).
 
@@ -156,6 +168,7 @@ class LocalEngine(RolloutEngine):
         ).to(self.device)
         self.model.eval()
         self._recorder = _RoutingRecorder(self.model) if record_routing else None
+        self._prepared_mask = _full_sdpa_attention(self.model.config)
         self._version: int | None = None
         self._released = False
 
@@ -218,9 +231,14 @@ class LocalEngine(RolloutEngine):
         else:
             generator.manual_seed(params.seed)
 
-        cache, logits, mask, routing = self._prefill(prompts, params.n)
+        cache, logits, prompt_mask, routing = self._prefill(prompts, params.n)
         stop = torch.tensor(params.stop_token_ids, dtype=torch.long, device=self.device)
         done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        # the attention mask of every step, preallocated: step k writes column width + k in place
+        width = prompt_mask.shape[1]
+        mask = prompt_mask.new_zeros(len(rows), width + params.max_new_tokens)
+        mask[:, :width] = prompt_mask
+        length = prompt_mask.sum(-1)  # each row's unmasked tokens: the next position is length - 1
         out_tokens, out_logp, out_temp, out_stopped, out_routing = [], [], [], [], []
         for step in range(params.max_new_tokens):
             tokens, logp, temps = _sample_rows(logits[:, :vocab], params, generator)
@@ -230,10 +248,12 @@ class LocalEngine(RolloutEngine):
             done |= stopped
             if done.all() or step == params.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
+            mask[:, width + step] = ~done
+            length += ~done
             out, experts = self._forward(partial(
-                self.model, input_ids=tokens[:, None], attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, -1:],
+                self.model, input_ids=tokens[:, None],
+                attention_mask=self._decode_mask(mask[:, : width + step + 1]),
+                position_ids=(length - 1).clamp(min=0)[:, None],
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
             ))  # fmt: skip
             out_routing.append(experts)
@@ -244,6 +264,17 @@ class LocalEngine(RolloutEngine):
         return [[replace(s, routing=torch.cat([routing[i * params.n + j]] + [
             step[i * params.n + j][None] for step in out_routing[:len(s.token_ids) - 1]]))
                  for j, s in enumerate(group)] for i, group in enumerate(samples)]
+
+    def _decode_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask of a one-token decode step given its 2D padding mask [B, L]:
+        where every layer is full SDPA attention, the 4D boolean mask [B, 1, 1, L] that
+        transformers would build from it (the step's query attends every unpadded key, so the
+        causal part is all true), or None where nothing is padded (transformers then passes no
+        mask either). Handing it over skips transformers' mask construction each step (a few
+        percent of a tiny model's rollout); other models get the 2D mask (``_prepared_mask``)."""
+        if not self._prepared_mask:
+            return mask
+        return None if bool(mask.all()) else mask.bool()[:, None, None, :]
 
     def _forward(self, forward):
         """``forward()``'s result, and with ``record_routing`` its tokens' routing (else None)."""

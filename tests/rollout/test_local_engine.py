@@ -261,6 +261,44 @@ def test_each_prompt_is_prefilled_once_for_its_n_rows(engine, checkpoint, monkey
     assert not sample_logprob_failures(checkpoint, prompts, got, want, 1.2)
 
 
+def test_decode_steps_hand_transformers_its_own_mask_exactly(engine, monkeypatch):
+    """Decode steps pass the padding mask as the 4D boolean mask transformers would build (None
+    where nothing is padded), so transformers builds a mask for the prefill only; the samples are
+    bitwise those of the 2D mask that transformers turns into the same mask: left-padded and
+    unpadded prompts, rows stopping at different steps (their later keys masked)."""
+    import transformers.masking_utils as masking_utils
+
+    from megatron_archer.rollout.local_engine import _full_sdpa_attention
+
+    assert engine._prepared_mask, "guard: the test checkpoint takes the prepared-mask path"
+    built = []
+    sdpa_mask = masking_utils.sdpa_mask
+    monkeypatch.setitem(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
+                        lambda *a, **k: (built.append(k["attention_mask"] is not None), sdpa_mask(*a, **k))[1])
+    base = SamplingParams(max_new_tokens=9, n=3, temperature=1.0, seed=3)
+    stop_id = engine.generate(PROMPTS, base)[1][0].token_ids[2]
+    for prompts in (PROMPTS, [[4, 5, 6], [9, 8, 7]]):
+        params = SamplingParams(**{**base.__dict__, "stop_token_ids": (stop_id,)})
+        built.clear()
+        fast = engine.generate(prompts, params)
+        assert sum(built) == 1, "transformers built a mask for the prefill only"
+        monkeypatch.setattr(engine, "_prepared_mask", False)
+        built.clear()
+        slow = engine.generate(prompts, params)
+        assert len(built) > 1, "guard: the 2D path lets transformers handle every step's mask"
+        monkeypatch.setattr(engine, "_prepared_mask", True)
+        assert [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in fast] == \
+            [[(s.token_ids, s.logprobs, s.finish_reason) for s in g] for g in slow]
+    assert {s.finish_reason for g in fast for s in g} == {"stop", "length"}, "guard: rows stop"
+    sliding = transformers.Qwen2Config(use_sliding_window=True, sliding_window=4,
+                                       max_window_layers=0, num_hidden_layers=2)
+    sliding._attn_implementation = "sdpa"
+    assert not _full_sdpa_attention(sliding), "a sliding-window model keeps the 2D mask"
+    eager = transformers.Qwen2Config(num_hidden_layers=2)
+    eager._attn_implementation = "eager"
+    assert not _full_sdpa_attention(eager)
+
+
 def test_per_expert_buckets_update_a_moe_engine_exactly(tmp_path):
     """Buckets name each expert's matrix as checkpoints do on disk; transformers stacks them in
     memory ([gate; up] per expert): after an update from another checkpoint's on-disk tensors
