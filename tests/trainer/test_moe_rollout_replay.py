@@ -18,15 +18,16 @@ from megatron_archer.rollout.local_engine import LocalEngine
 from megatron_archer.trainer import load_config, run_training
 from megatron_archer.trainer.rollout_share import pack_share, unpack_share
 from megatron_archer.trainer.step import build_shares
-from tests.distributed import run_distributed
-from tests.trainer.common import CPU_CONFIG, random_groups, tiny_run
-from tests.trainer.test_moe_trainer import LOSS_ATOL
+from tests.trainer.common import CPU_CONFIG, random_groups
+from tests.trainer.test_moe_trainer import (
+    assert_resume_is_bitwise,
+    assert_steps_match,
+    single_and_ep2_runs,
+)
 from tests.trainer.test_parallel_layouts import (
     ADAM_EPS,
-    LOSS_RTOL,
     PARAM_ATOL,
     REWARD,
-    STEPS,
     _engine,
     _metrics,
 )
@@ -39,7 +40,7 @@ def _train(root, base, name, *overrides):
     ``build_engine`` makes it, so that its weights (every expert) can be saved afterwards."""
     config = load_config(CPU_CONFIG, [*base, REWARD, f"logging.dir={root / name}",
                                       "checkpoint.interval=1", f"actor.adam_eps={ADAM_EPS}",
-                                      "parallel.tensor=1", *overrides])
+                                      "parallel.tensor=1", *ROLLOUT, *overrides])
     engine = LocalEngine(config.model.path, record_routing=True, threads=1) \
         if dist.get_rank() == 0 else None
     trainer = run_training(config, engine=engine)
@@ -48,38 +49,16 @@ def _train(root, base, name, *overrides):
         torch.save(weights, root / f"{name}.engine.pt")
 
 
-def _single_worker(rank, world_size, root, base):
-    _train(root, base, "single", *ROLLOUT, f"train.steps={STEPS}")
-
-
-def _ep2_worker(rank, world_size, root, base):
-    _train(root, base, "ep2", *ROLLOUT, "parallel.expert=2", f"train.steps={STEPS}")
-    _train(root, base, "ep2_resumed", *ROLLOUT, "parallel.expert=2", "train.steps=2")
-    _train(root, base, "ep2_resumed", *ROLLOUT, "parallel.expert=2", f"train.steps={STEPS}",
-           "checkpoint.resume=true")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe_rollout")
-    base = tiny_run(root, case="qwen3_moe")
-    run_distributed(_single_worker, 1, root, base)
-    run_distributed(_ep2_worker, 2, root, base)
-    return root
+    return single_and_ep2_runs(tmp_path_factory.mktemp("moe_rollout"), _train)
 
 
 def test_rollout_replay_at_expert_parallel_equals_one_process(runs):
     config = load_config(runs / "ep2" / "config.yaml")
     assert config.parallel.expert == 2 and config.actor.routing_replay == "rollout"
     single, ep2 = _metrics(runs, "single"), _metrics(runs, "ep2")
-    assert [m["step"] for m in ep2] == list(range(1, STEPS + 1))
-    for a, b in zip(single, ep2):
-        assert b["step/skipped"] == 0 and b["actor/updates"] == 2
-        for key in ("reward/mean", "response/length_mean", "dynamic_sampling/groups"):
-            assert a[key] == b[key], (a["step"], key)
-        for key in ("entropy/mean", "actor/grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
-        assert b["actor/loss"] == pytest.approx(a["actor/loss"], abs=LOSS_ATOL), a["step"]
+    assert_steps_match(single, ep2)
     for record in single + ep2:  # every update routed each token to the engine's experts
         assert record["moe/routing_mismatch_share"] == 0.0, record
     expected, got = _engine(runs, "single"), _engine(runs, "ep2")
@@ -88,16 +67,9 @@ def test_rollout_replay_at_expert_parallel_equals_one_process(runs):
 
 
 def test_rollout_replay_resume_is_bitwise(runs):
-    full, resumed = _metrics(runs, "ep2"), _metrics(runs, "ep2_resumed")
-    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     state = (runs / "ep2_resumed").rglob("trainer_state.json")
     assert any('"routing"' in path.read_text() for path in state)  # saved in flight
-    expected, got = _engine(runs, "ep2"), _engine(runs, "ep2_resumed")
-    for name, tensor in expected.items():
-        assert torch.equal(got[name], tensor), name
-    for a, b in zip(full, resumed):
-        for key in ("actor/loss", "actor/grad_norm", "reward/mean"):
-            assert a[key] == b[key], (a["step"], key)
+    assert_resume_is_bitwise(runs)
 
 
 def test_routing_travels_with_the_share():

@@ -33,6 +33,20 @@ from tests.trainer.test_parallel_layouts import (
 LOSS_ATOL = 1e-3
 
 
+def assert_steps_match(single: list[dict], ep2: list[dict]) -> None:
+    """Every step of the EP 2 run (metrics records) is the one-process run's: the same rollouts,
+    two updates, entropy and gradient norm within the dense layouts' bounds, the loss within
+    ``LOSS_ATOL``."""
+    assert [m["step"] for m in ep2] == list(range(1, STEPS + 1))
+    for a, b in zip(single, ep2):
+        assert b["step/skipped"] == 0 and b["actor/updates"] == 2
+        for key in ("reward/mean", "response/length_mean", "dynamic_sampling/groups"):
+            assert a[key] == b[key], (a["step"], key)
+        for key in ("entropy/mean", "actor/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
+        assert b["actor/loss"] == pytest.approx(a["actor/loss"], abs=LOSS_ATOL), a["step"]
+
+
 def _train(root, base, name, *overrides):
     config = load_config(CPU_CONFIG, [*base, REWARD, f"logging.dir={root / name}",
                                       "checkpoint.interval=1", f"actor.adam_eps={ADAM_EPS}",
@@ -44,37 +58,35 @@ def _train(root, base, name, *overrides):
         torch.save(engine, root / f"{name}.engine.pt")
 
 
-def _single_worker(rank, world_size, root, base):
-    _train(root, base, "single", f"train.steps={STEPS}")
+def _single_worker(rank, world_size, root, base, train):
+    train(root, base, "single", f"train.steps={STEPS}")
 
 
-def _ep2_worker(rank, world_size, root, base):
-    _train(root, base, "ep2", "parallel.expert=2", f"train.steps={STEPS}")
-    _train(root, base, "ep2_resumed", "parallel.expert=2", "train.steps=2")
-    _train(root, base, "ep2_resumed", "parallel.expert=2", f"train.steps={STEPS}",
-           "checkpoint.resume=true")
+def _ep2_worker(rank, world_size, root, base, train):
+    train(root, base, "ep2", "parallel.expert=2", f"train.steps={STEPS}")
+    train(root, base, "ep2_resumed", "parallel.expert=2", "train.steps=2")
+    train(root, base, "ep2_resumed", "parallel.expert=2", f"train.steps={STEPS}",
+          "checkpoint.resume=true")
+
+
+def single_and_ep2_runs(root, train):
+    """Under ``root``: the one-process run ``single``, the EP 2 run ``ep2`` and ``ep2_resumed``
+    (stopped after step 2, resumed), each made by ``train(root, base, name, *overrides)``."""
+    base = tiny_run(root, case="qwen3_moe")
+    run_distributed(_single_worker, 1, root, base, train)
+    run_distributed(_ep2_worker, 2, root, base, train)
+    return root
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    base = tiny_run(root, case="qwen3_moe")
-    run_distributed(_single_worker, 1, root, base)
-    run_distributed(_ep2_worker, 2, root, base)
-    return root
+    return single_and_ep2_runs(tmp_path_factory.mktemp("moe"), _train)
 
 
 def test_expert_parallel_run_equals_one_process(runs):
     assert load_config(runs / "ep2" / "config.yaml").parallel.expert == 2
     single, ep2 = _metrics(runs, "single"), _metrics(runs, "ep2")
-    assert [m["step"] for m in ep2] == list(range(1, STEPS + 1))
-    for a, b in zip(single, ep2):
-        assert b["step/skipped"] == 0 and b["actor/updates"] == 2
-        for key in ("reward/mean", "response/length_mean", "dynamic_sampling/groups"):
-            assert a[key] == b[key], (a["step"], key)
-        for key in ("entropy/mean", "actor/grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL, abs=1e-6), (a["step"], key)
-        assert b["actor/loss"] == pytest.approx(a["actor/loss"], abs=LOSS_ATOL), a["step"]
+    assert_steps_match(single, ep2)
     for record in single + ep2:  # every replayed update dispatched to the old forward's experts
         assert record.get("moe/routing_mismatch_share", 0.0) == 0.0, record
         assert record["moe/aux_loss"] > 0 and record["moe/expert_load_max_over_mean/layer_2"] >= 1
@@ -95,6 +107,11 @@ def _engine_start(root):
 
 
 def test_expert_parallel_resume_is_bitwise(runs):
+    assert_resume_is_bitwise(runs)
+
+
+def assert_resume_is_bitwise(runs) -> None:
+    """``ep2_resumed`` equals ``ep2`` bitwise: the engine's weights, losses, gradient norms."""
     full, resumed = _metrics(runs, "ep2"), _metrics(runs, "ep2_resumed")
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     expected, got = _engine(runs, "ep2"), _engine(runs, "ep2_resumed")
