@@ -747,19 +747,17 @@ class SGLangEngine(RolloutEngine):
 
     def _plain_handles(self, bucket: Bucket, servers: Sequence[_Server]
                        ) -> tuple[DeviceHandles, Bucket | None]:
-        """A plain bucket serialised for each GPU of ``servers``: its CUDA tensors' IPC handles
-        for the GPU that holds them, the handles of one host copy for every other GPU (returned
-        too: it must outlive the posts); CPU tensors, one serialisation for all."""
+        """A plain bucket serialised for each GPU of ``servers`` (one server rank each): its CUDA
+        tensors' IPC handles for the GPU that holds them, one host copy (returned too: it must
+        outlive the posts) for every other GPU; CPU tensors as they are. Every rank gets a
+        serialisation of its own: torch counts a shared tensor's readers per serialisation (each
+        adds one, each rank that loads it takes one away), so one serialisation read by two
+        ranks would free the shared memory while this process still holds the tensors."""
         keys = {key for server in servers for key in self._device_keys(server)}
         gpu = bucket_device_key(bucket)
-        if gpu is None:
-            return DeviceHandles(dict.fromkeys(keys, serialize_named_tensors(bucket))), None
-        by_device, host = {}, None
-        if gpu in keys:
-            by_device[gpu] = serialize_named_tensors(bucket)
-        if keys - {gpu}:
-            host = to_host(bucket)
-            by_device.update(dict.fromkeys(keys - {gpu}, serialize_named_tensors(host)))
+        host = None if gpu is None or not keys - {gpu} else to_host(bucket)
+        by_device = {key: serialize_named_tensors(bucket if key == gpu or gpu is None else host)
+                     for key in keys}
         return DeviceHandles(by_device), host
 
     def _handles_for(self, server: _Server, bucket: DeviceHandles) -> list[str]:

@@ -483,3 +483,29 @@ def test_cpu_tensors_are_shared_by_name_with_processes_that_are_not_children():
                           capture_output=True, timeout=120)
     assert read.returncode == 0, read.stderr[-2000:]
     assert read.stdout.split(maxsplit=1) == ["w", "[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]\n"]
+
+
+def test_each_server_gets_its_own_serialisation_of_cpu_tensors():
+    """torch's file-name sharing counts readers in the shared file: each serialisation adds one,
+    each process that loads it takes one away. One serialisation read by two servers took one
+    too many: after both had read and closed it the file was gone while this process still held
+    the tensors, and the next update of the same tensors named a missing file (a real SGLang
+    server died: "unable to open shared memory object"). Each server rank is sent its own."""
+    code = ("import base64, gc, sys, pickle, torch.multiprocessing.reductions as r; "
+            "[(n, t)] = pickle.loads(base64.b64decode(sys.stdin.read())); print(t.sum().item()); "
+            "del t; gc.collect()")
+
+    def load(serialized: str) -> str:  # a server: loads, then frees the tensor (as SGLang does)
+        read = subprocess.run([sys.executable, "-c", code], input=serialized, text=True,
+                              capture_output=True, timeout=120)
+        assert read.returncode == 0, read.stderr[-2000:]
+        return read.stdout.strip()
+
+    tensor = torch.arange(6.0)
+    with FakeServer(ok_script) as first, FakeServer(ok_script) as second:
+        engine = SGLangEngine([first.url, second.url], policies=fast_policies())
+        for version in (1, 2):  # the same tensors twice, as a trainer's weights between steps
+            engine.update_weights([[("w", tensor)]], version=version)
+            for server in (first, second):
+                body = [b for p, b in server.requests if p == "/update_weights_from_tensor"][-1]
+                assert [load(s) for s in body["serialized_named_tensors"]] == ["15.0"], version
