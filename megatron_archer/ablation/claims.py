@@ -5,7 +5,8 @@ finished. With n differences, mean m and sample SD s:
 
 - the 95% interval is m +- t_{0.975, n-1} s / sqrt(n) (Student's t, paired);
 - the verdict is ``reproduced`` when the interval excludes 0 on the paper's side, ``contradicted``
-  when it excludes 0 on the other side, else ``inconclusive``;
+  when it excludes 0 on the other side, ``identical`` when every difference is exactly 0 (the two
+  variants ran the same computation, e.g. a clip range that never binds), else ``inconclusive``;
 - the minimum detectable effect (two-sided alpha 0.05, power 0.8) is
   (t_{0.975, n-1} + t_{0.80, n-1}) s / sqrt(n): the smallest true difference this design would
   have found four times in five, given the observed spread (so an inconclusive verdict says how
@@ -22,8 +23,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 HIGHER, LOWER = "higher", "lower"
-REPRODUCED, CONTRADICTED, INCONCLUSIVE, TOO_FEW = (
-    "reproduced", "contradicted", "inconclusive", "too few seeds")
+REPRODUCED, CONTRADICTED, INCONCLUSIVE, TOO_FEW, IDENTICAL = (
+    "reproduced", "contradicted", "inconclusive", "too few seeds", "identical")
 
 
 def t_cdf(t: float, df: int) -> float:
@@ -117,5 +118,6 @@ def claim_verdicts(claims: Sequence, values: Mapping[str, Mapping[str, float | N
                      "variant": claim.variant, "reference": claim.reference,
                      "direction": claim.direction, "source": claim.source,
                      "differences": differences, **stats,
-                     "verdict": verdict(stats["low"], stats["high"], claim.direction)})
+                     "verdict": IDENTICAL if differences and not any(differences.values())
+                     else verdict(stats["low"], stats["high"], claim.direction)})
     return rows

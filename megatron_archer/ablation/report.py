@@ -197,7 +197,8 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: i
                  f"evaluation, same prompts), in percentage points: mean, 95% t-interval, and "
                  f"the smallest difference this design detects with 80% power (two-sided alpha "
                  f"0.05, from the SD of the differences). Reproduced: the interval excludes 0 on "
-                 f"the paper's side; contradicted: on the other side; else inconclusive.", "",
+                 f"the paper's side; contradicted: on the other side; identical: the two variants "
+                 f"scored exactly the same on every seed; else inconclusive.", "",
                  claims_markdown(verdicts, k), ""]
     if missing:
         text += ["Not finished yet: " + ", ".join(missing), ""]

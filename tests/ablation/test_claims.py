@@ -222,3 +222,13 @@ def test_power_yaml_runs_the_papers_comparisons_at_the_sweep_settings():
         ("kl_cov", "dapo", "higher"), ("forking_rho0.2", "forking_rho1.0", "higher"),
         ("forking_rho0.2", "forking_rho0.5", "higher"), ("archer", "archer_no_knowledge_kl", "higher"),
         ("archer", "archer_equal_clip", "higher")]
+
+
+def test_variants_that_score_the_same_on_every_seed_are_identical():
+    """Two variants that ran the same computation (a clip range that never binds) differ by
+    exactly 0 on every seed: the verdict says so rather than "inconclusive" with an interval of
+    width 0; one seed with a difference makes it an ordinary claim again."""
+    same = {"a": {"0": 0.13, "1": 0.15}, "b": {"0": 0.13, "1": 0.15}}
+    assert claim_verdicts([Claim("a", "b")], same)[0]["verdict"] == "identical"
+    one_off = {"a": {"0": 0.13, "1": 0.15}, "b": {"0": 0.13, "1": 0.14}}
+    assert claim_verdicts([Claim("a", "b")], one_off)[0]["verdict"] != "identical"
