@@ -4,10 +4,11 @@ parallel 1 and 2, on identical work, in one invocation.
     python -m benchmarks.rl_step [--steps 12] [--warmup 2] [--runs 3] [--systems trl,tp1,tp2]
                                  [--threads N]
 
-Needs the ``bench`` extra (``pip install -e .[bench]``: TRL, pinned). The work is the quick
-start's: its tiny Qwen3 warm start (built once under ``--work-dir``, ``--warm-start-steps``
-supervised steps), 16 prompts x 8 samples a step at T = 1, at most 10 new tokens, the prompt
-template and arithmetic reward of ``examples/quickstart/archer.yaml``, 2 optimiser updates a step
+Needs the ``bench`` extra (``pip install -e .[bench]``: TRL, pinned). The work is the first quick
+start's (one operation on 1-9, answered with ``\\boxed{N}`` alone): the quick start's tiny Qwen3
+warm-started on it (built once under ``--work-dir``, ``--warm-start-steps`` supervised steps,
+label smoothing 0.15), 16 prompts x 8 samples a step at T = 1, at most 10 new tokens, the prompt
+template and arithmetic reward of ``benchmarks/rl_step.yaml``, 2 optimiser updates a step
 (mini-batches of 8 prompts), old log-probs recomputed and a reference model for the KL term. Both
 systems see the same prompts in the same order (no shuffling) and generate all 128 samples of a
 step as one batch; every group is trained (ours: dynamic sampling off, so one generation round;
@@ -45,36 +46,34 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "examples" / "quickstart" / "archer.yaml"
+CONFIG = ROOT / "benchmarks" / "rl_step.yaml"
 SYSTEMS = ("trl", "tp1", "tp2")
 PROMPTS, SAMPLES, NEW_TOKENS, MINI_BATCH, LR = 16, 8, 10, 8, 3e-4
+SFT_PROBLEMS, RL_PROBLEMS = 4000, 1000  # one operation (+, -, *) on 1-9, the arithmetic reward
 
 
 # ---------------------------------------------------------------------------- the work
 def prepare(work_dir: Path, warm_start_steps: int) -> dict[str, str]:
     """The warm-start checkpoint and RL data under ``work_dir`` (built once, then reused)."""
-    from megatron_archer.quickstart.build import build_base_model, write_datasets
-    from megatron_archer.quickstart.pipeline import Settings
+    from megatron_archer.data.synthetic_export import write_arithmetic_jsonl
+    from megatron_archer.quickstart.build import build_base_model
     from megatron_archer.quickstart.warm_start import warm_start
     from megatron_archer.trainer import load_config
 
-    s = Settings()
     warm = work_dir / f"warm_start_{warm_start_steps}"
     data = work_dir / "data"
     if not (warm / "config.json").exists():
-        base = build_base_model(work_dir / "base", hidden=s.hidden, layers=s.layers,
-                                intermediate=s.intermediate, seed=s.seed)
-        files = write_datasets(data, sft=s.sft_problems, rl=s.rl_problems, eval=s.eval_problems,
-                               num_operations=s.num_operations, max_operand=s.max_operand,
-                               eval_fraction=s.eval_fraction, seed=s.seed)
-        sft_data = load_config(CONFIG, [f"data.path={files.sft}"]).data
-        warm_start(base, warm, sft_data, steps=warm_start_steps, batch_size=s.sft_batch,
-                   lr=s.sft_lr, label_smoothing=s.sft_label_smoothing, seed=s.seed)
+        base = build_base_model(work_dir / "base")
+        sft = write_arithmetic_jsonl(data / "sft.jsonl", SFT_PROBLEMS, num_operations=1)
+        write_arithmetic_jsonl(data / "rl.jsonl", RL_PROBLEMS, num_operations=1)
+        sft_data = load_config(CONFIG, [f"data.path={sft}"]).data
+        warm_start(base, warm, sft_data, steps=warm_start_steps, batch_size=64, lr=3e-3,
+                   label_smoothing=0.15)
     return {"model": str(warm), "data": str(data / "rl.jsonl")}
 
 
 def our_overrides(work: dict[str, str], tp: int, steps: int, run_dir: Path) -> list[str]:
-    """``examples/quickstart/archer.yaml`` set to the benchmark's work (module docstring)."""
+    """``benchmarks/rl_step.yaml`` set to the benchmark's work (module docstring)."""
     return [f"model.path={work['model']}", f"data.path={work['data']}", "data.shuffle=false",
             f"parallel.tensor={tp}", f"rollout.prompts_per_step={PROMPTS}", f"rollout.n={SAMPLES}",
             f"rollout.max_new_tokens={NEW_TOKENS}", "algorithm.dynamic_sampling.enabled=false",
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                         help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_rl_step"))
     parser.add_argument("--warm-start-steps", type=int, default=250,
-                        help="supervised steps of the warm start (the quick start's: 250)")
+                        help="supervised steps of the warm start (the first quick start's: 250)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for every process (default: each system's own; "
                         "1 is steadier on a shared machine)")

@@ -514,8 +514,7 @@ def stage_c(checks: Checks, out: Path) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="gpu_smoke_train_"))
     model = build_base_model(work / "model")
-    data = write_datasets(work / "data", sft=8, rl=64, eval=8, num_operations=1, max_operand=9,
-                          eval_fraction=0.5)
+    data = write_datasets(work / "data", sft=8, rl=64, eval=8)
     run_dir = work / "run"
     for name, steps, resume in (("2 steps", 2, False), ("resume to step 3", 3, True)):
         with checks(f"megatron-archer train, local engine on CUDA: {name}") as details:

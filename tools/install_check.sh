@@ -20,7 +20,7 @@ cd "$WORK"   # the installed package, not the source tree, is imported from here
 from megatron_archer.quickstart.build import build_base_model, write_datasets
 
 build_base_model("model")
-write_datasets("data", sft=8, rl=64, eval=8, num_operations=1, max_operand=9, eval_fraction=0.5)
+write_datasets("data", sft=8, rl=64, eval=8)
 PY
 CONFIG="$OLDPWD/examples/quickstart/archer.yaml"
 for run in "2 false" "3 true"; do

@@ -14,11 +14,7 @@ from pathlib import Path
 from megatron_archer.ablation.config import AblationConfig
 from megatron_archer.ablation.plan import Layout, evaluation_config
 from megatron_archer.ablation.records import fingerprint, read_record, write_record
-from megatron_archer.data.stepwise_arithmetic import (
-    solution_target,
-    stepwise_problems,
-    write_stepwise_jsonl,
-)
+from megatron_archer.data.stepwise_arithmetic import solution_target
 
 RECORD = "prepared.json"
 
@@ -33,17 +29,16 @@ def prepare_fingerprint(config: AblationConfig) -> str:
 
 
 def _write_data(config: AblationConfig, layout: Layout) -> dict[str, int]:
+    from megatron_archer.quickstart.build import file_expressions, write_datasets
+
     task = config.task
-    difficulty = {"min_operations": task.min_operations, "max_operations": task.max_operations,
-                  "max_operand": task.max_operand, "eval_fraction": task.eval_fraction}
-    train = stepwise_problems(max(task.sft_problems, task.rl_problems), "train", task.seed,
-                              **difficulty)
-    held = stepwise_problems(task.eval_problems, "eval", task.seed, **difficulty)
-    write_stepwise_jsonl(layout.data("sft"), train[:task.sft_problems])
-    write_stepwise_jsonl(layout.data("rl"), train[:task.rl_problems])
-    write_stepwise_jsonl(layout.data("eval"), held)
-    return {"distinct_train_expressions": len({p.expression for p in train}),
-            "distinct_eval_expressions": len({p.expression for p in held})}
+    data = write_datasets(layout.data("sft").parent, sft=task.sft_problems, rl=task.rl_problems,
+                          eval=task.eval_problems, min_operations=task.min_operations,
+                          max_operations=task.max_operations, max_operand=task.max_operand,
+                          eval_fraction=task.eval_fraction, seed=task.seed)
+    train = file_expressions(data.sft if task.sft_problems >= task.rl_problems else data.rl)
+    return {"distinct_train_expressions": len(set(train)),
+            "distinct_eval_expressions": len(set(file_expressions(data.eval)))}
 
 
 def prepare(config: AblationConfig) -> dict:

@@ -3,8 +3,7 @@
 ``split_of`` assigns every expression to ``train`` or ``eval`` by its SHA-256, so an evaluation
 set is made of different expressions from the warm-start and RL sets by construction (not a
 separate draw of the same ones), identically for every seed and on every machine. The step-by-step
-task (``stepwise_arithmetic``) and the quick start's one-operation task (``quickstart.build``)
-both split this way.
+task (``stepwise_arithmetic``, which the quick start and the ablations use) splits this way.
 """
 
 from __future__ import annotations

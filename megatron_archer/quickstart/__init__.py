@@ -1,6 +1,7 @@
 """The CPU quick start (``make quickstart``): tiny Qwen3 model and tokenizer built locally, a short
-supervised warm start on the synthetic arithmetic task, accuracy before, Archer RL under torchrun
-(2 processes, tensor parallel 2, local engine), accuracy after, a PNG of the curves.
+supervised warm start on the step-by-step arithmetic task, held-out accuracy before, Archer RL
+under torchrun (2 processes, tensor parallel 2, local engine), held-out accuracy after, a PNG of
+the curves.
 
 ``python -m megatron_archer.quickstart [--out DIR] [sizes...]`` runs every stage (``pipeline.run``);
 the stages are importable on their own: ``build`` (model, tokenizer, data), ``warm_start`` (SFT),

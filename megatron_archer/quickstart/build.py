@@ -1,5 +1,5 @@
 """The quick start's inputs, built offline: a tiny random Qwen3 checkpoint with the tiny tokenizer,
-and three arithmetic sets (warm start, RL prompts, held-out evaluation)."""
+and the step-by-step arithmetic sets (warm start, RL prompts, held-out evaluation)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import torch
 import transformers
 
 from megatron_archer.data import build_tiny_tokenizer
-from megatron_archer.data.splits import SPLITS, split_of
-from megatron_archer.data.stepwise_arithmetic import expression_of
-from megatron_archer.data.synthetic_export import ARITHMETIC_DATA_SOURCE
-from megatron_archer.rewards.synthetic import ArithmeticProblem, arithmetic_problems
-
-_DRAWS_PER_PROBLEM = 50  # draws of the stream per problem asked before a split counts as too small
+from megatron_archer.data.stepwise_arithmetic import (
+    expression_of,
+    stepwise_problems,
+    write_stepwise_jsonl,
+)
 
 
 def build_base_model(out: str | Path, *, hidden: int = 128, layers: int = 2, heads: int = 4,
@@ -41,68 +40,33 @@ def build_base_model(out: str | Path, *, hidden: int = 128, layers: int = 2, hea
 
 @dataclass(frozen=True)
 class QuickstartData:
-    """The jsonl files (generic schema, ``data_source: arithmetic``) and the warm-start problems.
-    ``seen`` is the first ``eval`` RL problems: the same measurement on expressions RL trains on,
-    for contrast with the held-out ``eval``."""
+    """The jsonl files of the step-by-step task (generic schema, ``data_source:
+    stepwise_arithmetic``). ``seen`` is the first ``eval`` RL problems: the same measurement on
+    expressions RL trains on, for contrast with the held-out ``eval``."""
 
     sft: Path
     rl: Path
     eval: Path
     seen: Path
-    sft_problems: tuple[ArithmeticProblem, ...]
 
 
-def _write(path: Path, problems) -> Path:
-    with path.open("w", encoding="utf-8") as out:
-        for p in problems:
-            out.write(json.dumps({"prompt": p.prompt, "answer": p.answer,
-                                  "data_source": ARITHMETIC_DATA_SOURCE}) + "\n")
-    return path
-
-
-def split_problems(n: int, split: str, seed: int, num_operations: int, max_operand: int,
-                   eval_fraction: float, *, distinct: bool = False) -> list[ArithmeticProblem]:
-    """The first ``n`` problems of the ``arithmetic_problems`` stream of ``seed`` whose expression
-    lies in ``split`` (``data.splits.split_of``); with ``distinct``, each expression once. Raises
-    when the split's part of the expression space is too small for ``n``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in (0, 1); got {eval_fraction}")
-    limit = _DRAWS_PER_PROBLEM * n
-    chosen, seen = [], set()
-    for p in arithmetic_problems(limit, seed, num_operations, max_operand):
-        if len(chosen) == n:
-            break
-        if split_of(p.expression, eval_fraction) != split or (distinct and p.expression in seen):
-            continue
-        chosen.append(p)
-        seen.add(p.expression)
-    if len(chosen) < n:
-        raise ValueError(
-            f"only {len(chosen)} {'distinct ' if distinct else ''}{split} problems in {limit} "
-            f"draws of {num_operations} operation(s) on 1-{max_operand} at eval_fraction "
-            f"{eval_fraction}, {n} asked: raise max_operand or eval_fraction, or ask fewer")
-    return chosen
-
-
-def write_datasets(out: str | Path, *, sft: int, rl: int, eval: int, num_operations: int,
-                   max_operand: int, eval_fraction: float, seed: int = 0) -> QuickstartData:
-    """Warm-start and RL problems from the ``train`` split of the stream of ``seed`` (the RL set
-    is the first ``rl`` of it), ``eval`` distinct evaluation problems from the ``eval`` split of
-    the stream of ``seed + 1``, and ``seen`` (``QuickstartData``). The split is of the expression
-    space (by a hash of the text), so no evaluation expression occurs in the warm-start or RL
-    data, whatever the seed."""
+def write_datasets(out: str | Path, *, sft: int, rl: int, eval: int, min_operations: int = 2,
+                   max_operations: int = 3, max_operand: int = 9, eval_fraction: float = 0.2,
+                   seed: int = 0) -> QuickstartData:
+    """Warm-start and RL problems from the ``train`` split of the step-by-step task's stream of
+    ``seed`` (the RL set is the first ``rl`` of it), ``eval`` problems from its ``eval`` split,
+    and ``seen`` (``QuickstartData``). The split is of the expression space (by a hash of the
+    text), so no evaluation expression occurs in the warm-start or RL data, whatever the seed."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    sizes = {"num_operations": num_operations, "max_operand": max_operand,
-             "eval_fraction": eval_fraction}
-    train = split_problems(max(sft, rl), "train", seed, **sizes)
-    held = split_problems(eval, "eval", seed + 1, **sizes, distinct=True)
+    difficulty = {"min_operations": min_operations, "max_operations": max_operations,
+                  "max_operand": max_operand, "eval_fraction": eval_fraction}
+    train = stepwise_problems(max(sft, rl), "train", seed, **difficulty)
+    held = stepwise_problems(eval, "eval", seed, **difficulty)
     return QuickstartData(
-        sft=_write(out / "sft.jsonl", train[:sft]), rl=_write(out / "rl.jsonl", train[:rl]),
-        eval=_write(out / "eval.jsonl", held),
-        seen=_write(out / "seen.jsonl", train[:min(eval, rl)]), sft_problems=tuple(train[:sft]))
+        sft=write_stepwise_jsonl(out / "sft.jsonl", train[:sft]),
+        rl=write_stepwise_jsonl(out / "rl.jsonl", train[:rl]),
+        eval=write_stepwise_jsonl(out / "eval.jsonl", held),
+        seen=write_stepwise_jsonl(out / "seen.jsonl", train[:min(eval, rl)]))
 
 
 def file_expressions(path: Path) -> list[str]:

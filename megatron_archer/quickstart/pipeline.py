@@ -1,8 +1,10 @@
 """The quick start end to end (``python -m megatron_archer.quickstart``, ``make quickstart``).
 
-1. build: tiny Qwen3 (random, seeded) + the tiny tokenizer -> ``<out>/base``; arithmetic data
-   -> ``<out>/data`` (warm start, RL prompts, and evaluation on held-out expressions);
-2. warm start: a short SFT -> ``<out>/warm_start`` (the RL starting checkpoint, HF format);
+1. build: tiny Qwen3 (random, seeded) + the tiny tokenizer -> ``<out>/base``; step-by-step
+   arithmetic data -> ``<out>/data`` (warm start, RL prompts, and evaluation on held-out
+   expressions);
+2. warm start: a short SFT on the full solutions -> ``<out>/warm_start`` (the RL starting
+   checkpoint, HF format);
 3. accuracy before: avg@k / pass@k on the held-out evaluation set and, for contrast, on as many
    RL prompts (``trainer.evaluate``, as ``eval``);
 4. RL: ``torchrun --nproc-per-node 2 -m megatron_archer.cli train examples/quickstart/archer.yaml``
@@ -37,19 +39,21 @@ class Settings:
     hidden: int = 128
     layers: int = 2
     intermediate: int = 384
-    # task: one operation (+, -, *) on integers in [1, 9]; eval_fraction of the expression space
-    # (by a hash of the text) is held out for evaluation, the rest is the warm-start and RL data
-    num_operations: int = 1
+    # task: the step-by-step arithmetic task (data.stepwise_arithmetic), min..max operations on
+    # integers in [1, max_operand]; eval_fraction of the expression space (by a hash of the text)
+    # is held out for evaluation, the rest is the warm-start and RL data
+    min_operations: int = 2
+    max_operations: int = 3
     max_operand: int = 9
-    eval_fraction: float = 0.5  # 123 of the 243 expressions
+    eval_fraction: float = 0.2
     sft_problems: int = 4000
     rl_problems: int = 1000
-    eval_problems: int = 120  # distinct held-out expressions (and as many RL prompts, ``seen``)
-    # warm start
-    sft_steps: int = 250
+    eval_problems: int = 400  # held-out problems (and as many RL prompts, ``seen``)
+    # warm start: supervised on the full solutions
+    sft_steps: int = 300
     sft_batch: int = 64
     sft_lr: float = 3e-3
-    sft_label_smoothing: float = 0.15
+    sft_label_smoothing: float = 0.0
     # evaluation: k samples per problem at T = 1
     k: int = 8
     # RL: extra ``section.field=value`` overrides of the YAML (train.steps=2, ...)
@@ -65,12 +69,13 @@ HELP = {
     "hidden": "model hidden size",
     "layers": "model layers",
     "intermediate": "model MLP size",
-    "num_operations": "operations in each arithmetic expression",
+    "min_operations": "fewest operations in an expression",
+    "max_operations": "most operations in an expression",
     "max_operand": "largest operand (integers from 1)",
     "eval_fraction": "share of the expression space held out for evaluation (by a hash of the text)",
     "sft_problems": "warm-start (supervised) problems",
     "rl_problems": "RL prompts",
-    "eval_problems": "distinct held-out evaluation problems (and as many seen RL prompts)",
+    "eval_problems": "held-out evaluation problems (and as many seen RL prompts)",
     "sft_steps": "warm-start optimiser steps",
     "sft_batch": "warm-start batch size",
     "sft_lr": "warm-start learning rate",
@@ -133,10 +138,10 @@ def _eval(settings: Settings, data_path: Path, model: Path) -> dict:
     from megatron_archer.trainer import load_config
     from megatron_archer.trainer.evaluate import evaluate
 
-    # every problem in one engine batch per 50; mini_batch_size only has to divide it
+    # the problems in engine batches of 100; mini_batch_size only has to divide it
     config = load_config(settings.config, [
         f"model.path={model}", f"data.path={data_path}", "logging.progress=false",
-        "rollout.prompts_per_step=50", "train.mini_batch_size=1", f"train.seed={settings.seed}"])
+        "rollout.prompts_per_step=100", "train.mini_batch_size=1", f"train.seed={settings.seed}"])
     return evaluate(config, k=settings.k)
 
 
@@ -168,6 +173,7 @@ def run(settings: Settings, out: Path | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from megatron_archer.data.stepwise_arithmetic import solution_target
     from megatron_archer.quickstart.build import build_base_model, overlap, write_datasets
     from megatron_archer.quickstart.plot import plot_curves
     from megatron_archer.quickstart.warm_start import warm_start
@@ -177,23 +183,24 @@ def run(settings: Settings, out: Path | None = None) -> dict:
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     clock = Clock()
 
-    _banner("1/5 build: tiny Qwen3 model, tiny tokenizer, arithmetic data")
+    _banner("1/5 build: tiny Qwen3 model, tiny tokenizer, step-by-step arithmetic data")
     base = build_base_model(out / "base", hidden=settings.hidden, layers=settings.layers,
                             intermediate=settings.intermediate, seed=settings.seed)
     data = write_datasets(out / "data", sft=settings.sft_problems, rl=settings.rl_problems,
-                          eval=settings.eval_problems, num_operations=settings.num_operations,
-                          max_operand=settings.max_operand,
+                          eval=settings.eval_problems, min_operations=settings.min_operations,
+                          max_operations=settings.max_operations, max_operand=settings.max_operand,
                           eval_fraction=settings.eval_fraction, seed=settings.seed)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"[quickstart] model: {params / 1e6:.2f}M parameters -> {base}", flush=True)
     clock.stage("build")
 
-    _banner("2/5 warm start (supervised, one process)")
+    _banner("2/5 warm start (supervised on the step-by-step solutions, one process)")
     warm = out / "warm_start"
     sft_data = load_config(settings.config, [f"data.path={data.sft}"]).data
     sft = warm_start(base, warm, sft_data, steps=settings.sft_steps,
                      batch_size=settings.sft_batch, lr=settings.sft_lr,
-                     label_smoothing=settings.sft_label_smoothing, seed=settings.seed)
+                     label_smoothing=settings.sft_label_smoothing, seed=settings.seed,
+                     target=solution_target)
     clock.stage("warm_start")
 
     _banner(f"3/5 accuracy before RL ({settings.eval_problems} held-out problems and as many RL "
