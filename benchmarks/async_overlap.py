@@ -4,7 +4,7 @@ synchronous loop, on identical work, in one invocation; and both runs' reward cu
     python -m benchmarks.async_overlap [--steps 8] [--warmup 2] [--runs 2] [--new-tokens 48]
                                        [--learning-steps 30]
 
-The work is ``benchmarks.rl_step``'s (the quick start's tiny Qwen3, its prompts, 16 prompts x
+The work is ``benchmarks.rl_step``'s (the quick start's tiny Qwen3 on one-operation prompts, 16 x
 8 samples a step at T = 1, 2 updates a step, dynamic sampling off), on one process (tensor
 parallel 1), the local engine not colocated in both modes; async runs it in its own process
 (half the cores), sync in the trainer's (every core); ``--threads`` sets the trainer's

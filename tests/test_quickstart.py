@@ -28,7 +28,7 @@ def test_shortened_quickstart(tmp_path, capsys):
     out = tmp_path / "qs"
     settings = Settings(out=str(out), hidden=32, layers=2, intermediate=64, sft_problems=64,
                         rl_problems=16, eval_problems=6, sft_steps=3, sft_batch=16, k=2,
-                        rl_overrides=RL)
+                        rl_overrides=RL, seed=3)
     summary = run(settings)
 
     for name in ("base", "warm_start", "final"):
@@ -48,6 +48,9 @@ def test_shortened_quickstart(tmp_path, capsys):
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.parallel.tensor == 2 and resolved.algorithm.selection.method == "archer"
     assert resolved.rollout.engine == "local"
+    # --seed seeds the RL run; the starting point (model, data, warm start) keeps base_seed 0
+    assert resolved.train.seed == resolved.rollout.seed == resolved.data.seed == 3
+    assert summary["settings"]["base_seed"] == 0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     with Image.open(out / "curves.png") as image:
         image.load()

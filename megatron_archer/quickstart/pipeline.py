@@ -59,7 +59,10 @@ class Settings:
     # RL: extra ``section.field=value`` overrides of the YAML (train.steps=2, ...)
     rl_overrides: list[str] = field(default_factory=list)
     nproc: int = 2
+    # the RL run and the evaluation's sampling; the model, data and warm start (the starting
+    # point, fixed across RL seeds as in the ablations) use base_seed
     seed: int = 0
+    base_seed: int = 0
 
 
 # what ``--help`` says of each option
@@ -82,7 +85,9 @@ HELP = {
     "sft_label_smoothing": "warm-start label smoothing",
     "k": "samples per problem at evaluation (avg@k, pass@k)",
     "nproc": "RL processes (torchrun --nproc-per-node)",
-    "seed": "seed of the data, the model and the RL run",
+    "seed": "seed of the RL run (sampling, prompt order, training) and of the evaluation's "
+            "sampling",
+    "base_seed": "seed of the model's initialisation, the data and the warm start",
 }
 
 
@@ -185,11 +190,11 @@ def run(settings: Settings, out: Path | None = None) -> dict:
 
     _banner("1/5 build: tiny Qwen3 model, tiny tokenizer, step-by-step arithmetic data")
     base = build_base_model(out / "base", hidden=settings.hidden, layers=settings.layers,
-                            intermediate=settings.intermediate, seed=settings.seed)
+                            intermediate=settings.intermediate, seed=settings.base_seed)
     data = write_datasets(out / "data", sft=settings.sft_problems, rl=settings.rl_problems,
                           eval=settings.eval_problems, min_operations=settings.min_operations,
                           max_operations=settings.max_operations, max_operand=settings.max_operand,
-                          eval_fraction=settings.eval_fraction, seed=settings.seed)
+                          eval_fraction=settings.eval_fraction, seed=settings.base_seed)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     print(f"[quickstart] model: {params / 1e6:.2f}M parameters -> {base}", flush=True)
     clock.stage("build")
@@ -199,7 +204,7 @@ def run(settings: Settings, out: Path | None = None) -> dict:
     sft_data = load_config(settings.config, [f"data.path={data.sft}"]).data
     sft = warm_start(base, warm, sft_data, steps=settings.sft_steps,
                      batch_size=settings.sft_batch, lr=settings.sft_lr,
-                     label_smoothing=settings.sft_label_smoothing, seed=settings.seed,
+                     label_smoothing=settings.sft_label_smoothing, seed=settings.base_seed,
                      target=solution_target)
     clock.stage("warm_start")
 
@@ -212,7 +217,8 @@ def run(settings: Settings, out: Path | None = None) -> dict:
 
     _banner(f"4/5 Archer RL: torchrun, {settings.nproc} processes, tensor parallel 2")
     run_dir = out / "rl"
-    overrides = [f"model.path={warm}", f"data.path={data.rl}", f"logging.dir={run_dir}",
+    seeds = [f"{name}.seed={settings.seed}" for name in ("train", "rollout", "data")]
+    overrides = [f"model.path={warm}", f"data.path={data.rl}", f"logging.dir={run_dir}", *seeds,
                  *settings.rl_overrides]
     steps = load_config(settings.config, overrides).train.steps
     overrides += [f"checkpoint.interval={steps}", "checkpoint.keep_last=1"]
