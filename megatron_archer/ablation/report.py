@@ -164,6 +164,15 @@ def claims_markdown(rows: Sequence[Mapping], k: int) -> str:
     return "\n".join(lines)
 
 
+def write_claims(rows: Sequence[Mapping], stem: Path) -> None:
+    """``claim_verdicts`` rows as ``<stem>.csv`` and ``<stem>.md`` (full precision, raw
+    differences per seed)."""
+    write_table([{**{key: row[key] for key in ("claim", "source", "verdict", "n", "mean", "low",
+                                               "high", "sd", "mde")},
+                  "differences": " ".join(f"{s}:{d!r}" for s, d in row["differences"].items())}
+                 for row in rows], stem)
+
+
 def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: int, rho: float,
                  seeds: Sequence[int], missing: Sequence[str],
                  claims: Sequence[Claim] = ()) -> dict:
@@ -179,10 +188,7 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[int, Mapping]], k: i
     verdicts = claim_verdicts(claims, {v: row[names[0]]["values"] for v, row in table.items()})
     files = ["README.md", "table.md", "table.csv", "curves.png", "final.png"]
     if verdicts:
-        write_table([{**{key: row[key] for key in ("claim", "source", "verdict", "n", "mean",
-                                                   "low", "high", "sd", "mde")},
-                      "differences": " ".join(f"{s}:{d!r}" for s, d in row["differences"].items())}
-                     for row in verdicts], out / "claims")
+        write_claims(verdicts, out / "claims")
         files += ["claims.md", "claims.csv"]
     bands = {v: curve_bands(by_seed) for v, by_seed in summaries.items() if v != WARM_START}
     plot_curves(bands, out / "curves.png")
