@@ -70,9 +70,9 @@ def main(argv=None) -> int:
             target.write_text(json.dumps(result) + "\n")
             print(f"{variant} seed {seed}: {json.dumps(result)}", flush=True)
     metric = f"avg@{config.eval.k}"
-    values = {v: {int(p.stem.removeprefix("seed_")): json.loads(p.read_text())[metric]
-                  for p in (out / v).glob("seed_*.json")}
-              for v in [WARM_START, *names] if (out / v).is_dir()}
+    values = {v: {seed: json.loads(path.read_text())[metric] for seed in sorted(config.seeds)
+                  if (path := out / v / f"seed_{seed}.json").exists()}
+              for v in [WARM_START, *names]}
     rows = claim_verdicts(config.claims, values)
     write_claims(rows, out / "claims")
     (out / "README.md").write_text(
