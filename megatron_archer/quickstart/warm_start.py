@@ -1,12 +1,13 @@
-"""A short supervised warm start on the arithmetic task, so RL starts from non-trivial accuracy.
+"""A short supervised warm start on an arithmetic task, so RL starts from non-trivial accuracy.
 
 The prompts are the trainer's own (``load_prompt_set`` with the RL config's data settings, so the
-same template and token ids); the target is the answer in the reward's format, ``\\boxed{N}``,
-then EOS. Loss on the target tokens only; AdamW, full batches of right-padded sequences, on CPU in
-one process, with label smoothing: the model learns which answer is right (its greedy answer
-mostly is) but keeps probability on every other token, so sampling at T = 1 often derails, like a
-base model that knows more than it reliably says. RL at T = 1 then has a clear, learnable signal
-(sharpen onto the answers it already ranks first) that a tiny model picks up in a few minutes.
+same template and token ids); the target is a caller's text per record (the quick start and the
+ablations: the step-by-step solution, ``stepwise_arithmetic.solution_target``; by default the
+answer in the reward's format, ``\\boxed{N}``), then EOS. Loss on the target tokens only; AdamW,
+full batches of right-padded sequences, on CPU in one process. Optional label smoothing (the
+one-operation warm start of ``benchmarks.rl_step`` uses 0.15) keeps probability on every other
+token: the model learns which answer is right but samples it unreliably at T = 1, like a base
+model that knows more than it reliably says, which gives RL a signal to sharpen.
 """
 
 from __future__ import annotations
