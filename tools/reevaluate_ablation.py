@@ -27,6 +27,7 @@ from megatron_archer.ablation.config import WARM_START, load_ablation_config
 from megatron_archer.ablation.plan import Layout, evaluation_config
 from megatron_archer.ablation.report import claims_markdown, write_claims
 from megatron_archer.data.stepwise_arithmetic import stepwise_problems, write_stepwise_jsonl
+from megatron_archer.trainer.evaluate import evaluate
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,12 @@ def main(argv=None) -> int:
     layout = Layout(Path(config.out))
     task = config.task
     problems = out / "eval.jsonl"
-    if not problems.exists():
+    if problems.exists():  # the results beside it were made on it: never mix two sizes
+        found = len(problems.read_text().splitlines())
+        if found != args.problems:
+            parser.error(f"{problems} holds {found} problems, not {args.problems}: choose "
+                         f"another --out")
+    else:
         write_stepwise_jsonl(problems, stepwise_problems(
             args.problems, "eval", task.seed, task.min_operations, task.max_operations,
             task.max_operand, task.eval_fraction))
@@ -63,8 +69,6 @@ def main(argv=None) -> int:
                      else layout.run_dir(variant, seed) / "final")
             if target.exists() or not (model / "config.json").exists():
                 continue
-            from megatron_archer.trainer.evaluate import evaluate
-
             result = evaluate(evaluation, k=config.eval.k, model_path=str(model))
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(result) + "\n")

@@ -36,8 +36,8 @@ def _write_data(config: AblationConfig, layout: Layout) -> dict[str, int]:
                           eval=task.eval_problems, min_operations=task.min_operations,
                           max_operations=task.max_operations, max_operand=task.max_operand,
                           eval_fraction=task.eval_fraction, seed=task.seed)
-    train = file_expressions(data.sft if task.sft_problems >= task.rl_problems else data.rl)
-    return {"distinct_train_expressions": len(set(train)),
+    train = set(file_expressions(data.sft)) | set(file_expressions(data.rl))
+    return {"distinct_train_expressions": len(train),
             "distinct_eval_expressions": len(set(file_expressions(data.eval)))}
 
 

@@ -1,7 +1,8 @@
 """tools/reevaluate_ablation.py on a tiny prepared ablation: the larger held-out file extends the
 prepared one, each seed's evaluation is the same for the warm start and a run (a "run" that is a
 copy of the warm start scores identically, seed by seed), runs without a final checkpoint are
-skipped, finished results are kept on a rerun, and the claims table is written."""
+skipped, finished results are kept on a rerun (and never reused for another size), and the
+claims table is written."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_archer.ablation.config import load_ablation_config
@@ -56,3 +58,6 @@ def test_reevaluation_pairs_seeds_and_keeps_results(tmp_path, capsys):
     assert tool.main([str(path), "--problems", "6", "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*.json")} == written
     assert "seed 0:" not in capsys.readouterr().out  # nothing evaluated again
+    with pytest.raises(SystemExit):  # results made on 6 problems are not reused for 8
+        tool.main([str(path), "--problems", "8", "--out", str(out)])
+    assert "holds 6 problems, not 8" in capsys.readouterr().err
