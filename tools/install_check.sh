@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3.11}
 VENV=$(realpath -m "${INSTALL_CHECK_VENV:-.venv-install-check}")  # absolute: the run cds away
 WORK=$(mktemp -d)
 ROOT=$(pwd)
-trap 'rm -rf "$WORK" "$ROOT/build"' EXIT   # pip builds . in ./build
+trap 'rm -rf "$WORK" "$ROOT/build" "$VENV"' EXIT   # pip builds . in ./build; the venv is 1.6 GB
 
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
