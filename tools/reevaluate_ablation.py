@@ -9,7 +9,9 @@ finished run's final checkpoint (``<out>/runs/<variant>/seed_<s>/final``) on the
 of the task's held-out stream (its first ``task.eval_problems`` are the prepared ``eval.jsonl``)
 with the ablation's own evaluation of each seed (``ablation.plan.evaluation_config``), so with
 N = ``task.eval_problems`` it reproduces the runs' summaries exactly. Nothing is retrained.
-Results: ``DIR/<variant>/seed_<s>.json`` (kept: a rerun evaluates only what is missing), then the
+Results: ``DIR/<variant>/seed_<s>.json``, each with the content fingerprint of the checkpoint it
+evaluated (kept: a rerun evaluates only what is missing, or made from a checkpoint that has since
+changed, as when a run is retrained into the same ``out``), then the
 claims of the config on them (``claims.claim_verdicts``): ``DIR/README.md`` (the table in
 points) and ``DIR/claims.md`` / ``claims.csv``.
 DIR defaults to ``<out>_eval<N>``.
@@ -28,6 +30,7 @@ from megatron_archer.ablation.plan import Layout, evaluation_config
 from megatron_archer.ablation.report import claims_markdown, write_claims
 from megatron_archer.data.stepwise_arithmetic import stepwise_problems, write_stepwise_jsonl
 from megatron_archer.trainer.evaluate import evaluate
+from megatron_archer.trainer.sources import fingerprint
 
 
 def main(argv=None) -> int:
@@ -67,9 +70,15 @@ def main(argv=None) -> int:
             target = out / variant / f"seed_{seed}.json"
             model = (layout.warm_start if variant == WARM_START
                      else layout.run_dir(variant, seed) / "final")
-            if target.exists() or not (model / "config.json").exists():
+            if not (model / "config.json").exists():
                 continue
+            made_from = fingerprint(model)
+            if target.exists():
+                if json.loads(target.read_text()).get("model_fingerprint") == made_from:
+                    continue
+                print(f"{target}: its checkpoint {model} changed since; evaluating again")
             result = evaluate(evaluation, k=config.eval.k, model_path=str(model))
+            result["model_fingerprint"] = made_from
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(result) + "\n")
             print(f"{variant} seed {seed}: {json.dumps(result)}", flush=True)

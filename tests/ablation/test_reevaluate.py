@@ -1,8 +1,8 @@
 """tools/reevaluate_ablation.py on a tiny prepared ablation: the larger held-out file extends the
 prepared one, each seed's evaluation is the same for the warm start and a run (a "run" that is a
 copy of the warm start scores identically, seed by seed), runs without a final checkpoint are
-skipped, finished results are kept on a rerun (and never reused for another size), and the
-claims table is written."""
+skipped, finished results are kept on a rerun (but not once their checkpoint changed, and never
+reused for another size), and the claims table is written."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def test_reevaluation_pairs_seeds_and_keeps_results(tmp_path, capsys):
     assert tool.main([str(path), "--problems", "6", "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*.json")} == written
     assert "seed 0:" not in capsys.readouterr().out  # nothing evaluated again
+    retrained = layout.run_dir("grpo", 1) / "final" / "config.json"  # a run trained again
+    retrained.write_text(retrained.read_text() + "\n")
+    assert tool.main([str(path), "--problems", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "changed since" in printed and "grpo seed 1:" in printed
+    assert "seed 0:" not in printed and "warm_start seed 1:" not in printed
     with pytest.raises(SystemExit):  # results made on 6 problems are not reused for 8
         tool.main([str(path), "--problems", "8", "--out", str(out)])
     assert "holds 6 problems, not 8" in capsys.readouterr().err
