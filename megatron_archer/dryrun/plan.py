@@ -82,13 +82,19 @@ def build_inputs(config: ExperimentConfig, spec: ModelSpec, world_size: int) -> 
         te=config.model.backend == "te", reference=needs_reference(config.algorithm))
 
 
-def share_bytes(mini_batches: int, sequences: int, prompt_tokens: int, response_tokens: int) -> int:
+def share_bytes(mini_batches: int, sequences: int, prompt_tokens: int, response_tokens: int,
+                routing: tuple[int, int] | None = None) -> int:
     """Bytes of one data-parallel rank's rollout share as ``trainer.rollout_share.pack_share``
     packs it: ``mini_batches`` mini-batches of ``sequences`` sequences, each of
     ``prompt_tokens + response_tokens`` tokens (int32 counts, lengths and token ids; float32
-    advantages and rollout log-probs)."""
+    advantages and rollout log-probs); with ``routing`` = (layers, top_k) the engine's routing
+    of each sequence's first ``prompt_tokens + response_tokens - 1`` tokens (int16 experts)."""
     ints = 1 + mini_batches * (1 + sequences * (2 + prompt_tokens + response_tokens))
     floats = mini_batches * sequences * (1 + response_tokens)
+    if routing is not None:
+        total = mini_batches * sequences
+        experts = total * (prompt_tokens + response_tokens - 1) * routing[0] * routing[1]
+        ints += 2 + total + math.ceil(experts / 2)
     return 4 * (ints + floats)
 
 
@@ -262,9 +268,11 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
     parallel = config.parallel
     dp = parallel.data_size(world_size)
     sequences = math.ceil(config.train.mini_batch_size * config.rollout.n / dp)
+    routing = ((len(spec.moe_layers), spec.moe_top_k)
+               if spec.is_moe and config.actor.routing_replay == "rollout" else None)
     share = SIZES * 8 + share_bytes(config.rollout.prompts_per_step // config.train.mini_batch_size,
                                     sequences, config.data.max_prompt_length,
-                                    config.rollout.max_new_tokens)
+                                    config.rollout.max_new_tokens, routing)
     sync = weight_sync_plan(config, spec, builds)
     ranks = []
     for build in builds:

@@ -8,15 +8,18 @@ rollout log-probs), and scatters over the world group deliver them: first the bu
 sizes). The ranks of one
 model-parallel group (tensor and pipeline ranks of the same data-parallel rank) receive the same
 share. No Python object is pickled. The engine's routing (``actor.routing_replay: rollout``)
-follows the rest of the int32 buffer: [num_layers, top_k, then per sequence its routed tokens and
-their experts, flat]; a share without it is packed as before.
+follows the rest of the int32 buffer: [num_layers, top_k, then per sequence its routed tokens
+(prompt + response - 1), then every sequence's experts as int16, two to an int32 word]; a share
+without it is packed as before.
 
 Bytes moved per step: about world_size x (4 x T_max + 4 x R_max + 8 x S_max) where T_max,
 R_max and S_max are the largest share's tokens (prompt + response), response tokens and
 sequences. At paper scale (512 prompts x 16 responses, ~1k-token prompts, ~10k-token responses,
 data-parallel 16 on 128 GPUs) a share is 1/16 of ~90 M tokens: ~23 MB of token ids and ~21 MB of
 log-probs, ~5.6 GB over all 128 ranks; each rank receives only its own ~44 MB, where pickling the
-whole batch to every rank moved ~1 GB to each.
+whole batch to every rank moved ~1 GB to each. The routing adds 2 x num_layers x top_k bytes a
+token: 768 for Qwen3-30B-A3B (48 layers, top-8), ~4.3 GB a share at that scale, about 100 times
+the rest (``megatron-archer plan`` counts it).
 """
 
 from __future__ import annotations
@@ -42,39 +45,41 @@ def pack_share(mini_batches: Sequence[MiniBatch]) -> tuple[torch.Tensor, torch.T
     sequence's rollout log-probs [response_length]. Response tokens are the sequence's tail (a
     prompt followed by a response, as the trainer builds them).
     """
-    ints, floats = [len(mini_batches)], []
+    ints = [torch.tensor([len(mini_batches)], dtype=torch.int32)]
+    floats = [torch.zeros(0, dtype=torch.float32)]
     for mb in mini_batches:
-        ints.append(len(mb.batch))
-        floats.extend(mb.advantages.tolist())
+        ints.append(torch.tensor([len(mb.batch)], dtype=torch.int32))
+        floats.append(mb.advantages.reshape(-1).to(torch.float32))
         for i, (ids, mask) in enumerate(zip(mb.batch.input_ids, mb.batch.response_mask)):
             responses = int(mask.sum())
-            ints.extend([ids.numel() - responses, responses, *ids.tolist()])
-            floats.extend(mb.rollout_logp[i, :responses].tolist())
-    parts = [torch.tensor(ints, dtype=torch.int32)]
+            ints += [torch.tensor([ids.numel() - responses, responses], dtype=torch.int32),
+                     ids.to(torch.int32)]
+            floats.append(mb.rollout_logp[i, :responses].to(torch.float32))
     routing = [r for mb in mini_batches if mb.batch.routing is not None for r in mb.batch.routing]
     if routing:
-        parts.append(torch.tensor(routing[0].shape[1:], dtype=torch.int32))
-        for experts in routing:
-            parts += [torch.tensor([experts.shape[0]], dtype=torch.int32),
-                      experts.reshape(-1).to(torch.int32)]
-    return torch.cat(parts), torch.tensor(floats, dtype=torch.float32)
+        experts = torch.cat([r.reshape(-1).to(torch.int16) for r in routing])
+        if experts.numel() % 2:  # two int16 per int32 word
+            experts = torch.cat([experts, experts.new_zeros(1)])
+        ints += [torch.tensor([*routing[0].shape[1:], *(r.shape[0] for r in routing)],
+                              dtype=torch.int32), experts.view(torch.int32)]
+    return torch.cat(ints), torch.cat(floats)
 
 
 def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> list[MiniBatch]:
-    """The inverse of ``pack_share``."""
-    ints = ints.tolist()
+    """The inverse of ``pack_share``. Token ids, log-probs and routing are sliced out of the
+    buffers as tensors; only the counts and lengths are read one by one."""
     pos, fpos = 1, 0
     out = []
-    for _ in range(ints[0]):
-        count = ints[pos]
+    for _ in range(int(ints[0])):
+        count = int(ints[pos])
         pos += 1
         advantages = floats[fpos:fpos + count].clone()
         fpos += count
         ids, masks, rollout = [], [], []
         for _ in range(count):
-            prompt, responses = ints[pos], ints[pos + 1]
+            prompt, responses = ints[pos:pos + 2].tolist()
             pos += 2
-            ids.append(torch.tensor(ints[pos:pos + prompt + responses], dtype=torch.long))
+            ids.append(ints[pos:pos + prompt + responses].long())
             pos += prompt + responses
             masks.append(torch.cat([torch.zeros(prompt, dtype=torch.bool),
                                     torch.ones(responses, dtype=torch.bool)]))
@@ -82,16 +87,19 @@ def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> list[MiniBatch]:
             fpos += responses
         out.append(MiniBatch(SequenceBatch(ids, masks), advantages,
                              torch.nn.utils.rnn.pad_sequence(rollout, batch_first=True)))
-    if pos < len(ints):
-        layers, top_k = ints[pos:pos + 2]
-        pos += 2
+    if pos < ints.numel():
+        layers, top_k = ints[pos:pos + 2].tolist()
+        sequences = sum(len(mb.batch) for mb in out)
+        rows = ints[pos + 2:pos + 2 + sequences].tolist()
+        experts = ints[pos + 2 + sequences:].view(torch.int16)
+        start = 0
         for mb in out:
             routing = []
-            for _ in range(len(mb.batch)):
-                rows = ints[pos]
-                routing.append(torch.tensor(ints[pos + 1:pos + 1 + rows * layers * top_k],
-                                            dtype=torch.int16).view(rows, layers, top_k))
-                pos += 1 + rows * layers * top_k
+            for tokens in rows[:len(mb.batch)]:
+                size = tokens * layers * top_k
+                routing.append(experts[start:start + size].clone().view(tokens, layers, top_k))
+                start += size
+            rows = rows[len(mb.batch):]
             mb.batch = SequenceBatch(mb.batch.input_ids, mb.batch.response_mask, routing)
     return out
 

@@ -88,17 +88,21 @@ def test_ddp_buffers_and_optimizer_shards():
         assert buffer.param_bytes == 4 * buffer.numel and buffer.grad_bytes == 4 * buffer.numel
 
 
-def test_share_bytes_is_what_pack_share_packs():
-    prompt, response, sequences, count = 3, 5, 4, 2
+@pytest.mark.parametrize("routing", [None, (3, 1), (2, 2)])  # (3, 1): an odd count of experts
+def test_share_bytes_is_what_pack_share_packs(routing):
+    prompt, response, sequences, count = 3, 5, 3, 2
     mini_batches = []
     for _ in range(count):
         ids = [torch.arange(prompt + response) for _ in range(sequences)]
         masks = [torch.cat([torch.zeros(prompt, dtype=torch.bool), torch.ones(response, dtype=torch.bool)])
                  for _ in range(sequences)]
-        mini_batches.append(MiniBatch(SequenceBatch(ids, masks), torch.zeros(sequences),
+        experts = None if routing is None else [
+            torch.zeros(prompt + response - 1, *routing, dtype=torch.int16) for _ in range(sequences)]
+        mini_batches.append(MiniBatch(SequenceBatch(ids, masks, experts), torch.zeros(sequences),
                                       torch.zeros(sequences, response)))
     ints, floats = pack_share(mini_batches)
-    assert plan.share_bytes(count, sequences, prompt, response) == 4 * (ints.numel() + floats.numel())
+    assert plan.share_bytes(count, sequences, prompt, response, routing) == \
+        4 * (ints.numel() + floats.numel())
 
 
 @pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"])

@@ -86,6 +86,12 @@ def test_routing_travels_with_the_share():
         for mb, got in zip(share, back):
             assert [t.tolist() for t in got.batch.input_ids] == \
                 [t.tolist() for t in mb.batch.input_ids]
+            assert [m.tolist() for m in got.batch.response_mask] == \
+                [m.tolist() for m in mb.batch.response_mask]
+            assert torch.equal(got.advantages, mb.advantages.float())
+            for i, mask in enumerate(mb.batch.response_mask):
+                responses = int(mask.sum())
+                assert torch.equal(got.rollout_logp[i, :responses], mb.rollout_logp[i, :responses])
             assert len(got.batch.routing) == len(mb.batch.routing) > 0
             for want, have in zip(mb.batch.routing, got.batch.routing):
                 assert have.dtype == torch.int16 and torch.equal(have, want)
