@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable, Iterable
 
 import torch
-import transformers
 
 from megatron_archer.buckets import Bucket
+from megatron_archer.models import ModelSpec
 from megatron_archer.rollout import LocalEngine, RetryPolicy, RolloutEngine, SGLangEngine
 from megatron_archer.rollout.local_engine import cpu_cores
 from megatron_archer.rollout.process_engine import ProcessEngine
@@ -91,8 +91,8 @@ def build_engine(config: ExperimentConfig,
     sg = rollout.sglang
     extra_args, routing_shape = list(sg.extra_args), None
     if routing:  # the model's layers and top-k shape the servers' routing answers
-        hf = transformers.AutoConfig.from_pretrained(path)
-        routing_shape = (hf.num_hidden_layers, hf.num_experts_per_tok)
+        spec = ModelSpec.from_pretrained(path)
+        routing_shape = (spec.num_layers, spec.moe_top_k)
         extra_args.append("--enable-return-routed-experts")
     path = sg.model_path or path  # what the servers serve (a block-FP8 copy for weight_dtype fp8)
     options = dict(routing=routing_shape,

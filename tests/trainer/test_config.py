@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_archer.models import ModelSpec
 from megatron_archer.rollout import SGLangEngine, sglang_engine
 from megatron_archer.trainer import load_config, parse_overrides, resolved_yaml
 from megatron_archer.trainer.config import ModelConfig, ParallelConfig
 from megatron_archer.trainer.engines import build_engine, launch_base_gpu
-from tests.trainer.common import CPU_CONFIG
+from tests.trainer.common import CPU_CONFIG, tiny_run
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
 
@@ -83,6 +84,16 @@ def test_distributed_weight_sync_joins_the_engine_to_the_update_group(monkeypatc
     assert calls == [(["http://10.0.0.2:30000"], "10.0.0.1", 29600)]
     assert build_engine(load_config(CPU_CONFIG, DISTRIBUTED[:3])).weight_sync == "tensor"
     assert len(calls) == 1  # only for weight_sync 'distributed'
+
+
+def test_sglang_routing_shape_is_the_models_layers_and_top_k(tmp_path):
+    """With rollout routing replay the engine asks the servers for routing shaped (layers,
+    top_k) of model.path: the tiny Qwen3-MoE has 2 layers and top-2."""
+    overrides = [*tiny_run(tmp_path, prompts=4, case="qwen3_moe"), *DISTRIBUTED[:3],
+                 "actor.routing_replay=rollout"]
+    engine = build_engine(load_config(CPU_CONFIG, overrides))
+    spec = ModelSpec.from_pretrained(tmp_path / "model")
+    assert engine.routing == (spec.num_layers, spec.moe_top_k) == (2, 2)
 
 
 def test_distributed_weight_sync_never_puts_a_server_on_a_trainer_gpu(monkeypatch):
