@@ -33,8 +33,10 @@ and the ratio carries both.
 
 Exact resume: the checkpoint after step k records rollout k + 1, finished (step 4 waited for it,
 or saving waits), as JSON in the trainer state (prompt indices, tokens, engine log-probs and
-versions, the engine's routing as base64 of its int16 array, rewards, scores, its metrics)
-with the sampler position after its draws; the resumed run trains step k + 1 on it and equals
+versions, rewards, scores, its metrics) with the sampler position after its draws; the engine's
+routing, at mixture-of-experts scale gigabytes (768 bytes a token for 48 layers x top-8), goes
+to the checkpoint's tensor file as one flat int16 tensor, each sample recording its shape and
+offset; the resumed run trains step k + 1 on it and equals
 the uninterrupted run bitwise. Regenerating it instead would need version k - 1's weights,
 which the checkpoint does not hold. When the last step saves a checkpoint, the rollout after
 it is generated too, so a run extended by resume continues exactly.
@@ -42,9 +44,10 @@ it is generated too, so a run extended by resume continues exactly.
 
 from __future__ import annotations
 
-import base64
+import itertools
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
@@ -54,6 +57,8 @@ import torch
 from megatron_archer.data import PromptSet
 from megatron_archer.rollout import Sample
 from megatron_archer.trainer.rollout_phase import Group, RolloutBatch
+
+ROUTING = "rollout_ahead.routing"  # the in-flight rollout's routing in the checkpoint's tensors
 
 
 def group_staleness(group: Group, trainer_version: int) -> int:
@@ -120,18 +125,21 @@ class RolloutsAhead:
         finally:
             self._waited += time.perf_counter() - start
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """The rollout in flight, finished (waited for), as JSON-able data; None if none."""
+    def state_dict(self) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+        """The rollout in flight, finished (waited for): JSON-able data and the tensors it
+        refers to (its routing, ``ROUTING``); (None, {}) if none."""
         if self._future is None:
-            return None
-        return {"step": self._step, "batch": batch_to_dict(self._future.result())}
+            return None, {}
+        data, routing = batch_to_dict(self._future.result())
+        return {"step": self._step, "batch": data}, ({} if routing is None else {ROUTING: routing})
 
-    def load_state_dict(self, state: dict[str, Any] | None, prompt_set: PromptSet) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None, prompt_set: PromptSet,
+                        tensors: dict[str, torch.Tensor]) -> None:
         """Put a recorded rollout back in flight (already finished)."""
         if state is None:
             return
         future: Future = Future()
-        future.set_result(batch_from_dict(state["batch"], prompt_set))
+        future.set_result(batch_from_dict(state["batch"], prompt_set, tensors.get(ROUTING)))
         self._step, self._future = state["step"], future
 
     def close(self) -> None:
@@ -139,21 +147,27 @@ class RolloutsAhead:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def batch_to_dict(batch: RolloutBatch) -> dict[str, Any]:
+def batch_to_dict(batch: RolloutBatch) -> tuple[dict[str, Any], torch.Tensor | None]:
     """A RolloutBatch as plain data (every float a Python float: JSON round-trips it exactly);
-    prompts by their index in the prompt set, the kept groups by position in ``all_groups``."""
+    prompts by their index in the prompt set, the kept groups by position in ``all_groups``; and
+    its samples' routing as one flat int16 tensor (None when no sample has any)."""
     position = {id(g): i for i, g in enumerate(batch.all_groups)}
-    return {"all_groups": [{"index": g.index, "rewards": g.rewards, "scores": g.scores,
-                            "samples": [_sample_to_dict(s) for s in g.samples]}
+    routed = [s.routing.to(torch.int16).reshape(-1) for g in batch.all_groups for s in g.samples
+              if s.routing is not None]
+    offsets = itertools.accumulate((r.numel() for r in routed), initial=0)
+    data = {"all_groups": [{"index": g.index, "rewards": g.rewards, "scores": g.scores,
+                            "samples": [_sample_to_dict(s, offsets) for s in g.samples]}
                            for g in batch.all_groups],
             "groups": [position[id(g)] for g in batch.groups],
             "generated_groups": batch.generated_groups, "passed_groups": batch.passed_groups,
             "rounds": batch.rounds, "times": batch.times, "engine_metrics": batch.engine_metrics}
+    return data, torch.cat(routed) if routed else None
 
 
-def batch_from_dict(data: dict[str, Any], prompt_set: PromptSet) -> RolloutBatch:
+def batch_from_dict(data: dict[str, Any], prompt_set: PromptSet,
+                    routing: torch.Tensor | None = None) -> RolloutBatch:
     """The inverse of ``batch_to_dict``."""
-    every = [Group(prompt_set[g["index"]], [_sample_from_dict(s) for s in g["samples"]],
+    every = [Group(prompt_set[g["index"]], [_sample_from_dict(s, routing) for s in g["samples"]],
                    g["rewards"], g["scores"], g["index"]) for g in data["all_groups"]]
     return RolloutBatch(groups=[every[i] for i in data["groups"]],
                         generated_groups=data["generated_groups"],
@@ -162,20 +176,22 @@ def batch_from_dict(data: dict[str, Any], prompt_set: PromptSet) -> RolloutBatch
                         engine_metrics=data["engine_metrics"])
 
 
-def _sample_to_dict(sample: Sample) -> dict[str, Any]:
-    """A Sample as plain data; its routing (int16) as its shape and base64 bytes."""
+def _sample_to_dict(sample: Sample, offsets: Iterator[int]) -> dict[str, Any]:
+    """A Sample as plain data; its routing as its shape and its offset in the flat tensor
+    (the next of ``offsets``)."""
     data = asdict(replace(sample, routing=None))
     if sample.routing is not None:
-        routing = sample.routing.to(torch.int16).contiguous()
-        data["routing"] = {"shape": list(routing.shape),
-                           "int16": base64.b64encode(routing.numpy().tobytes()).decode("ascii")}
+        data["routing"] = {"shape": list(sample.routing.shape), "offset": next(offsets)}
     return data
 
 
-def _sample_from_dict(data: dict[str, Any]) -> Sample:
-    """The inverse of ``_sample_to_dict``."""
-    routing = data.get("routing")
-    if routing is not None:
-        raw = bytearray(base64.b64decode(routing["int16"]))
-        routing = torch.frombuffer(raw, dtype=torch.int16).view(routing["shape"])
-    return Sample(**{**data, "routing": routing})
+def _sample_from_dict(data: dict[str, Any], routing: torch.Tensor | None) -> Sample:
+    """The inverse of ``_sample_to_dict``, slicing its routing out of ``routing``."""
+    where = data.get("routing")
+    if where is not None:
+        if routing is None or "offset" not in where:
+            raise ValueError(f"the in-flight rollout's routing ({ROUTING}) is missing from the "
+                             "checkpoint (saved by an earlier version?)")
+        start = where["offset"]
+        where = routing[start:start + math.prod(where["shape"])].clone().view(where["shape"])
+    return Sample(**{**data, "routing": where})

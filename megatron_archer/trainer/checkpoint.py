@@ -8,6 +8,8 @@
                          CUDA: megatron's distributed optimizer as a distributed checkpoint
     rng/rank_<r>.pt      each rank's python, numpy, torch CPU (and CUDA) generator states
     trainer_state.json   step, lr-schedule position, data sampler state, caller's extra state
+    trainer_tensors.safetensors  the caller's extra tensors, when it has any (the in-flight
+                         rollout's routing: gigabytes at mixture-of-experts scale, not JSON)
     manifest.json        written last: format, step, layout (tp, pp, dp), optimizer format
 
 Every rank writes its part into a hidden temporary sibling which is renamed into place once all
@@ -39,6 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import CheckpointException
 
 from megatron_archer.actor import Actor, unwrap_chunk
@@ -56,6 +60,7 @@ VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_tensors.safetensors"
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
 RNG_DIR = "rng"
@@ -94,12 +99,14 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: str | Path,
                     sampler_state: dict[str, Any], extra_state: dict[str, Any],
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
                     keep_last: int | None = None, group=None) -> Path:
     """Every rank of the job: write ``step``'s checkpoint, then keep the ``keep_last`` newest.
 
     ``hf_source``: the HF checkpoint the model came from (its config and tokenizer files are
     kept). ``sampler_state`` and ``extra_state`` must be JSON-serialisable and the same on every
-    rank (rank 0's are written). An existing checkpoint of the same step is replaced once the
+    rank (rank 0's are written); ``extra_tensors`` (rank 0's) go to ``TRAINER_TENSORS``, read
+    back by ``load_extra_tensors``. An existing checkpoint of the same step is replaced once the
     new one is complete. Returns the checkpoint's path.
     """
     if not isinstance(step, int) or step < 0:
@@ -109,9 +116,11 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: 
     if len(actor.chunks) != 1:
         raise NotImplementedError("checkpoints of virtual-pipeline (several) model chunks")
     rng_state = _rng_state()  # before the save itself can draw from any generator
+    extra_tensors = extra_tensors or {}
     try:
         trainer_state = json.dumps({"step": step, "schedule_steps": actor.steps_taken,
-                                    "sampler": sampler_state, "extra": extra_state}, indent=2)
+                                    "sampler": sampler_state, "extra": extra_state,
+                                    "tensors": sorted(extra_tensors)}, indent=2)
     except TypeError as error:
         raise TypeError(f"sampler_state and extra_state must be JSON-serialisable: {error}") \
             from None
@@ -132,6 +141,8 @@ def save_checkpoint(run_dir: str | Path, step: int, actor: Actor, *, hf_source: 
 
         def write_manifest():
             if dist.get_rank() == 0:
+                if extra_tensors:
+                    save_file(extra_tensors, tmp / TRAINER_TENSORS)
                 (tmp / TRAINER_STATE).write_text(trainer_state + "\n")
                 _write_durably(tmp / MANIFEST, json.dumps(_manifest(step, actor), indent=2) + "\n")
 
@@ -188,6 +199,13 @@ def load_checkpoint(path: str | Path, actor: Actor, group=None) -> ResumeState:
                        sampler_state=trainer_state["sampler"], extra_state=trainer_state["extra"])
 
 
+def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``extra_tensors`` saved with the checkpoint at ``path`` (checked by
+    ``load_checkpoint``); {} when it has none."""
+    tensors = Path(path) / TRAINER_TENSORS
+    return load_file(str(tensors)) if tensors.is_file() else {}
+
+
 def _verify(path: Path, actor: Actor) -> dict[str, Any]:
     """This rank's checks before anything is loaded; the trainer state on success."""
     manifest = _read_manifest(path)
@@ -222,6 +240,15 @@ def _verify(path: Path, actor: Actor) -> dict[str, Any]:
         raise CheckpointNotUsable(f"{file}: unreadable ({error})") from None
     if missing:
         raise CheckpointNotUsable(f"{file}: no {', '.join(sorted(missing))}")
+    if state.get("tensors"):
+        tensors = path / TRAINER_TENSORS
+        try:
+            with safe_open(str(tensors), framework="pt") as f:  # the header only
+                absent = set(state["tensors"]) - set(f.keys())
+        except (OSError, SafetensorError) as error:
+            raise CheckpointNotUsable(f"{tensors}: unreadable ({error})") from None
+        if absent:
+            raise CheckpointNotUsable(f"{tensors}: no {', '.join(sorted(absent))}")
     return state
 
 

@@ -385,15 +385,16 @@ class Trainer:
         """Every rank: the checkpoint of the step reached."""
         from megatron_archer.trainer.checkpoint import save_checkpoint
 
-        extra = {"skipped_steps": self.skipped_steps}
+        extra, tensors = {"skipped_steps": self.skipped_steps}, {}
         if self.config.rollout.async_:  # first: it waits for the draws of the rollout in flight
-            extra["rollout_ahead"] = on_rank_zero(lambda: self.ahead.state_dict(), share=False)
+            extra["rollout_ahead"], tensors = on_rank_zero(lambda: self.ahead.state_dict(),
+                                                           share=False) or (None, {})
         sampler = on_rank_zero(lambda: self.sampler.state_dict())
         extra["sources"] = self.sources
         save_checkpoint(self.config.checkpoint_root, self.step, self.actor,
                         hf_source=self.config.model.path, sampler_state=sampler,
-                        extra_state=extra, keep_last=self.config.checkpoint.keep_last,
-                        group=control_group())
+                        extra_state=extra, extra_tensors=tensors,
+                        keep_last=self.config.checkpoint.keep_last, group=control_group())
 
     def _resume(self) -> None:
         """Continue from the newest complete checkpoint under ``checkpoint_root`` (incomplete ones
@@ -406,6 +407,7 @@ class Trainer:
             CheckpointNotUsable,
             checkpoint_step,
             load_checkpoint,
+            load_extra_tensors,
             scan_checkpoints,
         )
 
@@ -440,7 +442,8 @@ class Trainer:
         on_rank_zero(lambda: self.sampler.load_state_dict(state.sampler_state), share=False)
         if self.config.rollout.async_:
             on_rank_zero(lambda: self.ahead.load_state_dict(
-                state.extra_state.get("rollout_ahead"), self.prompt_set), share=False)
+                state.extra_state.get("rollout_ahead"), self.prompt_set,
+                load_extra_tensors(state.path)), share=False)
         self._sync_weights(self.step)
         if self.rank0:
             print(f"[megatron-archer] resumed from {path} at step {self.step}", flush=True)

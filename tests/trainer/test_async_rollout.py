@@ -66,11 +66,15 @@ def test_the_in_flight_batch_round_trips_exactly_through_json():
     groups = [_group([3, 3], index=5), _group([3, 2], index=1)]
     routing = torch.randint(0, 128, (3, 4, 2), dtype=torch.int16)  # [tokens, layers, top_k]
     groups[0].samples[1] = replace(groups[0].samples[1], routing=routing)
+    later = torch.randint(0, 128, (5, 4, 2), dtype=torch.int16)  # after it in the flat tensor
+    groups[1].samples[0] = replace(groups[1].samples[0], routing=later)
     batch = RolloutBatch(groups=[groups[1]], generated_groups=2, passed_groups=1, rounds=2,
                          all_groups=groups, times={"rollout": 0.1, "reward": 1e-9},
                          engine_metrics={"rollout/requests_retried": 1.0})
     prompts = [f"prompt {i}" for i in range(6)]
-    back = batch_from_dict(json.loads(json.dumps(batch_to_dict(batch))), prompts)
+    data, flat = batch_to_dict(batch)  # the routing travels as one flat int16 tensor
+    assert flat.dtype == torch.int16 and flat.numel() == routing.numel() + later.numel()
+    back = batch_from_dict(json.loads(json.dumps(data)), prompts, flat)
     assert back.all_groups[0].prompt == "prompt 5" and back.groups[0].prompt == "prompt 1"
     assert back.groups[0] is back.all_groups[1]
     for a, b in zip(batch.all_groups, back.all_groups):
@@ -79,6 +83,7 @@ def test_the_in_flight_batch_round_trips_exactly_through_json():
     assert (back.rounds, back.times, back.engine_metrics) == (2, batch.times,
                                                               batch.engine_metrics)
     assert torch.equal(back.all_groups[0].samples[1].routing, routing)
+    assert torch.equal(back.all_groups[1].samples[0].routing, later)
     assert back.all_groups[0].samples[0].routing is None
 
 
@@ -137,12 +142,12 @@ def test_the_worker_runs_one_rollout_ahead_and_raises_where_taken():
         ahead.take(3)
     release.set()
     ahead.before_update()  # waits for rollout 2
-    assert ahead.state_dict()["step"] == 2
+    assert ahead.state_dict()[0]["step"] == 2
     assert ahead.take(2).groups[0].samples[0].weight_version == 2
     ahead.submit(3)
     with pytest.raises(ValueError, match="the reward failed"):
         ahead.take(3)
-    assert ahead.state_dict() is None and calls == [1, 2, 3]
+    assert ahead.state_dict() == (None, {}) and calls == [1, 2, 3]
     ahead.close()
 
 

@@ -25,6 +25,7 @@ from megatron_archer.trainer.checkpoint import (
     CheckpointNotUsable,
     latest_checkpoint,
     load_checkpoint,
+    load_extra_tensors,
     save_checkpoint,
     step_dir,
 )
@@ -88,8 +89,10 @@ def _resume_worker(rank, world_size, hf, run_dir):
         actor, sampler = _actor(hf), PromptSampler(10, 3, seed=1)
         for _ in range(2):
             _step(actor, sampler)
+        routing = torch.arange(7, dtype=torch.int16)  # extra tensors: rank 0's are written
         path = save_checkpoint(run_dir, 2, actor, hf_source=hf,
-                               sampler_state=sampler.state_dict(), extra_state={"rewards": [0.5]})
+                               sampler_state=sampler.state_dict(), extra_state={"rewards": [0.5]},
+                               extra_tensors={"routing": routing} if rank == 0 else None)
 
         _seed_everything(123)  # the resumed process starts from other generator states
         actor, sampler = _actor(hf), PromptSampler(10, 3, seed=1)
@@ -107,6 +110,15 @@ def _resume_worker(rank, world_size, hf, run_dir):
         draws = _draws()
         assert torch.equal(draws[0], expected_draws[0]) and draws[1:] == expected_draws[1:]
         assert sampler.next_batch() == expected_batch
+        assert torch.equal(load_extra_tensors(path)["routing"], routing)
+
+        dist.barrier()  # every rank has read it
+        if rank == 0:  # the extra tensors' file, cut short: refused on every rank, named
+            tensors = path / checkpoint.TRAINER_TENSORS
+            tensors.write_bytes(tensors.read_bytes()[:20])
+        dist.barrier()
+        with pytest.raises(CheckpointNotUsable, match=r"trainer_tensors.safetensors: unreadable"):
+            load_checkpoint(path, _actor(hf))
 
 
 def _listing(run_dir):

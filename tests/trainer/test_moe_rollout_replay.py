@@ -68,7 +68,8 @@ def test_rollout_replay_at_expert_parallel_equals_one_process(runs):
 
 def test_rollout_replay_resume_is_bitwise(runs):
     state = (runs / "ep2_resumed").rglob("trainer_state.json")
-    assert any('"routing"' in path.read_text() for path in state)  # saved in flight
+    assert any('"routing"' in path.read_text() for path in state)  # saved in flight,
+    assert any((path.parent / "trainer_tensors.safetensors").is_file() for path in state)  # apart
     assert_resume_is_bitwise(runs)
 
 
