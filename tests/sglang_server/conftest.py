@@ -170,10 +170,6 @@ def servers(request) -> Servers:
     environment = {**SERVER_ENVIRONMENT, **thread_binding(version)}
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)  # read by every (re)start: child_environment()
-    strategy = torch.multiprocessing.get_sharing_strategy()
-    # CPU tensors reach the server through shared memory; with the default file-descriptor
-    # strategy its scheduler dies ("AuthenticationError: digest sent was rejected")
-    torch.multiprocessing.set_sharing_strategy("file_system")
     weights = {"current": models["a"]}
     port = free_ports(2)
     engine = SGLangEngine.launch(
@@ -185,7 +181,6 @@ def servers(request) -> Servers:
         yield Servers(version, engine, list(engine.server_urls), weights)
     finally:
         engine.shutdown()
-        torch.multiprocessing.set_sharing_strategy(strategy)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
