@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 
 import pytest
+import torch
 import transformers
 from PIL import Image
 
 from megatron_archer.data.splits import split_of
 from megatron_archer.quickstart.build import file_expressions, overlap, write_datasets
 from megatron_archer.quickstart.pipeline import Settings, parse_args, run
+from megatron_archer.quickstart.plot import plot_curves, trailing_mean
 from megatron_archer.trainer import load_config
 
 # a reward with signal for a barely trained model, so the RL step is not skipped
@@ -88,3 +91,26 @@ def test_evaluation_expressions_are_held_out(tmp_path):
         assert data.seen.read_text().splitlines() == rl[:s.eval_problems]
     # the split, not the seed, keeps the sets apart: the two seeds' streams differ
     assert file_expressions(runs[0].rl) != file_expressions(runs[1].rl)
+
+
+def test_curves_of_a_long_run_add_a_trailing_mean(tmp_path):
+    """From 20 steps each series gets its trailing mean over a tenth of the run (the mean of
+    each step's value and the window - 1 before it; reference: exact sums, math.fsum, over a
+    sliding deque); the PNG is written."""
+    values = [float(v) for v in torch.rand(40, generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.float64)]
+    for window in (1, 4, 40, 50):
+        recent, expected = deque(maxlen=window), []
+        for value in values:
+            recent.append(value)
+            expected.append(math.fsum(recent) / len(recent))
+        # summing w non-negative doubles left to right: relative error below (w - 1) * 2**-53,
+        # plus 2**-53 for the division
+        assert trailing_mean(values, window) == pytest.approx(expected, rel=window * 2**-53, abs=0)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i + 1, "reward/mean": v, "reward/accuracy": v,
+                                           "entropy/mean": v, "entropy/p80": 2 * v}) + "\n"
+                               for i, v in enumerate(values)))
+    with Image.open(plot_curves(metrics, tmp_path / "curves.png", before=0.1, after=0.2)) as image:
+        image.load()
+        assert image.size[0] > 300 and image.size[1] > 100

@@ -1,4 +1,7 @@
-"""Reward, accuracy and entropy curves of a run, from its metrics.jsonl, as one PNG (Agg)."""
+"""Reward, accuracy and entropy curves of a run, from its metrics.jsonl, as one PNG (Agg).
+
+A step's values are means over its few dozen responses, so each series is drawn faintly per
+step and, once a run has 20 steps or more, with its trailing mean over a tenth of the run."""
 
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Each value's mean with the up to ``window - 1`` values before it."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window)
+            for i in range(len(values))]
+
+
 def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
                 before: float | None = None, after: float | None = None) -> Path:
     """Three panels (reward, accuracy, entropy) against the RL step; ``before``/``after``, when
@@ -27,13 +36,21 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, *,
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_jsonl)
+    window = len(records) // 10
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (title, series) in zip(axes, PANELS):
         for key, label in series:
             points = [(r["step"], r[key]) for r in records  # non-finite values are strings
                       if isinstance(r.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=label)
+            if not points:
+                continue
+            steps, values = zip(*points)
+            if window < 2:
+                ax.plot(steps, values, marker=".", label=label)
+                continue
+            line, = ax.plot(steps, values, marker=".", markersize=2, linewidth=0.5, alpha=0.3)
+            ax.plot(steps, trailing_mean(list(values), window), color=line.get_color(),
+                    label=f"{label} (mean of {window} steps)")
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
