@@ -268,7 +268,7 @@ def plan(config: ExperimentConfig, spec: ModelSpec, world_size: int,
     parallel = config.parallel
     dp = parallel.data_size(world_size)
     sequences = math.ceil(config.train.mini_batch_size * config.rollout.n / dp)
-    routing = ((len(spec.moe_layers), spec.moe_top_k)
+    routing = ((spec.num_layers, spec.moe_top_k)  # every layer: a dense layer's rows are 0
                if spec.is_moe and config.actor.routing_replay == "rollout" else None)
     share = SIZES * 8 + share_bytes(config.rollout.prompts_per_step // config.train.mini_batch_size,
                                     sequences, config.data.max_prompt_length,
