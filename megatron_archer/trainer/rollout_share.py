@@ -91,15 +91,11 @@ def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> list[MiniBatch]:
         layers, top_k = ints[pos:pos + 2].tolist()
         sequences = sum(len(mb.batch) for mb in out)
         rows = ints[pos + 2:pos + 2 + sequences].tolist()
-        experts = ints[pos + 2 + sequences:].view(torch.int16)
-        start = 0
+        sizes = [tokens * layers * top_k for tokens in rows]
+        experts = ints[pos + 2 + sequences:].view(torch.int16)[:sum(sizes)].split(sizes)
+        routed = iter([e.clone().view(tokens, layers, top_k) for e, tokens in zip(experts, rows)])
         for mb in out:
-            routing = []
-            for tokens in rows[:len(mb.batch)]:
-                size = tokens * layers * top_k
-                routing.append(experts[start:start + size].clone().view(tokens, layers, top_k))
-                start += size
-            rows = rows[len(mb.batch):]
+            routing = [next(routed) for _ in range(len(mb.batch))]
             mb.batch = SequenceBatch(mb.batch.input_ids, mb.batch.response_mask, routing)
     return out
 
